@@ -1,0 +1,314 @@
+//! Request and response types of the hearth session API.
+//!
+//! The data model follows the Tinker API: a [`Datum`] is a token sequence (`model_input`) plus
+//! named per-position arrays (`loss_fn_inputs`) where position `i` predicts token `i + 1` of the
+//! full sequence. Losses are **sums over tokens**. Everything here is plain serde data, shared by
+//! the engine, the server and the client that cells link against, so it stays dependency-light.
+//!
+//! ```
+//! use hearth_api::{Datum, LossFnInputs};
+//!
+//! // "abc" -> predict "bcd", learning only the last two positions.
+//! let datum = Datum::new(vec![97, 98, 99], LossFnInputs::cross_entropy(vec![98, 99, 100], vec![0.0, 1.0, 1.0]));
+//! let json = serde_json::to_string(&datum).unwrap();
+//! assert_eq!(
+//!     json,
+//!     r#"{"model_input":[97,98,99],"loss_fn_inputs":{"target_tokens":[98,99,100],"weights":[0.0,1.0,1.0]}}"#
+//! );
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One training example: input tokens and the per-position arrays the loss function reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datum {
+    /// Token ids fed to the model. Position `i` predicts `loss_fn_inputs.target_tokens[i]`.
+    pub model_input: Vec<u32>,
+    /// Per-position arrays, each exactly as long as `model_input`.
+    pub loss_fn_inputs: LossFnInputs,
+}
+
+impl Datum {
+    /// A datum from its two parts.
+    pub fn new(model_input: Vec<u32>, loss_fn_inputs: LossFnInputs) -> Self {
+        Self { model_input, loss_fn_inputs }
+    }
+}
+
+/// The named per-position inputs of a loss function. Which ones are required depends on the loss
+/// (see [`LossFn::required_inputs`]); unknown names are rejected when parsing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossFnInputs {
+    /// The token each position should predict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_tokens: Option<Vec<u32>>,
+    /// Per-position weight of the cross-entropy term (0 masks a position out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f32>>,
+    /// Log-probabilities of `target_tokens` under the sampling policy (for importance sampling and PPO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<f32>>,
+    /// Per-position advantages (for importance sampling and PPO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advantages: Option<Vec<f32>>,
+}
+
+impl LossFnInputs {
+    /// Inputs for `cross_entropy`.
+    pub fn cross_entropy(target_tokens: Vec<u32>, weights: Vec<f32>) -> Self {
+        Self { target_tokens: Some(target_tokens), weights: Some(weights), ..Self::default() }
+    }
+
+    /// Inputs for `importance_sampling` and `ppo`.
+    pub fn policy_gradient(target_tokens: Vec<u32>, logprobs: Vec<f32>, advantages: Vec<f32>) -> Self {
+        Self {
+            target_tokens: Some(target_tokens),
+            logprobs: Some(logprobs),
+            advantages: Some(advantages),
+            ..Self::default()
+        }
+    }
+}
+
+/// A loss function and its configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "loss_fn", content = "loss_fn_config")]
+pub enum LossFn {
+    /// `-Σ w · log p(target)`.
+    #[default]
+    CrossEntropy,
+    /// `-Σ (p/q) · A`, with `q` the sampler's probability.
+    ImportanceSampling,
+    /// `-Σ min(r·A, clip(r, clip_low_threshold, clip_high_threshold)·A)`, `r = p/q`.
+    Ppo(PpoConfig),
+}
+
+impl LossFn {
+    /// The `loss_fn_inputs` this loss reads.
+    pub fn required_inputs(&self) -> &'static [&'static str] {
+        match self {
+            LossFn::CrossEntropy => &["target_tokens", "weights"],
+            LossFn::ImportanceSampling | LossFn::Ppo(_) => &["target_tokens", "logprobs", "advantages"],
+        }
+    }
+
+    /// The loss's name as used on the wire (`cross_entropy`, `importance_sampling`, `ppo`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            LossFn::CrossEntropy => "cross_entropy",
+            LossFn::ImportanceSampling => "importance_sampling",
+            LossFn::Ppo(_) => "ppo",
+        }
+    }
+}
+
+/// Clip bounds of the PPO ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoConfig {
+    /// Lower clip bound of the probability ratio (default 0.8).
+    #[serde(default = "default_clip_low")]
+    pub clip_low_threshold: f32,
+    /// Upper clip bound of the probability ratio (default 1.2).
+    #[serde(default = "default_clip_high")]
+    pub clip_high_threshold: f32,
+}
+
+fn default_clip_low() -> f32 {
+    0.8
+}
+fn default_clip_high() -> f32 {
+    1.2
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self { clip_low_threshold: default_clip_low(), clip_high_threshold: default_clip_high() }
+    }
+}
+
+/// Body of `forward` and `forward_backward`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardBackwardInput {
+    /// The batch; datums may have different lengths.
+    pub data: Vec<Datum>,
+    /// The loss and its configuration.
+    #[serde(flatten)]
+    pub loss_fn: LossFn,
+}
+
+/// Per-datum output of a loss function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossFnOutput {
+    /// Log-probability of each `target_tokens[i]` under the current weights.
+    pub logprobs: Vec<f32>,
+    /// This datum's contribution to `loss:sum`.
+    pub loss: f32,
+}
+
+/// Result of `forward` and `forward_backward`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardBackwardOutput {
+    /// One entry per datum, in order.
+    pub loss_fn_outputs: Vec<LossFnOutput>,
+    /// Metrics keyed `name:reduction`: `loss:sum`, `tokens:sum`, `weights:sum` (cross-entropy).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Parameters of one AdamW step (decoupled weight decay, as `torch.optim.AdamW`).
+/// The full set comes with every call, so learning-rate schedules live in the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdamParams {
+    /// Learning rate (default 1e-4).
+    pub learning_rate: f64,
+    /// First-moment decay (default 0.9).
+    pub beta1: f64,
+    /// Second-moment decay (default 0.95).
+    pub beta2: f64,
+    /// Denominator epsilon (default 1e-12).
+    pub eps: f64,
+    /// Decoupled weight decay (default 0).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 turns clipping off (default).
+    pub grad_clip_norm: f64,
+}
+
+impl Default for AdamParams {
+    fn default() -> Self {
+        Self { learning_rate: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-12, weight_decay: 0.0, grad_clip_norm: 0.0 }
+    }
+}
+
+/// Result of `optim_step`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OptimStepOutput {
+    /// The step counter after this step (the first step returns 1).
+    pub step: u64,
+    /// The learning rate that was applied.
+    pub learning_rate: f64,
+    /// Global L2 norm of the accumulated gradients, before clipping.
+    pub grad_norm: f64,
+}
+
+/// Projections LoRA can attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetModule {
+    /// Attention query projection.
+    QProj,
+    /// Attention key projection.
+    KProj,
+    /// Attention value projection.
+    VProj,
+    /// Attention output projection.
+    OProj,
+    /// MLP gate projection.
+    GateProj,
+    /// MLP up projection.
+    UpProj,
+    /// MLP down projection.
+    DownProj,
+}
+
+impl TargetModule {
+    /// All seven projections.
+    pub const ALL: [TargetModule; 7] = [
+        TargetModule::QProj,
+        TargetModule::KProj,
+        TargetModule::VProj,
+        TargetModule::OProj,
+        TargetModule::GateProj,
+        TargetModule::UpProj,
+        TargetModule::DownProj,
+    ];
+
+    /// The checkpoint name (`q_proj`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            TargetModule::QProj => "q_proj",
+            TargetModule::KProj => "k_proj",
+            TargetModule::VProj => "v_proj",
+            TargetModule::OProj => "o_proj",
+            TargetModule::GateProj => "gate_proj",
+            TargetModule::UpProj => "up_proj",
+            TargetModule::DownProj => "down_proj",
+        }
+    }
+
+    /// Parses a checkpoint name (`q_proj`, …).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// What a run trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum TrainingConfig {
+    /// A LoRA adapter on frozen base weights.
+    Lora(LoraConfig),
+    /// Every weight of the model (for teaching tiny models from scratch).
+    Full,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig::Lora(LoraConfig::default())
+    }
+}
+
+/// A LoRA adapter's shape. `B = 0` at creation; `A` as PEFT initialises it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Rank r (default 16).
+    pub rank: usize,
+    /// Alpha; the update is scaled by alpha / r (default 32).
+    pub alpha: f64,
+    /// Projections to adapt (default: all seven).
+    pub target_modules: Vec<TargetModule>,
+    /// Seed of A's initialisation (default 0).
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { rank: 16, alpha: 32.0, target_modules: TargetModule::ALL.to_vec(), seed: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_fn_wire_format_matches_tinker_names() {
+        let input: ForwardBackwardInput = serde_json::from_str(
+            r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"clip_low_threshold": 0.7}}"#,
+        )
+        .unwrap();
+        assert_eq!(input.loss_fn, LossFn::Ppo(PpoConfig { clip_low_threshold: 0.7, clip_high_threshold: 1.2 }));
+        let ce: ForwardBackwardInput = serde_json::from_str(r#"{"data": [], "loss_fn": "cross_entropy"}"#).unwrap();
+        assert_eq!(ce.loss_fn, LossFn::CrossEntropy);
+        assert!(serde_json::from_str::<ForwardBackwardInput>(r#"{"data": [], "loss_fn": "mse"}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_loss_input_is_rejected_by_name() {
+        let err = serde_json::from_str::<Datum>(r#"{"model_input": [1], "loss_fn_inputs": {"target_token": [2]}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("target_token"), "{err}");
+    }
+
+    #[test]
+    fn adam_defaults_are_tinkers() {
+        let p: AdamParams = serde_json::from_str(r#"{"learning_rate": 0.001}"#).unwrap();
+        assert_eq!(p, AdamParams { learning_rate: 0.001, ..AdamParams::default() });
+        assert_eq!((p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm), (0.9, 0.95, 1e-12, 0.0, 0.0));
+    }
+}

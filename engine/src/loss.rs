@@ -1,0 +1,50 @@
+//! Tinker's loss functions, as sums over tokens.
+//!
+//! | loss | per-token term |
+//! |---|---|
+//! | `cross_entropy` | −w · log p(target) |
+//! | `importance_sampling` | −(p/q) · A |
+//! | `ppo` | −min(r·A, clip(r, lo, hi)·A), r = p/q |
+
+use crate::batch::Batch;
+use crate::error::Result;
+use crate::model::log_softmax_last_dim;
+use candle_core::{Tensor, D};
+use hearth_api::LossFn;
+
+/// Per-token results of a loss over a padded batch.
+#[derive(Debug)]
+pub struct LossTerms {
+    /// (B, T) log-probability of each target under the current weights.
+    pub target_logprobs: Tensor,
+    /// (B, T) each position's loss term (zero on padding).
+    pub per_token: Tensor,
+}
+
+impl LossTerms {
+    /// The scalar loss: the sum over every token of every datum.
+    pub fn total(&self) -> Result<Tensor> {
+        Ok(self.per_token.sum_all()?)
+    }
+}
+
+/// Computes the loss terms from logits (B, T, V).
+pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerms> {
+    let logp = log_softmax_last_dim(logits)?; // (B,T,V)
+    let target_logprobs = logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?; // (B,T,1) -> (B,T)
+    let per_token = match loss {
+        LossFn::CrossEntropy => (target_logprobs.clone() * &batch.weights)?.neg()?,
+        LossFn::ImportanceSampling => {
+            let ratio = (&target_logprobs - &batch.logprobs)?.exp()?;
+            (ratio * &batch.advantages)?.neg()?
+        }
+        LossFn::Ppo(cfg) => {
+            let ratio = (&target_logprobs - &batch.logprobs)?.exp()?;
+            let clipped = ratio.clamp(cfg.clip_low_threshold as f64, cfg.clip_high_threshold as f64)?;
+            let unclipped_term = (ratio * &batch.advantages)?;
+            let clipped_term = (clipped * &batch.advantages)?;
+            unclipped_term.minimum(&clipped_term)?.neg()?
+        }
+    };
+    Ok(LossTerms { target_logprobs, per_token })
+}

@@ -1,0 +1,388 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), written from differentiable ops.
+//!
+//! References: Hugging Face transformers `modeling_llama.py`, `modeling_mistral.py`,
+//! `modeling_qwen2.py`, `modeling_qwen3.py`; candle-transformers `models/llama.rs`. Unlike
+//! candle-transformers, nothing here uses candle's fused softmax / rms_norm / rope kernels (their
+//! backward is missing and gradients vanish silently), and logits come back for every position.
+//!
+//! Legend: B batch, T time (padded length), C hidden_size, H query heads, K key/value heads,
+//! D head_dim, F intermediate_size, V vocab_size, r LoRA rank.
+//!
+//! Batches are right-padded: with causal attention a real position never attends to the padding
+//! after it, so padding only has to be masked out of the loss, not out of attention.
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{EngineError, Result};
+use crate::linear::{frozen_matmul, Linear, Lora, RmsNorm, Weight};
+use crate::rng::Rng;
+use candle_core::{DType, Device, Tensor, Var, D};
+use hearth_api::{LoraConfig, TargetModule, TrainingConfig};
+use std::collections::HashMap;
+
+/// Precomputed rotary tables, (max_positions, D) each.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// Inverse frequencies as transformers computes them, with the configured scaling.
+    fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
+        let d = cfg.head_dim;
+        let base: Vec<f64> = (0..d)
+            .step_by(2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32) as f64)
+            .collect();
+        match cfg.rope_scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old = original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Tables for positions 0..max_position_embeddings.
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let inv = Self::inv_freq(cfg);
+        let t = cfg.max_position_embeddings;
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(t * 2 * half);
+        let mut sin = Vec::with_capacity(t * 2 * half);
+        for pos in 0..t {
+            // transformers multiplies in f32; so do we, then widen.
+            for _ in 0..2 {
+                for &f in &inv {
+                    let angle = (pos as f32 * f as f32) as f64;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, 2 * half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (t, 2 * half), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin })
+    }
+
+    /// Rotates x (B, N, T, D) for positions start..start+T (`rotate_half` convention).
+    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_b, _n, t, d) = x.dims4()?;
+        let cos = self.cos.narrow(0, start, t)?; // (T, D)
+        let sin = self.sin.narrow(0, start, t)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // (B, N, T, D)
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// The gated MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// (F, C)
+    pub gate_proj: Linear,
+    /// (F, C)
+    pub up_proj: Linear,
+    /// (C, F)
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// x (B, T, C) → (B, T, C).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?; // (B, T, F)
+        let up = self.up_proj.forward(x)?; // (B, T, F)
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+/// Grouped-query self-attention with optional q/k norm and sliding window.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// (H·D, C)
+    pub q_proj: Linear,
+    /// (K·D, C)
+    pub k_proj: Linear,
+    /// (K·D, C)
+    pub v_proj: Linear,
+    /// (C, H·D)
+    pub o_proj: Linear,
+    /// (D), Qwen3 only.
+    pub q_norm: Option<RmsNorm>,
+    /// (D), Qwen3 only.
+    pub k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// x (B, T, C), mask (T, T) additive → (B, T, C).
+    pub fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, _c) = x.dims3()?;
+        let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?; // (B,T,H·D) -> (B,T,H,D)
+        let kk = self.k_proj.forward(x)?.reshape((b, t, k, d))?; // (B,T,K·D) -> (B,T,K,D)
+        let v = self.v_proj.forward(x)?.reshape((b, t, k, d))?; // (B,T,K·D) -> (B,T,K,D)
+        let (q, kk) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&kk)?),
+            _ => (q, kk),
+        };
+        let q = rotary.apply(&q.transpose(1, 2)?.contiguous()?, 0)?; // (B,T,H,D) -> (B,H,T,D)
+        let kk = rotary.apply(&kk.transpose(1, 2)?.contiguous()?, 0)?; // (B,T,K,D) -> (B,K,T,D)
+        let v = v.transpose(1, 2)?.contiguous()?; // (B,T,K,D) -> (B,K,T,D)
+        let kk = repeat_kv(&kk, h / k)?; // (B,K,T,D) -> (B,H,T,D)
+        let v = repeat_kv(&v, h / k)?; // (B,K,T,D) -> (B,H,T,D)
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&kk.t()?.contiguous()?)? * scale)?; // (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
+        let probs = softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let y = probs.matmul(&v)?; // (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?; // (B,H,T,D) -> (B,T,H·D)
+        self.o_proj.forward(&y)
+    }
+}
+
+/// (B, K, T, D) → (B, K·n, T, D), each kv head repeated for its n query heads.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, k, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, k, n, t, d))?.contiguous()?.reshape((b, k * n, t, d))?) // (B,K,1,T,D) -> (B,K·n,T,D)
+}
+
+/// Softmax over the last dim from differentiable ops (the max is a constant shift, so detached).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dim from differentiable ops.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// One pre-norm decoder block.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// x (B, T, C) → (B, T, C).
+    pub fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, mask)?)?;
+        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+}
+
+/// The whole decoder with its (shared) base weights and this run's trainable parameters.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// `model.embed_tokens.weight`: (V, C).
+    pub embed_tokens: Weight,
+    /// `model.layers.N`.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head.weight`: (V, C); `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Weight>,
+    rotary: Rotary,
+    config: ModelConfig,
+}
+
+/// A trainable parameter with its checkpoint name (PEFT names for LoRA, HF names for full).
+pub type NamedParams = Vec<(String, Var)>;
+
+/// Builds weights for one run: frozen base tensors are shared (cheap clones), trained ones are
+/// fresh variables.
+struct Builder<'a> {
+    weights: &'a HashMap<String, Tensor>,
+    training: &'a TrainingConfig,
+    rng: Rng,
+    params: NamedParams,
+    lora_dtype: DType,
+}
+
+impl Builder<'_> {
+    fn base(&self, name: &str) -> Result<&Tensor> {
+        self.weights
+            .get(name)
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` is missing from the checkpoint")))
+    }
+
+    fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let t = self.base(name)?;
+        if t.dims() != shape {
+            return Err(EngineError::Weights(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims())));
+        }
+        Ok(match self.training {
+            TrainingConfig::Full => {
+                let var = Var::from_tensor(t)?;
+                self.params.push((name.to_string(), var.clone()));
+                Weight::Trainable(var)
+            }
+            TrainingConfig::Lora(_) => Weight::Frozen(t.clone()),
+        })
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool, module: TargetModule) -> Result<Linear> {
+        let weight = self.weight(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias { Some(self.weight(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let lora = match self.training {
+            TrainingConfig::Lora(cfg) if cfg.target_modules.contains(&module) => Some(self.lora(prefix, out, inp, cfg)?),
+            _ => None,
+        };
+        Ok(Linear { weight, bias, lora })
+    }
+
+    fn lora(&mut self, prefix: &str, out: usize, inp: usize, cfg: &LoraConfig) -> Result<Lora> {
+        let device = self.base(&format!("{prefix}.weight"))?.device().clone();
+        let r = cfg.rank;
+        // PEFT: kaiming_uniform_(a=√5) → U(-1/√in, 1/√in); B = 0.
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::from_vec(self.rng.uniform_vec(r * inp, -bound, bound), (r, inp), &device)?;
+        let a = Var::from_tensor(&a.to_dtype(self.lora_dtype)?)?;
+        let b = Var::zeros((out, r), self.lora_dtype, &device)?;
+        let peft = format!("base_model.model.{prefix}");
+        self.params.push((format!("{peft}.lora_A.weight"), a.clone()));
+        self.params.push((format!("{peft}.lora_B.weight"), b.clone()));
+        Ok(Lora { a, b, scale: cfg.alpha / r as f64 })
+    }
+
+    fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: self.weight(name, &[dim])?, eps })
+    }
+}
+
+impl Model {
+    /// Builds the decoder over `weights` (HF tensor names, already on the device) for one run.
+    /// LoRA parameters are f32 (f64 when the base is f64); returns the trainable parameters.
+    pub fn new(
+        config: &ModelConfig,
+        weights: &HashMap<String, Tensor>,
+        training: &TrainingConfig,
+    ) -> Result<(Self, NamedParams)> {
+        let cfg = config;
+        if let TrainingConfig::Lora(l) = training {
+            if l.rank == 0 {
+                return Err(EngineError::InvalidParam { field: "rank", value: "0".into(), reason: "must be at least 1" });
+            }
+            if !(l.alpha.is_finite() && l.alpha > 0.0) {
+                return Err(EngineError::InvalidParam {
+                    field: "alpha",
+                    value: l.alpha.to_string(),
+                    reason: "must be a positive number",
+                });
+            }
+        }
+        let embed_name = "model.embed_tokens.weight";
+        let embed = weights
+            .get(embed_name)
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{embed_name}` is missing from the checkpoint")))?;
+        let (device, dtype) = (embed.device().clone(), embed.dtype());
+        let lora_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let seed = match training {
+            TrainingConfig::Lora(l) => l.seed,
+            TrainingConfig::Full => 0,
+        };
+        let mut bld = Builder { weights, training, rng: Rng::new(seed), params: Vec::new(), lora_dtype };
+        let (c, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+        let (h, k, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let embed_tokens = bld.weight(embed_name, &[cfg.vocab_size, c])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (Some(bld.norm(&format!("{a}.q_norm.weight"), d, eps)?), Some(bld.norm(&format!("{a}.k_norm.weight"), d, eps)?))
+            } else {
+                (None, None)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: bld.norm(&format!("{p}.input_layernorm.weight"), c, eps)?,
+                self_attn: Attention {
+                    q_proj: bld.linear(&format!("{a}.q_proj"), h * d, c, cfg.qkv_bias, TargetModule::QProj)?,
+                    k_proj: bld.linear(&format!("{a}.k_proj"), k * d, c, cfg.qkv_bias, TargetModule::KProj)?,
+                    v_proj: bld.linear(&format!("{a}.v_proj"), k * d, c, cfg.qkv_bias, TargetModule::VProj)?,
+                    o_proj: bld.linear(&format!("{a}.o_proj"), c, h * d, cfg.o_bias, TargetModule::OProj)?,
+                    q_norm,
+                    k_norm,
+                    num_heads: h,
+                    num_kv_heads: k,
+                    head_dim: d,
+                },
+                post_attention_layernorm: bld.norm(&format!("{p}.post_attention_layernorm.weight"), c, eps)?,
+                mlp: Mlp {
+                    gate_proj: bld.linear(&format!("{m}.gate_proj"), f, c, false, TargetModule::GateProj)?,
+                    up_proj: bld.linear(&format!("{m}.up_proj"), f, c, false, TargetModule::UpProj)?,
+                    down_proj: bld.linear(&format!("{m}.down_proj"), c, f, false, TargetModule::DownProj)?,
+                },
+            });
+        }
+        let norm = bld.norm("model.norm.weight", c, eps)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(bld.weight("lm_head.weight", &[cfg.vocab_size, c])?) };
+        let rotary = Rotary::new(cfg, dtype, &device)?;
+        let model = Model { embed_tokens, layers, norm, lm_head, rotary, config: cfg.clone() };
+        Ok((model, bld.params))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Token ids (B, T) u32 → logits (B, T, V) for every position.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let emb = self.embed_tokens.tensor();
+        let mut x = emb.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?; // (B·T,C) -> (B,T,C)
+        let mask = causal_mask(t, self.config.sliding_window, x.dtype(), x.device())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &self.rotary, &mask)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        match head {
+            Weight::Frozen(w) => frozen_matmul(&x, w), // (B,T,C) -> (B,T,V)
+            Weight::Trainable(w) => Ok(x.broadcast_matmul(&w.as_tensor().t()?)?), // (B,T,C) -> (B,T,V)
+        }
+    }
+}
+
+/// Additive mask (T, T): 0 where query i may see key j (j ≤ i, and i − j < window), −∞ elsewhere.
+fn causal_mask(t: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let window = window.unwrap_or(usize::MAX);
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
+}

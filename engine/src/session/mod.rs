@@ -1,0 +1,106 @@
+//! A training session: one run (a LoRA adapter or full weights, its optimizer and gradients)
+//! over a shared base model. One file per primitive.
+
+mod forward_backward;
+mod optim_step;
+
+use crate::error::{EngineError, Result};
+use crate::model::{Model, NamedParams};
+use crate::optim::AdamW;
+use crate::weights::BaseModel;
+use candle_core::{DType, Tensor};
+use hearth_api::TrainingConfig;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// One run on a warm base model: the primitives `forward`, `forward_backward`, `optim_step`.
+///
+/// Gradients accumulate across `forward_backward` calls until `optim_step` applies and clears
+/// them. Every primitive validates its input first; an error leaves the session unchanged.
+#[derive(Debug)]
+pub struct TrainingSession {
+    base: Arc<BaseModel>,
+    model: Model,
+    params: NamedParams,
+    grads: BTreeMap<String, Tensor>,
+    optim: AdamW,
+    training: TrainingConfig,
+}
+
+impl TrainingSession {
+    /// A new run on `base`: LoRA adapters (B = 0) or a trainable copy of every weight.
+    pub fn new(base: Arc<BaseModel>, training: TrainingConfig) -> Result<Self> {
+        let (model, params) = Model::new(&base.config, &base.weights, &training)?;
+        Ok(Self { base, model, params, grads: BTreeMap::new(), optim: AdamW::default(), training })
+    }
+
+    /// The base model this run trains on.
+    pub fn base(&self) -> &Arc<BaseModel> {
+        &self.base
+    }
+
+    /// The decoder with this run's weights.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// What this run trains.
+    pub fn training(&self) -> &TrainingConfig {
+        &self.training
+    }
+
+    /// Trainable parameters with their checkpoint names (PEFT names for LoRA).
+    pub fn parameters(&self) -> &[(String, candle_core::Var)] {
+        &self.params
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.optim.step
+    }
+
+    /// The optimizer state (moments and step).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optim
+    }
+
+    /// Gradients accumulated since the last `optim_step`, by parameter name.
+    pub fn accumulated_grads(&self) -> &BTreeMap<String, Tensor> {
+        &self.grads
+    }
+
+    /// Replaces trainable values by name (e.g. from a PEFT `adapter_model.safetensors`).
+    /// Every parameter must be present with its shape; otherwise nothing changes.
+    pub fn set_parameters(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let mut staged = Vec::with_capacity(self.params.len());
+        for (name, var) in &self.params {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| EngineError::Weights(format!("parameter `{name}` is missing")))?;
+            if t.dims() != var.dims() {
+                return Err(EngineError::Weights(format!(
+                    "parameter `{name}` has shape {:?}, this run expects {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            staged.push((var, t.to_dtype(var.dtype())?.to_device(var.device())?));
+        }
+        for (var, t) in staged {
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Logits (T, V) of one token sequence, for inspection and greedy decoding.
+    pub fn logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        crate::batch::check_tokens(tokens, "tokens", self.base.config.vocab_size, self.base.config.max_position_embeddings)?;
+        let ids = Tensor::new(tokens, &self.base.device)?.unsqueeze(0)?;
+        Ok(self.model.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}
