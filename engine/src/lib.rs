@@ -36,6 +36,7 @@ pub mod error;
 pub mod linear;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod preset;
 pub mod rng;

@@ -9,6 +9,7 @@
 use crate::batch::Batch;
 use crate::error::Result;
 use crate::model::log_softmax_last_dim;
+use crate::ops::{add_const, mul_const};
 use candle_core::{Tensor, D};
 use hearth_api::LossFn;
 
@@ -33,16 +34,16 @@ pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerm
     let logp = log_softmax_last_dim(logits)?; // (B,T,V)
     let target_logprobs = logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?; // (B,T,1) -> (B,T)
     let per_token = match loss {
-        LossFn::CrossEntropy => (target_logprobs.clone() * &batch.weights)?.neg()?,
+        LossFn::CrossEntropy => mul_const(&target_logprobs, &batch.weights)?.neg()?,
         LossFn::ImportanceSampling => {
-            let ratio = (&target_logprobs - &batch.logprobs)?.exp()?;
-            (ratio * &batch.advantages)?.neg()?
+            let ratio = add_const(&target_logprobs, &batch.logprobs.neg()?)?.exp()?;
+            mul_const(&ratio, &batch.advantages)?.neg()?
         }
         LossFn::Ppo(cfg) => {
-            let ratio = (&target_logprobs - &batch.logprobs)?.exp()?;
+            let ratio = add_const(&target_logprobs, &batch.logprobs.neg()?)?.exp()?;
             let clipped = ratio.clamp(cfg.clip_low_threshold as f64, cfg.clip_high_threshold as f64)?;
-            let unclipped_term = (ratio * &batch.advantages)?;
-            let clipped_term = (clipped * &batch.advantages)?;
+            let unclipped_term = mul_const(&ratio, &batch.advantages)?;
+            let clipped_term = mul_const(&clipped, &batch.advantages)?;
             unclipped_term.minimum(&clipped_term)?.neg()?
         }
     };

@@ -13,7 +13,8 @@
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
-use crate::linear::{frozen_matmul, Linear, Lora, RmsNorm, Weight};
+use crate::linear::{Linear, Lora, RmsNorm, Weight};
+use crate::ops::{add_const, frozen_matmul, mul_const};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var, D};
 use hearth_api::{LoraConfig, TargetModule, TrainingConfig};
@@ -88,7 +89,7 @@ impl Rotary {
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // (B, N, T, D)
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        Ok((mul_const(x, &cos)? + mul_const(&rotated, &sin)?)?)
     }
 }
 
@@ -151,7 +152,7 @@ impl Attention {
         let v = repeat_kv(&v, h / k)?; // (B,K,T,D) -> (B,H,T,D)
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&kk.t()?.contiguous()?)? * scale)?; // (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
-        let probs = softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let probs = softmax_last_dim(&add_const(&scores, mask)?)?;
         let y = probs.matmul(&v)?; // (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?; // (B,H,T,D) -> (B,T,H·D)
         self.o_proj.forward(&y)
@@ -169,15 +170,15 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 
 /// Softmax over the last dim from differentiable ops (the max is a constant shift, so detached).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
+    let neg_max = x.max_keepdim(D::Minus1)?.detach().neg()?;
+    let e = add_const(x, &neg_max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Log-softmax over the last dim from differentiable ops.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
+    let neg_max = x.max_keepdim(D::Minus1)?.detach().neg()?;
+    let shifted = add_const(x, &neg_max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&lse)?)
 }

@@ -2,7 +2,7 @@
 //! `tokenizer.json`, `tokenizer_config.json`), deterministic from a seed.
 //!
 //! No model hub is reachable where hearth is developed and tested, so the embedded default and
-//! every test use these. Weights are N(0, 0.02) as transformers initialises Llama, norms are 1.
+//! every test use these. Weights are N(0, initializer_range²) as transformers initialises Llama, norms are 1.
 
 use crate::error::{EngineError, Result};
 use crate::rng::Rng;
@@ -44,9 +44,11 @@ impl Preset {
 
     /// The `config.json` contents.
     pub fn config_json(&self) -> Value {
-        let (hidden, inter, layers, heads, kv, vocab, theta, max_pos) = match self {
-            Preset::Tiny => (128, 384, 4, 4, 2, BYTE_VOCAB_SIZE, 10_000.0, 1024),
-            Preset::Smollm2_135mShape => (576, 1536, 30, 9, 3, 49_152, 100_000.0, 2048),
+        // `tiny` uses a wider init than transformers' 0.02: at 0.02 a random 128-wide model's
+        // tied logits span only about ±2.5, and LoRA cannot learn past that bound.
+        let (hidden, inter, layers, heads, kv, vocab, theta, max_pos, init) = match self {
+            Preset::Tiny => (128, 384, 4, 4, 2, BYTE_VOCAB_SIZE, 10_000.0, 1024, 0.1),
+            Preset::Smollm2_135mShape => (576, 1536, 30, 9, 3, 49_152, 100_000.0, 2048, 0.02),
         };
         json!({
             "architectures": ["LlamaForCausalLM"],
@@ -63,7 +65,7 @@ impl Preset {
             "tie_word_embeddings": true,
             "hidden_act": "silu",
             "attention_bias": false,
-            "initializer_range": 0.02,
+            "initializer_range": init,
             "bos_token_id": EOS_ID,
             "eos_token_id": EOS_ID,
             "torch_dtype": "float32",
@@ -93,7 +95,8 @@ impl Preset {
         let config = self.config_json();
         write_json(&dir.join("config.json"), &config)?;
         let cfg = crate::config::ModelConfig::from_json(&config.to_string(), self.name())?;
-        let tensors = random_weights(&cfg, seed)?;
+        let init = config["initializer_range"].as_f64().unwrap_or(0.02);
+        let tensors = random_weights(&cfg, init, seed)?;
         let path = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &path).map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
         sync_file(&path)?;
@@ -121,14 +124,14 @@ impl Preset {
     }
 }
 
-/// N(0, 0.02) matrices and unit norms for every tensor of `cfg`, in checkpoint names.
-fn random_weights(cfg: &crate::config::ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+/// N(0, std²) matrices and unit norms for every tensor of `cfg`, in checkpoint names.
+fn random_weights(cfg: &crate::config::ModelConfig, std: f64, seed: u64) -> Result<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
     let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
     let mut normal = |name: String, shape: &[usize], rng: &mut Rng| -> Result<()> {
         let n = shape.iter().product();
-        out.insert(name, Tensor::from_vec(rng.normal_vec(n, 0.02), shape, &dev)?);
+        out.insert(name, Tensor::from_vec(rng.normal_vec(n, std), shape, &dev)?);
         Ok(())
     };
     let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);

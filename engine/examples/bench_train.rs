@@ -1,0 +1,73 @@
+//! Training-step benchmark: forward + backward + AdamW on the `smollm2-135m-shape` preset with
+//! LoRA r=16 on all seven projections, f32, batch 1 × T tokens. Prints one JSON line.
+//!
+//! Run through `bench/train_step.sh`, which also runs the PyTorch + PEFT reference
+//! (`bench/ref_train_step.py`) in the same run and prints the ratio. Threads come from
+//! `RAYON_NUM_THREADS` (candle's CPU backend and gemm use rayon's pool).
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use anyhow::{Context, Result};
+use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, TrainingConfig};
+use hearth_engine::preset::Preset;
+use hearth_engine::rng::Rng;
+use hearth_engine::{BaseModel, TrainingSession};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn arg(name: &str, default: usize) -> Result<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{name} needs a number")),
+        None => Ok(default),
+    }
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+fn peak_rss_gb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    kb * 1024.0 / 1e9
+}
+
+fn main() -> Result<()> {
+    let (seq_len, warmup, steps) = (arg("--seq-len", 256)?, arg("--warmup", 2)?, arg("--steps", 5)?);
+    let home = std::env::var_os("HEARTH_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("hearth"));
+    let dir = Preset::Smollm2_135mShape.ensure(&home.join("models"))?;
+    let base = Arc::new(BaseModel::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)?);
+    let lora = LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() };
+    let mut session = TrainingSession::new(base.clone(), TrainingConfig::Lora(lora))?;
+    let mut rng = Rng::new(1);
+    let vocab = base.config.vocab_size as u64;
+    let tokens: Vec<u32> = (0..=seq_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let datum = Datum::new(tokens[..seq_len].to_vec(), LossFnInputs::cross_entropy(tokens[1..].to_vec(), vec![1.0; seq_len]));
+    let input = ForwardBackwardInput { data: vec![datum], loss_fn: LossFn::CrossEntropy };
+    let adam = AdamParams::default();
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        session.forward_backward(&input)?;
+        session.optim_step(&adam)?;
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let total: f64 = times.iter().sum();
+    let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "hearth", "candle": "0.11.1", "threads": threads, "seq_len": seq_len, "steps": steps,
+            "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "peak_rss_gb": peak_rss_gb(),
+        })
+    );
+    Ok(())
+}
