@@ -35,6 +35,7 @@ fn peak_rss_gb() -> f64 {
 }
 
 fn main() -> Result<()> {
+    hearth_engine::alloc::keep_freed_memory();
     let (seq_len, warmup, steps) = (arg("--seq-len", 256)?, arg("--warmup", 2)?, arg("--steps", 5)?);
     let home = std::env::var_os("HEARTH_HOME")
         .map(std::path::PathBuf::from)

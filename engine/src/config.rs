@@ -119,6 +119,8 @@ struct HfConfig {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
+    #[serde(default)]
+    mlp_bias: bool,
     eos_token_id: Option<serde_json::Value>,
 }
 
@@ -161,6 +163,9 @@ impl ModelConfig {
             if act != "silu" {
                 return Err(bad(format!("hidden_act `{act}` is not supported (only silu)")));
             }
+        }
+        if raw.mlp_bias {
+            return Err(bad("mlp_bias = true is not supported".into()));
         }
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);

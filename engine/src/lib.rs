@@ -30,6 +30,7 @@
 //! # }
 //! ```
 
+pub mod alloc;
 pub mod batch;
 pub mod config;
 pub mod error;

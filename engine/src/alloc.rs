@@ -1,0 +1,20 @@
+//! Allocator tuning for processes that host the engine.
+//!
+//! glibc's malloc serves large tensors (over 32 MiB by default, or less after its dynamic
+//! threshold adapts) with `mmap` and returns them with `munmap`, so every training step faults
+//! and zeroes its activation memory again: a third of a CPU step on the SmolLM2-135M shape went to
+//! `clear_page`. Binaries that host a warm model call [`keep_freed_memory`] once at start.
+
+/// Keeps freed memory in the process for reuse (Linux with glibc; a no-op elsewhere).
+/// Measured on the training benchmark: 85 → 130 tokens/s, peak memory 2.64 → 2.69 GB.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // the largest value glibc accepts
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+        }
+    }
+}
