@@ -281,6 +281,95 @@ impl Default for LoraConfig {
     }
 }
 
+/// A condition that ends a sampled sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// Stop once this token is sampled (it is kept in the output).
+    Token(u32),
+    /// Stop once the decoded completion contains this text.
+    Text(String),
+}
+
+/// How to sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// Tokens to generate at most (default 64).
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 means greedy (default 1).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 turns it off (default).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 turns it off (default).
+    pub top_p: f32,
+    /// Stop tokens and stop strings.
+    pub stop: Vec<Stop>,
+    /// Seed: the same seed gives the same samples. None draws one.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { max_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, stop: Vec::new(), seed: None }
+    }
+}
+
+/// Body of `sample`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleInput {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sequences to generate from the prompt, as one batch (default 1).
+    #[serde(default = "one")]
+    pub num_samples: usize,
+    /// Sampling parameters.
+    #[serde(default)]
+    pub sampling_params: SamplingParams,
+    /// Also return the log-probability of each prompt token given the ones before it.
+    #[serde(default)]
+    pub prompt_logprobs: bool,
+    /// Sample the base model alone, without this run's adapter.
+    #[serde(default)]
+    pub base_model_only: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// A stop token or string was produced.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampledSequence {
+    /// Generated token ids (the prompt excluded).
+    pub tokens: Vec<u32>,
+    /// Log-probability of each generated token under the model (temperature 1, before any
+    /// top-k/top-p filtering), comparable with `forward`'s logprobs.
+    pub logprobs: Vec<f32>,
+    /// Why it ended.
+    pub stop_reason: StopReason,
+}
+
+/// Result of `sample`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleOutput {
+    /// `num_samples` sequences.
+    pub sequences: Vec<SampledSequence>,
+    /// With `prompt_logprobs`: `None` for the first prompt token, then one per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<f32>>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -134,8 +134,17 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x (B, T, C), mask (T, T) additive → (B, T, C).
-    pub fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
+    /// x (B, T, C) at positions start..start+T, mask (T, S+T) additive → (B, T, C). With a
+    /// cache, keys and values of earlier positions (S of them) are read from it and this call's
+    /// are appended (detached: the cache is for sampling only, never for training).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        start: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?; // (B,T,H·D) -> (B,T,H,D)
@@ -145,15 +154,26 @@ impl Attention {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&kk)?),
             _ => (q, kk),
         };
-        let q = rotary.apply(&q.transpose(1, 2)?.contiguous()?, 0)?; // (B,T,H,D) -> (B,H,T,D)
-        let kk = rotary.apply(&kk.transpose(1, 2)?.contiguous()?, 0)?; // (B,T,K,D) -> (B,K,T,D)
+        let q = rotary.apply(&q.transpose(1, 2)?.contiguous()?, start)?; // (B,T,H,D) -> (B,H,T,D)
+        let kk = rotary.apply(&kk.transpose(1, 2)?.contiguous()?, start)?; // (B,T,K,D) -> (B,K,T,D)
         let v = v.transpose(1, 2)?.contiguous()?; // (B,T,K,D) -> (B,K,T,D)
+        let (kk, v) = match cache {
+            None => (kk, v),
+            Some(slot) => {
+                let (kk, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &kk.detach()], 2)?, Tensor::cat(&[&pv, &v.detach()], 2)?), // (B,K,S+T,D)
+                    None => (kk.detach(), v.detach()),
+                };
+                *slot = Some((kk.clone(), v.clone()));
+                (kk, v)
+            }
+        };
         let kk = repeat_kv(&kk, h / k)?; // (B,K,T,D) -> (B,H,T,D)
         let v = repeat_kv(&v, h / k)?; // (B,K,T,D) -> (B,H,T,D)
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&kk.t()?.contiguous()?)? * scale)?; // (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
+        let scores = (q.matmul(&kk.t()?.contiguous()?)? * scale)?; // (B,H,T,D) @ (B,H,D,S+T) -> (B,H,T,S+T)
         let probs = softmax_last_dim(&add_const(&scores, mask)?)?;
-        let y = probs.matmul(&v)?; // (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
+        let y = probs.matmul(&v)?; // (B,H,T,S+T) @ (B,H,S+T,D) -> (B,H,T,D)
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?; // (B,H,T,D) -> (B,T,H·D)
         self.o_proj.forward(&y)
     }
@@ -197,9 +217,16 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// x (B, T, C) → (B, T, C).
-    pub fn forward(&self, x: &Tensor, rotary: &Rotary, mask: &Tensor) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, mask)?)?;
+    /// x (B, T, C) → (B, T, C); see [`Attention::forward`] for `start` and `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        start: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, mask, start, cache)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 }
@@ -361,15 +388,42 @@ impl Model {
         &self.config
     }
 
-    /// Token ids (B, T) u32 → logits (B, T, V) for every position.
+    /// Token ids (B, T) u32 → logits (B, T, V) for every position (the training path).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_from(ids, None, true)
+    }
+
+    /// Sampling path: ids (B, T) continue the sequence held in `cache` (appended to it);
+    /// logits (B, T, V) for every new position, or (B, 1, V) for the last one only.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, all_positions: bool) -> Result<Tensor> {
+        self.forward_from(ids, Some(cache), all_positions)
+    }
+
+    fn forward_from(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, all_positions: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let max = self.config.max_position_embeddings;
+        if start + t > max {
+            return Err(EngineError::InvalidParam {
+                field: "tokens",
+                value: format!("{} positions", start + t),
+                reason: "longer than the model's context (max_position_embeddings)",
+            });
+        }
         let emb = self.embed_tokens.tensor();
         let mut x = emb.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?; // (B·T,C) -> (B,T,C)
-        let mask = causal_mask(t, self.config.sliding_window, x.dtype(), x.device())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &self.rotary, &mask)?;
+        let mask = causal_mask(t, start, self.config.sliding_window, x.dtype(), x.device())?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.layers.len(), None);
         }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &self.rotary, &mask, start, slot)?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let x = if all_positions { x } else { x.narrow(1, t - 1, 1)? }; // (B,T,C) -> (B,1,C)
         let x = self.norm.forward(&x)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         match head {
@@ -379,11 +433,46 @@ impl Model {
     }
 }
 
-/// Additive mask (T, T): 0 where query i may see key j (j ≤ i, and i − j < window), −∞ elsewhere.
-fn causal_mask(t: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+/// Keys and values of the positions seen so far, per layer, for sampling.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first call.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Repeats a batch-1 cache `n` times along the batch (one prefill shared by `n` samples).
+    pub fn expand(&self, n: usize) -> Result<Self> {
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let (_b, k, s, d) = t.dims4()?;
+            Ok(t.broadcast_as((n, k, s, d))?.contiguous()?) // (1,K,S,D) -> (n,K,S,D)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|(k, v)| Ok::<_, EngineError>((rep(k)?, rep(v)?))).transpose())
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, len: self.len })
+    }
+}
+
+/// Additive mask (T, S+T) for queries at positions S..S+T: 0 where query p may see key j
+/// (j ≤ p, and p − j < window), −∞ elsewhere.
+fn causal_mask(t: usize, start: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
     let window = window.unwrap_or(usize::MAX);
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY }))
+    let keys = start + t;
+    let mask: Vec<f32> = (start..keys)
+        .flat_map(|p| (0..keys).map(move |j| if j <= p && p - j < window { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(mask, (t, keys), device)?.to_dtype(dtype)?)
 }

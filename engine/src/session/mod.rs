@@ -3,6 +3,9 @@
 
 mod forward_backward;
 mod optim_step;
+mod sample;
+
+pub use sample::MAX_SAMPLES;
 
 use crate::error::{EngineError, Result};
 use crate::model::{Model, NamedParams};

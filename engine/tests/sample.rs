@@ -1,0 +1,162 @@
+//! `sample`: greedy decoding equals transformers' `generate` token for token, seeded sampling
+//! is reproducible, reported logprobs equal `forward`'s, stops and bad parameters behave.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{fixture_dir, tiny};
+use hearth_api::{
+    Datum, ForwardBackwardInput, LossFn, LossFnInputs, LoraConfig, SampleInput, SamplingParams, Stop, StopReason, TrainingConfig,
+};
+use hearth_engine::tokenizer::ByteTokenizer;
+use hearth_engine::{BaseModel, EngineError, TrainingSession};
+use serde::Deserialize;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+struct Greedy {
+    cases: Vec<GreedyCase>,
+}
+
+#[derive(Deserialize)]
+struct GreedyCase {
+    with_adapter: bool,
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+fn never() -> bool {
+    false
+}
+
+fn detok(ids: &[u32]) -> String {
+    ByteTokenizer.decode(ids)
+}
+
+fn greedy_matches_transformers(name: &str) {
+    let dir = fixture_dir(name);
+    let base = Arc::new(BaseModel::load(&dir, &Device::Cpu, DType::F32).unwrap());
+    let lora = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
+    let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
+    s.set_parameters(&candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()).unwrap();
+    let want: Greedy = serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
+    for case in want.cases {
+        let input = SampleInput {
+            prompt: case.prompt.clone(),
+            num_samples: 1,
+            sampling_params: SamplingParams { max_tokens: case.tokens.len(), temperature: 0.0, ..SamplingParams::default() },
+            prompt_logprobs: false,
+            base_model_only: !case.with_adapter,
+        };
+        let out = s.sample(&input, &detok, &never).unwrap();
+        let seq = &out.sequences[0];
+        assert_eq!(seq.tokens, case.tokens, "{name} adapter={} prompt {:?}", case.with_adapter, case.prompt);
+        assert_eq!(seq.stop_reason, StopReason::Length);
+        for (g, w) in seq.logprobs.iter().zip(&case.logprobs) {
+            assert!((g - w).abs() < 1e-4, "{name}: logprob {g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn greedy_llama_matches_transformers_generate() {
+    greedy_matches_transformers("llama");
+}
+
+#[test]
+fn greedy_qwen2_matches_transformers_generate() {
+    greedy_matches_transformers("qwen2");
+}
+
+fn tiny_input(n: usize, seed: Option<u64>) -> SampleInput {
+    SampleInput {
+        prompt: ByteTokenizer.encode("Once upon a time"),
+        num_samples: n,
+        sampling_params: SamplingParams { max_tokens: 16, temperature: 0.9, top_k: 60, top_p: 0.95, seed, ..SamplingParams::default() },
+        prompt_logprobs: true,
+        base_model_only: false,
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_seeds_differ() {
+    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let a = s.sample(&tiny_input(4, Some(7)), &detok, &never).unwrap();
+    let b = s.sample(&tiny_input(4, Some(7)), &detok, &never).unwrap();
+    let c = s.sample(&tiny_input(4, Some(8)), &detok, &never).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a.sequences, c.sequences);
+    assert_eq!(a.sequences.len(), 4);
+    assert_ne!(a.sequences[0].tokens, a.sequences[1].tokens, "samples of one batch differ");
+}
+
+#[test]
+fn sampled_logprobs_equal_forward_logprobs() {
+    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let input = tiny_input(3, Some(1));
+    let out = s.sample(&input, &detok, &never).unwrap();
+    let p = input.prompt.len();
+    let prompt_lp = out.prompt_logprobs.clone().unwrap();
+    assert_eq!(prompt_lp.len(), p);
+    assert_eq!(prompt_lp[0], None);
+    for seq in &out.sequences {
+        let mut full = input.prompt.clone();
+        full.extend(&seq.tokens);
+        let n = full.len() - 1;
+        let datum = Datum::new(full[..n].to_vec(), LossFnInputs::cross_entropy(full[1..].to_vec(), vec![1.0; n]));
+        let fwd = s.forward(&ForwardBackwardInput { data: vec![datum], loss_fn: LossFn::CrossEntropy }).unwrap();
+        let lp = &fwd.loss_fn_outputs[0].logprobs;
+        for (i, got) in seq.logprobs.iter().enumerate() {
+            assert!((got - lp[p - 1 + i]).abs() < 1e-4, "token {i}: sample {got} vs forward {}", lp[p - 1 + i]);
+        }
+        for (i, got) in prompt_lp[1..].iter().enumerate() {
+            assert!((got.unwrap() - lp[i]).abs() < 1e-4, "prompt token {}", i + 1);
+        }
+    }
+}
+
+#[test]
+fn stop_tokens_and_strings_end_sequences() {
+    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let free = s.sample(&tiny_input(1, Some(3)), &detok, &never).unwrap().sequences.remove(0);
+    assert_eq!(free.stop_reason, StopReason::Length);
+    assert_eq!(free.tokens.len(), 16);
+    // Stop on the 5th token produced by the same seed: output ends there, reason `stop`.
+    let mut input = tiny_input(1, Some(3));
+    input.sampling_params.stop = vec![Stop::Token(free.tokens[4])];
+    let stopped = s.sample(&input, &detok, &never).unwrap().sequences.remove(0);
+    let first = free.tokens.iter().position(|&t| t == free.tokens[4]).unwrap();
+    assert_eq!(stopped.tokens, free.tokens[..=first].to_vec());
+    assert_eq!(stopped.stop_reason, StopReason::Stop);
+    let text = detok(&free.tokens[..6]);
+    let tail: String = text.chars().rev().take(1).collect();
+    input.sampling_params.stop = vec![Stop::Text(tail.clone())];
+    let by_text = s.sample(&input, &detok, &never).unwrap().sequences.remove(0);
+    assert_eq!(by_text.stop_reason, StopReason::Stop);
+    assert!(detok(&by_text.tokens).contains(&tail) && by_text.tokens.len() <= 6);
+}
+
+#[test]
+fn bad_sampling_params_and_cancellation_are_errors() {
+    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    type Edit = Box<dyn Fn(&mut SampleInput)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|i| i.sampling_params.max_tokens = 0), "invalid max_tokens = 0"),
+        (Box::new(|i| i.sampling_params.temperature = -1.0), "invalid temperature = -1"),
+        (Box::new(|i| i.sampling_params.top_p = 0.0), "invalid top_p = 0"),
+        (Box::new(|i| i.num_samples = 0), "invalid num_samples = 0"),
+        (Box::new(|i| i.prompt = vec![]), "invalid tokens = []"),
+        (Box::new(|i| i.prompt[0] = 999), "prompt[0] = 999 is out of range"),
+        (Box::new(|i| i.sampling_params.max_tokens = 5000), "invalid max_tokens = 5000"),
+    ];
+    for (edit, message) in cases {
+        let mut input = tiny_input(1, Some(0));
+        edit(&mut input);
+        let err = s.sample(&input, &detok, &never).unwrap_err();
+        assert!(err.to_string().contains(message), "got `{err}`, want `{message}`");
+    }
+    let err = s.sample(&tiny_input(2, Some(0)), &detok, &|| true).unwrap_err();
+    assert!(matches!(err, EngineError::Interrupted), "{err}");
+}
