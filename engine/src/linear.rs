@@ -14,6 +14,14 @@ pub enum Weight {
 }
 
 impl Weight {
+    /// `x @ selfᵀ`: x (…, in), self (out, in) → (…, out); a frozen weight gets no gradient.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Frozen(w) => frozen_matmul(x, w),
+            Weight::Trainable(w) => Ok(x.broadcast_matmul(&w.as_tensor().t()?)?),
+        }
+    }
+
     /// The current value.
     pub fn tensor(&self) -> &Tensor {
         match self {
@@ -48,10 +56,7 @@ pub struct Linear {
 impl Linear {
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = match &self.weight {
-            Weight::Frozen(w) => frozen_matmul(x, w)?,
-            Weight::Trainable(w) => x.broadcast_matmul(&w.as_tensor().t()?)?,
-        };
+        let mut y = self.weight.matmul_t(x)?;
         match &self.bias {
             Some(Weight::Frozen(b)) => y = add_const(&y, b)?,
             Some(Weight::Trainable(b)) => y = y.broadcast_add(b.as_tensor())?,

@@ -14,7 +14,7 @@
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, Lora, RmsNorm, Weight};
-use crate::ops::{add_const, frozen_matmul, mul_const};
+use crate::ops::{add_const, mul_const};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var, D};
 use hearth_api::{LoraConfig, TargetModule, TrainingConfig};
@@ -143,7 +143,7 @@ impl Attention {
         rotary: &Rotary,
         mask: &Tensor,
         start: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -224,7 +224,7 @@ impl DecoderLayer {
         rotary: &Rotary,
         mask: &Tensor,
         start: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, mask, start, cache)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
@@ -425,18 +425,17 @@ impl Model {
         }
         let x = if all_positions { x } else { x.narrow(1, t - 1, 1)? }; // (B,T,C) -> (B,1,C)
         let x = self.norm.forward(&x)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        match head {
-            Weight::Frozen(w) => frozen_matmul(&x, w), // (B,T,C) -> (B,T,V)
-            Weight::Trainable(w) => Ok(x.broadcast_matmul(&w.as_tensor().t()?)?), // (B,T,C) -> (B,T,V)
-        }
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).matmul_t(&x) // (B,T,C) -> (B,T,V)
     }
 }
+
+/// One layer's cached keys and values, (B, K, S, D) each; `None` before the first call.
+pub type LayerCache = Option<(Tensor, Tensor)>;
 
 /// Keys and values of the positions seen so far, per layer, for sampling.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
     len: usize,
 }
 
