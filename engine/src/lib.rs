@@ -34,6 +34,7 @@ pub mod alloc;
 pub mod batch;
 pub mod config;
 pub mod error;
+mod gemv;
 pub mod linear;
 pub mod loss;
 pub mod model;

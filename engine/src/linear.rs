@@ -22,6 +22,14 @@ impl Weight {
         }
     }
 
+    /// The same weight, frozen and untracked (shares storage, so it sees later updates).
+    pub fn detached(&self) -> Weight {
+        match self {
+            Weight::Frozen(t) => Weight::Frozen(t.clone()),
+            Weight::Trainable(v) => Weight::Frozen(v.as_detached_tensor()),
+        }
+    }
+
     /// The current value.
     pub fn tensor(&self) -> &Tensor {
         match self {
@@ -32,14 +40,20 @@ impl Weight {
 }
 
 /// A LoRA pair on one projection: `y += (x Aᵀ) Bᵀ · alpha/r`.
+///
+/// `a` and `b` are the run's variables (tracked for gradients), or detached views of them in an
+/// inference copy of the model ([`Linear::detached`]).
 #[derive(Debug, Clone)]
 pub struct Lora {
     /// A: (r, in), initialised as PEFT does (Kaiming-uniform, a = √5).
-    pub a: Var,
+    pub a: Tensor,
     /// B: (out, r), zero at creation.
-    pub b: Var,
+    pub b: Tensor,
     /// alpha / r.
     pub scale: f64,
+    /// Bᵀ (r, out) copied when an inference copy is made: the decode kernel adds `xa_j · Bᵀ_j`
+    /// row by row instead of taking r-long dot products. `None` in the training model.
+    pub bt: Option<Tensor>,
 }
 
 /// A projection `y = x Wᵀ (+ b) (+ LoRA)`, with field names equal to the checkpoint's.
@@ -56,6 +70,23 @@ pub struct Linear {
 impl Linear {
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Weight::Frozen(w) = &self.weight {
+            let bias = match &self.bias {
+                Some(Weight::Frozen(b)) => Some(Some(b)),
+                Some(Weight::Trainable(_)) => None,
+                None => Some(None),
+            };
+            if let Some(bias) = bias {
+                let lora = match &self.lora {
+                    None => Some(None),
+                    Some(Lora { a, bt: Some(bt), scale, .. }) => Some(Some((a, bt, *scale))),
+                    Some(Lora { bt: None, .. }) => None,
+                };
+                if let Some(y) = lora.and_then(|lora| crate::gemv::linear_few_rows(x, w, bias, lora)) {
+                    return Ok(y);
+                }
+            }
+        }
         let mut y = self.weight.matmul_t(x)?;
         match &self.bias {
             Some(Weight::Frozen(b)) => y = add_const(&y, b)?,
@@ -64,12 +95,32 @@ impl Linear {
         }
         if let Some(lora) = &self.lora {
             let dt = lora.a.dtype();
-            let xa = x.to_dtype(dt)?.broadcast_matmul(&lora.a.as_tensor().t()?)?; // (…, in) -> (…, r)
-            let xab = xa.broadcast_matmul(&lora.b.as_tensor().t()?)?; // (…, r) -> (…, out)
+            let x = x.to_dtype(dt)?;
+            let xab = if lora.a.is_variable() {
+                let xa = x.broadcast_matmul(&lora.a.t()?)?; // (…, in) -> (…, r)
+                xa.broadcast_matmul(&lora.b.t()?)? // (…, r) -> (…, out)
+            } else {
+                // inference copy: nothing to differentiate, and the few-rows kernel applies
+                frozen_matmul(&frozen_matmul(&x, &lora.a)?, &lora.b)?
+            };
             let out_dtype = y.dtype();
             y = (y + (xab * lora.scale)?.to_dtype(out_dtype)?)?;
         }
         Ok(y)
+    }
+
+    /// The same projection with nothing tracked for gradients (storage shared, for sampling).
+    pub fn detached(&self) -> Linear {
+        Linear {
+            weight: self.weight.detached(),
+            bias: self.bias.as_ref().map(Weight::detached),
+            lora: self.lora.as_ref().map(|l| Lora {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                scale: l.scale,
+                bt: l.b.detach().t().and_then(|t| t.contiguous()).ok(),
+            }),
+        }
     }
 
     /// (out, in).
@@ -88,6 +139,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The same norm with its weight untracked.
+    pub fn detached(&self) -> RmsNorm {
+        RmsNorm { weight: self.weight.detached(), eps: self.eps }
+    }
+
     /// x (…, C) → (…, C), computed in f32 or wider.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();

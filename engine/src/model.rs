@@ -134,9 +134,10 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x (B, T, C) at positions start..start+T, mask (T, S+T) additive → (B, T, C). With a
-    /// cache, keys and values of earlier positions (S of them) are read from it and this call's
-    /// are appended (detached: the cache is for sampling only, never for training).
+    /// x (B, T, C) at positions start..start+T, mask (n·T, S+T) additive (the (T, S+T) causal
+    /// mask repeated for the n = H/K query heads of each kv head) → (B, T, C). With a cache, keys
+    /// and values of earlier positions (S of them) are read from it and this call's are written
+    /// into it (detached: the cache is for sampling only, never for training).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -159,33 +160,32 @@ impl Attention {
         let v = v.transpose(1, 2)?.contiguous()?; // (B,T,K,D) -> (B,K,T,D)
         let (kk, v) = match cache {
             None => (kk, v),
-            Some(slot) => {
-                let (kk, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &kk.detach()], 2)?, Tensor::cat(&[&pv, &v.detach()], 2)?), // (B,K,S+T,D)
-                    None => (kk.detach(), v.detach()),
-                };
-                *slot = Some((kk.clone(), v.clone()));
-                (kk, v)
-            }
+            Some(slot) => slot.append(&kk, &v, start)?, // (B,K,S+T,D) each
         };
-        let kk = repeat_kv(&kk, h / k)?; // (B,K,T,D) -> (B,H,T,D)
-        let v = repeat_kv(&v, h / k)?; // (B,K,T,D) -> (B,H,T,D)
+        // Grouped-query attention without copying keys: heads are ordered kv-head-major, so the
+        // n = H/K query heads sharing a kv head are adjacent and fold into the query axis.
+        let n = h / k;
+        let q = q.reshape((b, k, n * t, d))?; // (B,H,T,D) -> (B,K,n·T,D)
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&kk.t()?.contiguous()?)? * scale)?; // (B,H,T,D) @ (B,H,D,S+T) -> (B,H,T,S+T)
+        let scores = (q.matmul(&kk.t()?)? * scale)?; // (B,K,n·T,D) @ (B,K,D,S+T) -> (B,K,n·T,S+T)
         let probs = softmax_last_dim(&add_const(&scores, mask)?)?;
-        let y = probs.matmul(&v)?; // (B,H,T,S+T) @ (B,H,S+T,D) -> (B,H,T,D)
+        let y = probs.matmul(&v)?.reshape((b, h, t, d))?; // (B,K,n·T,S+T) @ (B,K,S+T,D) -> (B,K,n·T,D) -> (B,H,T,D)
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?; // (B,H,T,D) -> (B,T,H·D)
         self.o_proj.forward(&y)
     }
-}
 
-/// (B, K, T, D) → (B, K·n, T, D), each kv head repeated for its n query heads.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
+    /// The same attention with nothing tracked for gradients.
+    fn detached(&self) -> Attention {
+        Attention {
+            q_proj: self.q_proj.detached(),
+            k_proj: self.k_proj.detached(),
+            v_proj: self.v_proj.detached(),
+            o_proj: self.o_proj.detached(),
+            q_norm: self.q_norm.as_ref().map(RmsNorm::detached),
+            k_norm: self.k_norm.as_ref().map(RmsNorm::detached),
+            ..*self
+        }
     }
-    let (b, k, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, k, n, t, d))?.contiguous()?.reshape((b, k * n, t, d))?) // (B,K,1,T,D) -> (B,K·n,T,D)
 }
 
 /// Softmax over the last dim from differentiable ops (the max is a constant shift, so detached).
@@ -228,6 +228,19 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, mask, start, cache)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+
+    fn detached(&self) -> DecoderLayer {
+        DecoderLayer {
+            input_layernorm: self.input_layernorm.detached(),
+            self_attn: self.self_attn.detached(),
+            post_attention_layernorm: self.post_attention_layernorm.detached(),
+            mlp: Mlp {
+                gate_proj: self.mlp.gate_proj.detached(),
+                up_proj: self.mlp.up_proj.detached(),
+                down_proj: self.mlp.down_proj.detached(),
+            },
+        }
     }
 }
 
@@ -302,7 +315,7 @@ impl Builder<'_> {
         let peft = format!("base_model.model.{prefix}");
         self.params.push((format!("{peft}.lora_A.weight"), a.clone()));
         self.params.push((format!("{peft}.lora_B.weight"), b.clone()));
-        Ok(Lora { a, b, scale: cfg.alpha / r as f64 })
+        Ok(Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: cfg.alpha / r as f64, bt: None })
     }
 
     fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
@@ -383,6 +396,19 @@ impl Model {
         Ok((model, bld.params))
     }
 
+    /// An inference copy: the same weights (storage shared, so later optimizer steps show through)
+    /// with nothing tracked for gradients. Sampling uses it so no op records a backward graph.
+    pub fn detached(&self) -> Model {
+        Model {
+            embed_tokens: self.embed_tokens.detached(),
+            layers: self.layers.iter().map(DecoderLayer::detached).collect(),
+            norm: self.norm.detached(),
+            lm_head: self.lm_head.as_ref().map(Weight::detached),
+            rotary: self.rotary.clone(),
+            config: self.config.clone(),
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -412,9 +438,16 @@ impl Model {
         }
         let emb = self.embed_tokens.tensor();
         let mut x = emb.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?; // (B·T,C) -> (B,T,C)
-        let mask = causal_mask(t, start, self.config.sliding_window, x.dtype(), x.device())?;
+        let n = self.config.num_attention_heads / self.config.num_key_value_heads;
+        let keys = start + t;
+        let mask = causal_mask(t, start, self.config.sliding_window, x.dtype(), x.device())? // (T,S+T)
+            .unsqueeze(0)?
+            .broadcast_as((n, t, keys))?
+            .contiguous()?
+            .reshape((n * t, keys))?; // (n,T,S+T) -> (n·T,S+T)
         if let Some(c) = cache.as_deref_mut() {
-            c.layers.resize(self.layers.len(), None);
+            let capacity = c.capacity;
+            c.layers.resize(self.layers.len(), LayerCache { kv: None, capacity });
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -429,17 +462,57 @@ impl Model {
     }
 }
 
-/// One layer's cached keys and values, (B, K, S, D) each; `None` before the first call.
-pub type LayerCache = Option<(Tensor, Tensor)>;
+/// One layer's cached keys and values: buffers (B, K, capacity, D) written in place, so a decode
+/// step copies only its own new position instead of re-concatenating the whole history.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+    capacity: usize,
+}
+
+impl LayerCache {
+    /// Writes k, v (B, K, T, D) at positions start..start+T and returns the filled part,
+    /// (B, K, start+T, D) each. Grows (doubling) when the buffers are too short.
+    fn append(&mut self, k: &Tensor, v: &Tensor, start: usize) -> Result<(Tensor, Tensor)> {
+        let (b, heads, t, d) = k.dims4()?;
+        let need = start + t;
+        let held = match &self.kv {
+            Some((bk, _)) => bk.dim(2)?,
+            None => 0,
+        };
+        if held < need {
+            let cap = need.max(self.capacity).max(2 * held);
+            let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, heads, cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old.filter(|_| start > 0) {
+                    buf.slice_set(&old.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let old = self.kv.take();
+            self.kv = Some((grow(old.as_ref().map(|o| &o.0))?, grow(old.as_ref().map(|o| &o.1))?));
+        }
+        let Some((bk, bv)) = self.kv.as_ref() else { return Err(EngineError::Weights("kv cache buffer missing".into())) };
+        bk.slice_set(&k.detach().contiguous()?, 2, start)?;
+        bv.slice_set(&v.detach().contiguous()?, 2, start)?;
+        Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))
+    }
+}
 
 /// Keys and values of the positions seen so far, per layer, for sampling.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+    capacity: usize,
 }
 
 impl KvCache {
+    /// An empty cache whose buffers are sized for `capacity` positions up front.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { layers: Vec::new(), len: 0, capacity }
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -459,9 +532,12 @@ impl KvCache {
         let layers = self
             .layers
             .iter()
-            .map(|l| l.as_ref().map(|(k, v)| Ok::<_, EngineError>((rep(k)?, rep(v)?))).transpose())
+            .map(|l| {
+                let kv = l.kv.as_ref().map(|(k, v)| Ok::<_, EngineError>((rep(k)?, rep(v)?))).transpose()?;
+                Ok(LayerCache { kv, capacity: l.capacity })
+            })
             .collect::<Result<_>>()?;
-        Ok(Self { layers, len: self.len })
+        Ok(Self { layers, len: self.len, capacity: self.capacity })
     }
 }
 

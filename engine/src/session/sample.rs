@@ -32,47 +32,76 @@ fn validate(p: &SamplingParams, num_samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// Raw log-softmax of one row of logits.
-fn log_softmax(row: &[f32]) -> Vec<f32> {
+/// log Σ exp(row): the normaliser of the model's own (temperature-1) distribution.
+fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
-    row.iter().map(|&x| x - lse).collect()
+    row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32 + max
 }
 
-/// Picks a token from one row of logits.
+/// The `k` highest-scoring token ids, best first (ties broken by the lower id).
+fn top(row: &[f32], k: usize) -> Vec<u32> {
+    let by_score = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+    if k < ids.len() {
+        ids.select_nth_unstable_by(k, by_score);
+        ids.truncate(k);
+    }
+    ids.sort_unstable_by(by_score);
+    ids
+}
+
+/// Draws one id from `ids` with unnormalised `weights` (same order).
+fn draw(ids: &[u32], weights: &[f64], rng: &mut Rng) -> u32 {
+    let mut u = rng.uniform() * weights.iter().sum::<f64>();
+    for (&id, w) in ids.iter().zip(weights) {
+        u -= w;
+        if u < 0.0 {
+            return id;
+        }
+    }
+    ids.last().copied().unwrap_or(0)
+}
+
+/// Picks a token from one row of logits: greedy at temperature 0, otherwise from the tempered
+/// distribution restricted to the `top_k` best and then to the smallest prefix (best first)
+/// holding `top_p` of the remaining mass. Only the candidates are sorted, never the whole
+/// vocabulary (a full sort per token was most of the sampling cost at batch 8).
 fn choose(row: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    let argmax = || row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
     if p.temperature == 0.0 {
-        return argmax();
+        return row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32);
     }
-    let mut order: Vec<u32> = (0..row.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-    if p.top_k > 0 {
-        order.truncate(p.top_k);
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weight = |x: f32| (((x - max) / p.temperature) as f64).exp();
+    let vocab = row.len();
+    let k = if p.top_k == 0 { vocab } else { p.top_k.min(vocab) };
+    if p.top_p >= 1.0 {
+        if k == vocab {
+            let weights: Vec<f64> = row.iter().map(|&x| weight(x)).collect();
+            let ids: Vec<u32> = (0..vocab as u32).collect();
+            return draw(&ids, &weights, rng);
+        }
+        let ids = top(row, k);
+        let weights: Vec<f64> = ids.iter().map(|&i| weight(row[i as usize])).collect();
+        return draw(&ids, &weights, rng);
     }
-    let max = row[order[0] as usize];
-    let weights: Vec<f64> = order.iter().map(|&i| (((row[i as usize] - max) / p.temperature) as f64).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let mut keep = weights.len();
-    if p.top_p < 1.0 {
+    // Nucleus: the mass is over the top-k set; widen the sorted prefix until it holds top_p.
+    let total: f64 = if k == vocab { row.iter().map(|&x| weight(x)).sum() } else { top(row, k).iter().map(|&i| weight(row[i as usize])).sum() };
+    let mut width = k.min(256);
+    loop {
+        let ids = top(row, width);
+        let weights: Vec<f64> = ids.iter().map(|&i| weight(row[i as usize])).collect();
         let mut acc = 0.0;
         for (n, w) in weights.iter().enumerate() {
             acc += w / total;
             if acc >= p.top_p as f64 {
-                keep = n + 1;
-                break;
+                return draw(&ids[..=n], &weights[..=n], rng);
             }
         }
-    }
-    let kept: f64 = weights[..keep].iter().sum();
-    let mut u = rng.uniform() * kept;
-    for (n, w) in weights[..keep].iter().enumerate() {
-        u -= w;
-        if u < 0.0 {
-            return order[n];
+        if width == k {
+            return draw(&ids, &weights, rng);
         }
+        width = (width * 8).min(k);
     }
-    order[keep - 1]
 }
 
 impl TrainingSession {
@@ -82,8 +111,19 @@ impl TrainingSession {
     pub fn sample(
         &self,
         input: &SampleInput,
-        detokenize: &dyn Fn(&[u32]) -> String,
-        cancelled: &dyn Fn() -> bool,
+        detokenize: &(dyn Fn(&[u32]) -> String + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<SampleOutput> {
+        // Decoding is a long chain of small ops; run it on a pool thread so each parallel
+        // kernel splits work with a warm sibling instead of waking the pool from outside.
+        rayon::scope(|_| self.sample_in_pool(input, detokenize, cancelled))
+    }
+
+    fn sample_in_pool(
+        &self,
+        input: &SampleInput,
+        detokenize: &(dyn Fn(&[u32]) -> String + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<SampleOutput> {
         let cfg = &self.base.config;
         let p = &input.sampling_params;
@@ -96,23 +136,21 @@ impl TrainingSession {
                 reason: "prompt + max_tokens exceeds the model's context (max_position_embeddings)",
             });
         }
-        let base_model;
-        let model: &Model = if input.base_model_only {
+        let model = if input.base_model_only {
             let frozen = TrainingConfig::Lora(LoraConfig { target_modules: Vec::new(), ..LoraConfig::default() });
-            base_model = Model::new(cfg, &self.base.weights, &frozen)?.0;
-            &base_model
+            Model::new(cfg, &self.base.weights, &frozen)?.0
         } else {
-            &self.model
+            self.model.detached()
         };
         let device = &self.base.device;
         let n = input.num_samples;
-        let mut prefill = KvCache::default();
+        let mut prefill = KvCache::with_capacity(input.prompt.len() + p.max_tokens);
         let prompt = Tensor::new(input.prompt.as_slice(), device)?.unsqueeze(0)?; // (1,P)
         let logits = model.forward_cached(&prompt, &mut prefill, input.prompt_logprobs)?.squeeze(0)?.to_dtype(DType::F32)?; // (P|1,V)
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let prompt_logprobs = input.prompt_logprobs.then(|| {
             std::iter::once(None)
-                .chain(input.prompt[1..].iter().zip(&rows).map(|(&tok, row)| Some(log_softmax(row)[tok as usize])))
+                .chain(input.prompt[1..].iter().zip(&rows).map(|(&tok, row)| Some(row[tok as usize] - log_sum_exp(row))))
                 .collect()
         });
         let mut last: Vec<Vec<f32>> = vec![rows.last().cloned().unwrap_or_default(); n];
@@ -137,7 +175,7 @@ impl TrainingSession {
                 }
                 let tok = choose(&last[i], p, &mut rng);
                 seq.tokens.push(tok);
-                seq.logprobs.push(log_softmax(&last[i])[tok as usize]);
+                seq.logprobs.push(last[i][tok as usize] - log_sum_exp(&last[i]));
                 let text_stop = !stop_texts.is_empty() && {
                     let text = detokenize(&seq.tokens);
                     stop_texts.iter().any(|s| text.contains(s))
@@ -156,5 +194,55 @@ impl TrainingSession {
             last = logits.to_vec2()?;
         }
         Ok(SampleOutput { sequences: seqs, prompt_logprobs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, ..SamplingParams::default() }
+    }
+
+    /// Frequencies of 20 000 draws.
+    fn histogram(row: &[f32], p: &SamplingParams) -> Vec<f64> {
+        let mut rng = Rng::new(7);
+        let mut counts = vec![0.0; row.len()];
+        let n = 20_000;
+        for _ in 0..n {
+            counts[choose(row, p, &mut rng) as usize] += 1.0 / n as f64;
+        }
+        counts
+    }
+
+    #[test]
+    fn filters_follow_the_definitions() {
+        // probabilities at temperature 1: 0.4, 0.3, 0.2, 0.1 (ids shuffled)
+        let row: Vec<f32> = [0.2f32, 0.4, 0.1, 0.3].iter().map(|p| p.ln()).collect();
+        let close = |got: &[f64], want: &[f64]| {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 0.015, "got {got:?}, want {want:?}");
+            }
+        };
+        close(&histogram(&row, &params(1.0, 0, 1.0)), &[0.2, 0.4, 0.1, 0.3]);
+        close(&histogram(&row, &params(1.0, 2, 1.0)), &[0.0, 4.0 / 7.0, 0.0, 3.0 / 7.0]);
+        // top_p 0.65: 0.4 + 0.3 ≥ 0.65 keeps two tokens
+        close(&histogram(&row, &params(1.0, 0, 0.65)), &[0.0, 4.0 / 7.0, 0.0, 3.0 / 7.0]);
+        // top_k 3 renormalises to 4/9, 3/9, 2/9; top_p 0.5 then needs the first two
+        close(&histogram(&row, &params(1.0, 3, 0.5)), &[0.0, 4.0 / 7.0, 0.0, 3.0 / 7.0]);
+        close(&histogram(&row, &params(1.0, 1, 1.0)), &[0.0, 1.0, 0.0, 0.0]);
+        // temperature 0.5 squares the probabilities: 4:16:1:9
+        close(&histogram(&row, &params(0.5, 0, 1.0)), &[4.0 / 30.0, 16.0 / 30.0, 1.0 / 30.0, 9.0 / 30.0]);
+        assert_eq!(choose(&row, &params(0.0, 0, 1.0), &mut Rng::new(0)), 1);
+    }
+
+    #[test]
+    fn nucleus_widens_past_the_first_window() {
+        // 1000 equal logits: top_p 0.9 needs 900 candidates, more than the first 256-wide window
+        let row = vec![0.0f32; 1000];
+        let h = histogram(&row, &params(1.0, 0, 0.9));
+        assert_eq!(h[900..].iter().sum::<f64>(), 0.0);
+        assert!(h[600..900].iter().sum::<f64>() > 0.25);
     }
 }

@@ -1,0 +1,230 @@
+//! `x @ wᵀ` for a few rows of x (decoding): stream each weight row once, dot it with every row.
+//!
+//! gemm packs the weight into panels before multiplying, which for a handful of rows doubles
+//! the memory traffic of an operation that is memory-bound anyway: at batch 1, a decode step
+//! reads every weight once and does two flops per weight. Here each weight row is read straight
+//! from memory, kept in L1 while the (few, L1-resident) input rows are dotted with it, and the
+//! output rows are split across the rayon pool. f32 only; other dtypes take the gemm path.
+
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+/// Most input rows handled here; above it gemm's blocking wins.
+pub const MAX_ROWS: usize = 16;
+
+/// Output features per rayon task: 64 rows of a 576-wide weight is 144 KiB.
+const BLOCK: usize = 64;
+
+/// Below this many weights (1 MiB of f32) one thread streams the weight faster than waking
+/// the pool: LoRA factors and k/v projections stay on the calling thread.
+const PAR_MIN: usize = 64 * 1024;
+
+/// The CPU fast path of `frozen_matmul`: `Some` when x is f32 with at most [`MAX_ROWS`] rows and
+/// both operands are contiguous; `None` to fall back to gemm.
+pub fn frozen_matmul_few_rows(
+    x: &CpuStorage,
+    x_l: &Layout,
+    w: &CpuStorage,
+    w_l: &Layout,
+) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+    let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) else { return Ok(None) };
+    let (Some((xa, xb)), Some((wa, wb))) = (x_l.contiguous_offsets(), w_l.contiguous_offsets()) else { return Ok(None) };
+    let dims = x_l.dims();
+    let Some((&k, batch)) = dims.split_last() else { return Ok(None) };
+    let m: usize = batch.iter().product();
+    let (n, wk) = w_l.shape().dims2()?;
+    if m > MAX_ROWS || wk != k || k == 0 {
+        return Ok(None);
+    }
+    let y = few_rows_times_wt(&xs[xa..xb], m, k, &ws[wa..wb], n);
+    let mut out_dims = batch.to_vec();
+    out_dims.push(n);
+    Ok(Some((CpuStorage::F32(y), Shape::from(out_dims))))
+}
+
+/// A contiguous f32 CPU tensor's values, or `None`.
+fn f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
+/// A whole untracked linear layer in one pass for a few rows of x: `x Wᵀ + bias +
+/// scale · (x Aᵀ) Bᵀ`, with B given transposed (r, n). Decoding runs hundreds of these per token, and as separate candle ops
+/// (two matmuls, scale, add, bias) their fixed costs were a third of a token's time.
+/// `None` when the fast path does not apply (not CPU f32, too many rows, tracked tensors).
+pub fn linear_few_rows(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor, f64)>) -> Option<Tensor> {
+    let dims = x.dims();
+    let (&k, batch) = dims.split_last()?;
+    let m: usize = batch.iter().product();
+    let (n, wk) = w.dims2().ok()?;
+    let untracked = |t: &Tensor| !t.track_op();
+    if m > MAX_ROWS || wk != k || k == 0 || !untracked(x) || !untracked(w) {
+        return None;
+    }
+    let x = x.contiguous().ok()?;
+    let mut y = f32_slice(&x, |xs| f32_slice(w, |ws| few_rows_times_wt(xs, m, k, ws, n)))??;
+    if let Some((a, bt, scale)) = lora {
+        let r = a.dims2().ok()?.0;
+        if !untracked(a) || !untracked(bt) || a.dims2().ok()? != (r, k) || bt.dims2().ok()? != (r, n) {
+            return None;
+        }
+        let xa = f32_slice(&x, |xs| f32_slice(a, |av| few_rows_times_wt(xs, m, k, av, r)))??; // (m, r)
+        let scale = scale as f32;
+        f32_slice(bt, |btv| {
+            // y_i += scale · Σ_j xa_ij · Bᵀ_j : r contiguous axpys per row
+            for (yi, xai) in y.chunks_exact_mut(n).zip(xa.chunks_exact(r)) {
+                for (&c, btj) in xai.iter().zip(btv.chunks_exact(n)) {
+                    let c = scale * c;
+                    yi.iter_mut().zip(btj).for_each(|(y, b)| *y += c * b);
+                }
+            }
+        })?;
+    }
+    if let Some(bias) = bias {
+        if !untracked(bias) || bias.dims() != [n] {
+            return None;
+        }
+        f32_slice(bias, |bv| y.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(bv).for_each(|(y, b)| *y += b)))?;
+    }
+    let mut out_dims = batch.to_vec();
+    out_dims.push(n);
+    Tensor::from_vec(y, out_dims, x.device()).ok()
+}
+
+/// y (m, n) = x (m, k) · w (n, k)ᵀ, all row-major.
+pub fn few_rows_times_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut yt = vec![0f32; n * m]; // (n, m): each task owns whole output features
+    if n * k < PAR_MIN {
+        block(x, m, k, w, &mut yt);
+    } else {
+        // candle's barrier pool: its workers spin for about a millisecond before parking, so
+        // the next layer's kernels find them awake (rayon's workers were asleep between the
+        // small serial ops of a decode step, and waking them cost more than the split saved).
+        let outs: Vec<Mutex<&mut [f32]>> = yt.chunks_mut(BLOCK * m).map(Mutex::new).collect();
+        let rows: Vec<&[f32]> = w.chunks(BLOCK * k).collect();
+        candle_core::utils::barrier_pool().execute_chunked(outs.len(), |range| {
+            for u in range {
+                if let Ok(mut out) = outs[u].lock() {
+                    block(x, m, k, rows[u], &mut out);
+                }
+            }
+        });
+    }
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (o, col) in yt.chunks_exact(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            y[i * n + o] = v;
+        }
+    }
+    y
+}
+
+/// out[o·m + i] = x_i · rows_o for the weight rows of one block.
+fn block(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { block_avx512(x, m, k, rows, out) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { block_avx2(x, m, k, rows, out) };
+        }
+    }
+    block_generic(x, m, k, rows, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn block_avx512(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
+    block_generic(x, m, k, rows, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
+    block_generic(x, m, k, rows, out)
+}
+
+#[inline(always)]
+fn block_generic(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
+    for (row, out) in rows.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+        // four input rows per pass: each 16-wide chunk of the weight row is loaded once
+        let mut i = 0;
+        while i + 4 <= m {
+            let d = dot4([&x[i * k..(i + 1) * k], &x[(i + 1) * k..(i + 2) * k], &x[(i + 2) * k..(i + 3) * k], &x[(i + 3) * k..(i + 4) * k]], row);
+            out[i..i + 4].copy_from_slice(&d);
+            i += 4;
+        }
+        for (xi, o) in x[i * k..].chunks_exact(k).zip(&mut out[i..]) {
+            *o = dot(xi, row);
+        }
+    }
+}
+
+/// Dot product with 16 independent lanes (vectorises to one AVX-512 or two AVX2 registers).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Four dot products against the same `w`.
+#[inline(always)]
+fn dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let mut acc = [[0f32; 16]; 4];
+    let chunks = w
+        .chunks_exact(16)
+        .zip(xs[0].chunks_exact(16))
+        .zip(xs[1].chunks_exact(16))
+        .zip(xs[2].chunks_exact(16))
+        .zip(xs[3].chunks_exact(16));
+    for ((((wc, x0), x1), x2), x3) in chunks {
+        for j in 0..16 {
+            acc[0][j] += x0[j] * wc[j];
+            acc[1][j] += x1[j] * wc[j];
+            acc[2][j] += x2[j] * wc[j];
+            acc[3][j] += x3[j] * wc[j];
+        }
+    }
+    let n = w.len() / 16 * 16;
+    let mut out = [0f32; 4];
+    for ((o, acc), x) in out.iter_mut().zip(&acc).zip(&xs) {
+        *o = acc.iter().sum::<f32>() + x[n..].iter().zip(&w[n..]).map(|(a, b)| a * b).sum::<f32>();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_naive_product() {
+        for (m, k, n) in [(1, 576, 200), (8, 37, 130), (3, 16, 1), (16, 100, 65)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
+            let y = few_rows_times_wt(&x, m, k, &w, n);
+            for i in 0..m {
+                for o in 0..n {
+                    let want: f64 = (0..k).map(|j| x[i * k + j] as f64 * w[o * k + j] as f64).sum();
+                    assert!((y[i * n + o] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "m{m} k{k} n{n} ({i},{o})");
+                }
+            }
+        }
+    }
+}
