@@ -245,6 +245,31 @@ impl TargetModule {
     }
 }
 
+/// What `save_state` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// The LoRA adapter in PEFT layout (`adapter_config.json`, `adapter_model.safetensors`).
+    Adapter,
+    /// Everything needed to resume exactly: adapter (or weights), optimizer moments, step, RNG,
+    /// training config.
+    #[default]
+    State,
+    /// Full weights with the adapter merged in, in the base model's layout (a model folder).
+    Merged,
+}
+
+impl CheckpointKind {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckpointKind::Adapter => "adapter",
+            CheckpointKind::State => "state",
+            CheckpointKind::Merged => "merged",
+        }
+    }
+}
+
 /// What a run trains.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]

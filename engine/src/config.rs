@@ -28,6 +28,18 @@ pub enum Family {
     Qwen3,
 }
 
+impl Family {
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+}
+
 /// How rotary frequencies are rescaled for long context.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "rope_type")]

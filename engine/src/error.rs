@@ -105,6 +105,15 @@ pub enum EngineError {
     /// Weights do not match the configuration.
     #[error("weights: {0}")]
     Weights(String),
+    /// A checkpoint cannot be loaded (wrong base model, other shapes, corrupt file, unknown
+    /// format); the session is unchanged.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The model or batch will not fit in memory.
     #[error("out of memory: {0}")]
     OutOfMemory(String),

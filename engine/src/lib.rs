@@ -34,6 +34,7 @@ pub mod alloc;
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod fsutil;
 mod gemv;
 pub mod linear;
 pub mod loss;

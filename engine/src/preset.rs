@@ -5,6 +5,7 @@
 //! every test use these. Weights are N(0, initializer_range²) as transformers initialises Llama, norms are 1.
 
 use crate::error::{EngineError, Result};
+use crate::fsutil::{publish_dir, sync_file, write_json};
 use crate::rng::Rng;
 use crate::tokenizer::{ByteTokenizer, BYTE_VOCAB_SIZE, EOS_ID};
 use candle_core::{Device, Tensor};
@@ -76,19 +77,7 @@ impl Preset {
     /// Writes the preset into `dir` (which must not exist) atomically: a temporary sibling is
     /// filled, synced and renamed.
     pub fn write(&self, dir: &Path, seed: u64) -> Result<()> {
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(EngineError::io("creating", parent))?;
-        let tmp = parent.join(format!(".{}.tmp-{}", self.name(), std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(EngineError::io("creating", &tmp))?;
-        let result = self.write_files(&tmp, seed).and_then(|()| {
-            std::fs::rename(&tmp, dir).map_err(EngineError::io("renaming into", dir))?;
-            sync_dir(parent)
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        result
+        publish_dir(dir, false, |tmp| self.write_files(tmp, seed))
     }
 
     fn write_files(&self, dir: &Path, seed: u64) -> Result<()> {
@@ -106,8 +95,7 @@ impl Preset {
             &json!({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                     "bos_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE, "model_max_length": cfg.max_position_embeddings}),
         )?;
-        write_json(&dir.join("generation_config.json"), &json!({"bos_token_id": EOS_ID, "eos_token_id": EOS_ID}))?;
-        sync_dir(dir)
+        write_json(&dir.join("generation_config.json"), &json!({"bos_token_id": EOS_ID, "eos_token_id": EOS_ID}))
     }
 
     /// The preset's folder under `root`, written there first if it is not there yet (seed 0).
@@ -157,23 +145,4 @@ fn random_weights(cfg: &crate::config::ModelConfig, std: f64, seed: u64) -> Resu
     }
     out.insert("model.norm.weight".into(), Tensor::ones(c, candle_core::DType::F32, &dev)?);
     Ok(out)
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::Weights(e.to_string()))?;
-    std::fs::write(path, text).map_err(EngineError::io("writing", path))?;
-    sync_file(path)
-}
-
-fn sync_file(path: &Path) -> Result<()> {
-    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(EngineError::io("syncing", path))
-}
-
-fn sync_dir(path: &Path) -> Result<()> {
-    // Directories can be fsynced on Unix; elsewhere this is best effort.
-    match std::fs::File::open(path).and_then(|f| f.sync_all()) {
-        Ok(()) => Ok(()),
-        Err(e) if cfg!(unix) => Err(EngineError::Io { op: "syncing", path: path.to_path_buf(), source: e }),
-        Err(_) => Ok(()),
-    }
 }

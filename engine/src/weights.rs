@@ -55,6 +55,11 @@ pub struct BaseModel {
     pub device: Device,
     /// Their dtype.
     pub dtype: DType,
+    /// The folder it was loaded from (its config and tokenizer files go into merged saves).
+    pub source: PathBuf,
+    /// Identifies these weights whatever the dtype or device (see [`fingerprint`]); checkpoints
+    /// record it so one made for another base model is refused.
+    pub fingerprint: String,
 }
 
 impl BaseModel {
@@ -62,6 +67,36 @@ impl BaseModel {
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let weights = load_dir(dir, device, dtype)?;
-        Ok(Self { config, weights, device: device.clone(), dtype })
+        let fingerprint = fingerprint(&weights)?;
+        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint })
     }
+}
+
+/// FNV-1a over every tensor's name, shape and first and last 64 values as bf16 (so the
+/// same weights loaded as f32 or bf16, on any device, give the same string). Cheap for any size.
+pub fn fingerprint(weights: &HashMap<String, Tensor>) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &weights[name];
+        eat(name.as_bytes());
+        for d in t.dims() {
+            eat(&(*d as u64).to_le_bytes());
+        }
+        let flat = t.flatten_all()?;
+        let n = flat.elem_count();
+        let ends = [flat.narrow(0, 0, n.min(64))?, flat.narrow(0, n - n.min(64), n.min(64))?];
+        for part in ends {
+            for v in part.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+                eat(&((v.to_bits() >> 16) as u16).to_le_bytes());
+            }
+        }
+    }
+    Ok(format!("{h:016x}"))
 }

@@ -1,10 +1,12 @@
 //! A training session: one run (a LoRA adapter or full weights, its optimizer and gradients)
 //! over a shared base model. One file per primitive.
 
+mod checkpoint;
 mod forward_backward;
 mod optim_step;
 mod sample;
 
+pub use checkpoint::{checkpoint_training_config, read_adapter_config, read_manifest, Loaded, Manifest, FORMAT, FORMAT_VERSION};
 pub use sample::MAX_SAMPLES;
 
 use crate::error::{EngineError, Result};
@@ -28,13 +30,20 @@ pub struct TrainingSession {
     grads: BTreeMap<String, Tensor>,
     optim: AdamW,
     training: TrainingConfig,
+    /// Draws the seed of every `sample` call that brings none (saved in `state` checkpoints).
+    rng: std::sync::Mutex<crate::rng::Rng>,
 }
 
 impl TrainingSession {
     /// A new run on `base`: LoRA adapters (B = 0) or a trainable copy of every weight.
     pub fn new(base: Arc<BaseModel>, training: TrainingConfig) -> Result<Self> {
         let (model, params) = Model::new(&base.config, &base.weights, &training)?;
-        Ok(Self { base, model, params, grads: BTreeMap::new(), optim: AdamW::default(), training })
+        let seed = match &training {
+            TrainingConfig::Lora(l) => l.seed,
+            TrainingConfig::Full => 0,
+        };
+        let rng = std::sync::Mutex::new(crate::rng::Rng::new(seed ^ 0x5A4D_504C_4552)); // "SAMPLER"
+        Ok(Self { base, model, params, grads: BTreeMap::new(), optim: AdamW::default(), training, rng })
     }
 
     /// The base model this run trains on.

@@ -155,9 +155,13 @@ impl TrainingSession {
         });
         let mut last: Vec<Vec<f32>> = vec![rows.last().cloned().unwrap_or_default(); n];
         let mut cache = prefill.expand(n)?;
-        let mut rng = Rng::new(p.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-        }));
+        // No seed: the run's own generator picks one (so a resumed `state` samples as the
+        // uninterrupted run would have). It advances only when the call succeeds.
+        let mut run_rng = match self.rng.lock() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let mut rng = Rng::new(p.seed.unwrap_or_else(|| run_rng.next_u64()));
         let stop_ids: Vec<u32> = p.stop.iter().filter_map(|s| if let Stop::Token(t) = s { Some(*t) } else { None }).collect();
         let stop_texts: Vec<&str> = p.stop.iter().filter_map(|s| if let Stop::Text(t) = s { Some(t.as_str()) } else { None }).collect();
         let mut seqs: Vec<SampledSequence> =
@@ -192,6 +196,11 @@ impl TrainingSession {
             let ids = Tensor::from_vec(next, (n, 1), device)?; // (n,1)
             let logits = model.forward_cached(&ids, &mut cache, false)?.squeeze(1)?.to_dtype(DType::F32)?; // (n,1,V) -> (n,V)
             last = logits.to_vec2()?;
+        }
+        if p.seed.is_none() {
+            if let Ok(mut r) = self.rng.lock() {
+                *r = run_rng;
+            }
         }
         Ok(SampleOutput { sequences: seqs, prompt_logprobs })
     }
