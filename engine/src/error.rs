@@ -114,6 +114,10 @@ pub enum EngineError {
         /// What is wrong.
         reason: String,
     },
+    /// The chat template failed on these messages (or raised an exception on purpose, e.g.
+    /// "roles must alternate").
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// The model or batch will not fit in memory.
     #[error("out of memory: {0}")]
     OutOfMemory(String),

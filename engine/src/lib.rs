@@ -44,6 +44,7 @@ pub mod optim;
 pub mod preset;
 pub mod rng;
 pub mod session;
+pub mod text;
 pub mod tokenizer;
 pub mod weights;
 

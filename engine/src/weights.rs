@@ -60,6 +60,8 @@ pub struct BaseModel {
     /// Identifies these weights whatever the dtype or device (see [`fingerprint`]); checkpoints
     /// record it so one made for another base model is refused.
     pub fingerprint: String,
+    /// Tokenizer and chat template, when the folder has a `tokenizer.json`.
+    pub text: Option<crate::text::TextModel>,
 }
 
 impl BaseModel {
@@ -68,7 +70,8 @@ impl BaseModel {
         let config = ModelConfig::from_dir(dir)?;
         let weights = load_dir(dir, device, dtype)?;
         let fingerprint = fingerprint(&weights)?;
-        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint })
+        let text = if dir.join("tokenizer.json").is_file() { Some(crate::text::TextModel::from_dir(dir)?) } else { None };
+        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint, text })
     }
 }
 
