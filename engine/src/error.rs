@@ -118,6 +118,9 @@ pub enum EngineError {
     /// "roles must alternate").
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// Downloading a model failed (network, server error).
+    #[error("download: {0}")]
+    Download(String),
     /// The model or batch will not fit in memory.
     #[error("out of memory: {0}")]
     OutOfMemory(String),
@@ -148,7 +151,11 @@ impl EngineError {
     pub fn is_user_error(&self) -> bool {
         !matches!(
             self,
-            EngineError::OutOfMemory(_) | EngineError::Io { .. } | EngineError::Candle(_) | EngineError::Interrupted
+            EngineError::OutOfMemory(_)
+                | EngineError::Io { .. }
+                | EngineError::Candle(_)
+                | EngineError::Interrupted
+                | EngineError::Download(_)
         )
     }
 

@@ -35,6 +35,7 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
 mod gemv;
 pub mod linear;
 pub mod loss;

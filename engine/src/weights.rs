@@ -31,17 +31,62 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )))
 }
 
-/// Loads every tensor of a model folder onto `device` as `dtype`.
+/// Loads every tensor of a model folder onto `device` as `dtype`. Files are memory-mapped, so
+/// loading does not hold a second copy of the weights in memory.
 pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for file in safetensors_files(dir)? {
-        let tensors = candle_core::safetensors::load(&file, device)
-            .map_err(|e| EngineError::Weights(format!("{}: {e}", file.display())))?;
-        for (name, t) in tensors {
+        let bad = |e: candle_core::Error| EngineError::Weights(format!("{}: {e}", file.display()));
+        // SAFETY: the mapping is read while this function runs and dropped before it returns;
+        // a model folder is not rewritten in place (we publish folders by rename).
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }.map_err(bad)?;
+        for (name, _) in mapped.tensors() {
+            let t = mapped.load(&name, device).map_err(bad)?;
             out.insert(name, t.to_dtype(dtype)?);
         }
     }
     Ok(out)
+}
+
+/// Bytes the weights of a model folder take once loaded as `dtype`, read from the safetensors
+/// headers alone (nothing is loaded).
+pub fn estimate_bytes(dir: &Path, dtype: DType) -> Result<u64> {
+    use std::io::Read;
+    let mut total = 0u64;
+    for file in safetensors_files(dir)? {
+        let bad = |reason: String| EngineError::Weights(format!("{}: {reason}", file.display()));
+        let mut f = std::fs::File::open(&file).map_err(EngineError::io("reading", &file))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| bad(format!("no safetensors header: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return Err(bad(format!("header of {len} bytes: not a safetensors file")));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(|e| bad(format!("truncated header: {e}")))?;
+        let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+        for (name, info) in header.as_object().into_iter().flatten() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let shape = info.get("shape").and_then(|s| s.as_array()).ok_or_else(|| bad(format!("`{name}` has no shape")))?;
+            let n: u64 = shape.iter().map(|d| d.as_u64().unwrap_or(0)).product();
+            total += n * dtype.size_in_bytes() as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// Memory the process can still use on `device`: `MemAvailable` on Linux CPUs; `None` where
+/// it is not known (then loading is not checked).
+pub fn available_memory(device: &Device) -> Option<u64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// A base model loaded once and shared (read-only) by every run on it.
@@ -65,9 +110,31 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// Loads `config.json` and the weights of a local model folder.
+    /// Loads `config.json` and the weights of a local model folder, refusing first (with
+    /// [`EngineError::OutOfMemory`]) when the weights will not fit in the device's memory.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_within(dir, device, dtype, available_memory(device))
+    }
+
+    /// [`BaseModel::load`] against an explicit memory budget in bytes (`None`: no check).
+    pub fn load_within(dir: &Path, device: &Device, dtype: DType, budget: Option<u64>) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
+        let need = estimate_bytes(dir, dtype)?;
+        if let Some(budget) = budget {
+            // weights, plus a margin for rotary tables, activations and the first run's adapter
+            let with_margin = need + need / 10 + (64 << 20);
+            if with_margin > budget {
+                let gb = |b: u64| b as f64 / 1e9;
+                return Err(EngineError::OutOfMemory(format!(
+                    "{}: the weights take {:.2} GB as {dtype:?} ({:.2} GB with working room) and {:.2} GB is available; \
+                     choose a smaller model, or bf16 on a GPU",
+                    dir.display(),
+                    gb(need),
+                    gb(with_margin),
+                    gb(budget)
+                )));
+            }
+        }
         let weights = load_dir(dir, device, dtype)?;
         let fingerprint = fingerprint(&weights)?;
         let text = if dir.join("tokenizer.json").is_file() { Some(crate::text::TextModel::from_dir(dir)?) } else { None };
