@@ -20,11 +20,16 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use hearth_api::{LoraConfig, TargetModule, TrainingConfig};
 use std::collections::HashMap;
 
-/// Precomputed rotary tables, (max_positions, D) each.
+/// Rotary tables, (P, D) each, computed lazily for the positions used so far (P grows by
+/// doubling up to `max_position_embeddings`): a 128k-context model would otherwise hold hundreds
+/// of MB of tables it may never use. Clones share the tables.
 #[derive(Debug, Clone)]
 pub struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
+    inv_freq: Vec<f64>,
+    max: usize,
+    dtype: DType,
+    device: Device,
+    tables: std::sync::Arc<std::sync::RwLock<Option<(Tensor, Tensor)>>>,
 }
 
 impl Rotary {
@@ -59,33 +64,61 @@ impl Rotary {
         }
     }
 
-    /// Tables for positions 0..max_position_embeddings.
+    /// Tables for `cfg`'s frequencies; nothing is computed until a position is used.
     pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let inv = Self::inv_freq(cfg);
-        let t = cfg.max_position_embeddings;
+        Ok(Self {
+            inv_freq: Self::inv_freq(cfg),
+            max: cfg.max_position_embeddings,
+            dtype,
+            device: device.clone(),
+            tables: Default::default(),
+        })
+    }
+
+    /// cos and sin for positions 0..len.
+    fn build(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        let inv = &self.inv_freq;
         let half = inv.len();
-        let mut cos = Vec::with_capacity(t * 2 * half);
-        let mut sin = Vec::with_capacity(t * 2 * half);
-        for pos in 0..t {
+        let mut cos = Vec::with_capacity(len * 2 * half);
+        let mut sin = Vec::with_capacity(len * 2 * half);
+        for pos in 0..len {
             // transformers multiplies in f32; so do we, then widen.
             for _ in 0..2 {
-                for &f in &inv {
+                for &f in inv {
                     let angle = (pos as f32 * f as f32) as f64;
                     cos.push(angle.cos());
                     sin.push(angle.sin());
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (t, 2 * half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (t, 2 * half), device)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        let cos = Tensor::from_vec(cos, (len, 2 * half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (len, 2 * half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// cos, sin (T, D) for positions start..start+T, growing the tables when needed.
+    fn rows(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let need = start + t;
+        let held = |g: &Option<(Tensor, Tensor)>| g.as_ref().and_then(|(c, _)| c.dim(0).ok()).unwrap_or(0);
+        {
+            let guard = self.tables.read().map_err(|_| EngineError::Weights("rotary tables poisoned".into()))?;
+            if let Some((cos, sin)) = guard.as_ref().filter(|_| held(&guard) >= need) {
+                return Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?));
+            }
+        }
+        let mut guard = self.tables.write().map_err(|_| EngineError::Weights("rotary tables poisoned".into()))?;
+        if held(&guard) < need {
+            let len = need.next_power_of_two().max(256).min(self.max.max(need));
+            *guard = Some(self.build(len)?);
+        }
+        let (cos, sin) = guard.as_ref().ok_or_else(|| EngineError::Weights("rotary tables missing".into()))?;
+        Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?))
     }
 
     /// Rotates x (B, N, T, D) for positions start..start+T (`rotate_half` convention).
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let (_b, _n, t, d) = x.dims4()?;
-        let cos = self.cos.narrow(0, start, t)?; // (T, D)
-        let sin = self.sin.narrow(0, start, t)?;
+        let (cos, sin) = self.rows(start, t)?; // (T, D) each
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // (B, N, T, D)
@@ -550,4 +583,29 @@ fn causal_mask(t: usize, start: usize, window: Option<usize>, dtype: DType, devi
         .flat_map(|p| (0..keys).map(move |j| if j <= p && p - j < window { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Ok(Tensor::from_vec(mask, (t, keys), device)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_tables_grow_lazily_and_agree_with_a_full_build() {
+        let cfg = ModelConfig::from_json(
+            r#"{"model_type":"llama","hidden_size":32,"intermediate_size":64,"num_hidden_layers":1,
+                "num_attention_heads":2,"num_key_value_heads":1,"vocab_size":10,"max_position_embeddings":4096,
+                "rope_theta":10000.0,"rms_norm_eps":1e-5}"#,
+            "test",
+        )
+        .unwrap();
+        let rot = Rotary::new(&cfg, DType::F32, &Device::Cpu).unwrap();
+        let (c0, _) = rot.rows(0, 5).unwrap();
+        assert_eq!(rot.tables.read().unwrap().as_ref().unwrap().0.dim(0).unwrap(), 256, "first use builds a small table");
+        let (c1, s1) = rot.rows(3000, 3).unwrap();
+        assert_eq!(rot.tables.read().unwrap().as_ref().unwrap().0.dim(0).unwrap(), 4096);
+        let (full_c, full_s) = rot.build(4096).unwrap();
+        assert_eq!(c1.to_vec2::<f32>().unwrap(), full_c.narrow(0, 3000, 3).unwrap().to_vec2::<f32>().unwrap());
+        assert_eq!(s1.to_vec2::<f32>().unwrap(), full_s.narrow(0, 3000, 3).unwrap().to_vec2::<f32>().unwrap());
+        assert_eq!(c0.to_vec2::<f32>().unwrap(), full_c.narrow(0, 0, 5).unwrap().to_vec2::<f32>().unwrap());
+    }
 }
