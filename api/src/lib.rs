@@ -375,6 +375,13 @@ pub struct SampleInput {
     pub base_model_only: bool,
 }
 
+impl Default for SampleInput {
+    /// An empty prompt, one sample, default sampling parameters.
+    fn default() -> Self {
+        Self { prompt: Vec::new(), num_samples: 1, sampling_params: SamplingParams::default(), prompt_logprobs: false, base_model_only: false }
+    }
+}
+
 fn one() -> usize {
     1
 }
