@@ -5,10 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
-if [ ! -x bench/.venv/bin/python ]; then
-  python3 -m venv bench/.venv
-  bench/.venv/bin/pip install -q torch transformers peft safetensors
-fi
+source bench/reference.sh
 cargo build --release -q -p hearth-engine --example bench_train
 hearth=$(RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS ./target/release/examples/bench_train "$@")
 echo "$hearth"

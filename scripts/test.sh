@@ -11,10 +11,6 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust with rustup (https://rustup.rs) and run this again" >&2
   exit 1
 fi
-if ! bench/.venv/bin/python -c "import torch, transformers, peft, safetensors" >/dev/null 2>&1; then
-  echo "installing the reference (torch, transformers, peft) into bench/.venv ..." >&2
-  python3 -m venv bench/.venv
-  bench/.venv/bin/pip install -q --disable-pip-version-check torch transformers peft safetensors
-fi
+source bench/reference.sh
 export HEARTH_REF_PYTHON="$PWD/bench/.venv/bin/python"
 cargo test --release --workspace --locked "$@"
