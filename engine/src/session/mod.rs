@@ -1,12 +1,12 @@
 //! A training session: one run (a LoRA adapter or full weights, its optimizer and gradients)
 //! over a shared base model. One file per primitive.
 
-mod checkpoint;
+mod save_state;
 mod forward_backward;
 mod optim_step;
 mod sample;
 
-pub use checkpoint::{checkpoint_training_config, read_adapter_config, read_manifest, Loaded, Manifest, FORMAT, FORMAT_VERSION};
+pub use save_state::{checkpoint_training_config, read_adapter_config, read_manifest, Loaded, Manifest, FORMAT, FORMAT_VERSION};
 pub use sample::MAX_SAMPLES;
 
 use crate::error::{EngineError, Result};

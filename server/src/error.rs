@@ -1,0 +1,96 @@
+//! Errors: [`ServerError`] for starting and stopping the server, [`ApiError`] for responses
+//! (`{"error": {"kind", "message"}}`, 4xx for the caller's mistakes, 5xx for ours).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use hearth_api::{ErrorBody, ErrorResponse};
+use hearth_engine::EngineError;
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The engine failed (loading the model, restoring a run).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The run registry failed.
+    #[error("registry: {0}")]
+    Registry(#[from] rusqlite::Error),
+    /// A file or socket operation failed.
+    #[error("{op} {what}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad option.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ServerError {
+    pub(crate) fn io(op: &'static str, what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServerError {
+        let what = what.to_string();
+        move |source| ServerError::Io { op, what, source }
+    }
+}
+
+/// An error response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable kind.
+    pub kind: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 4xx or 5xx with a kind and message.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, message: message.into() }
+    }
+
+    /// 400: the request is malformed or names bad values.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+    }
+
+    /// 404: no such run / request.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 503 while the server saves and exits.
+    pub fn shutting_down() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is saving every run and shutting down; retry against the next one")
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { kind: self.kind.to_string(), message: self.message.clone() }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::Interrupted => Self::new(StatusCode::CONFLICT, "interrupted", message),
+            EngineError::Checkpoint { .. } => Self::new(StatusCode::BAD_REQUEST, "bad_checkpoint", message),
+            EngineError::OutOfMemory(_) => Self::new(StatusCode::INSUFFICIENT_STORAGE, "out_of_memory", message),
+            e if e.is_user_error() => Self::invalid(message),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(ErrorResponse { error: self.body() })).into_response()
+    }
+}

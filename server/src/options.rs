@@ -1,0 +1,94 @@
+//! Command-line options of `hearth-server` (also what tests and front-ends pass when they spawn it).
+
+use clap::Parser;
+use std::path::PathBuf;
+
+/// hearth's session server: keeps one base model warm and serves runs on it over HTTP.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "hearth-server", version, about, long_about = None)]
+pub struct Options {
+    /// The base model: a local Hugging Face folder, a hub repo id (owner/name), or a generated
+    /// preset (`tiny`, `smollm2-135m-shape`).
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+
+    /// Address to listen on. Loopback by default; port 0 picks a free one (the session file and
+    /// the first line on stdout say which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+
+    /// File holding the bearer token; created (mode 0600) with a fresh token if missing.
+    /// Without it a fresh token is generated and written only to the session file.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+
+    /// Seconds without a request before every run is saved and the server exits (0 = never).
+    #[arg(long, default_value_t = 1800)]
+    pub idle_timeout: u64,
+
+    /// Autosave each run every this many optimizer steps (0 = never).
+    #[arg(long, default_value_t = 25)]
+    pub autosave_every: u64,
+
+    /// Autosaves kept per run (older ones are deleted).
+    #[arg(long, default_value_t = 3)]
+    pub keep_autosaves: usize,
+
+    /// `cpu`, `cuda`, `cuda:N` (needs the `cuda` feature) or `metal`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Base weights' dtype: `f32`, `bf16` or `f16` (default f32 on the CPU, bf16 on a GPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+
+    /// Restore every run of this base model from its newest checkpoint. The default when the
+    /// session file names a server that has stopped.
+    #[arg(long, conflicts_with = "no_resume")]
+    pub resume: bool,
+
+    /// Start with no runs even if a previous server left some.
+    #[arg(long)]
+    pub no_resume: bool,
+
+    /// hearth's home (registry, checkpoints, session file). Default: `$HEARTH_HOME`, else
+    /// `$XDG_DATA_HOME/hearth`, else `~/.local/share/hearth`.
+    #[arg(long)]
+    pub home: Option<PathBuf>,
+
+    /// TLS certificate chain (PEM) for remote use; with `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Price of the device per hour in USD (default: from a table of common GPUs; 0 on the CPU).
+    #[arg(long)]
+    pub hourly_rate: Option<f64>,
+
+    /// Stop training once this many USD of device time are spent (runs are saved first).
+    #[arg(long)]
+    pub budget_usd: Option<f64>,
+}
+
+impl Options {
+    /// The home folder these options point at.
+    pub fn home_dir(&self) -> PathBuf {
+        if let Some(h) = &self.home {
+            return h.clone();
+        }
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        var("HEARTH_HOME").unwrap_or_else(|| {
+            var("XDG_DATA_HOME")
+                .or_else(|| var("HOME").map(|h| h.join(".local/share")))
+                .unwrap_or_else(std::env::temp_dir)
+                .join("hearth")
+        })
+    }
+}

@@ -1,0 +1,460 @@
+//! The engine thread: it owns every run (a `TrainingSession` on the shared base model) and
+//! executes submitted operations one at a time in submission order, so each run's operations
+//! keep the order their client sent them in. HTTP handlers never touch the engine; they submit a
+//! [`Job`] and wait on (or poll) its request entry.
+
+use crate::error::ApiError;
+use crate::registry::{CheckpointRow, Registry};
+use axum::http::StatusCode;
+use hearth_api::{
+    AdamParams, CheckpointKind, CreateRunRequest, ForwardBackwardInput, LoadStateRequest, LoadStateResponse, MetricRow,
+    RequestState, ResumedRun, RunInfo, SampleInput, SaveStateRequest, SaveStateResponse, TrainingConfig,
+};
+use hearth_engine::tokenizer::ByteTokenizer;
+use hearth_engine::{BaseModel, TrainingSession};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use tokio::sync::watch;
+
+/// An operation on a run.
+#[derive(Debug)]
+pub enum Op {
+    /// Create the run.
+    CreateRun(CreateRunRequest),
+    /// Logprobs and loss, no gradients.
+    Forward(ForwardBackwardInput),
+    /// Accumulate gradients.
+    ForwardBackward(ForwardBackwardInput),
+    /// Apply them.
+    OptimStep(AdamParams),
+    /// Generate.
+    Sample(SampleInput),
+    /// Checkpoint.
+    SaveState(SaveStateRequest),
+    /// Restore.
+    LoadState(LoadStateRequest),
+}
+
+impl Op {
+    /// The route name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::CreateRun(_) => "create_run",
+            Op::Forward(_) => "forward",
+            Op::ForwardBackward(_) => "forward_backward",
+            Op::OptimStep(_) => "optim_step",
+            Op::Sample(_) => "sample",
+            Op::SaveState(_) => "save_state",
+            Op::LoadState(_) => "load_state",
+        }
+    }
+
+    /// Spends device time (refused once the budget is spent).
+    pub fn uses_device(&self) -> bool {
+        matches!(self, Op::Forward(_) | Op::ForwardBackward(_) | Op::OptimStep(_) | Op::Sample(_))
+    }
+}
+
+/// One submitted request's entry: its state (watched by waiters) and its cancel flag.
+pub struct Entry {
+    /// The run.
+    pub run: String,
+    /// The op name.
+    pub op: &'static str,
+    /// Current state; waiters subscribe.
+    pub state: watch::Sender<RequestState>,
+    /// Set by `cancel`.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// What the worker receives.
+pub enum Msg {
+    /// Execute a request.
+    Job {
+        /// Request id.
+        id: u64,
+        /// Run id.
+        run: String,
+        /// The operation.
+        op: Op,
+    },
+    /// Save every run now (`reason`: autosave kind) and report the checkpoints written.
+    SaveAll {
+        /// `shutdown`, `idle`, `budget`.
+        reason: String,
+        /// Where to send the result.
+        reply: mpsc::Sender<Vec<SaveStateResponse>>,
+    },
+    /// Exit the thread.
+    Stop,
+}
+
+/// State shared by the HTTP side and the worker.
+pub struct Shared {
+    /// The warm base model.
+    pub base: Arc<BaseModel>,
+    /// Registry.
+    pub registry: Registry,
+    /// hearth home.
+    pub home: PathBuf,
+    /// Submitted requests by id.
+    pub requests: Mutex<HashMap<u64, Entry>>,
+    /// Next request id.
+    pub next_id: AtomicU64,
+    /// Requests queued or running.
+    pub in_flight: AtomicUsize,
+    /// Snapshot of the runs for `GET /v1/runs` and `/v1/info` (updated after every job).
+    pub runs: Mutex<Vec<RunInfo>>,
+    /// Nanoseconds spent executing jobs.
+    pub busy_ns: AtomicU64,
+    /// Unix millis of the last request or job end.
+    pub last_activity_ms: AtomicU64,
+    /// Set once shutdown begins: new jobs are refused, queued ones fail.
+    pub shutting_down: AtomicBool,
+    /// Autosave period in optimizer steps (0 = never).
+    pub autosave_every: u64,
+    /// Autosaves kept per run.
+    pub keep_autosaves: usize,
+    /// The queue into the worker.
+    pub tx: Mutex<mpsc::Sender<Msg>>,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Resident memory of this process in bytes (Linux; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}
+
+/// Names of runs and checkpoints: safe as one path component.
+pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("{field} {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'")))
+    }
+}
+
+impl Shared {
+    /// The base model's key in the registry.
+    pub fn base_key(&self) -> &str {
+        &self.base.fingerprint
+    }
+
+    /// Where a run's checkpoints live.
+    pub fn checkpoints_dir(&self, run: &str) -> PathBuf {
+        self.home.join("runs").join(run).join("checkpoints")
+    }
+
+    /// Queues a job; returns its id and a receiver of its state.
+    pub fn submit(&self, run: String, op: Op) -> Result<(u64, watch::Receiver<RequestState>), ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::shutting_down());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (state, rx) = watch::channel(RequestState::Queued);
+        {
+            let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            if reqs.len() > 10_000 {
+                reqs.retain(|_, e| matches!(*e.state.borrow(), RequestState::Queued | RequestState::Running));
+            }
+            reqs.insert(id, Entry { run: run.clone(), op: op.name(), state, cancel: Arc::new(AtomicBool::new(false)) });
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::Job { id, run, op });
+        if sent.is_err() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::shutting_down());
+        }
+        Ok((id, rx))
+    }
+
+    fn set_state(&self, id: u64, state: RequestState) {
+        let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = reqs.get(&id) {
+            e.state.send_replace(state);
+        }
+    }
+
+    fn cancel_flag(&self, id: u64) -> Arc<AtomicBool> {
+        let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        reqs.get(&id).map(|e| e.cancel.clone()).unwrap_or_default()
+    }
+
+    /// Asks the worker to save every run and waits for the list (blocking).
+    pub fn save_all(&self, reason: &str) -> Vec<SaveStateResponse> {
+        let (reply, rx) = mpsc::channel();
+        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::SaveAll { reason: reason.into(), reply });
+        if sent.is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
+    }
+}
+
+/// One run as the worker holds it.
+pub struct Run {
+    /// The session.
+    pub session: TrainingSession,
+    /// Loss summed over forward_backward calls since the last step.
+    pending_loss: f64,
+    /// Tokens in those calls.
+    pending_tokens: f64,
+    /// Seconds spent in them.
+    pending_secs: f64,
+    /// Step of the newest checkpoint of this run (skip re-saving an unchanged run).
+    pub saved_step: Option<u64>,
+}
+
+impl Run {
+    /// Wraps a session.
+    pub fn new(session: TrainingSession, saved_step: Option<u64>) -> Self {
+        Self { session, pending_loss: 0.0, pending_tokens: 0.0, pending_secs: 0.0, saved_step }
+    }
+
+    fn info(&self, id: &str) -> RunInfo {
+        RunInfo {
+            id: id.to_string(),
+            training: self.session.training().clone(),
+            step: self.session.step(),
+            trainable_parameters: self.session.num_trainable(),
+            last_checkpoint_step: self.saved_step,
+        }
+    }
+}
+
+/// Restores every active run of this base from its newest readable `state` checkpoint (a run
+/// that never saved one starts again from its config: the same seed gives the same adapter).
+pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<ResumedRun>), crate::error::ServerError> {
+    let mut runs = BTreeMap::new();
+    let mut resumed = Vec::new();
+    let base = shared.base_key().to_string();
+    for row in shared.registry.active_runs(&base)? {
+        let mut restored = None;
+        for ck in shared.registry.checkpoints(&base, &row.id)?.into_iter().filter(|c| c.kind == "state") {
+            match TrainingSession::from_checkpoint(shared.base.clone(), Path::new(&ck.path)) {
+                Ok(s) => {
+                    restored = Some((s, ck));
+                    break;
+                }
+                Err(e) => log::warn!("run {}: checkpoint {} unusable ({e}); trying an older one", row.id, ck.path),
+            }
+        }
+        let (session, step, from) = match restored {
+            Some((s, ck)) => {
+                let step = s.step();
+                (s, step, ck.path)
+            }
+            None => (TrainingSession::new(shared.base.clone(), row.training.clone())?, 0, "its config (no checkpoint yet)".to_string()),
+        };
+        shared.registry.set_step(&base, &row.id, step)?;
+        shared.registry.truncate_metrics(&base, &row.id, step)?;
+        resumed.push(ResumedRun { run: row.id.clone(), step, checkpoint: from });
+        runs.insert(row.id.clone(), Run::new(session, Some(step)));
+    }
+    Ok((runs, resumed))
+}
+
+/// Removes temporaries a killed save left behind (`.NAME.tmp-PID-N` folders).
+pub fn clean_temporaries(home: &Path) {
+    let Ok(runs) = std::fs::read_dir(home.join("runs")) else { return };
+    for run in runs.flatten() {
+        let Ok(cks) = std::fs::read_dir(run.path().join("checkpoints")) else { continue };
+        for ck in cks.flatten() {
+            let name = ck.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = std::fs::remove_dir_all(ck.path());
+            }
+        }
+    }
+}
+
+/// The worker loop. Runs until [`Msg::Stop`] or the channel closes.
+pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<String, Run>) {
+    publish_runs(&shared, &runs);
+    for msg in rx {
+        match msg {
+            Msg::Job { id, run, op } => {
+                let cancel = shared.cancel_flag(id);
+                let result = if cancel.load(Ordering::SeqCst) {
+                    Err(ApiError::from(hearth_engine::EngineError::Interrupted))
+                } else if shared.shutting_down.load(Ordering::SeqCst) {
+                    Err(ApiError::shutting_down())
+                } else {
+                    shared.set_state(id, RequestState::Running);
+                    let t0 = std::time::Instant::now();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&shared, &mut runs, &run, op, &cancel)))
+                        .unwrap_or_else(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the operation panicked; the run is unchanged")));
+                    shared.busy_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                    r
+                };
+                let state = match result {
+                    Ok(result) => RequestState::Done { result },
+                    Err(e) => RequestState::Failed { status: e.status.as_u16(), error: e.body() },
+                };
+                publish_runs(&shared, &runs);
+                shared.set_state(id, state);
+                shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
+            }
+            Msg::SaveAll { reason, reply } => {
+                let mut saved = Vec::new();
+                for (id, r) in runs.iter_mut() {
+                    if r.saved_step == Some(r.session.step()) {
+                        continue;
+                    }
+                    match autosave(&shared, id, r, &reason) {
+                        Ok(s) => saved.push(s),
+                        Err(e) => log::error!("run {id}: saving on {reason} failed: {}", e.message),
+                    }
+                }
+                publish_runs(&shared, &runs);
+                let _ = reply.send(saved);
+            }
+            Msg::Stop => break,
+        }
+    }
+}
+
+fn publish_runs(shared: &Shared, runs: &BTreeMap<String, Run>) {
+    let list: Vec<RunInfo> = runs.iter().map(|(id, r)| r.info(id)).collect();
+    *shared.runs.lock().unwrap_or_else(|p| p.into_inner()) = list;
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+fn registry_err(e: rusqlite::Error) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}"))
+}
+
+fn execute(shared: &Shared, runs: &mut BTreeMap<String, Run>, run_id: &str, op: Op, cancel: &AtomicBool) -> Result<Value, ApiError> {
+    let base_key = shared.base_key().to_string();
+    if let Op::CreateRun(req) = op {
+        check_name("run", run_id)?;
+        if runs.contains_key(run_id) || shared.registry.has_run(&base_key, run_id).map_err(registry_err)? {
+            return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
+        }
+        let session = TrainingSession::new(shared.base.clone(), req.training)?;
+        shared.registry.add_run(&base_key, run_id, session.training(), 0).map_err(registry_err)?;
+        let run = Run::new(session, None);
+        let info = run.info(run_id);
+        runs.insert(run_id.to_string(), run);
+        return json(&info);
+    }
+    let run = runs.get_mut(run_id).ok_or_else(|| ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs")))?;
+    match op {
+        Op::CreateRun(_) => Err(ApiError::invalid("unreachable")),
+        Op::Forward(input) => json(&run.session.forward(&input)?),
+        Op::ForwardBackward(input) => {
+            let t0 = std::time::Instant::now();
+            let out = run.session.forward_backward(&input)?;
+            run.pending_secs += t0.elapsed().as_secs_f64();
+            run.pending_loss += out.metrics.get("loss:sum").copied().unwrap_or(0.0);
+            run.pending_tokens += out.metrics.get("tokens:sum").copied().unwrap_or(0.0);
+            json(&out)
+        }
+        Op::OptimStep(params) => {
+            let t0 = std::time::Instant::now();
+            let out = run.session.optim_step(&params)?;
+            let secs = run.pending_secs + t0.elapsed().as_secs_f64();
+            let row = MetricRow {
+                step: out.step,
+                loss: run.pending_loss,
+                tokens: run.pending_tokens,
+                grad_norm: out.grad_norm,
+                learning_rate: out.learning_rate,
+                tokens_per_s: if secs > 0.0 { run.pending_tokens / secs } else { 0.0 },
+                memory_bytes: rss_bytes(),
+                time: now_ms() as f64 / 1000.0,
+            };
+            (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
+            shared.registry.add_metric(&base_key, run_id, &row).map_err(registry_err)?;
+            shared.registry.set_step(&base_key, run_id, out.step).map_err(registry_err)?;
+            if shared.autosave_every > 0 && out.step % shared.autosave_every == 0 {
+                autosave(shared, run_id, run, "autosave")?;
+            }
+            json(&out)
+        }
+        Op::Sample(input) => {
+            let text = shared.base.text.as_ref();
+            let detok = |ids: &[u32]| match text {
+                Some(t) => t.decode(ids, false).unwrap_or_default(),
+                None => ByteTokenizer.decode(ids),
+            };
+            json(&run.session.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?)
+        }
+        Op::SaveState(req) => {
+            check_name("name", &req.name)?;
+            if req.name.starts_with("autosave-") {
+                return Err(ApiError::invalid(format!("name {:?}: names starting with `autosave-` are the server's", req.name)));
+            }
+            let out = save(shared, run_id, run, &req.name, req.kind, "user")?;
+            json(&out)
+        }
+        Op::LoadState(req) => {
+            let by_name = shared.checkpoints_dir(run_id).join(&req.source);
+            let path = if check_name("source", &req.source).is_ok() && by_name.is_dir() { by_name } else { PathBuf::from(&req.source) };
+            let loaded = run.session.load_state(&path)?;
+            (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
+            shared.registry.set_step(&base_key, run_id, loaded.step).map_err(registry_err)?;
+            shared.registry.truncate_metrics(&base_key, run_id, loaded.step).map_err(registry_err)?;
+            run.saved_step = None;
+            json(&LoadStateResponse { path: path.display().to_string(), kind: loaded.kind, step: loaded.step })
+        }
+    }
+}
+
+fn save(shared: &Shared, run_id: &str, run: &mut Run, name: &str, kind: CheckpointKind, reason: &str) -> Result<SaveStateResponse, ApiError> {
+    let dir = shared.checkpoints_dir(run_id).join(name);
+    let step = run.session.step();
+    if kind == CheckpointKind::Adapter && matches!(run.session.training(), TrainingConfig::Full) {
+        return Err(ApiError::invalid("kind \"adapter\": a full fine-tuning run has no adapter; save \"state\" or \"merged\""));
+    }
+    run.session.save_state(&dir, kind)?;
+    let row = CheckpointRow {
+        run: run_id.into(),
+        name: name.into(),
+        kind: kind.name().into(),
+        step,
+        path: dir.display().to_string(),
+        reason: reason.into(),
+    };
+    shared.registry.add_checkpoint(shared.base_key(), &row).map_err(registry_err)?;
+    if kind == CheckpointKind::State {
+        run.saved_step = Some(step);
+    }
+    Ok(SaveStateResponse { path: row.path, kind, step })
+}
+
+/// Saves `autosave-STEP` (a `state`) and deletes autosaves beyond the newest `keep_autosaves`.
+fn autosave(shared: &Shared, run_id: &str, run: &mut Run, reason: &str) -> Result<SaveStateResponse, ApiError> {
+    let name = format!("autosave-{:08}", run.session.step());
+    let out = save(shared, run_id, run, &name, CheckpointKind::State, reason)?;
+    let base = shared.base_key();
+    let autos: Vec<CheckpointRow> =
+        shared.registry.checkpoints(base, run_id).map_err(registry_err)?.into_iter().filter(|c| c.name.starts_with("autosave-")).collect();
+    for old in autos.iter().skip(shared.keep_autosaves.max(1)) {
+        // registry first: a crash in between leaves an unlisted folder, never a listed hole
+        shared.registry.remove_checkpoint(base, run_id, &old.name).map_err(registry_err)?;
+        let _ = std::fs::remove_dir_all(&old.path);
+    }
+    Ok(out)
+}
