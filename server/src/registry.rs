@@ -87,7 +87,7 @@ impl Registry {
             c.execute(
                 "INSERT INTO runs (id, base, training, step, status, created_at) VALUES (?1, ?2, ?3, ?4, 'active', ?5)
                  ON CONFLICT (base, id) DO UPDATE SET training = ?3, step = ?4, status = 'active'",
-                params![id, base, training, step, now()],
+                params![id, base, training, step as i64, now()],
             )
             .map(|_| ())
         })

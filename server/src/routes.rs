@@ -1,0 +1,265 @@
+//! HTTP routes (axum). Every route needs the bearer token; bodies are parsed here so that a
+//! malformed one gets a 400 naming what is wrong, and an oversized one a 413.
+
+use crate::error::ApiError;
+use crate::worker::{check_name, now_ms, Op};
+use crate::App;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hearth_api::{
+    CancelResponse, CreateRunRequest, DetokenizeRequest, ErrorResponse, Metrics, RenderChatRequest, RenderChatResponse, RequestState,
+    RequestStatus, Text, TokenizeRequest, Tokens,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// All routes, with auth and the body limit.
+pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/ping", get(ping))
+        .route("/v1/info", get(info))
+        .route("/v1/runs", post(create_run).get(list_runs))
+        .route("/v1/runs/{run}/metrics", get(metrics))
+        .route("/v1/runs/{run}/{op}", post(run_op))
+        .route("/v1/tokenize", post(tokenize))
+        .route("/v1/detokenize", post(detokenize))
+        .route("/v1/render_chat", post(render_chat))
+        .route("/v1/requests/{id}", get(poll))
+        .route("/v1/requests/{id}/cancel", post(cancel))
+        .route("/v1/shutdown", post(shutdown))
+        .fallback(|| async { ApiError::not_found("no such route; see GET /v1/info and the README for the API") })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .with_state(app)
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), app.token.as_bytes()) => {
+            app.shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
+            next.run(req).await
+        }
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <token>` (the token is in the session file)")
+            .into_response(),
+    }
+}
+
+/// Parses a JSON body, mapping every failure to a clear 4xx.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is larger than --max-body-bytes")
+        } else {
+            ApiError::invalid(format!("request body: {e}"))
+        }
+    })?;
+    let text = if bytes.is_empty() { &b"{}"[..] } else { &bytes[..] };
+    serde_json::from_slice(text).map_err(|e| ApiError::invalid(format!("request body: {e}")))
+}
+
+async fn ping() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"ok": true}))
+}
+
+async fn info(State(app): State<Arc<App>>) -> Json<hearth_api::ServerInfo> {
+    Json(app.info())
+}
+
+async fn list_runs(State(app): State<Arc<App>>) -> Json<Vec<hearth_api::RunInfo>> {
+    Json(app.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).clone())
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Waits for a request's end and turns it into the operation's response.
+async fn finish(mut rx: tokio::sync::watch::Receiver<RequestState>) -> Response {
+    let state = match rx.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await {
+        Ok(s) => s.clone(),
+        Err(_) => return ApiError::shutting_down().into_response(),
+    };
+    match state {
+        RequestState::Done { result } => Json(result).into_response(),
+        RequestState::Failed { status, error } => {
+            (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(ErrorResponse { error })).into_response()
+        }
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result").into_response(),
+    }
+}
+
+async fn submit(app: &App, run: String, op: Op, wait: bool) -> Response {
+    if op.uses_device() {
+        if let Err(e) = app.check_budget() {
+            return e.into_response();
+        }
+    }
+    let name = op.name();
+    match app.shared.submit(run.clone(), op) {
+        Err(e) => e.into_response(),
+        Ok((_, rx)) if wait => finish(rx).await,
+        Ok((id, _)) => (StatusCode::ACCEPTED, Json(RequestStatus { request_id: id, run, op: name.into(), state: RequestState::Queued })).into_response(),
+    }
+}
+
+async fn create_run(State(app): State<Arc<App>>, Query(q): Query<WaitQuery>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: CreateRunRequest = match parse(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let id = match &req.name {
+        Some(n) => n.clone(),
+        None => app.fresh_run_name(),
+    };
+    if let Err(e) = check_name("name", &id) {
+        return e.into_response();
+    }
+    submit(&app, id, Op::CreateRun(req), q.wait).await
+}
+
+async fn run_op(
+    State(app): State<Arc<App>>,
+    Path((run, op)): Path<(String, String)>,
+    Query(q): Query<WaitQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let op = match op.as_str() {
+        "forward" => parse(body).map(Op::Forward),
+        "forward_backward" => parse(body).map(Op::ForwardBackward),
+        "optim_step" => parse(body).map(Op::OptimStep),
+        "sample" => parse(body).map(Op::Sample),
+        "save_state" => parse(body).map(Op::SaveState),
+        "load_state" => parse(body).map(Op::LoadState),
+        other => Err(ApiError::not_found(format!(
+            "no operation {other:?}; one of forward, forward_backward, optim_step, sample, save_state, load_state, metrics"
+        ))),
+    };
+    match op {
+        Ok(op) => submit(&app, run, op, q.wait).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>, Path(run): Path<String>) -> Response {
+    let known = app.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r.id == run);
+    if !known {
+        return ApiError::not_found(format!("run {run:?} does not exist")).into_response();
+    }
+    match app.shared.registry.metrics(app.shared.base_key(), &run) {
+        Ok(rows) => Json(Metrics { run, rows }).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")).into_response(),
+    }
+}
+
+fn text_model(app: &App) -> Result<&hearth_engine::text::TextModel, ApiError> {
+    app.shared.base.text.as_ref().ok_or_else(|| ApiError::invalid("this model folder has no tokenizer.json"))
+}
+
+async fn tokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = || -> Result<Tokens, ApiError> {
+        let req: TokenizeRequest = parse(body)?;
+        Ok(Tokens { tokens: text_model(&app)?.encode(&req.text, req.add_special_tokens)? })
+    };
+    run().map(Json).into_response()
+}
+
+async fn detokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = || -> Result<Text, ApiError> {
+        let req: DetokenizeRequest = parse(body)?;
+        let t = text_model(&app)?;
+        if let Some((i, id)) = req.tokens.iter().enumerate().find(|(_, &id)| id as usize >= t.vocab_size()) {
+            return Err(ApiError::invalid(format!("tokens[{i}] = {id} is out of range: the tokenizer has {} tokens", t.vocab_size())));
+        }
+        Ok(Text { text: t.decode(&req.tokens, req.skip_special_tokens)? })
+    };
+    run().map(Json).into_response()
+}
+
+async fn render_chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = || -> Result<RenderChatResponse, ApiError> {
+        let req: RenderChatRequest = parse(body)?;
+        let t = text_model(&app)?;
+        let text = t.render_chat(&req.messages, req.add_generation_prompt)?;
+        let tokens = t.encode(&text, false)?;
+        Ok(RenderChatResponse { text, tokens })
+    };
+    run().map(Json).into_response()
+}
+
+#[derive(Deserialize)]
+struct PollQuery {
+    /// Seconds to wait for the request to end (long poll); 0 answers at once.
+    #[serde(default)]
+    timeout_s: f64,
+}
+
+fn status_of(app: &App, id: u64) -> Result<(RequestStatus, tokio::sync::watch::Receiver<RequestState>), ApiError> {
+    let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
+    let e = reqs.get(&id).ok_or_else(|| ApiError::not_found(format!("no request {id}")))?;
+    let rx = e.state.subscribe();
+    let state = rx.borrow().clone();
+    Ok((RequestStatus { request_id: id, run: e.run.clone(), op: e.op.into(), state }, rx))
+}
+
+async fn poll(State(app): State<Arc<App>>, Path(id): Path<u64>, Query(q): Query<PollQuery>) -> Response {
+    let (mut status, mut rx) = match status_of(&app, id) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    if q.timeout_s > 0.0 {
+        let limit = Duration::from_secs_f64(q.timeout_s.min(300.0));
+        let done = |s: &RequestState| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. });
+        let waited = tokio::time::timeout(limit, async { rx.wait_for(done).await.map(|s| s.clone()) }).await;
+        status.state = match waited {
+            Ok(Ok(s)) => s,
+            _ => rx.borrow().clone(),
+        };
+    }
+    Json(status).into_response()
+}
+
+async fn cancel(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
+    let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(e) = reqs.get(&id) else { return ApiError::not_found(format!("no request {id}")).into_response() };
+    let cancelled = match &*e.state.borrow() {
+        RequestState::Queued => true,
+        RequestState::Running => e.op == "sample",
+        _ => false,
+    };
+    if cancelled {
+        e.cancel.store(true, Ordering::SeqCst);
+    }
+    Json(CancelResponse { request_id: id, cancelled }).into_response()
+}
+
+async fn shutdown(State(app): State<Arc<App>>) -> Response {
+    app.trigger_shutdown("shutdown request");
+    Json(serde_json::json!({"shutting_down": true})).into_response()
+}
