@@ -15,6 +15,10 @@ pub fn keep_freed_memory() {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // the largest value glibc accepts
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
             libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+            // One arena: other threads' arenas live in 64 MiB mmap'd heaps that glibc unmaps
+            // when they empty, whatever the thresholds above say, so a model run from a worker
+            // thread (the server's engine thread) faulted its memory in again every step.
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }
