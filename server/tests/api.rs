@@ -191,3 +191,29 @@ fn tls_serves_the_same_api() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"ok":true}"#);
 }
+
+#[test]
+fn token_file_is_created_private_and_reused_and_a_second_server_is_refused() {
+    let h = home("token-file");
+    let token_file = h.join("secrets").join("token");
+    let first_token = {
+        let s = Server::start(&h, &["--idle-timeout", "0", "--token-file", token_file.to_str().unwrap()]);
+        let on_disk = std::fs::read_to_string(&token_file).unwrap();
+        assert_eq!(on_disk.trim(), s.token);
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        // a second server on the same home is refused while this one runs
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-server"))
+            .args(["--home", h.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("already running"), "{}", String::from_utf8_lossy(&out.stderr));
+        s.ok("/v1/shutdown", &json!({}));
+        let mut s = s;
+        assert!(s.wait_exit(30).success());
+        s.token.clone()
+    };
+    let s = Server::start(&h, &["--idle-timeout", "0", "--token-file", token_file.to_str().unwrap()]);
+    assert_eq!(s.token, first_token, "the token file is reused across restarts");
+}
