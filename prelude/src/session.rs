@@ -1,0 +1,401 @@
+//! [`Session`]: a blocking handle on one run of the session server.
+//!
+//! It holds only the server's URL, the token and a run name, so it survives anything that
+//! happens to the process running the cell. When a request cannot reach the server it re-reads
+//! the session file (the server may have restarted on another port); when the session file says
+//! the server stopped (idle timeout, shutdown), it starts a new one with `--resume` and says so on
+//! stderr, then retries.
+
+use crate::error::{HearthError, Result};
+use hearth_api::{
+    AdamParams, CancelResponse, ChatMessage, CheckpointKind, CreateRunRequest, Datum, DetokenizeRequest, ForwardBackwardInput,
+    ForwardBackwardOutput, LoadStateRequest, LoadStateResponse, LossFn, Metrics, OptimStepOutput, RenderChatRequest,
+    RenderChatResponse, RequestState, RequestStatus, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest,
+    SaveStateResponse, ServerInfo, Text, TokenizeRequest, Tokens, TrainingConfig,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::io::Write;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// hearth's home: `$HEARTH_HOME`, else `$XDG_DATA_HOME/hearth`, else `~/.local/share/hearth`
+/// (the same rule as the server).
+pub fn home_dir() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("HEARTH_HOME").unwrap_or_else(|| {
+        var("XDG_DATA_HOME").or_else(|| var("HOME").map(|h| h.join(".local/share"))).unwrap_or_else(std::env::temp_dir).join("hearth")
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Conn {
+    url: String,
+    token: String,
+}
+
+/// A handle on one run of the session server. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Session {
+    conn: Arc<Mutex<Conn>>,
+    agent: ureq::Agent,
+    home: PathBuf,
+    run: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = self.conn.lock().map(|c| c.url.clone()).unwrap_or_default();
+        f.debug_struct("Session").field("url", &url).field("run", &self.run).finish()
+    }
+}
+
+fn read_session_file(home: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).ok()?).ok()
+}
+
+fn alive(pid: i64) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+}
+
+impl Session {
+    /// Attaches to the server of `$HEARTH_HOME` (starting one if none runs) on run `main`,
+    /// creating the run if it does not exist.
+    pub fn connect() -> Result<Session> {
+        Self::connect_home(&home_dir(), "main")
+    }
+
+    /// Attaches to the server of `home` on run `run` (created with the default LoRA if missing).
+    pub fn connect_home(home: &Path, run: &str) -> Result<Session> {
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
+        let conn = match read_session_file(home) {
+            Some(s) if s["state"] == "running" && alive(s["pid"].as_i64().unwrap_or(0)) => {
+                Conn { url: s["url"].as_str().unwrap_or_default().into(), token: s["token"].as_str().unwrap_or_default().into() }
+            }
+            _ => Conn { url: String::new(), token: String::new() },
+        };
+        let s = Session { conn: Arc::new(Mutex::new(conn)), agent, home: home.to_path_buf(), run: run.to_string() };
+        if s.conn().url.is_empty() {
+            s.reconnect()?;
+        }
+        s.ensure_run(run, None)?;
+        Ok(s)
+    }
+
+    /// Attaches to a server by URL and token (a remote GPU box), on run `run`.
+    pub fn attach(url: &str, token: &str, run: &str) -> Result<Session> {
+        let s = Session {
+            conn: Arc::new(Mutex::new(Conn { url: url.trim_end_matches('/').into(), token: token.into() })),
+            agent: ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).build(),
+            home: home_dir(),
+            run: run.into(),
+        };
+        s.ensure_run(run, None)?;
+        Ok(s)
+    }
+
+    /// The run this handle trains.
+    pub fn run_name(&self) -> &str {
+        &self.run
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        self.conn().url
+    }
+
+    fn conn(&self) -> Conn {
+        self.conn.lock().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// A handle on another run of the same server, created with `training` if it does not
+    /// exist (two learning rates side by side on one warm model).
+    pub fn new_run(&self, name: &str, training: TrainingConfig) -> Result<Session> {
+        let s = Session { run: name.into(), ..self.clone() };
+        s.ensure_run(name, Some(training))?;
+        Ok(s)
+    }
+
+    /// A handle on an existing run.
+    pub fn with_run(&self, name: &str) -> Result<Session> {
+        if !self.runs()?.iter().any(|r| r.id == name) {
+            return Err(HearthError::Api { status: 404, kind: "not_found".into(), message: format!("run {name:?} does not exist") });
+        }
+        Ok(Session { run: name.into(), ..self.clone() })
+    }
+
+    fn ensure_run(&self, name: &str, training: Option<TrainingConfig>) -> Result<()> {
+        if self.runs()?.iter().any(|r| r.id == name) {
+            return Ok(());
+        }
+        let req = CreateRunRequest { name: Some(name.into()), training: training.unwrap_or_default() };
+        match self.post::<_, RunInfo>("/v1/runs", &req) {
+            Ok(_) => Ok(()),
+            Err(HearthError::Api { status: 409, .. }) => Ok(()), // created meanwhile
+            Err(e) => Err(e),
+        }
+    }
+
+    // ---- transport ----
+
+    fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let mut last = String::new();
+        for attempt in 0..2 {
+            let c = self.conn();
+            let req = self.agent.request(method, &format!("{}{path}", c.url)).set("Authorization", &format!("Bearer {}", c.token));
+            let res = match body {
+                Some(b) => req.send_json(b.clone()),
+                None => req.call(),
+            };
+            match res {
+                Ok(r) => return r.into_json().map_err(|e| HearthError::Decode(e.to_string())),
+                Err(ureq::Error::Status(status, r)) => {
+                    let v: Value = r.into_json().unwrap_or(Value::Null);
+                    let kind = v["error"]["kind"].as_str().unwrap_or("http").to_string();
+                    let message = v["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_string);
+                    if status == 503 && kind == "shutting_down" && attempt == 0 {
+                        std::thread::sleep(Duration::from_millis(500));
+                        self.reconnect()?;
+                        continue;
+                    }
+                    if status == 401 && attempt == 0 && self.reconnect().is_ok() {
+                        continue; // a restarted server has a new token
+                    }
+                    return Err(HearthError::Api { status, kind, message });
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    if attempt == 0 {
+                        self.reconnect()?;
+                    }
+                }
+            }
+        }
+        Err(HearthError::Transport(last))
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let body = serde_json::to_value(body).map_err(|e| HearthError::Decode(e.to_string()))?;
+        serde_json::from_value(self.send("POST", path, Some(&body))?).map_err(|e| HearthError::Decode(e.to_string()))
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        serde_json::from_value(self.send("GET", path, None)?).map_err(|e| HearthError::Decode(e.to_string()))
+    }
+
+    /// Re-reads the session file; starts a server with `--resume` if the last one stopped.
+    fn reconnect(&self) -> Result<()> {
+        if let Some(s) = read_session_file(&self.home) {
+            if s["state"] == "running" && alive(s["pid"].as_i64().unwrap_or(0)) {
+                let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                c.url = s["url"].as_str().unwrap_or_default().into();
+                c.token = s["token"].as_str().unwrap_or_default().into();
+                return Ok(());
+            }
+        }
+        let model = read_session_file(&self.home).and_then(|s| s["model"].as_str().map(str::to_string));
+        self.start_server(model.as_deref().unwrap_or("tiny"))
+    }
+
+    fn server_binary() -> Result<PathBuf> {
+        if let Some(p) = std::env::var_os("HEARTH_SERVER_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        if let Some(p) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("hearth-server"))).filter(|p| p.is_file()) {
+            return Ok(p);
+        }
+        std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("hearth-server")).find(|p| p.is_file()))
+            .ok_or_else(|| HearthError::NoServer("hearth-server is not on PATH (set HEARTH_SERVER_BIN)".into()))
+    }
+
+    fn start_server(&self, model: &str) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let bin = Self::server_binary()?;
+        let t0 = Instant::now();
+        std::fs::create_dir_all(&self.home).map_err(|e| HearthError::NoServer(e.to_string()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.join("server.log"))
+            .map_err(|e| HearthError::NoServer(format!("server.log: {e}")))?;
+        let before = read_session_file(&self.home).and_then(|s| s["pid"].as_i64());
+        std::process::Command::new(&bin)
+            .args(["--model", model, "--home"])
+            .arg(&self.home)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0) // its own group: a Ctrl-C or kill of the cell's process leaves it running
+            .spawn()
+            .map_err(|e| HearthError::NoServer(format!("{}: {e}", bin.display())))?;
+        loop {
+            if let Some(s) = read_session_file(&self.home) {
+                let pid = s["pid"].as_i64().unwrap_or(0);
+                if s["state"] == "running" && Some(pid) != before && alive(pid) {
+                    let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                    c.url = s["url"].as_str().unwrap_or_default().into();
+                    c.token = s["token"].as_str().unwrap_or_default().into();
+                    break;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(300) {
+                return Err(HearthError::NoServer(format!("{} did not start; see {}", bin.display(), self.home.join("server.log").display())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let info: ServerInfo = self.get("/v1/info")?;
+        let restored: Vec<String> = info.resumed.iter().map(|r| format!("run {} at step {}", r.run, r.step)).collect();
+        let what = if restored.is_empty() { "no runs to restore".to_string() } else { format!("restored {}", restored.join(", ")) };
+        let _ = writeln!(std::io::stderr(), "hearth: started the session server ({model}); {what} ({:.1} s)", t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn run_path(&self, op: &str) -> String {
+        format!("/v1/runs/{}/{op}", self.run)
+    }
+
+    // ---- the primitives ----
+
+    /// Logprobs and loss without gradients.
+    pub fn forward(&self, data: &[Datum], loss_fn: LossFn) -> Result<ForwardBackwardOutput> {
+        self.post(&self.run_path("forward"), &ForwardBackwardInput { data: data.to_vec(), loss_fn })
+    }
+
+    /// Cross-entropy `forward_backward` (gradients accumulate until `optim_step`).
+    pub fn forward_backward(&self, data: &[Datum]) -> Result<ForwardBackwardOutput> {
+        self.forward_backward_with(data, LossFn::CrossEntropy)
+    }
+
+    /// `forward_backward` with any loss (`importance_sampling`, `ppo`).
+    pub fn forward_backward_with(&self, data: &[Datum], loss_fn: LossFn) -> Result<ForwardBackwardOutput> {
+        self.post(&self.run_path("forward_backward"), &ForwardBackwardInput { data: data.to_vec(), loss_fn })
+    }
+
+    /// Applies the accumulated gradients.
+    pub fn optim_step(&self, params: &AdamParams) -> Result<OptimStepOutput> {
+        self.post(&self.run_path("optim_step"), params)
+    }
+
+    /// Generates from token ids.
+    pub fn sample(&self, input: &SampleInput) -> Result<SampleOutput> {
+        self.post(&self.run_path("sample"), input)
+    }
+
+    /// Generates `num_samples` continuations of `prompt` text; returns their texts.
+    pub fn sample_text(&self, prompt: &str, num_samples: usize, params: SamplingParams) -> Result<Vec<String>> {
+        let out = self.sample(&SampleInput { prompt: self.tokenize(prompt)?, num_samples, sampling_params: params, ..SampleInput::default() })?;
+        out.sequences.iter().map(|s| self.detokenize(&s.tokens)).collect()
+    }
+
+    /// Saves a checkpoint of the run; returns where.
+    pub fn save_state(&self, name: &str, kind: CheckpointKind) -> Result<SaveStateResponse> {
+        self.post(&self.run_path("save_state"), &SaveStateRequest { name: name.into(), kind })
+    }
+
+    /// Loads a checkpoint: a name of this run, a hearth checkpoint path, or a PEFT adapter folder.
+    pub fn load_state(&self, source: &str) -> Result<LoadStateResponse> {
+        self.post(&self.run_path("load_state"), &LoadStateRequest { source: source.into() })
+    }
+
+    // ---- futures ----
+
+    fn submit<B: Serialize, T>(&self, op: &str, body: &B) -> Result<Pending<T>> {
+        let status: RequestStatus = self.post(&format!("{}?wait=false", self.run_path(op)), body)?;
+        Ok(Pending { session: self.clone(), id: status.request_id, _t: PhantomData })
+    }
+
+    /// `forward_backward` without waiting: queue it and the `optim_step` after it back to back.
+    pub fn forward_backward_async(&self, data: &[Datum], loss_fn: LossFn) -> Result<Pending<ForwardBackwardOutput>> {
+        self.submit("forward_backward", &ForwardBackwardInput { data: data.to_vec(), loss_fn })
+    }
+
+    /// `optim_step` without waiting.
+    pub fn optim_step_async(&self, params: &AdamParams) -> Result<Pending<OptimStepOutput>> {
+        self.submit("optim_step", params)
+    }
+
+    /// `sample` without waiting.
+    pub fn sample_async(&self, input: &SampleInput) -> Result<Pending<SampleOutput>> {
+        self.submit("sample", input)
+    }
+
+    // ---- the rest of the API ----
+
+    /// Text → token ids.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.post::<_, Tokens>("/v1/tokenize", &TokenizeRequest { text: text.into(), add_special_tokens: false })?.tokens)
+    }
+
+    /// Token ids → text.
+    pub fn detokenize(&self, tokens: &[u32]) -> Result<String> {
+        Ok(self.post::<_, Text>("/v1/detokenize", &DetokenizeRequest { tokens: tokens.to_vec(), skip_special_tokens: false })?.text)
+    }
+
+    /// A conversation through the model's chat template (text and tokens).
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<RenderChatResponse> {
+        self.post("/v1/render_chat", &RenderChatRequest { messages: messages.to_vec(), add_generation_prompt })
+    }
+
+    /// Server, model, runs, cost.
+    pub fn info(&self) -> Result<ServerInfo> {
+        self.get("/v1/info")
+    }
+
+    /// Every run on the server.
+    pub fn runs(&self) -> Result<Vec<RunInfo>> {
+        self.get("/v1/runs")
+    }
+
+    /// This run's per-step metrics.
+    pub fn metrics(&self) -> Result<Metrics> {
+        self.get(&self.run_path("metrics"))
+    }
+
+    /// Asks the server to save every run and exit.
+    pub fn shutdown(&self) -> Result<()> {
+        self.send("POST", "/v1/shutdown", Some(&Value::Object(Default::default()))).map(|_| ())
+    }
+}
+
+/// A submitted operation: [`Pending::wait`] for its result, or [`Pending::cancel`] it.
+pub struct Pending<T> {
+    session: Session,
+    id: u64,
+    _t: PhantomData<T>,
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("request_id", &self.id).finish()
+    }
+}
+
+impl<T: DeserializeOwned> Pending<T> {
+    /// The server's request id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Blocks until the operation ends.
+    pub fn wait(self) -> Result<T> {
+        loop {
+            let status: RequestStatus = self.session.get(&format!("/v1/requests/{}?timeout_s=30", self.id))?;
+            match status.state {
+                RequestState::Done { result } => return serde_json::from_value(result).map_err(|e| HearthError::Decode(e.to_string())),
+                RequestState::Failed { status, error } => return Err(HearthError::Api { status, kind: error.kind, message: error.message }),
+                RequestState::Queued | RequestState::Running => {}
+            }
+        }
+    }
+
+    /// Cancels it if it is queued or a running sample; true when it will end `interrupted`.
+    pub fn cancel(&self) -> Result<bool> {
+        let r: CancelResponse = self.session.post(&format!("/v1/requests/{}/cancel", self.id), &Value::Object(Default::default()))?;
+        Ok(r.cancelled)
+    }
+}
