@@ -14,12 +14,12 @@ fn a_cell_trains_samples_plots_and_uses_futures() {
     let s = Session::connect_home(&h, "main").unwrap();
     assert_eq!(s.runs().unwrap()[0].id, "main");
     let datum = s.supervised("2+2=", "4\n").unwrap();
-    let first = s.forward(&[datum.clone()], LossFn::CrossEntropy).unwrap().loss_fn_outputs[0].loss;
+    let first = s.forward(std::slice::from_ref(&datum), LossFn::CrossEntropy).unwrap().loss_fn_outputs[0].loss;
     for _ in 0..15 {
-        s.forward_backward(&[datum.clone()]).unwrap();
+        s.forward_backward(std::slice::from_ref(&datum)).unwrap();
         s.optim_step(&AdamParams { learning_rate: 1e-2, ..AdamParams::default() }).unwrap();
     }
-    let last = s.forward(&[datum.clone()], LossFn::CrossEntropy).unwrap().loss_fn_outputs[0].loss;
+    let last = s.forward(std::slice::from_ref(&datum), LossFn::CrossEntropy).unwrap().loss_fn_outputs[0].loss;
     assert!(last < first * 0.5, "loss {first} -> {last}");
     let plot = s.loss_plot().unwrap();
     assert_eq!(plot.series[0].1.len(), 15);
@@ -31,7 +31,7 @@ fn a_cell_trains_samples_plots_and_uses_futures() {
     assert!(table.html().contains("<span"));
 
     // futures: queue forward_backward and optim_step back to back, then wait
-    let fb = s.forward_backward_async(&[datum.clone()], LossFn::CrossEntropy).unwrap();
+    let fb = s.forward_backward_async(std::slice::from_ref(&datum), LossFn::CrossEntropy).unwrap();
     let st = s.optim_step_async(&AdamParams::default()).unwrap();
     assert!(fb.id() < st.id());
     assert!(fb.wait().unwrap().metrics["loss:sum"] >= 0.0);
@@ -71,7 +71,7 @@ fn the_next_call_after_an_idle_shutdown_restarts_the_server_and_restores_the_run
     let s = Session::connect_home(&h, "main").unwrap();
     let d = s.supervised("abc", "def").unwrap();
     for _ in 0..3 {
-        s.forward_backward(&[d.clone()]).unwrap();
+        s.forward_backward(std::slice::from_ref(&d)).unwrap();
         s.optim_step(&AdamParams::default()).unwrap();
     }
     assert!(server.wait_exit(30).success(), "idle timeout ends the server");
