@@ -103,6 +103,11 @@ impl Session {
         &self.run
     }
 
+    /// The hearth home whose session file this handle follows.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
     /// The server's URL.
     pub fn url(&self) -> String {
         self.conn().url
