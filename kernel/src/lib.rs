@@ -1,6 +1,15 @@
-//! The front-end side shared by hearth's Jupyter kernel and its REPL: deciding whether a cell is
-//! complete ([`scanner`]) and the magics table ([`magics`]). (The kernel binary itself is being
-//! built in issue 5.)
+//! hearth's Jupyter kernel, and the front-end logic it shares with the REPL.
+//!
+//! - [`scanner`]: is a cell complete (brackets, strings, comments)?
+//! - [`magics`]: the magics table (`:status`, `:runs`, `:sample`, `:plot`, `:save`, `:resume`,
+//!   `:help`), answered without compiling.
+//! - [`evaluator`]: the thread that owns evcxr, with the prelude preloaded so every cell has
+//!   `session`; re-run after a child restart.
+//! - [`jupyter`]: sockets, HMAC-verified messages, handlers, interrupts in two steps.
+//! - [`install`]: the kernelspec.
 
+pub mod evaluator;
+pub mod install;
+pub mod jupyter;
 pub mod magics;
 pub mod scanner;

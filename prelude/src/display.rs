@@ -82,6 +82,16 @@ impl Bundle {
     }
 }
 
+/// Clears the cell's output (`wait`: when the next output arrives), like IPython's
+/// `clear_output`; a terminal ignores it.
+pub fn clear_output(wait: bool) {
+    if std::env::var_os("HEARTH_DISPLAY").is_some_and(|v| v == "1") {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{MARKER}{}", serde_json::json!({"clear": true, "wait": wait}));
+        let _ = err.flush();
+    }
+}
+
 /// A line plot of one or more series, rendered to SVG with plotters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plot {

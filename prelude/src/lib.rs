@@ -23,7 +23,7 @@ pub mod display;
 mod error;
 mod session;
 
-pub use display::{Bundle, Plot, Progress, SampleTable};
+pub use display::{clear_output, Bundle, Plot, Progress, SampleTable};
 pub use error::{HearthError, Result};
 pub use hearth_api::{
     AdamParams, ChatMessage, CheckpointKind, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoraConfig, LossFn, LossFnInputs,

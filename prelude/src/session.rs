@@ -361,6 +361,19 @@ impl Session {
         self.get(&self.run_path("metrics"))
     }
 
+    /// Cancels every queued operation on the server and a running `sample` (an interrupt);
+    /// returns the request ids that will end `interrupted`.
+    pub fn cancel_all(&self) -> Result<Vec<u64>> {
+        let v = self.send("POST", "/v1/cancel", Some(&Value::Object(Default::default())))?;
+        Ok(v["cancelled"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default())
+    }
+
+    /// Asks the server to save every changed run now (it keeps running).
+    pub fn autosave(&self) -> Result<Vec<SaveStateResponse>> {
+        let v = self.send("POST", "/v1/autosave", Some(&Value::Object(Default::default())))?;
+        serde_json::from_value(v["saved"].clone()).map_err(|e| HearthError::Decode(e.to_string()))
+    }
+
     /// Asks the server to save every run and exit.
     pub fn shutdown(&self) -> Result<()> {
         self.send("POST", "/v1/shutdown", Some(&Value::Object(Default::default()))).map(|_| ())

@@ -35,6 +35,8 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v1/render_chat", post(render_chat))
         .route("/v1/requests/{id}", get(poll))
         .route("/v1/requests/{id}/cancel", post(cancel))
+        .route("/v1/cancel", post(cancel_all))
+        .route("/v1/autosave", post(autosave_all))
         .route("/v1/shutdown", post(shutdown))
         .fallback(|| async { ApiError::not_found("no such route; see GET /v1/info and the README for the API") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
@@ -269,6 +271,32 @@ async fn cancel(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
         e.cancel.store(true, Ordering::SeqCst);
     }
     Json(CancelResponse { request_id: id, cancelled }).into_response()
+}
+
+/// Cancels every queued request and a running `sample` (a front-end's interrupt).
+async fn cancel_all(State(app): State<Arc<App>>) -> Response {
+    let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cancelled = Vec::new();
+    for (id, e) in reqs.iter() {
+        let stoppable = match &*e.state.borrow() {
+            RequestState::Queued => true,
+            RequestState::Running => e.op == "sample",
+            _ => false,
+        };
+        if stoppable {
+            e.cancel.store(true, Ordering::SeqCst);
+            cancelled.push(*id);
+        }
+    }
+    cancelled.sort_unstable();
+    Json(serde_json::json!({"cancelled": cancelled})).into_response()
+}
+
+/// Saves every run changed since its last checkpoint, without stopping (a kernel shutting down).
+async fn autosave_all(State(app): State<Arc<App>>) -> Response {
+    let shared = app.shared.clone();
+    let saved = tokio::task::spawn_blocking(move || shared.save_all("autosave")).await.unwrap_or_default();
+    Json(serde_json::json!({"saved": saved})).into_response()
 }
 
 async fn shutdown(State(app): State<Arc<App>>) -> Response {
