@@ -32,6 +32,8 @@ struct Kernel {
     /// The execute request whose output is streaming now.
     current: Mutex<Option<JupyterMessage>>,
     executing: AtomicBool,
+    /// Set by an interrupt or a panic marker: the running cell ends with this error.
+    cell_error: Mutex<Option<CellError>>,
     count: Mutex<ExecutionCount>,
     /// (input, text/plain output) per executed cell, line i+1 of session 1.
     history: Mutex<Vec<(String, String)>>,
@@ -70,6 +72,15 @@ impl Kernel {
         let Some(parent) = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
         if let Some(json) = line.strip_prefix(MARKER) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
+                if let Some(e) = v.get("error") {
+                    let err = CellError {
+                        ename: e["ename"].as_str().unwrap_or("Error").into(),
+                        evalue: e["evalue"].as_str().unwrap_or_default().into(),
+                        traceback: vec![],
+                    };
+                    *self.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                    return;
+                }
                 if v["clear"] == true {
                     self.publish(ClearOutput { wait: v["wait"] == true }, &parent);
                     return;
@@ -196,6 +207,7 @@ pub async fn run(connection_file: &Path) -> Res<()> {
         session: OnceLock::new(),
         current: Mutex::new(None),
         executing: AtomicBool::new(false),
+        cell_error: Mutex::new(None),
         count: Mutex::new(ExecutionCount::new(0)),
         history: Mutex::new(Vec::new()),
         abort_before: Mutex::new(None),
@@ -310,6 +322,11 @@ fn interrupt(k: &Arc<Kernel>) {
         return;
     }
     let current = k.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.header.msg_id.clone());
+    *k.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(CellError {
+        ename: "Interrupted".into(),
+        evalue: "the cell was interrupted; the server's operation was cancelled and changed nothing (variables are kept)".into(),
+        traceback: vec![],
+    });
     let k = k.clone();
     std::thread::spawn(move || {
         if let Some(s) = k.session.get() {
@@ -450,6 +467,7 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
     }
     let ev = evaluator(k).await;
     *k.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+    *k.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     k.executing.store(true, Ordering::SeqCst);
     let code = req.code.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -468,6 +486,14 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     *k.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let flagged = k.cell_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let result = match (result, flagged) {
+        (Ok(_), Some(e)) => Err(e),
+        (Err(e), Some(f)) if f.ename == "Interrupted" && e.ename == "ChildRestarted" => {
+            Err(CellError { ename: "Interrupted".into(), evalue: e.evalue, traceback: vec![] })
+        }
+        (r, _) => r,
+    };
     match result {
         Ok(out) => {
             if let (Some(text), true) = (out.data.get("text/plain"), req.store_history && !req.silent) {

@@ -44,6 +44,12 @@ pub fn install_panic_hook() {
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "panic".into());
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        let _ = writeln!(std::io::stderr(), "panicked{at}: {msg}");
+        if std::env::var_os("HEARTH_DISPLAY").is_some_and(|v| v == "1") {
+            // the front-end turns this into the cell's error
+            let err = serde_json::json!({"error": {"ename": "Panic", "evalue": format!("panicked{at}: {msg}")}});
+            let _ = writeln!(std::io::stderr(), "{}{err}", display::MARKER);
+        } else {
+            let _ = writeln!(std::io::stderr(), "panicked{at}: {msg}");
+        }
     }));
 }
