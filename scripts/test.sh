@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. On a fresh machine it needs a Rust toolchain (rustup) and
-# Python 3 with venv; it installs the rest itself: the reference (PyTorch + transformers + PEFT,
-# about 5 GB from PyPI, once) into bench/.venv, used by tests that load hearth's checkpoints with
-# Hugging Face tools. Golden fixtures are committed; model presets are generated.
-# One profile (release) for everything: candle is unusably slow unoptimised, and building the
-# workspace twice in two profiles doubles the time on a 2-core machine.
+# Runs every test. On a fresh machine it needs a Rust toolchain (rustup) and Python 3 with venv;
+# it installs the rest itself:
+#   - rust-src (evcxr's analyzer needs it to infer cell variable types);
+#   - the reference (PyTorch + transformers + PEFT, ~5 GB from PyPI, once) into bench/.venv, used
+#     by tests that load hearth's checkpoints with Hugging Face tools;
+#   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest) into tests/.venv.
+# Then `cargo test` (Rust, incl. the server and client tests) and pytest (the kernel under real
+# Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
+# and building the workspace twice in two profiles doubles the time on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust with rustup (https://rustup.rs) and run this again" >&2
   exit 1
 fi
+if command -v rustup >/dev/null 2>&1; then
+  rustup component add rust-src >/dev/null
+fi
 source bench/reference.sh
+if ! tests/.venv/bin/python -c "import jupyter_client, jupyter_kernel_test, nbclient, nbformat, pytest" >/dev/null 2>&1; then
+  echo "installing the Jupyter test peers into tests/.venv ..." >&2
+  python3 -m venv tests/.venv
+  tests/.venv/bin/pip install -q --disable-pip-version-check jupyter_client jupyter_kernel_test nbclient nbformat pytest
+fi
 export HEARTH_REF_PYTHON="$PWD/bench/.venv/bin/python"
 cargo test --release --workspace --locked "$@"
+cargo build --release --workspace --locked --bins
+HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider

@@ -115,12 +115,10 @@ impl Evaluator {
                         stderr(&line);
                     }
                 });
-                let prelude = prelude_code(&prelude_dir());
+                // one cell, so the child compiles once (a cell per line cost a compile each)
+                let prelude = prelude_code(&prelude_dir()).join("\n");
                 let run_prelude = |ctx: &mut evcxr::CommandContext| -> Result<(), String> {
-                    for line in &prelude {
-                        ctx.execute(line).map_err(|e| format!("prelude `{line}`: {}", error_of(e).evalue))?;
-                    }
-                    Ok(())
+                    ctx.execute(&prelude).map(|_| ()).map_err(|e| format!("prelude: {}", error_of(e).evalue))
                 };
                 let _ = ctx.execute(":cache 500");
                 let _ = ctx.execute(":opt 0");

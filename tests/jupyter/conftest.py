@@ -60,3 +60,19 @@ def pytest_sessionstart(session):
         kc.stop_channels()
         km.shutdown_kernel(now=False)
     print(f"\nwarm-up: first kernel and prelude compile took {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The kernels started a session server in the temporary home: ask it to save and exit."""
+    import json
+    import urllib.request
+
+    try:
+        with open(os.path.join(HOME, "session.json")) as f:
+            s = json.load(f)
+        if s.get("state") == "running":
+            req = urllib.request.Request(s["url"] + "/v1/shutdown", data=b"{}", method="POST",
+                                         headers={"Authorization": "Bearer " + s["token"]})
+            urllib.request.urlopen(req, timeout=30).read()
+    except OSError:
+        pass
