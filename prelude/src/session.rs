@@ -65,7 +65,20 @@ fn alive(pid: i64) -> bool {
 impl Session {
     /// Attaches to the server of `$HEARTH_HOME` (starting one if none runs) on run `main`,
     /// creating the run if it does not exist.
+    /// With `HEARTH_URL` set (a remote GPU box), attaches there instead, with the token from
+    /// `HEARTH_TOKEN` or the file named by `HEARTH_TOKEN_FILE`.
     pub fn connect() -> Result<Session> {
+        if let Some(url) = std::env::var("HEARTH_URL").ok().filter(|u| !u.is_empty()) {
+            let token = match std::env::var("HEARTH_TOKEN") {
+                Ok(t) if !t.is_empty() => t,
+                _ => {
+                    let file = std::env::var_os("HEARTH_TOKEN_FILE")
+                        .ok_or_else(|| HearthError::NoServer("HEARTH_URL is set but neither HEARTH_TOKEN nor HEARTH_TOKEN_FILE".into()))?;
+                    std::fs::read_to_string(&file).map_err(|e| HearthError::NoServer(format!("HEARTH_TOKEN_FILE: {e}")))?.trim().to_string()
+                }
+            };
+            return Self::attach(&url, &token, "main");
+        }
         Self::connect_home(&home_dir(), "main")
     }
 

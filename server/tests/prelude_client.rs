@@ -89,3 +89,20 @@ fn the_next_call_after_an_idle_shutdown_restarts_the_server_and_restores_the_run
     assert_eq!(info.resumed[0].step, 3);
     s.shutdown().unwrap();
 }
+
+#[test]
+fn a_remote_server_is_reached_by_url_and_token_from_the_environment() {
+    let h = home("prelude-remote");
+    let server = Server::start(&h, &["--idle-timeout", "0"]);
+    let token_file = h.join("token");
+    std::fs::write(&token_file, &server.token).unwrap();
+    // what a kernel configured for a remote GPU box sees (no session file to follow)
+    std::env::set_var("HEARTH_URL", &server.url);
+    std::env::set_var("HEARTH_TOKEN_FILE", &token_file);
+    let s = Session::connect();
+    std::env::remove_var("HEARTH_URL");
+    std::env::remove_var("HEARTH_TOKEN_FILE");
+    let s = s.unwrap();
+    assert_eq!(s.url(), server.url);
+    assert_eq!(s.runs().unwrap()[0].id, "main");
+}

@@ -28,5 +28,10 @@ class HearthKernelTests(jkt.KernelTests):
     code_clear_output = "hearth::clear_output(false);"
 
 
+class HearthIopubWelcomeTests(jkt.IopubWelcomeTests):
+    kernel_name = "hearth"
+    support_iopub_welcome = True
+
+
 if __name__ == "__main__":
     unittest.main()
