@@ -262,15 +262,21 @@ async fn poll(State(app): State<Arc<App>>, Path(id): Path<u64>, Query(q): Query<
 async fn cancel(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
     let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
     let Some(e) = reqs.get(&id) else { return ApiError::not_found(format!("no request {id}")).into_response() };
-    let cancelled = match &*e.state.borrow() {
+    Json(CancelResponse { request_id: id, cancelled: try_cancel(e) }).into_response()
+}
+
+/// Flags a request for cancellation if it will honour it: queued ones never run, a running
+/// `sample` stops between tokens; other running operations finish.
+fn try_cancel(e: &crate::worker::Entry) -> bool {
+    let stoppable = match &*e.state.borrow() {
         RequestState::Queued => true,
         RequestState::Running => e.op == "sample",
         _ => false,
     };
-    if cancelled {
+    if stoppable {
         e.cancel.store(true, Ordering::SeqCst);
     }
-    Json(CancelResponse { request_id: id, cancelled }).into_response()
+    stoppable
 }
 
 /// Cancels every queued request and a running `sample` (a front-end's interrupt).
@@ -278,13 +284,7 @@ async fn cancel_all(State(app): State<Arc<App>>) -> Response {
     let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
     let mut cancelled = Vec::new();
     for (id, e) in reqs.iter() {
-        let stoppable = match &*e.state.borrow() {
-            RequestState::Queued => true,
-            RequestState::Running => e.op == "sample",
-            _ => false,
-        };
-        if stoppable {
-            e.cancel.store(true, Ordering::SeqCst);
+        if try_cancel(e) {
             cancelled.push(*id);
         }
     }
