@@ -4,6 +4,8 @@ import unittest
 
 import jupyter_kernel_test as jkt
 
+from conftest import execute
+
 
 class HearthKernelTests(jkt.KernelTests):
     kernel_name = "hearth"
@@ -26,6 +28,13 @@ class HearthKernelTests(jkt.KernelTests):
     code_history_pattern = "6 *"
     code_inspect_sample = "session"
     code_clear_output = "hearth::clear_output(false);"
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # the first cell waits for evcxr and the prelude (seconds); jupyter_kernel_test allows
+        # each request 15 s, so let the kernel get ready before the timed tests
+        execute(cls.kc, "1", timeout=600)
 
 
 class HearthIopubWelcomeTests(jkt.IopubWelcomeTests):
