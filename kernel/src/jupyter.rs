@@ -446,6 +446,14 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
             ..Default::default()
         }
     };
+    // evcxr's `:quit` would exit this process, taking the kernel with it
+    if req.code.trim_start().starts_with(":quit") {
+        return fail(CellError {
+            ename: "Unsupported".into(),
+            evalue: ":quit would end the kernel; use Kernel → Shut Down (the server saves every run)".into(),
+            traceback: vec![],
+        });
+    }
     // a magic: answered here, no compile
     if let Some((m, _)) = magics::find(&req.code) {
         let session = k.session.get().cloned();

@@ -127,3 +127,12 @@ def test_a_notebook_trains_tiny_for_30_steps_with_nbclient(tmp_path):
     losses = json.loads(text.split("LOSSES ", 1)[1].strip())
     assert losses[-1] < 0.5 * losses[0], losses
     assert any("image/svg+xml" in o.get("data", {}) for o in saved.cells[2].outputs), saved.cells[2].outputs
+
+
+def test_quit_is_refused_and_the_kernel_lives_on(kernel):
+    _, kc = kernel
+    reply, outputs = execute(kc, ":quit", timeout=300)
+    assert reply["content"]["status"] == "error"
+    assert "Shut Down" in reply["content"]["evalue"]
+    reply, outputs = execute(kc, "1 + 1", timeout=300)
+    assert [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"] == ["2"]
