@@ -28,7 +28,8 @@ def kernel():
     km, kc = start_new_kernel(kernel_name="hearth", startup_timeout=120)
     yield km, kc
     kc.stop_channels()
-    km.shutdown_kernel(now=False)
+    if km.has_kernel and km.is_alive():
+        km.shutdown_kernel(now=False)
 
 
 def test_interrupt_during_a_long_sample_ends_the_cell_and_keeps_variables(kernel):
@@ -136,3 +137,31 @@ def test_quit_is_refused_and_the_kernel_lives_on(kernel):
     assert "Shut Down" in reply["content"]["evalue"]
     reply, outputs = execute(kc, "1 + 1", timeout=300)
     assert [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"] == ["2"]
+
+
+def test_an_error_aborts_the_requests_queued_behind_it(kernel):
+    _, kc = kernel
+    execute(kc, "1", timeout=300)
+    first = kc.execute('let n: u32 = "not a number";')
+    second = kc.execute("2 + 2")
+    replies = {}
+    while len(replies) < 2:
+        r = kc.get_shell_msg(timeout=120)
+        replies[r["parent_header"]["msg_id"]] = r["content"]["status"]
+    assert replies == {first: "error", second: "aborted"}
+    reply, outputs = execute(kc, "2 + 2", timeout=120)
+    assert reply["content"]["status"] == "ok", "requests sent after the error run again"
+
+
+def test_shutting_the_kernel_down_makes_the_server_save(kernel):
+    km, kc = kernel
+    code = ('let d = session.supervised("ab", "cd")?;\n'
+            "session.forward_backward(std::slice::from_ref(&d))?;\n"
+            "session.optim_step(&AdamParams::default())?.step")
+    reply, outputs = execute(kc, code, timeout=300)
+    step = int([m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"][0])
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)
+    info, _ = server_info()
+    main = [r for r in info["runs"] if r["id"] == "main"][0]
+    assert main["step"] == step and main["last_checkpoint_step"] == step, main
