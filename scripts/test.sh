@@ -15,7 +15,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 if command -v rustup >/dev/null 2>&1; then
-  rustup component add rust-src >/dev/null
+  rustup component add rust-src >/dev/null 2>&1 \
+    || echo "warning: could not install rust-src; evcxr cannot infer some variable types without it" >&2
 fi
 source bench/reference.sh
 if ! tests/.venv/bin/python -c "import jupyter_client, jupyter_kernel_test, nbclient, nbformat, pytest" >/dev/null 2>&1; then
