@@ -46,14 +46,16 @@ pub struct Evaluator {
     ready: Readiness,
 }
 
-/// The prelude every (re)started child runs first: the `hearth` crate and a `session`.
-pub fn prelude_code(prelude_dir: &std::path::Path) -> Vec<String> {
-    vec![
+/// The prelude every (re)started child runs first, as one cell (one compile): the `hearth`
+/// crate and a `session`.
+pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
+    [
         format!(":dep hearth = {{ package = \"hearth-prelude\", path = {:?} }}", prelude_dir.display().to_string()),
         "use hearth::*;".to_string(),
         "hearth::install_panic_hook();".to_string(),
         "let session = hearth::Session::connect().expect(\"hearth: could not connect to the session server\");".to_string(),
     ]
+    .join("\n")
 }
 
 /// Where the prelude crate's source is: `HEARTH_PRELUDE_DIR`, else next to this crate's source.
@@ -115,8 +117,7 @@ impl Evaluator {
                         stderr(&line);
                     }
                 });
-                // one cell, so the child compiles once (a cell per line cost a compile each)
-                let prelude = prelude_code(&prelude_dir()).join("\n");
+                let prelude = prelude_code(&prelude_dir());
                 let run_prelude = |ctx: &mut evcxr::CommandContext| -> Result<(), String> {
                     ctx.execute(&prelude).map(|_| ()).map_err(|e| format!("prelude: {}", error_of(e).evalue))
                 };

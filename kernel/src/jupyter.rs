@@ -13,7 +13,7 @@ use jupyter_protocol::{ConnectionInfo, ExecutionCount, JupyterMessage, JupyterMe
 use jupyter_zmq_client::connection::SubscriptionEvent;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -39,23 +39,8 @@ struct Kernel {
     history: Mutex<Vec<(String, String)>>,
     /// Execute requests sent before this instant are aborted (stop_on_error).
     abort_before: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
-    stdout_rx: OnceLock<crossbeam_drain::Pending>,
-}
-
-/// Counts lines handed to the drain threads but not yet published, so a cell's streams all
-/// precede its `idle`.
-mod crossbeam_drain {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    #[derive(Clone, Default)]
-    pub struct Pending(pub Arc<AtomicUsize>);
-
-    impl Pending {
-        pub fn busy(&self) -> bool {
-            self.0.load(Ordering::SeqCst) > 0
-        }
-    }
+    /// Child output lines being published right now, so a cell's streams all precede its `idle`.
+    publishing: AtomicUsize,
 }
 
 impl Kernel {
@@ -65,6 +50,17 @@ impl Kernel {
 
     fn status(&self, state: ExecutionState, parent: &JupyterMessage) {
         self.publish(Status { execution_state: state }, parent);
+    }
+
+    /// One line of the child's stdout or stderr, counted while it is being published.
+    fn child_line(&self, line: &str, stderr: bool) {
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        if stderr {
+            self.child_stderr(line);
+        } else {
+            self.child_stdout(line);
+        }
+        self.publishing.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// A stderr line of the child: a display marker, or plain stderr text.
@@ -211,7 +207,7 @@ pub async fn run(connection_file: &Path) -> Res<()> {
         count: Mutex::new(ExecutionCount::new(0)),
         history: Mutex::new(Vec::new()),
         abort_before: Mutex::new(None),
-        stdout_rx: OnceLock::new(),
+        publishing: AtomicUsize::new(0),
     });
 
     // Attach to (or start) the session server, then create evcxr's context — in the background,
@@ -224,19 +220,9 @@ pub async fn run(connection_file: &Path) -> Res<()> {
             }
             Err(e) => log(format!("session server: {e}")),
         }
-        let pending = crossbeam_drain::Pending::default();
-        let (k1, k2, p1, p2) = (k.clone(), k.clone(), pending.clone(), pending.clone());
-        let out: LineSink = Arc::new(move |l: &str| {
-            p1.0.fetch_add(1, Ordering::SeqCst);
-            k1.child_stdout(l);
-            p1.0.fetch_sub(1, Ordering::SeqCst);
-        });
-        let err: LineSink = Arc::new(move |l: &str| {
-            p2.0.fetch_add(1, Ordering::SeqCst);
-            k2.child_stderr(l);
-            p2.0.fetch_sub(1, Ordering::SeqCst);
-        });
-        let _ = k.stdout_rx.set(pending);
+        let (k1, k2) = (k.clone(), k.clone());
+        let out: LineSink = Arc::new(move |l: &str| k1.child_line(l, false));
+        let err: LineSink = Arc::new(move |l: &str| k2.child_line(l, true));
         let ev = Evaluator::start(out, err);
         let _ = k.evaluator.set(ev);
     });
@@ -488,7 +474,7 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
     // let the child's last lines reach iopub before this cell's idle
     tokio::time::sleep(Duration::from_millis(15)).await;
     for _ in 0..100 {
-        if !k.stdout_rx.get().is_some_and(|p| p.busy()) {
+        if k.publishing.load(Ordering::SeqCst) == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
