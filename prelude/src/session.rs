@@ -11,7 +11,7 @@ use hearth_api::{
     AdamParams, CancelResponse, ChatMessage, CheckpointKind, CreateRunRequest, Datum, DetokenizeRequest, ForwardBackwardInput,
     ForwardBackwardOutput, LoadStateRequest, LoadStateResponse, LossFn, Metrics, OptimStepOutput, RenderChatRequest,
     RenderChatResponse, RequestState, RequestStatus, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest,
-    SaveStateResponse, ServerInfo, Text, TokenizeRequest, Tokens, TrainingConfig,
+    SaveStateResponse, ServerInfo, SessionFile, Text, TokenizeRequest, Tokens, TrainingConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -22,14 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// hearth's home: `$HEARTH_HOME`, else `$XDG_DATA_HOME/hearth`, else `~/.local/share/hearth`
-/// (the same rule as the server).
-pub fn home_dir() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("HEARTH_HOME").unwrap_or_else(|| {
-        var("XDG_DATA_HOME").or_else(|| var("HOME").map(|h| h.join(".local/share"))).unwrap_or_else(std::env::temp_dir).join("hearth")
-    })
-}
+pub use hearth_api::home_dir;
 
 #[derive(Debug, Clone)]
 struct Conn {
@@ -53,13 +46,15 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn read_session_file(home: &Path) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).ok()?).ok()
+fn read_session_file(home: &Path) -> Option<SessionFile> {
+    SessionFile::read(&home.join("session.json"))
 }
 
-fn alive(pid: i64) -> bool {
+/// The URL and token of the server a session file names, if that server still runs.
+fn running(s: &SessionFile) -> Option<Conn> {
     // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+    let alive = s.pid > 0 && unsafe { libc::kill(s.pid as libc::pid_t, 0) } == 0;
+    (s.state == "running" && alive).then(|| Conn { url: s.url.clone(), token: s.token.clone() })
 }
 
 impl Session {
@@ -85,12 +80,7 @@ impl Session {
     /// Attaches to the server of `home` on run `run` (created with the default LoRA if missing).
     pub fn connect_home(home: &Path, run: &str) -> Result<Session> {
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
-        let conn = match read_session_file(home) {
-            Some(s) if s["state"] == "running" && alive(s["pid"].as_i64().unwrap_or(0)) => {
-                Conn { url: s["url"].as_str().unwrap_or_default().into(), token: s["token"].as_str().unwrap_or_default().into() }
-            }
-            _ => Conn { url: String::new(), token: String::new() },
-        };
+        let conn = read_session_file(home).as_ref().and_then(running).unwrap_or(Conn { url: String::new(), token: String::new() });
         let s = Session { conn: Arc::new(Mutex::new(conn)), agent, home: home.to_path_buf(), run: run.to_string() };
         if s.conn().url.is_empty() {
             s.reconnect()?;
@@ -207,15 +197,11 @@ impl Session {
 
     /// Re-reads the session file; starts a server with `--resume` if the last one stopped.
     fn reconnect(&self) -> Result<()> {
-        if let Some(s) = read_session_file(&self.home) {
-            if s["state"] == "running" && alive(s["pid"].as_i64().unwrap_or(0)) {
-                let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-                c.url = s["url"].as_str().unwrap_or_default().into();
-                c.token = s["token"].as_str().unwrap_or_default().into();
-                return Ok(());
-            }
+        if let Some(c) = read_session_file(&self.home).as_ref().and_then(running) {
+            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = c;
+            return Ok(());
         }
-        let model = read_session_file(&self.home).and_then(|s| s["model"].as_str().map(str::to_string));
+        let model = read_session_file(&self.home).map(|s| s.model);
         self.start_server(model.as_deref().unwrap_or("tiny"))
     }
 
@@ -241,7 +227,7 @@ impl Session {
             .append(true)
             .open(self.home.join("server.log"))
             .map_err(|e| HearthError::NoServer(format!("server.log: {e}")))?;
-        let before = read_session_file(&self.home).and_then(|s| s["pid"].as_i64());
+        let before = read_session_file(&self.home).map(|s| s.pid);
         std::process::Command::new(&bin)
             .args(["--model", model, "--home"])
             .arg(&self.home)
@@ -252,14 +238,9 @@ impl Session {
             .spawn()
             .map_err(|e| HearthError::NoServer(format!("{}: {e}", bin.display())))?;
         loop {
-            if let Some(s) = read_session_file(&self.home) {
-                let pid = s["pid"].as_i64().unwrap_or(0);
-                if s["state"] == "running" && Some(pid) != before && alive(pid) {
-                    let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-                    c.url = s["url"].as_str().unwrap_or_default().into();
-                    c.token = s["token"].as_str().unwrap_or_default().into();
-                    break;
-                }
+            if let Some(c) = read_session_file(&self.home).filter(|s| Some(s.pid) != before).as_ref().and_then(running) {
+                *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = c;
+                break;
             }
             if t0.elapsed() > Duration::from_secs(300) {
                 return Err(HearthError::NoServer(format!("{} did not start; see {}", bin.display(), self.home.join("server.log").display())));

@@ -22,4 +22,5 @@ pub mod routes;
 pub mod worker;
 
 pub use error::{ApiError, ServerError};
-pub use lifecycle::{run, App, Ready, SessionFile};
+pub use hearth_api::SessionFile;
+pub use lifecycle::{run, App, Ready};

@@ -7,11 +7,10 @@ use crate::registry::Registry;
 use crate::worker::{self, now_ms, Shared};
 use axum::http::StatusCode;
 use candle_core::{DType, Device};
-use hearth_api::{CostInfo, ResumedRun, ServerInfo};
+use hearth_api::{CostInfo, ResumedRun, ServerInfo, SessionFile};
 use hearth_engine::hub::{self, HubOptions};
 use hearth_engine::preset::Preset;
 use hearth_engine::BaseModel;
-use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,43 +27,16 @@ pub struct Ready {
     pub session_file: PathBuf,
 }
 
-/// `$HEARTH_HOME/session.json` (mode 0600): how kernels, REPLs and scripts find the server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionFile {
-    /// Base URL.
-    pub url: String,
-    /// Bearer token.
-    pub token: String,
-    /// Server process id.
-    pub pid: u32,
-    /// What `--model` named.
-    pub model: String,
-    /// `running` or `stopped`.
-    pub state: String,
-    /// Unix seconds.
-    pub started_at: f64,
-    /// Why it stopped (`idle timeout`, `SIGTERM`, …).
-    #[serde(default)]
-    pub stop_reason: Option<String>,
+/// Writes the session file atomically, readable by the owner only.
+fn write_session_file(file: &SessionFile, path: &Path) -> Result<(), ServerError> {
+    let text = serde_json::to_string_pretty(file).map_err(|e| ServerError::Config(e.to_string()))?;
+    write_private(path, text.as_bytes())
 }
 
-impl SessionFile {
-    /// Reads one, if present and well-formed.
-    pub fn read(path: &Path) -> Option<Self> {
-        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-    }
-
-    /// Writes it atomically, readable by the owner only.
-    pub fn write(&self, path: &Path) -> Result<(), ServerError> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| ServerError::Config(e.to_string()))?;
-        write_private(path, text.as_bytes())
-    }
-
-    /// True when its process still runs.
-    pub fn alive(&self) -> bool {
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        self.state == "running" && unsafe { libc::kill(self.pid as libc::pid_t, 0) } == 0
-    }
+/// True when the session file names a running server whose process still exists.
+fn server_alive(file: &SessionFile) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    file.state == "running" && unsafe { libc::kill(file.pid as libc::pid_t, 0) } == 0
 }
 
 /// Writes `bytes` to `path` via a 0600 temporary, fsync and rename.
@@ -266,7 +238,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     std::fs::create_dir_all(&home).map_err(ServerError::io("creating", home.display()))?;
     let session_path = home.join("session.json");
     let previous = SessionFile::read(&session_path);
-    if let Some(p) = previous.as_ref().filter(|p| p.alive() && p.pid != std::process::id()) {
+    if let Some(p) = previous.as_ref().filter(|p| server_alive(p) && p.pid != std::process::id()) {
         return Err(ServerError::Config(format!(
             "a server is already running for {} (pid {}, {}); attach to it, or stop it first",
             home.display(),
@@ -347,7 +319,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         started_at: now_ms() as f64 / 1000.0,
         stop_reason: None,
     };
-    session.write(&session_path)?;
+    write_session_file(&session, &session_path)?;
     shared.registry.server_started(session.pid, &url, &opts.model)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -362,7 +334,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     let _ = shared.tx.lock().unwrap_or_else(|p| p.into_inner()).send(worker::Msg::Stop);
     let _ = worker.join();
     shared.registry.server_stopped(session.pid, &reason)?;
-    SessionFile { state: "stopped".into(), stop_reason: Some(reason.clone()), ..session }.write(&session_path)?;
+    write_session_file(&SessionFile { state: "stopped".into(), stop_reason: Some(reason.clone()), ..session }, &session_path)?;
     log::info!("stopped ({reason})");
     served
 }

@@ -80,15 +80,6 @@ pub struct Options {
 impl Options {
     /// The home folder these options point at.
     pub fn home_dir(&self) -> PathBuf {
-        if let Some(h) = &self.home {
-            return h.clone();
-        }
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-        var("HEARTH_HOME").unwrap_or_else(|| {
-            var("XDG_DATA_HOME")
-                .or_else(|| var("HOME").map(|h| h.join(".local/share")))
-                .unwrap_or_else(std::env::temp_dir)
-                .join("hearth")
-        })
+        self.home.clone().unwrap_or_else(hearth_api::home_dir)
     }
 }
