@@ -529,6 +529,17 @@ pub struct ServerInfo {
     pub autosave_every: u64,
 }
 
+/// `POST /v1/settings`: server settings changed while it runs. Fields left out keep their value;
+/// the answer holds every setting's current value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Seconds of inactivity before the server saves every run and exits (0 = never; at most
+    /// 604800, a week).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+}
+
 /// A run brought back at start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResumedRun {

@@ -11,7 +11,7 @@ use hearth_api::{
     AdamParams, CancelResponse, ChatMessage, CheckpointKind, CreateRunRequest, Datum, DetokenizeRequest, ForwardBackwardInput,
     ForwardBackwardOutput, LoadStateRequest, LoadStateResponse, LossFn, Metrics, OptimStepOutput, RenderChatRequest,
     RenderChatResponse, RequestState, RequestStatus, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest,
-    SaveStateResponse, ServerInfo, SessionFile, Text, TokenizeRequest, Tokens, TrainingConfig,
+    SaveStateResponse, ServerInfo, SessionFile, Settings, Text, TokenizeRequest, Tokens, TrainingConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -366,6 +366,26 @@ impl Session {
     pub fn autosave(&self) -> Result<Vec<SaveStateResponse>> {
         let v = self.send("POST", "/v1/autosave", Some(&Value::Object(Default::default())))?;
         serde_json::from_value(v["saved"].clone()).map_err(|e| HearthError::Decode(e.to_string()))
+    }
+
+    /// Sets the server's idle timeout while it runs: after `seconds` with no request it saves
+    /// every run and exits, and the next call starts it again with the runs restored (0 = never).
+    /// Returns the value now in force. It lasts until the server exits; a restarted server uses
+    /// its default again.
+    pub fn set_idle_timeout(&self, seconds: u64) -> Result<u64> {
+        let s: Settings = self.post("/v1/settings", &Settings { idle_timeout_s: Some(seconds) })?;
+        Ok(s.idle_timeout_s.unwrap_or(seconds))
+    }
+
+    /// Why the server of this handle's home stopped (`idle timeout`, `shutdown request`,
+    /// `SIGTERM`), or `None` while it runs. It only reads the session file: no request, so it
+    /// does not count as activity.
+    pub fn stop_reason(&self) -> Option<String> {
+        let s = read_session_file(&self.home)?;
+        match running(&s) {
+            Some(_) => None,
+            None => Some(s.stop_reason.unwrap_or_else(|| "its process is gone".into())),
+        }
     }
 
     /// Asks the server to save every run and exit.

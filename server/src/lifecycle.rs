@@ -143,7 +143,8 @@ pub struct App {
     budget: Option<f64>,
     budget_saved: AtomicBool,
     resumed: Vec<ResumedRun>,
-    idle_timeout: u64,
+    /// Seconds without a request before saving and exiting (0 = never); `POST /v1/settings` changes it.
+    pub idle_timeout: AtomicU64,
     model_loads: u64,
     shutdown_tx: watch::Sender<Option<String>>,
 }
@@ -166,7 +167,7 @@ impl App {
             runs: self.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             resumed: self.resumed.clone(),
             cost: self.cost(),
-            idle_timeout_s: self.idle_timeout,
+            idle_timeout_s: self.idle_timeout.load(Ordering::SeqCst),
             autosave_every: self.shared.autosave_every,
         }
     }
@@ -300,7 +301,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         budget: opts.budget_usd,
         budget_saved: AtomicBool::new(false),
         resumed,
-        idle_timeout: opts.idle_timeout,
+        idle_timeout: AtomicU64::new(opts.idle_timeout),
         model_loads: 1,
         shutdown_tx,
     });
@@ -358,22 +359,20 @@ async fn serve(
         let reason = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
         sig_app.trigger_shutdown(reason);
     });
-    if app.idle_timeout > 0 {
-        let idle_app = app.clone();
-        tokio::spawn(async move {
-            let limit_ms = idle_app.idle_timeout * 1000;
-            let tick = Duration::from_millis((limit_ms / 4).clamp(50, 1000));
-            loop {
-                tokio::time::sleep(tick).await;
-                let s = &idle_app.shared;
-                let idle = now_ms().saturating_sub(s.last_activity_ms.load(Ordering::SeqCst));
-                if s.in_flight.load(Ordering::SeqCst) == 0 && idle >= limit_ms {
-                    idle_app.trigger_shutdown("idle timeout");
-                    return;
-                }
+    // The limit is read on every tick, so `POST /v1/settings` can change it (0 = never).
+    let idle_app = app.clone();
+    tokio::spawn(async move {
+        loop {
+            let limit_ms = idle_app.idle_timeout.load(Ordering::SeqCst).saturating_mul(1000);
+            tokio::time::sleep(Duration::from_millis((limit_ms / 4).clamp(50, 1000))).await;
+            let s = &idle_app.shared;
+            let idle = now_ms().saturating_sub(s.last_activity_ms.load(Ordering::SeqCst));
+            if limit_ms > 0 && s.in_flight.load(Ordering::SeqCst) == 0 && idle >= limit_ms {
+                idle_app.trigger_shutdown("idle timeout");
+                return;
             }
-        });
-    }
+        }
+    });
     let seq_app = app.clone();
     tokio::spawn(async move {
         let reason = match shutdown_rx.wait_for(|r| r.is_some()).await {

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hearth_api::{
     CancelResponse, CreateRunRequest, DetokenizeRequest, ErrorResponse, Metrics, RenderChatRequest, RenderChatResponse, RequestState,
-    RequestStatus, Text, TokenizeRequest, Tokens,
+    RequestStatus, Settings, Text, TokenizeRequest, Tokens,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -38,6 +38,7 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v1/cancel", post(cancel_all))
         .route("/v1/autosave", post(autosave_all))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/settings", post(settings).get(get_settings))
         .fallback(|| async { ApiError::not_found("no such route; see GET /v1/info and the README for the API") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
@@ -302,4 +303,31 @@ async fn autosave_all(State(app): State<Arc<App>>) -> Response {
 async fn shutdown(State(app): State<Arc<App>>) -> Response {
     app.trigger_shutdown("shutdown request");
     Json(serde_json::json!({"shutting_down": true})).into_response()
+}
+
+/// The longest idle timeout `POST /v1/settings` accepts (a week).
+const MAX_IDLE_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
+fn current_settings(app: &App) -> Settings {
+    Settings { idle_timeout_s: Some(app.idle_timeout.load(Ordering::SeqCst)) }
+}
+
+async fn get_settings(State(app): State<Arc<App>>) -> Json<Settings> {
+    Json(current_settings(&app))
+}
+
+/// Changes settings of the running server; a bad body is a 400 that changes nothing.
+async fn settings(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: Settings = match parse(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(s) = req.idle_timeout_s.filter(|&s| s > MAX_IDLE_TIMEOUT_S) {
+        return ApiError::invalid(format!("idle_timeout_s = {s} is more than a week ({MAX_IDLE_TIMEOUT_S}); use 0 for never")).into_response();
+    }
+    if let Some(s) = req.idle_timeout_s {
+        app.idle_timeout.store(s, Ordering::SeqCst);
+        log::info!("idle timeout set to {s} s");
+    }
+    Json(current_settings(&app)).into_response()
 }

@@ -172,3 +172,36 @@ fn a_spent_budget_saves_every_run_and_refuses_training() {
     assert_eq!(info["runs"][0]["last_checkpoint_step"], 1, "the run was saved when the budget ran out: {info}");
     assert!(info["cost"]["spent_usd"].as_f64().unwrap() >= 1.0);
 }
+
+#[test]
+fn the_idle_timeout_set_at_run_time_stops_the_server_and_the_next_one_resumes() {
+    let h = home("settings-idle");
+    // Started with the default (half an hour): only the setting can make it stop within the test.
+    let mut s = Server::start(&h, &["--autosave-every", "0"]);
+    s.ok("/v1/runs", &json!({"name": "r"}));
+    (0..3).for_each(|i| drop(train_step(&s, "r", i)));
+
+    // Bad input is a 400 naming the field, and changes nothing.
+    for bad in [json!({"idle_timeout_s": -1}), json!({"idle_timeout_s": "2"}), json!({"idle_timeout": 2}), json!({"idle_timeout_s": 604_801})] {
+        let (status, err) = s.post("/v1/settings", &bad);
+        assert_eq!(status, 400, "{bad} -> {err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains("idle_timeout"), "{err}");
+    }
+    let (_, now) = s.get("/v1/settings");
+    assert_eq!(now["idle_timeout_s"], 1800, "a refused setting changed the timeout: {now}");
+
+    let set = s.ok("/v1/settings", &json!({"idle_timeout_s": 1}));
+    assert_eq!(set["idle_timeout_s"], 1);
+    let (_, info) = s.get("/v1/info");
+    assert_eq!(info["idle_timeout_s"], 1);
+    assert!(s.wait_exit(30).success(), "idle for a second after the setting: saves and exits by itself");
+    let session: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(h.join("session.json")).unwrap()).unwrap();
+    assert_eq!(session["stop_reason"], "idle timeout");
+    drop(s);
+
+    // The next server resumes the run where it stopped, with the default timeout again.
+    let s = Server::start(&h, &["--autosave-every", "0"]);
+    let (_, info) = s.get("/v1/info");
+    assert_eq!(info["resumed"][0]["step"], 3, "{info}");
+    assert_eq!(info["idle_timeout_s"], 1800);
+}
