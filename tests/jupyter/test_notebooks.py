@@ -1,0 +1,161 @@
+"""The teaching notebooks in notebooks/, executed with nbclient on the real kernel and server (CPU).
+
+Each notebook runs in its own hearth home (so its own session server) and prints a few `KEY value` lines that
+the asserts read: the loss or reward moved the right way by a stated margin, the plots came out as
+`image/svg+xml`, and notebook 03's server stopped on its own and came back with the run restored.
+Executed copies are written to tests/jupyter/out/ (ignored) for a look.
+"""
+
+import json
+import os
+import re
+import time
+import urllib.request
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT
+
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+OUT = os.path.join(ROOT, "tests", "jupyter", "out")
+
+
+def stop_server(home):
+    """Asks the server of `home` to save and exit, and waits until its process is gone."""
+    try:
+        with open(os.path.join(home, "session.json")) as f:
+            s = json.load(f)
+    except OSError:
+        return
+    if s.get("state") == "running":
+        req = urllib.request.Request(s["url"] + "/v1/shutdown", data=b"{}", method="POST",
+                                     headers={"Authorization": "Bearer " + s["token"]})
+        try:
+            urllib.request.urlopen(req, timeout=30).read()
+        except OSError:
+            pass
+    for _ in range(300):
+        try:
+            os.kill(s["pid"], 0)
+        except OSError:
+            return
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A hearth home of its own: the notebook's kernel starts a fresh server there."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("HEARTH_HOME", str(h))
+    yield h
+    stop_server(h)
+
+
+def execute_notebook(name, tmp_path):
+    """Runs every cell (an error in any cell fails the test); returns the executed notebook and seconds."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "hearth", nb.metadata
+    t0 = time.time()
+    NotebookClient(nb, timeout=600, kernel_name="hearth", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    seconds = time.time() - t0
+    os.makedirs(OUT, exist_ok=True)
+    nbformat.write(nb, os.path.join(OUT, name))
+    print(f"\n{name}: {seconds:.1f} s")
+    assert seconds < 300, f"{name} took {seconds:.0f} s; the notebooks must stay quick on a 2-core CPU"
+    return nb, seconds
+
+
+def cell(nb, marker):
+    """The one code cell whose source contains `marker`."""
+    found = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+    assert len(found) == 1, f"{len(found)} cells contain {marker!r}"
+    return found[0]
+
+
+def text(c, stream=None):
+    """Everything a cell printed (stdout and stderr, or one of them) plus the text/plain of its displays."""
+    parts = []
+    for o in c.outputs:
+        if o.output_type == "stream" and stream in (None, o.name):
+            parts.append(o.text)
+        elif stream is None and "data" in o:
+            parts.append(o.data.get("text/plain", ""))
+    return "".join(parts)
+
+
+def svgs(c):
+    return [o.data["image/svg+xml"] for o in c.outputs if "data" in o and "image/svg+xml" in o.data]
+
+
+def numbers(pattern, s):
+    m = re.search(pattern, s)
+    assert m, f"{pattern!r} not in {s!r}"
+    return [float(x) for x in m.groups()]
+
+
+def test_01_quickstart_learns_to_reverse_words(home, tmp_path):
+    nb, _ = execute_notebook("01-quickstart.ipynb", tmp_path)
+
+    before = text(cell(nb, "BEFORE"))
+    assert before.count("BEFORE") == 3 and '"tac\\n"' not in before, before
+
+    train = cell(nb, "progress.finish()")
+    first, last = numbers(r"LOSS first ([\d.]+) last ([\d.]+)", text(train))
+    assert first > 4.0, f"an untrained byte model starts near ln 256 = 5.5, got {first}"
+    assert last < 0.1 * first, f"the loss per answer byte fell only from {first} to {last} in 40 steps"
+    assert svgs(train), "the live loss plot is not an image/svg+xml display"
+    assert any("text/html" in o.get("data", {}) for o in train.outputs), "no progress bar"
+
+    correct, total = numbers(r"CORRECT (\d+)/(\d+)", text(cell(nb, "CORRECT")))
+    assert total == 8 and correct >= 7, f"only {correct}/8 words reversed after training"
+
+    assert any("text/html" in o.get("data", {}) for o in cell(nb, "sample_table").outputs)
+    assert len(svgs(nb.cells[-2])) == 1, "the final loss plot is not image/svg+xml"
+
+
+def test_02_rl_raises_the_reward_with_both_losses(home, tmp_path):
+    nb, _ = execute_notebook("02-rl.ipynb", tmp_path)
+    for loss, marker in [("importance_sampling", "LossFn::ImportanceSampling"), ("ppo", "LossFn::Ppo")]:
+        c = cell(nb, marker)
+        first, last = numbers(rf"REWARD {loss} first ([\d.]+) last ([\d.]+)", text(c))
+        assert first < 0.3, f"{loss}: an untrained model writes random bytes (about 0.1 lowercase), got {first}"
+        assert last > first + 0.4, f"{loss}: the mean reward rose only from {first:.3f} to {last:.3f} in 30 iterations"
+        assert svgs(c), f"{loss}: no live reward plot"
+    both = svgs(cell(nb, '.series("ppo'))
+    assert len(both) == 1 and "importance_sampling" in both[0] and "ppo" in both[0]
+
+
+def test_03_the_server_times_out_and_the_next_cell_restores_the_run(home, tmp_path):
+    nb, _ = execute_notebook("03-never-lose-work.ipynb", tmp_path)
+
+    saved = text(cell(nb, "CheckpointKind::Merged"))
+    for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "hearth.json", "model.safetensors", "config.json"]:
+        assert f in saved, f"{f} missing from the save_state listing:\n{saved}"
+    assert "autosave-00000025" in text(cell(nb, 'names.sort()')), "no autosave at step 25"
+
+    stopped = text(cell(nb, "set_idle_timeout"))
+    (secs,) = numbers(r"SERVER STOPPED after ([\d.]+) s", stopped)
+    assert 'Some("idle timeout")' in stopped and secs < 30, stopped
+
+    restore = cell(nb, "STEP before")
+    stderr = text(restore, "stderr")
+    run = re.search(r"run (sums-\d+) at step", text(cell(nb, "sums-"))).group(1)
+    assert "hearth: started the session server (tiny); restored" in stderr, f"no restore message: {stderr!r}"
+    assert f"run {run} at step 30" in stderr, stderr
+    before, after = numbers(r"STEP before (\d+) after (\d+)", text(restore, "stdout"))
+    assert (before, after) == (30, 31), "the run did not continue at the step it stopped"
+    assert svgs(nb.cells[-2]), "no loss plot after the restore"
+
+
+def test_04_two_learning_rates_share_one_model_and_one_plot(home, tmp_path):
+    nb, _ = execute_notebook("04-compare-runs.ipynb", tmp_path)
+    final = cell(nb, "FINAL")
+    s0, s1, f0, f1 = numbers(r"FINAL slow ([\d.]+) -> ([\d.]+) fast ([\d.]+) -> ([\d.]+)", text(final))
+    assert abs(s0 - f0) < 1e-3 * s0, "both runs start from the same base model and a zero LoRA update"
+    assert s1 < s0 and f1 < 0.5 * s1, f"the larger learning rate should end far lower: slow {s0}->{s1}, fast {f0}->{f1}"
+    assert "MODEL LOADS 1" in text(final)
+    plot = svgs(final)
+    assert len(plot) == 1 and re.search(r"lr-3e-4-\d+", plot[0]) and re.search(r"lr-3e-3-\d+", plot[0])
+    assert svgs(cell(nb, "queued")), "no live comparison plot"
