@@ -24,3 +24,48 @@ pub mod worker;
 pub use error::{ApiError, ServerError};
 pub use hearth_api::SessionFile;
 pub use lifecycle::{run, App, Ready};
+
+use clap::Parser;
+use std::io::Write;
+
+/// Log lines on stderr (`HEARTH_LOG=debug` for more); the token is never logged.
+struct StderrLog(log::LevelFilter);
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.0
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            let _ = writeln!(std::io::stderr(), "hearth-server {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The server's command line: parse `args` (the first is the program name), serve until
+/// shutdown, return the exit code. The `hearth-server` binary and `hearth serve` both run this.
+pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    hearth_engine::alloc::keep_freed_memory();
+    let level = std::env::var("HEARTH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Info);
+    let _ = log::set_boxed_logger(Box::new(StderrLog(level))).map(|()| log::set_max_level(level));
+    let opts = match options::Options::try_parse_from(args) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let result = run(opts, |ready| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "hearth-server listening on {} (session file {})", ready.url, ready.session_file.display());
+        let _ = out.flush();
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "hearth-server: {e}");
+            1
+        }
+    }
+}
