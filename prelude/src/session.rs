@@ -77,6 +77,36 @@ impl Session {
         Self::connect_home(&home_dir(), "main")
     }
 
+    /// Attaches to the server of `home` on run `run`, starting one on `model` if none runs
+    /// (`resume`: `Some` passes `--resume` / `--no-resume`, `None` leaves the server's default).
+    /// A running server on another model is an error, not silently used.
+    pub fn connect_or_start(home: &Path, run: &str, model: &str, resume: Option<bool>) -> Result<Session> {
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
+        let file = read_session_file(home);
+        let conn = file.as_ref().and_then(running);
+        if let (Some(_), Some(f)) = (&conn, &file) {
+            if f.model != model {
+                return Err(HearthError::NoServer(format!(
+                    "the server for {} (pid {}) runs model {:?}, not {model:?}: use it, stop it, or pick another --home",
+                    home.display(),
+                    f.pid,
+                    f.model
+                )));
+            }
+        }
+        let s = Session {
+            conn: Arc::new(Mutex::new(conn.clone().unwrap_or(Conn { url: String::new(), token: String::new() }))),
+            agent,
+            home: home.to_path_buf(),
+            run: run.to_string(),
+        };
+        if conn.is_none() {
+            s.start_server(model, resume)?;
+        }
+        s.ensure_run(run, None)?;
+        Ok(s)
+    }
+
     /// Attaches to the server of `home` on run `run` (created with the default LoRA if missing).
     pub fn connect_home(home: &Path, run: &str) -> Result<Session> {
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
@@ -202,24 +232,35 @@ impl Session {
             return Ok(());
         }
         let model = read_session_file(&self.home).map(|s| s.model);
-        self.start_server(model.as_deref().unwrap_or("tiny"))
+        self.start_server(model.as_deref().unwrap_or("tiny"), None)
     }
 
-    fn server_binary() -> Result<PathBuf> {
+    /// The program that serves, and the arguments before its flags: `HEARTH_SERVER_BIN`, else
+    /// `hearth-server` next to this executable, else the `hearth` REPL next to it (or this
+    /// executable itself, when it is the REPL or its cell process) as `hearth serve`, else
+    /// `hearth-server` on `PATH`.
+    fn server_binary() -> Result<(PathBuf, Vec<&'static str>)> {
+        let with_args = |p: PathBuf| {
+            let serve = p.file_name().is_some_and(|n| n == "hearth");
+            (p, if serve { vec!["serve"] } else { vec![] })
+        };
         if let Some(p) = std::env::var_os("HEARTH_SERVER_BIN") {
-            return Ok(PathBuf::from(p));
+            return Ok(with_args(PathBuf::from(p)));
         }
-        if let Some(p) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("hearth-server"))).filter(|p| p.is_file()) {
-            return Ok(p);
+        let exe = std::env::current_exe().ok();
+        let beside = |name: &str| exe.as_ref().and_then(|e| e.parent().map(|d| d.join(name))).filter(|p| p.is_file());
+        if let Some(p) = beside("hearth-server").or_else(|| beside("hearth")) {
+            return Ok(with_args(p));
         }
         std::env::var_os("PATH")
             .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("hearth-server")).find(|p| p.is_file()))
+            .map(with_args)
             .ok_or_else(|| HearthError::NoServer("hearth-server is not on PATH (set HEARTH_SERVER_BIN)".into()))
     }
 
-    fn start_server(&self, model: &str) -> Result<()> {
+    fn start_server(&self, model: &str, resume: Option<bool>) -> Result<()> {
         use std::os::unix::process::CommandExt;
-        let bin = Self::server_binary()?;
+        let (bin, lead) = Self::server_binary()?;
         let t0 = Instant::now();
         std::fs::create_dir_all(&self.home).map_err(|e| HearthError::NoServer(e.to_string()))?;
         let log = std::fs::OpenOptions::new()
@@ -228,9 +269,18 @@ impl Session {
             .open(self.home.join("server.log"))
             .map_err(|e| HearthError::NoServer(format!("server.log: {e}")))?;
         let before = read_session_file(&self.home).map(|s| s.pid);
+        let resume = match resume {
+            Some(true) => Some("--resume"),
+            Some(false) => Some("--no-resume"),
+            None => None,
+        };
         std::process::Command::new(&bin)
+            .args(lead)
             .args(["--model", model, "--home"])
             .arg(&self.home)
+            .args(resume)
+            // started from a cell process, it must not inherit evcxr's "be a cell runner" switch
+            .env_remove("EVCXR_IS_RUNTIME")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
