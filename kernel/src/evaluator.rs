@@ -182,6 +182,11 @@ impl Evaluator {
         g.clone().unwrap_or(Ok(()))
     }
 
+    /// Whether the context and prelude are set up (successfully or not), without waiting.
+    pub fn is_ready(&self) -> bool {
+        self.ready.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Evaluates a cell (blocking).
     pub fn eval(&self, code: &str) -> Result<CellOutput, CellError> {
         let (tx, rx) = mpsc::channel();

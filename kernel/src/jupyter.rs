@@ -7,7 +7,7 @@
 use crate::evaluator::{CellError, Evaluator, LineSink};
 use crate::magics;
 use crate::scanner::{is_complete, Completeness};
-use hearth::display::MARKER;
+use hearth::display::{front_end_only, MARKER};
 use jupyter_protocol::messaging::*;
 use jupyter_protocol::{ConnectionInfo, ExecutionCount, JupyterMessage, JupyterMessageContent, Media};
 use jupyter_zmq_client::connection::SubscriptionEvent;
@@ -81,7 +81,11 @@ impl Kernel {
                     self.publish(ClearOutput { wait: v["wait"] == true }, &parent);
                     return;
                 }
-                let data: Media = serde_json::from_value(v["data"].clone()).unwrap_or_default();
+                let mut data = v["data"].clone();
+                if let Some(map) = data.as_object_mut() {
+                    map.retain(|mime, _| !front_end_only(mime));
+                }
+                let data: Media = serde_json::from_value(data).unwrap_or_default();
                 let id = v["display_id"].as_str();
                 if v["update"] == true {
                     if let Some(id) = id {
@@ -106,7 +110,14 @@ impl Kernel {
 }
 
 fn bundle_media(b: &hearth::Bundle) -> Media {
-    serde_json::from_value(serde_json::to_value(&b.data).unwrap_or_default()).unwrap_or_default()
+    media(b.data.iter())
+}
+
+/// A MIME bundle for Jupyter, without the types only hearth's own front-ends read.
+fn media<'a>(data: impl Iterator<Item = (&'a String, &'a String)>) -> Media {
+    let kept: serde_json::Map<String, serde_json::Value> =
+        data.filter(|(mime, _)| !front_end_only(mime)).map(|(m, c)| (m.clone(), serde_json::Value::String(c.clone()))).collect();
+    serde_json::from_value(serde_json::Value::Object(kept)).unwrap_or_default()
 }
 
 fn kernel_info() -> KernelInfoReply {
@@ -496,7 +507,7 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
                 }
             }
             if !out.data.is_empty() && !req.silent {
-                let media: Media = serde_json::from_value(serde_json::to_value(&out.data).unwrap_or_default()).unwrap_or_default();
+                let media = media(out.data.iter());
                 let mut result = ExecuteResult::new(count, media);
                 result.transient = Some(Transient { display_id: None });
                 k.publish(result, msg);

@@ -19,6 +19,20 @@ use std::time::Instant;
 /// Prefix of a display line on stderr.
 pub const MARKER: &str = "\u{1b}]hearth-display;";
 
+/// A progress bar's state as JSON (`label`, `done`, `total`, `note`, `elapsed_s`), for the
+/// terminal REPL, which draws its own bar; Jupyter front-ends never see it ([`front_end_only`]).
+pub const PROGRESS_MIME: &str = "text/x-hearth-progress";
+
+/// A sample table as JSON (`prompt`, `rows`: `tokens`, `logprobs`, `stop`), for the terminal
+/// REPL, which colours tokens by logprob; Jupyter front-ends never see it.
+pub const SAMPLES_MIME: &str = "text/x-hearth-samples";
+
+/// MIME types that carry data for hearth's own front-ends, which the kernel drops before
+/// publishing (notebooks keep the HTML, SVG and text forms).
+pub fn front_end_only(mime: &str) -> bool {
+    mime.starts_with("text/x-hearth-")
+}
+
 /// MIME type → content, with an optional display id for in-place updates.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Bundle {
@@ -244,9 +258,12 @@ impl SampleTable {
         out
     }
 
-    /// HTML + text.
+    /// HTML + text (+ the rows as JSON for the terminal).
     pub fn bundle(&self) -> Bundle {
-        Bundle::text(self.text()).with("text/html", self.html())
+        let rows: Vec<serde_json::Value> =
+            self.rows.iter().map(|(tokens, logprobs, stop)| serde_json::json!({"tokens": tokens, "logprobs": logprobs, "stop": stop})).collect();
+        let json = serde_json::json!({"prompt": self.prompt, "rows": rows});
+        Bundle::text(self.text()).with("text/html", self.html()).with(SAMPLES_MIME, json.to_string())
     }
 
     /// Shows it mid-cell.
@@ -316,7 +333,8 @@ impl Progress {
             secs,
             html_escape(&self.note)
         );
-        Bundle { display_id: Some(self.id.clone()), ..Bundle::text(text).with("text/html", html) }
+        let json = serde_json::json!({"label": self.label, "done": self.done, "total": self.total, "note": self.note, "elapsed_s": secs});
+        Bundle { display_id: Some(self.id.clone()), ..Bundle::text(text).with("text/html", html).with(PROGRESS_MIME, json.to_string()) }
     }
 }
 
