@@ -1,0 +1,586 @@
+//! The REPL's front-end: connects to (or starts) the session server and creates the evaluator in
+//! the background, runs cells and magics, turns Ctrl-C into the kernel's two-step interrupt, and
+//! asks the server to autosave on the way out. The interactive loop (rustyline) and the script
+//! runner both drive a [`Front`].
+
+use crate::render::Terminal;
+use hearth::Session;
+use hearth_kernel::evaluator::{CellError, Evaluator, LineSink};
+use hearth_kernel::magics;
+use hearth_kernel::scanner::{is_complete, Completeness};
+use rustyline::completion::{Completer, Pair};
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::validate::{ValidationContext, ValidationResult, Validator};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How to reach the session server.
+#[derive(Debug, Clone)]
+pub enum Connect {
+    /// The server of `$HEARTH_HOME`, started on `model` if none runs.
+    Home {
+        /// Preset, local folder or hub id.
+        model: String,
+        /// `--resume` / `--no-resume` for a server this starts.
+        resume: Option<bool>,
+    },
+    /// A server elsewhere (`HEARTH_URL` and `HEARTH_TOKEN` are set for the cell process too).
+    Attach {
+        /// Its URL.
+        url: String,
+        /// Its bearer token.
+        token: String,
+    },
+}
+
+type Printer = Box<dyn rustyline::ExternalPrinter + Send>;
+
+/// State shared by the input loop, the background start, the cell's output threads and the
+/// Ctrl-C thread.
+pub struct Front {
+    term: Arc<Terminal>,
+    session: OnceLock<Result<Session, String>>,
+    evaluator: OnceLock<Evaluator>,
+    /// Prints above the prompt while rustyline reads (interactive mode).
+    printer: Mutex<Option<Printer>>,
+    executing: AtomicBool,
+    cell: AtomicU64,
+    presses: AtomicU32,
+    /// Set by Ctrl-C or an error marker: the running cell ends with this error.
+    cell_error: Mutex<Option<CellError>>,
+    /// Output lines being rendered right now, so a cell's output precedes its result.
+    publishing: AtomicUsize,
+    /// The evaluator is ready (or failed) and stderr is back.
+    prepared: AtomicBool,
+    launched: Instant,
+}
+
+impl Front {
+    /// Starts connecting and creating the evaluator in the background; returns at once.
+    pub fn start(term: Arc<Terminal>, connect: Connect, launched: Instant) -> Arc<Front> {
+        let front = Arc::new(Front {
+            term,
+            session: OnceLock::new(),
+            evaluator: OnceLock::new(),
+            printer: Mutex::new(None),
+            executing: AtomicBool::new(false),
+            cell: AtomicU64::new(0),
+            presses: AtomicU32::new(0),
+            cell_error: Mutex::new(None),
+            publishing: AtomicUsize::new(0),
+            prepared: AtomicBool::new(false),
+            launched,
+        });
+        let f = front.clone();
+        std::thread::Builder::new()
+            .name("hearth-start".into())
+            .spawn(move || f.connect_and_prepare(connect))
+            .ok();
+        let f = front.clone();
+        if let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT])
+        {
+            std::thread::Builder::new()
+                .name("hearth-ctrl-c".into())
+                .spawn(move || {
+                    for _ in signals.forever() {
+                        f.interrupt();
+                    }
+                })
+                .ok();
+        }
+        front
+    }
+
+    /// Lets background messages print above rustyline's prompt.
+    pub fn set_printer(&self, p: Printer) {
+        *self.printer.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+    }
+
+    /// A note from hearth, printed above the prompt when one is shown.
+    fn notify(&self, msg: &str) {
+        let mut printer = self.printer.lock().unwrap_or_else(|p| p.into_inner());
+        match printer.as_mut() {
+            Some(p) if !self.executing.load(Ordering::SeqCst) => {
+                let _ = p.print(format!("{msg}\n"));
+            }
+            _ => self.term.note(msg),
+        }
+    }
+
+    fn connect_and_prepare(self: Arc<Self>, connect: Connect) {
+        // evcxr writes cargo's `Compiling x` lines for the prelude's dependencies straight to
+        // this process's stderr, over the prompt; until the prelude is ready, stderr is a pipe
+        // that drops them and forwards the rest
+        let quiet = QuietStderr::start(&self);
+        let session = match connect {
+            Connect::Home { model, resume } => {
+                Session::connect_or_start(&hearth::home_dir(), "main", &model, resume)
+            }
+            Connect::Attach { url, token } => Session::attach(&url, &token, "main"),
+        }
+        .map_err(|e| e.to_string());
+        match &session {
+            Ok(s) => {
+                let step = s
+                    .runs()
+                    .ok()
+                    .and_then(|r| r.into_iter().find(|r| r.id == s.run_name()).map(|r| r.step))
+                    .unwrap_or(0);
+                let model = s
+                    .info()
+                    .map(|i| format!("{} on {}", i.model, i.device))
+                    .unwrap_or_default();
+                self.notify(&format!("hearth: connected to {} ({model}), run {} at step {step}; compiling the prelude…", s.url(), s.run_name()));
+            }
+            Err(e) => self.notify(&format!("hearth: no session server: {e}")),
+        }
+        let _ = self.session.set(session);
+        let (a, b) = (self.clone(), self.clone());
+        let out: LineSink = Arc::new(move |l: &str| a.child_line(l, false));
+        let err: LineSink = Arc::new(move |l: &str| b.child_line(l, true));
+        let ev = Evaluator::start(out, err);
+        let _ = self.evaluator.set(ev.clone());
+        let ready = ev.wait_ready();
+        if let Some(q) = quiet {
+            q.stop();
+        }
+        self.prepared.store(true, Ordering::SeqCst);
+        match ready {
+            Ok(()) => self.notify(&format!(
+                "hearth: `session` is ready ({:.1} s)",
+                self.launched.elapsed().as_secs_f64()
+            )),
+            Err(e) => self.notify(&format!(
+                "hearth: the prelude failed, cells cannot run: {e}"
+            )),
+        }
+    }
+
+    /// A line that was on its way to stderr while it was borrowed: above the prompt, or to the
+    /// real stderr.
+    fn forward_stderr(&self, line: &str, saved: libc::c_int) {
+        let mut printer = self.printer.lock().unwrap_or_else(|p| p.into_inner());
+        match printer.as_mut() {
+            Some(p) => {
+                let _ = p.print(format!("{line}\n"));
+            }
+            None => {
+                let bytes = format!("{line}\n");
+                // SAFETY: `saved` is a descriptor this process keeps open for its whole life.
+                let _ = unsafe { libc::write(saved, bytes.as_ptr().cast(), bytes.len()) };
+            }
+        }
+    }
+
+    fn child_line(&self, line: &str, stderr: bool) {
+        // cargo's progress while the prelude compiles between cells: noise at a prompt
+        if !self.executing.load(Ordering::SeqCst) && is_cargo_status(line) {
+            return;
+        }
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        if stderr {
+            if let Some(e) = self.term.child_stderr(line) {
+                *self.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+        } else {
+            self.term.child_stdout(line);
+        }
+        self.publishing.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Waits up to `max` for the background connection.
+    pub fn wait_connected(&self, max: Duration) {
+        let t0 = Instant::now();
+        while self.session.get().is_none() && t0.elapsed() < max {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the background connection.
+    fn session(&self) -> Result<&Session, String> {
+        loop {
+            if let Some(s) = self.session.get() {
+                return s.as_ref().map_err(Clone::clone);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn evaluator(&self) -> Evaluator {
+        loop {
+            if let Some(e) = self.evaluator.get() {
+                return e.clone();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Completions for rustyline: magic names, else evcxr's (once it is ready).
+    fn complete(&self, line: &str, pos: usize) -> (usize, Vec<String>) {
+        let head = &line[..pos];
+        let word = head.trim_start();
+        if word.starts_with(':') && !word.contains(char::is_whitespace) {
+            let word = word.trim_start_matches(':');
+            let names = magics::MAGICS
+                .iter()
+                .filter(|m| m.name.starts_with(word))
+                .map(|m| format!(":{}", m.name))
+                .collect();
+            return (line.len() - line.trim_start().len(), names);
+        }
+        match self.evaluator.get() {
+            Some(ev) if ev.is_ready() && !self.executing.load(Ordering::SeqCst) => {
+                let (names, start, _) = ev.complete(line, pos);
+                (start, names)
+            }
+            _ => (pos, Vec::new()),
+        }
+    }
+
+    /// Ctrl-C: while a cell runs, first cancel the server's operation (the cell ends with
+    /// `Interrupted`, variables kept); if the cell still runs after the grace period, or on a
+    /// second Ctrl-C, restart the cell process (variables lost, the model untouched).
+    pub fn interrupt(self: &Arc<Self>) {
+        if !self.executing.load(Ordering::SeqCst) {
+            return;
+        }
+        let cell = self.cell.load(Ordering::SeqCst);
+        if self.presses.fetch_add(1, Ordering::SeqCst) > 0 {
+            self.term.note("hearth: restarting the cell process");
+            if let Some(ev) = self.evaluator.get() {
+                ev.kill_child();
+            }
+            return;
+        }
+        *self.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(CellError {
+            ename: "Interrupted".into(),
+            evalue: "the cell was interrupted; the server's operation was cancelled and changed nothing (variables are kept)".into(),
+            traceback: vec![],
+        });
+        self.term
+            .note("hearth: interrupting (Ctrl-C again restarts the cell process)");
+        let f = self.clone();
+        std::thread::spawn(move || {
+            if let Some(Ok(s)) = f.session.get() {
+                let _ = s.cancel_all();
+            }
+            let grace = std::env::var("HEARTH_INTERRUPT_GRACE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3000);
+            std::thread::sleep(Duration::from_millis(grace));
+            if f.executing.load(Ordering::SeqCst) && f.cell.load(Ordering::SeqCst) == cell {
+                if let Some(ev) = f.evaluator.get() {
+                    ev.kill_child();
+                }
+            }
+        });
+    }
+
+    /// Runs one cell (a magic, an evcxr command or Rust) and shows its output; `false` if it
+    /// failed.
+    pub fn run_cell(&self, code: &str) -> bool {
+        if let Some((m, _)) = magics::find(code) {
+            let out = self
+                .session()
+                .and_then(|s| magics::run(code, s).unwrap_or_else(|| Err("not a magic".into())));
+            return match out {
+                Ok(bundle) => {
+                    self.term.show(&bundle.data, None, false);
+                    true
+                }
+                Err(e) => {
+                    self.term.error(&CellError {
+                        ename: format!("Magic:{}", m.name),
+                        evalue: e,
+                        traceback: vec![],
+                    });
+                    false
+                }
+            };
+        }
+        let ev = self.evaluator();
+        if !self.prepared.load(Ordering::SeqCst) {
+            self.term
+                .note("hearth: waiting for `session` (the prelude is compiling)…");
+            while !self.prepared.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if let Err(e) = ev.wait_ready() {
+            self.term.error(&CellError {
+                ename: "PreludeError".into(),
+                evalue: e,
+                traceback: vec![],
+            });
+            return false;
+        }
+        *self.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.presses.store(0, Ordering::SeqCst);
+        self.cell.fetch_add(1, Ordering::SeqCst);
+        self.executing.store(true, Ordering::SeqCst);
+        let result = ev.eval(code);
+        self.executing.store(false, Ordering::SeqCst);
+        // the cell's last output lines are still on their way from the child's pipes
+        std::thread::sleep(Duration::from_millis(15));
+        for _ in 0..200 {
+            if self.publishing.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.term.end_cell();
+        let flagged = self
+            .cell_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let result = match (result, flagged) {
+            (Ok(_), Some(e)) => Err(e),
+            (Err(e), Some(f)) if f.ename == "Interrupted" && e.ename == "ChildRestarted" => {
+                Err(CellError {
+                    ename: "Interrupted".into(),
+                    evalue: e.evalue,
+                    traceback: vec![],
+                })
+            }
+            (r, _) => r,
+        };
+        match result {
+            Ok(out) => {
+                let data: BTreeMap<String, String> = out.data.into_iter().collect();
+                // a cell ending in a statement-like expression (a `for` loop) has the value `()`
+                let unit =
+                    data.len() == 1 && data.get("text/plain").is_some_and(|t| t.trim() == "()");
+                if !data.is_empty() && !unit {
+                    self.term.show(&data, None, false);
+                }
+                true
+            }
+            Err(e) => {
+                self.term.error(&e);
+                false
+            }
+        }
+    }
+
+    /// On the way out: the server saves every run (it stays up, warm, until its idle timeout).
+    pub fn goodbye(&self) {
+        let Some(Ok(s)) = self.session.get() else {
+            return;
+        };
+        match s.autosave() {
+            Ok(saved) if saved.is_empty() => self
+                .term
+                .note("hearth: nothing changed since the last save"),
+            Ok(saved) => {
+                for r in saved {
+                    self.term
+                        .note(&format!("hearth: saved step {} to {}", r.step, r.path));
+                }
+            }
+            Err(e) => self
+                .term
+                .note(&format!("hearth: could not ask the server to save: {e}")),
+        }
+    }
+}
+
+/// Borrows file descriptor 2 (see `connect_and_prepare`).
+struct QuietStderr {
+    saved: libc::c_int,
+}
+
+impl QuietStderr {
+    fn start(front: &Arc<Front>) -> Option<QuietStderr> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: plain descriptor calls on descriptors this function owns; on any failure
+        // stderr is left as it was.
+        unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return None;
+            }
+            let saved = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
+            if saved < 0 || libc::dup2(fds[1], 2) < 0 {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+                return None;
+            }
+            libc::close(fds[1]);
+            let read = <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]);
+            let front = front.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(read).lines().map_while(Result::ok) {
+                    if !is_cargo_status(&line) {
+                        front.forward_stderr(&line, saved);
+                    }
+                }
+            });
+            Some(QuietStderr { saved })
+        }
+    }
+
+    /// Gives stderr back. `saved` stays open: the reader may still forward a late line to it.
+    fn stop(self) {
+        // SAFETY: `saved` is the original stderr, duplicated in `start`.
+        unsafe { libc::dup2(self.saved, 2) };
+    }
+}
+
+/// `   Compiling serde v1.0.229`, `    Finished ...`: cargo's status lines.
+fn is_cargo_status(line: &str) -> bool {
+    let t = line.trim_start();
+    line.len() > t.len()
+        && [
+            "Compiling ",
+            "Finished ",
+            "Blocking ",
+            "Updating ",
+            "Locking ",
+            "Downloaded ",
+            "Downloading ",
+        ]
+        .iter()
+        .any(|w| t.starts_with(w))
+}
+
+/// Is this line the end of the session (`:quit`, `:exit`)?
+pub fn is_quit(line: &str) -> bool {
+    matches!(line.trim(), ":quit" | ":exit" | ":q")
+}
+
+/// rustyline's helper: multi-line input by the kernel's completeness scanner, completion.
+pub struct Helper {
+    front: Arc<Front>,
+}
+
+impl Completer for Helper {
+    type Candidate = Pair;
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _: &rustyline::Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+        let (start, names) = self.front.complete(line, pos);
+        Ok((
+            start,
+            names
+                .into_iter()
+                .map(|n| Pair {
+                    display: n.clone(),
+                    replacement: n,
+                })
+                .collect(),
+        ))
+    }
+}
+
+impl Hinter for Helper {
+    type Hint = String;
+}
+
+impl Highlighter for Helper {}
+
+impl Validator for Helper {
+    fn validate(&self, ctx: &mut ValidationContext<'_>) -> rustyline::Result<ValidationResult> {
+        Ok(match is_complete(ctx.input()) {
+            Completeness::Incomplete(_) => ValidationResult::Incomplete,
+            _ => ValidationResult::Valid(None),
+        })
+    }
+}
+
+impl rustyline::Helper for Helper {}
+
+/// The interactive loop; returns the exit code.
+pub fn interactive(front: &Arc<Front>, history: PathBuf, banner: &str) -> i32 {
+    let config = rustyline::Config::builder()
+        .max_history_size(10_000)
+        .and_then(|b| b.history_ignore_dups(true))
+        .map(|b| {
+            b.auto_add_history(false)
+                .completion_type(rustyline::CompletionType::List)
+                .build()
+        })
+        .unwrap_or_default();
+    let mut ed: rustyline::Editor<Helper, rustyline::history::FileHistory> =
+        match rustyline::Editor::with_config(config) {
+            Ok(e) => e,
+            Err(e) => {
+                front
+                    .term
+                    .note(&format!("hearth: cannot use this terminal: {e}"));
+                return 1;
+            }
+        };
+    ed.set_helper(Some(Helper {
+        front: front.clone(),
+    }));
+    if history.exists() {
+        if let Err(e) = ed.load_history(&history) {
+            front.term.note(&format!(
+                "hearth: could not read the history {}: {e}",
+                history.display()
+            ));
+        }
+    }
+    if let Ok(p) = ed.create_external_printer() {
+        front.set_printer(Box::new(p));
+    }
+    front.term.out(banner);
+    loop {
+        match ed.readline("hearth> ") {
+            Ok(line) => {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let _ = ed.add_history_entry(line.as_str());
+                if let Some(dir) = history.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                // appended at once, so a crash or kill -9 keeps what was typed
+                if let Err(e) = ed.append_history(&history) {
+                    front.term.note(&format!(
+                        "hearth: could not write the history {}: {e}",
+                        history.display()
+                    ));
+                }
+                if is_quit(&line) {
+                    break;
+                }
+                front.run_cell(&line);
+            }
+            Err(ReadlineError::Interrupted) => continue, // Ctrl-C at the prompt clears the line
+            Err(ReadlineError::Eof) => break,
+            Err(e) => {
+                front.term.note(&format!("hearth: {e}"));
+                break;
+            }
+        }
+    }
+    front.goodbye();
+    0
+}
+
+/// Runs a script's cells in order, stopping at the first failure (exit code 1).
+pub fn script(front: &Arc<Front>, source: &str) -> i32 {
+    let mut code = 0;
+    for cell in crate::cells::split(source) {
+        if is_quit(&cell) {
+            break;
+        }
+        if !front.run_cell(&cell) {
+            code = 1;
+            break;
+        }
+    }
+    front.goodbye();
+    code
+}

@@ -1,0 +1,348 @@
+//! The real `hearth` binary in a real terminal (tmux: send-keys, capture-pane) and on pipes.
+//! Each test has its own hearth home and tmux server; the session server they start is the
+//! `hearth` binary itself (`hearth serve`), stopped at the end.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The tests compile cells on a 2-core machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const HEARTH: &str = env!("CARGO_BIN_EXE_hearth");
+
+fn temp_home(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hearth-repl-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Stops the session server of `home` (SIGTERM, which saves every run) and waits for it.
+fn stop_server(home: &Path) {
+    let Ok(text) = std::fs::read_to_string(home.join("session.json")) else {
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    // SAFETY: plain kill(2) calls.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t0 = Instant::now();
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Tmux {
+    socket: String,
+    home: PathBuf,
+}
+
+impl Tmux {
+    fn new(home: &Path) -> Tmux {
+        Tmux {
+            socket: format!("hearth-test-{}", std::process::id()),
+            home: home.to_path_buf(),
+        }
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux is installed");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `hearth` in a fresh 160×50 window; the pane stays after it exits.
+    fn launch(&self) {
+        let cmd = format!(
+            "env HEARTH_HOME={} HEARTH_SERVER_BIN={HEARTH} {HEARTH}",
+            self.home.display()
+        );
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+        self.tmux(&[
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "160",
+            "-y",
+            "50",
+            &cmd,
+        ]);
+        self.tmux(&["set-option", "-t", "t", "remain-on-exit", "on"]);
+        self.tmux(&["set-option", "-t", "t", "history-limit", "5000"]);
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "t"];
+        args.extend_from_slice(keys);
+        self.tmux(&args);
+    }
+
+    /// Types `line` and presses Enter (as hex: tmux would take a trailing `;` for its own
+    /// command separator).
+    fn line(&self, line: &str) {
+        let hex: Vec<String> = line
+            .bytes()
+            .chain([b'\r'])
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut args = vec!["send-keys", "-t", "t", "-H"];
+        args.extend(hex.iter().map(String::as_str));
+        self.tmux(&args);
+    }
+
+    /// Runs one cell (or one line of a block when `block_open`) and waits for the next prompt.
+    fn cell(&self, line: &str, timeout_s: u64) -> String {
+        let prompts = self.screen().matches("hearth>").count();
+        self.line(line);
+        self.wait_for("hearth>", prompts + 1, timeout_s)
+    }
+
+    fn screen(&self) -> String {
+        self.tmux(&["capture-pane", "-p", "-t", "t", "-S", "-5000"])
+    }
+
+    /// Waits until the screen holds `text` `count` times.
+    fn wait_for(&self, text: &str, count: usize, timeout_s: u64) -> String {
+        let t0 = Instant::now();
+        loop {
+            let s = self.screen();
+            if s.matches(text).count() >= count {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(timeout_s),
+                "no {text:?} (x{count}) after {timeout_s} s; the screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn dead(&self) -> bool {
+        self.tmux(&["display-message", "-p", "-t", "t", "#{pane_dead}"])
+            .trim()
+            == "1"
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+        stop_server(&self.home);
+    }
+}
+
+#[test]
+fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let home = temp_home("tmux");
+    let t = Tmux::new(&home);
+    t.launch();
+    // the prompt comes at once; `session` a little later (first use compiles the prelude)
+    t.wait_for("hearth>", 1, 10);
+    t.wait_for("`session` is ready", 1, 900);
+
+    // a multi-line loop, typed line by line: the scanner keeps the block open until `}`
+    t.cell("let d = session.supervised(\"2+2=\", \"4\")?;", 120);
+    t.cell("let (mut first, mut last) = (0.0, 0.0);", 120);
+    for line in [
+        "for i in 0..20 {",
+        "let out = session.forward_backward(std::slice::from_ref(&d))?;",
+        "session.optim_step(&AdamParams { learning_rate: 1e-2, ..Default::default() })?;",
+        "if i == 0 { first = out.metrics[\"loss:sum\"]; }",
+        "last = out.metrics[\"loss:sum\"];",
+    ] {
+        t.line(line);
+    }
+    t.cell("}", 120);
+    let s = t.cell(
+        "println!(\"trained {} {:.3} -> {:.3}\", last < first / 2.0, first, last);",
+        120,
+    );
+    assert!(s.contains("trained true"), "the loss did not halve:\n{s}");
+
+    // a magic, answered without compiling
+    let s = t.cell(":runs", 30);
+    assert!(
+        s.lines()
+            .any(|l| l.starts_with("main") && l.split_whitespace().nth(1) == Some("20")),
+        "{s}"
+    );
+
+    // Ctrl-C during a long sample: the cell ends Interrupted, variables and the model stay
+    t.cell("let keep = 41;", 120);
+    t.line("println!(\"sampling\"); let out = session.sample(&SampleInput { prompt: vec![104, 105], num_samples: 8, sampling_params: SamplingParams { max_tokens: 1000, ..Default::default() }, ..Default::default() })?;");
+    t.wait_for("sampling\n", 1, 120);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    t.keys(&["C-c"]);
+    let s = t.wait_for("Interrupted", 1, 60);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the interrupt took {:?}",
+        t0.elapsed()
+    );
+    assert!(!s.contains("ChildRestarted"), "{s}");
+    let s = t.cell(
+        "println!(\"keep {} loads {}\", keep + 1, session.info()?.model_loads);",
+        120,
+    );
+    assert!(s.contains("keep 42 loads 1"), "{s}");
+
+    // Ctrl-D: the server saves the run (step 20) and the REPL exits
+    t.keys(&["C-d"]);
+    let s = t.wait_for("saved step 20", 1, 60);
+    let t0 = Instant::now();
+    while !t.dead() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "hearth did not exit after Ctrl-D:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        home.join("runs/main/checkpoints/autosave-00000020/hearth.json")
+            .is_file(),
+        "no autosave at step 20"
+    );
+
+    // the history survives a restart: Up recalls the last line
+    t.launch();
+    t.wait_for("hearth>", 1, 10);
+    t.keys(&["Up"]);
+    t.wait_for("hearth> println!(\"keep {} loads {}\"", 1, 10);
+    t.keys(&["C-u", "C-d"]);
+}
+
+fn run_piped(home: &Path, script: &str) -> (String, String, bool) {
+    let mut child = Command::new(HEARTH)
+        .env("HEARTH_HOME", home)
+        .env("HEARTH_SERVER_BIN", HEARTH)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(script.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+const SCRIPT: &str = r#"
+let d = session.supervised("2+2=", "4")?;
+let mut p = Progress::new("train", 12);
+for i in 0..12 {
+    let out = session.forward_backward(std::slice::from_ref(&d))?;
+    session.optim_step(&AdamParams { learning_rate: 1e-2, ..Default::default() })?;
+    println!("step {} loss {:.6}", i + 1, out.metrics["loss:sum"]);
+    p.set(i + 1, format!("loss {:.4}", out.metrics["loss:sum"]));
+}
+
+:runs
+let s = session.sample(&SampleInput { prompt: session.tokenize("2+2=")?, num_samples: 2, sampling_params: SamplingParams { max_tokens: 8, seed: Some(7), temperature: 1.0, ..Default::default() }, ..Default::default() })?;
+println!("{:?}", s.sequences.iter().map(|q| q.tokens.clone()).collect::<Vec<_>>());
+session.sample_table("2+2=", 2, SamplingParams { max_tokens: 6, seed: Some(3), ..Default::default() })?
+
+session.loss_plot()?
+"#;
+
+#[test]
+fn piped_scripts_give_byte_identical_output_without_escape_codes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let home = temp_home("piped");
+    let (first, err1, ok) = run_piped(&home, SCRIPT);
+    assert!(ok, "the script failed:\n{first}\n{err1}");
+    stop_server(&home);
+    // the same home path, emptied: the same script and seeds must print the same bytes
+    std::fs::remove_dir_all(&home).unwrap();
+    let (second, err2, ok) = run_piped(&home, SCRIPT);
+    stop_server(&home);
+    assert!(ok, "the second run failed:\n{second}\n{err2}");
+    assert_eq!(
+        first, second,
+        "piped output differs between two runs of the same script"
+    );
+    assert!(
+        !first.contains('\u{1b}'),
+        "escape codes on a pipe:\n{first:?}"
+    );
+    // and it is the output we expect
+    assert_eq!(
+        first.lines().filter(|l| l.starts_with("step ")).count(),
+        12,
+        "{first}"
+    );
+    assert!(
+        first.contains("train: 12/12 loss "),
+        "the bar's final line: {first}"
+    );
+    assert!(
+        first
+            .lines()
+            .any(|l| l.starts_with("main") && l.split_whitespace().nth(1) == Some("12")),
+        ":runs: {first}"
+    );
+    assert!(
+        first.contains("prompt: \"2+2=\"") && first.contains("mean logprob"),
+        "the sample table: {first}"
+    );
+    let png = first
+        .lines()
+        .find_map(|l| l.strip_prefix("(plot saved as "))
+        .map(|l| l.trim_end_matches(')'))
+        .expect("a saved plot");
+    assert!(std::fs::read(png).unwrap().starts_with(b"\x89PNG"), "{png}");
+    assert!(first.contains("loss · run main"), "the text plot: {first}");
+    // the server was told to save on the way out (end of input is Ctrl-D)
+    assert!(err2.contains("saved step 12"), "{err2}");
+}
+
+#[test]
+fn a_failing_cell_stops_a_script_with_exit_code_1() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let home = temp_home("fail");
+    let (out, err, ok) = run_piped(
+        &home,
+        "println!(\"one\");\n\nlet x: u32 = \"two\";\n\nprintln!(\"three\");\n",
+    );
+    stop_server(&home);
+    assert!(!ok);
+    assert!(out.contains("one") && !out.contains("three"), "{out}");
+    assert!(err.contains("mismatched types"), "{err}");
+    // a missing script is refused before anything starts
+    let out = Command::new(HEARTH)
+        .args(["run", "/nonexistent/script.rs"])
+        .env("HEARTH_HOME", &home)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/script.rs"));
+}
