@@ -4,7 +4,8 @@
 #   - rust-src (evcxr's analyzer needs it to infer cell variable types);
 #   - the reference (PyTorch + transformers + PEFT, ~5 GB from PyPI, once) into bench/.venv, used
 #     by tests that load hearth's checkpoints with Hugging Face tools;
-#   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest) into tests/.venv.
+#   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) into
+#     tests/.venv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
 # Then `cargo test` (Rust, incl. the server and client tests) and pytest (the kernel under real
 # Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
 # and building the workspace twice in two profiles doubles the time on a 2-core machine.
@@ -24,7 +25,21 @@ if ! tests/.venv/bin/python -c "import jupyter_client, jupyter_kernel_test, nbcl
   python3 -m venv tests/.venv
   tests/.venv/bin/pip install -q --disable-pip-version-check jupyter_client jupyter_kernel_test nbclient nbformat pytest
 fi
+# The browser test: JupyterLab (pip, into tests/.venv), Debian's Chromium, npm playwright-core
+# (pinned in tests/browser/package-lock.json; no browser download).
+if ! tests/.venv/bin/python -c "import jupyterlab" >/dev/null 2>&1; then
+  echo "installing jupyterlab into tests/.venv ..." >&2
+  tests/.venv/bin/pip install -q --disable-pip-version-check jupyterlab
+fi
+if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM:-}" ]; then
+  echo "installing chromium (apt) ..." >&2
+  apt-get update -qq && apt-get install -y -qq chromium
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund)
+fi
 export HEARTH_REF_PYTHON="$PWD/bench/.venv/bin/python"
 cargo test --release --workspace --locked "$@"
 cargo build --release --workspace --locked --bins
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider
+HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/browser -q -p no:cacheprovider
