@@ -104,7 +104,7 @@ def test_01_quickstart_learns_to_reverse_words(home, tmp_path):
     train = cell(nb, "progress.finish()")
     first, last = numbers(r"LOSS first ([\d.]+) last ([\d.]+)", text(train))
     assert first > 4.0, f"an untrained byte model starts near ln 256 = 5.5, got {first}"
-    assert last < 0.1 * first, f"the loss per answer byte fell only from {first} to {last} in 40 steps"
+    assert last < 0.1 * first, f"the loss per answer byte fell only from {first} to {last} in the training loop"
     assert svgs(train), "the live loss plot is not an image/svg+xml display"
     assert any("text/html" in o.get("data", {}) for o in train.outputs), "no progress bar"
 
@@ -121,7 +121,7 @@ def test_02_rl_raises_the_reward_with_both_losses(home, tmp_path):
         c = cell(nb, marker)
         first, last = numbers(rf"REWARD {loss} first ([\d.]+) last ([\d.]+)", text(c))
         assert first < 0.3, f"{loss}: an untrained model writes random bytes (about 0.1 lowercase), got {first}"
-        assert last > first + 0.4, f"{loss}: the mean reward rose only from {first:.3f} to {last:.3f} in 30 iterations"
+        assert last > first + 0.4, f"{loss}: the mean reward rose only from {first:.3f} to {last:.3f} (mean of the first and last five iterations)"
         assert svgs(c), f"{loss}: no live reward plot"
     both = svgs(cell(nb, '.series("ppo'))
     assert len(both) == 1 and "importance_sampling" in both[0] and "ppo" in both[0]
