@@ -506,7 +506,9 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
                     last.1 = text.clone();
                 }
             }
-            if !out.data.is_empty() && !req.silent {
+            // a cell ending in a loop or a block has the value `()`: nothing to show
+            let unit = out.data.len() == 1 && out.data.get("text/plain").is_some_and(|t| t.trim() == "()");
+            if !out.data.is_empty() && !req.silent && !unit {
                 let media = media(out.data.iter());
                 let mut result = ExecuteResult::new(count, media);
                 result.transient = Some(Transient { display_id: None });

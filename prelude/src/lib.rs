@@ -26,9 +26,9 @@ mod session;
 pub use display::{clear_output, Bundle, Plot, Progress, SampleTable};
 pub use error::{HearthError, Result};
 pub use hearth_api::{
-    AdamParams, ChatMessage, CheckpointKind, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoraConfig, LossFn, LossFnInputs,
-    MetricRow, OptimStepOutput, PpoConfig, SampleInput, SampleOutput, SampledSequence, SamplingParams, Stop, StopReason, TargetModule,
-    TrainingConfig,
+    AdamParams, ChatMessage, CheckpointKind, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateResponse, LoraConfig, LossFn,
+    LossFnInputs, MetricRow, Metrics, OptimStepOutput, PpoConfig, RenderChatResponse, RunInfo, SampleInput, SampleOutput, SampledSequence,
+    SamplingParams, SaveStateResponse, ServerInfo, Stop, StopReason, TargetModule, TrainingConfig,
 };
 pub use session::{home_dir, Pending, Session};
 
