@@ -38,6 +38,11 @@ fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund)
 fi
+# The REPL's tests drive the real binary in tmux.
+if ! command -v tmux >/dev/null 2>&1; then
+  echo "installing tmux (apt) ..." >&2
+  apt-get update -qq && apt-get install -y -qq tmux
+fi
 export HEARTH_REF_PYTHON="$PWD/bench/.venv/bin/python"
 cargo test --release --workspace --locked "$@"
 cargo build --release --workspace --locked --bins

@@ -23,7 +23,7 @@ Magics (instant, no compile): :status :runs :sample <prompt> :plot [all] :save [
 cancels the server's operation (variables kept); a second Ctrl-C restarts the cell process.
 History: $HEARTH_HOME/history. Plots on a terminal without an image protocol: $HEARTH_HOME/plots/.
 
-Environment: HEARTH_HOME (default: the system temp dir's hearth/), HEARTH_URL + HEARTH_TOKEN
+Environment: HEARTH_HOME (default: $XDG_DATA_HOME/hearth or ~/.local/share/hearth), HEARTH_URL + HEARTH_TOKEN
 (attach to a remote server), HEARTH_SERVER_BIN (the server program), NO_COLOR.";
 
 #[derive(Parser, Debug)]

@@ -184,7 +184,7 @@ impl Terminal {
     }
 
     /// Ends every bar still open (the cell finished or failed without completing them); a pipe
-    /// gets their last state.
+    /// gets the last state of those that moved. A later update starts a new bar.
     pub fn end_cell(&self) {
         let open: Vec<(Option<ProgressBar>, serde_json::Value)> = self
             .bars
@@ -196,7 +196,8 @@ impl Terminal {
         for (bar, state) in open {
             match bar {
                 Some(bar) => bar.abandon(),
-                None => self.out(&final_line(&state)),
+                None if state["done"].as_u64().unwrap_or(0) > 0 => self.out(&final_line(&state)),
+                None => {}
             }
         }
     }
