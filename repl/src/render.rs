@@ -24,7 +24,8 @@ pub struct Terminal {
     color: bool,
     images: Protocol,
     plots_dir: PathBuf,
-    multi: MultiProgress,
+    /// This cell's bars (a new set per cell, so indicatif's line bookkeeping starts afresh).
+    multi: Mutex<Option<MultiProgress>>,
     /// Bars by display id, with the last state seen (for the pipe's final line).
     bars: Mutex<HashMap<String, (Option<ProgressBar>, serde_json::Value)>>,
     /// One writer at a time, so lines from the cell's two streams never interleave mid-line.
@@ -45,17 +46,12 @@ impl Terminal {
         let interactive = std::io::stdout().is_terminal();
         let color = color
             .unwrap_or(interactive && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()));
-        let multi = MultiProgress::with_draw_target(if interactive {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        });
         Terminal {
             interactive,
             color,
             images: image::detect(images),
             plots_dir,
-            multi,
+            multi: Mutex::new(None),
             bars: Mutex::new(HashMap::new()),
             lock: Mutex::new(()),
         }
@@ -63,7 +59,7 @@ impl Terminal {
 
     fn write(&self, to_stderr: bool, bytes: &[u8]) {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.multi.suspend(|| {
+        let write = || {
             if to_stderr {
                 let mut e = std::io::stderr().lock();
                 let _ = e.write_all(bytes);
@@ -73,7 +69,13 @@ impl Terminal {
                 let _ = o.write_all(bytes);
                 let _ = o.flush();
             }
-        });
+        };
+        // bars on screen are lifted out of the way and drawn again below
+        let multi = self.multi.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match multi {
+            Some(m) => m.suspend(write),
+            None => write(),
+        }
     }
 
     /// A line for stdout.
@@ -153,7 +155,13 @@ impl Terminal {
         let note = state["note"].as_str().unwrap_or_default().to_string();
         if !update || !bars.contains_key(id) {
             let bar = self.interactive.then(|| {
-                let bar = self.multi.add(ProgressBar::new(total));
+                let multi = self
+                    .multi
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+                    .clone();
+                let bar = multi.add(ProgressBar::new(total));
                 let style = ProgressStyle::with_template(
                     "{prefix} [{bar:30.green/white}] {pos}/{len} {elapsed:.dim} {msg}",
                 )
@@ -199,6 +207,11 @@ impl Terminal {
                 None if state["done"].as_u64().unwrap_or(0) > 0 => self.out(&final_line(&state)),
                 None => {}
             }
+        }
+        // indicatif leaves the cursor at the end of its last line: step past it, or the prompt
+        // would be drawn over the finished bar
+        if self.multi.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+            let _ = std::io::stderr().write_all(b"\n");
         }
     }
 
