@@ -353,3 +353,48 @@ fn a_failing_cell_stops_a_script_with_exit_code_1() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/script.rs"));
 }
+
+#[test]
+fn attach_uses_a_server_elsewhere_and_starts_none() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (server_home, home) = (temp_home("attach-server"), temp_home("attach-client"));
+    let token_file = server_home.join("token");
+    let mut server = Command::new(HEARTH)
+        .args(["serve", "--model", "tiny", "--home"])
+        .arg(&server_home)
+        .arg("--token-file")
+        .arg(&token_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let url = loop {
+        if let Some(v) = std::fs::read_to_string(server_home.join("session.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+            break v["url"].as_str().unwrap().to_string();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "hearth serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = Command::new(HEARTH)
+        .args(["--attach", &url, "--token-file"])
+        .arg(&token_file)
+        .args(["run", "-"])
+        .env("HEARTH_HOME", &home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"println!(\"at {}\", session.url());\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    stop_server(&server_home);
+    let _ = server.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("at {url}")), "{stdout}");
+    assert!(!home.join("session.json").exists(), "--attach started a server of its own");
+}
