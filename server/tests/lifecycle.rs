@@ -179,7 +179,9 @@ fn the_idle_timeout_set_at_run_time_stops_the_server_and_the_next_one_resumes() 
     // Started with the default (half an hour): only the setting can make it stop within the test.
     let mut s = Server::start(&h, &["--autosave-every", "0"]);
     s.ok("/v1/runs", &json!({"name": "r"}));
-    (0..3).for_each(|i| drop(train_step(&s, "r", i)));
+    for i in 0..3 {
+        train_step(&s, "r", i);
+    }
 
     // Bad input is a 400 naming the field, and changes nothing.
     for bad in [json!({"idle_timeout_s": -1}), json!({"idle_timeout_s": "2"}), json!({"idle_timeout": 2}), json!({"idle_timeout_s": 604_801})] {
