@@ -2,7 +2,8 @@
 # Runs every test. On a fresh machine it needs a Rust toolchain (rustup) and Python 3 with venv;
 # it installs the rest itself:
 #   - rust-src (evcxr's analyzer needs it to infer cell variable types);
-#   - the reference (PyTorch + transformers + PEFT, ~5 GB from PyPI, once) into bench/.venv, used
+#   - the reference (PyTorch + transformers + PEFT, ~5 GB from PyPI, once per user: a shared
+#     virtualenv under ~/.cache/hearth/refvenv that bench/.venv links to, see bench/reference.sh), used
 #     by tests that load hearth's checkpoints with Hugging Face tools;
 #   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) into
 #     tests/.venv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).

@@ -236,6 +236,10 @@ fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d()
     // the history survives a restart: Up recalls the last line
     t.launch();
     t.wait_for("hearth>", 1, 10);
+    // Tab completes magics (Rust completes through evcxr once `session` is ready)
+    t.keys(&[":ru", "Tab"]);
+    t.wait_for("hearth> :runs", 1, 10);
+    t.keys(&["C-u"]);
     t.keys(&["Up"]);
     t.wait_for("hearth> println!(\"back {} loads {}\"", 1, 10);
     t.keys(&["C-u", "C-d"]);
