@@ -55,6 +55,7 @@ pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
         // evcxr's generated code names `Result<(), E>`; hearth's one-parameter alias must not shadow std's
         "use std::result::Result;".to_string(),
         "hearth::install_panic_hook();".to_string(),
+        "hearth::install_error_watch();".to_string(),
         "let session = hearth::Session::connect().expect(\"hearth: could not connect to the session server\");".to_string(),
     ]
     .join("\n")

@@ -74,7 +74,11 @@ impl Kernel {
                         evalue: e["evalue"].as_str().unwrap_or_default().into(),
                         traceback: vec![],
                     };
-                    *self.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                    // an interrupt's own error wins over the `?` error it caused
+                    let mut flagged = self.cell_error.lock().unwrap_or_else(|p| p.into_inner());
+                    if flagged.as_ref().is_none_or(|f| f.ename != "Interrupted") {
+                        *flagged = Some(err);
+                    }
                     return;
                 }
                 if v["clear"] == true {

@@ -53,3 +53,54 @@ pub fn install_panic_hook() {
         }
     }));
 }
+
+/// The line evcxr's cell process prints on stdout when a cell's `?` returned an error (evcxr
+/// prints the error on stderr first, then carries on as if the cell had succeeded).
+const EVCXR_USER_ERROR: &str = "EVCXR_ERROR_OCCURRED";
+
+/// Makes a `?` that stops a cell the cell's error in the front-end (Jupyter's `error` reply,
+/// the REPL's failed cell, a script's exit code): stdout of this (cell) process becomes a pipe
+/// that a thread copies to the real stdout, line by line and in order, sending an error marker
+/// on stderr when it sees evcxr's "user error occurred" line. Only with a front-end
+/// (`HEARTH_DISPLAY=1`); once per process.
+pub fn install_error_watch() {
+    use std::io::{BufRead, Write};
+    use std::os::fd::FromRawFd;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if std::env::var_os("HEARTH_DISPLAY").is_none_or(|v| v != "1") {
+        return;
+    }
+    ONCE.call_once(|| {
+        let _ = std::io::stdout().flush();
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: descriptor calls on descriptors created here; on failure stdout is untouched.
+        let (read, out) = unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return;
+            }
+            let real = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+            if real < 0 || libc::dup2(fds[1], 1) < 0 {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+                return;
+            }
+            libc::close(fds[1]);
+            (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(real))
+        };
+        std::thread::spawn(move || {
+            let mut out = out;
+            let mut reader = std::io::BufReader::new(read);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                if line.strip_suffix(b"\n").is_some_and(|l| l == EVCXR_USER_ERROR.as_bytes()) {
+                    let err = serde_json::json!({"error": {"ename": "Error", "evalue": "the cell stopped at a `?`: the error is printed above; variables it defined are gone"}});
+                    let _ = writeln!(std::io::stderr(), "{}{err}", display::MARKER);
+                }
+                if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        });
+    });
+}

@@ -185,7 +185,11 @@ impl Front {
         self.publishing.fetch_add(1, Ordering::SeqCst);
         if stderr {
             if let Some(e) = self.term.child_stderr(line) {
-                *self.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                // an interrupt's own error wins over the `?` error it caused
+                let mut flagged = self.cell_error.lock().unwrap_or_else(|p| p.into_inner());
+                if flagged.as_ref().is_none_or(|f| f.ename != "Interrupted") {
+                    *flagged = Some(e);
+                }
             }
         } else {
             self.term.child_stdout(line);

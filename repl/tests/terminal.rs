@@ -348,6 +348,12 @@ fn a_failing_cell_stops_a_script_with_exit_code_1() {
     assert!(!ok);
     assert!(out.contains("one") && !out.contains("three"), "{out}");
     assert!(err.contains("mismatched types"), "{err}");
+    // a `?` that stops a cell is its error too (evcxr alone would only print it)
+    let (out, err, ok) = run_piped(&home, "println!(\"one\");\n\nlet r: Result<u32, String> = Err(\"boom\".into());\nlet x = r?;\n\nprintln!(\"three\");\n");
+    stop_server(&home);
+    assert!(!ok, "{out}\n{err}");
+    assert!(out.contains("one") && !out.contains("three"), "{out}");
+    assert!(err.contains("boom") && err.contains("the cell stopped at a `?`"), "{err}");
     // a missing script is refused before anything starts
     let out = Command::new(HEARTH)
         .args(["run", "/nonexistent/script.rs"])

@@ -153,6 +153,20 @@ def test_an_error_aborts_the_requests_queued_behind_it(kernel):
     assert reply["content"]["status"] == "ok", "requests sent after the error run again"
 
 
+def test_a_question_mark_error_is_the_cells_error(kernel):
+    """evcxr only prints a `?` error; hearth makes it the cell's error (status, ename), so
+    stop_on_error and nbclient stop there."""
+    _, kc = kernel
+    code = 'println!("before");\nlet r: Result<u32, String> = Err("boom".into());\nlet x = r?;\nprintln!("after");'
+    reply, outputs = execute(kc, code, timeout=300)
+    assert reply["content"]["status"] == "error", reply["content"]
+    assert reply["content"]["ename"] == "Error" and "`?`" in reply["content"]["evalue"]
+    streams = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+    assert "before" in streams and "boom" in streams and "after" not in streams, streams
+    reply, _ = execute(kc, 'let y: Result<u32, String> = Ok(3);\nlet z = y?;\nz', timeout=300)
+    assert reply["content"]["status"] == "ok", "a `?` on Ok goes on as before"
+
+
 def test_shutting_the_kernel_down_makes_the_server_save(kernel):
     km, kc = kernel
     code = ('let d = session.supervised("ab", "cd")?;\n'
