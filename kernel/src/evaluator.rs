@@ -30,6 +30,8 @@ enum Req {
     Eval(String, mpsc::Sender<Result<CellOutput, CellError>>),
     Complete(String, usize, mpsc::Sender<(Vec<String>, usize, usize)>),
     Variables(mpsc::Sender<Vec<(String, String)>>),
+    /// Drop the context (which removes evcxr's build directory) and end the thread.
+    Quit(mpsc::Sender<()>),
 }
 
 /// Where the child's output goes: one callback per stdout / stderr line.
@@ -44,6 +46,8 @@ pub struct Evaluator {
     tx: mpsc::Sender<Req>,
     child: Arc<Mutex<Option<Arc<Mutex<std::process::Child>>>>>,
     ready: Readiness,
+    /// Set by [`Evaluator::shutdown`]: a child that dies now is not restarted.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The prelude every (re)started child runs first, as one cell (one compile): the `hearth`
@@ -59,6 +63,32 @@ pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
         "let session = hearth::Session::connect().expect(\"hearth: could not connect to the session server\");".to_string(),
     ]
     .join("\n")
+}
+
+/// Points `TMPDIR` at this process's own folder, `<temp>/hearth-evcxr/<pid>`, where evcxr then
+/// builds cells, and removes the folders of processes that no longer run (a kill -9 or a crash
+/// leaves evcxr's ~250 MB build directory behind; a clean exit removes it through
+/// [`Evaluator::shutdown`]). Call it at start-up, before other threads exist.
+pub fn use_private_tmpdir() -> std::io::Result<PathBuf> {
+    let root = std::env::temp_dir().join("hearth-evcxr");
+    std::fs::create_dir_all(&root)?;
+    sweep_tmpdirs(&root);
+    let mine = root.join(std::process::id().to_string());
+    std::fs::create_dir_all(&mine)?;
+    std::env::set_var("TMPDIR", &mine);
+    Ok(mine)
+}
+
+/// Removes `root/<pid>` folders whose process is gone.
+pub fn sweep_tmpdirs(root: &std::path::Path) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok()) else { continue };
+        // SAFETY: signal 0 only checks that the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && pid != std::process::id() as libc::pid_t {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Where the prelude crate's source is: `HEARTH_PRELUDE_DIR`, else next to this crate's source.
@@ -96,6 +126,8 @@ impl Evaluator {
         let child = Arc::new(Mutex::new(None));
         let ready: Readiness = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
         let (child2, ready2) = (child.clone(), ready.clone());
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping2 = stopping.clone();
         std::thread::Builder::new()
             .name("hearth-evaluator".into())
             .spawn(move || {
@@ -142,7 +174,7 @@ impl Evaluator {
                                 Ok(Err(e)) => {
                                     let restarted = matches!(e, evcxr::Error::SubprocessTerminated(_));
                                     let err = error_of(e);
-                                    if restarted {
+                                    if restarted && !stopping2.load(std::sync::atomic::Ordering::SeqCst) {
                                         // the child is new: give it `session` again
                                         let _ = run_prelude(&mut ctx);
                                         *child2.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.process_handle());
@@ -168,11 +200,33 @@ impl Evaluator {
                         Req::Variables(reply) => {
                             let _ = reply.send(ctx.variables_and_types().map(|(a, b)| (a.to_string(), b.to_string())).collect());
                         }
+                        Req::Quit(done) => {
+                            drop(ctx);
+                            let _ = done.send(());
+                            return;
+                        }
                     }
                 }
             })
             .ok();
-        Evaluator { tx, child, ready }
+        Evaluator { tx, child, ready, stopping }
+    }
+
+    /// Ends the evaluator: kills a running cell's process, then drops evcxr's context, which
+    /// removes its build directory (about 250 MB under the temp dir, left behind by a process
+    /// that simply exits). Waits at most `max`.
+    pub fn shutdown(&self, max: std::time::Duration) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Req::Quit(tx)).is_err() {
+            return;
+        }
+        // a cell still running would hold the queue: stop its process
+        if rx.recv_timeout(std::time::Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        self.kill_child();
+        let _ = rx.recv_timeout(max);
     }
 
     /// Blocks until the context and prelude are ready; the prelude's error if it failed.
@@ -224,5 +278,26 @@ impl Evaluator {
             Some(c) => c.lock().map(|mut c| c.kill().is_ok()).unwrap_or(false),
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeping_removes_the_folders_of_processes_that_are_gone() {
+        let root = std::env::temp_dir().join(format!("hearth-sweep-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut done = std::process::Command::new("true").spawn().unwrap();
+        done.wait().unwrap();
+        let (dead, alive) = (root.join(done.id().to_string()), root.join(std::process::id().to_string()));
+        for d in [&dead, &alive, &root.join("not-a-pid")] {
+            std::fs::create_dir_all(d.join(".tmpXYZ")).unwrap();
+        }
+        sweep_tmpdirs(&root);
+        assert!(!dead.exists(), "a finished process's folder stays");
+        assert!(alive.exists() && root.join("not-a-pid").exists(), "a live process's (or a foreign) folder was removed");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -313,6 +313,10 @@ pub async fn run(connection_file: &Path) -> Res<()> {
         kernel.status(ExecutionState::Idle, &msg);
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // let the last replies leave
+    // evcxr's build directory goes with its context
+    if let Some(ev) = kernel.evaluator.get().cloned() {
+        let _ = tokio::task::spawn_blocking(move || ev.shutdown(Duration::from_secs(5))).await;
+    }
     Ok(())
 }
 

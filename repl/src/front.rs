@@ -373,6 +373,13 @@ impl Front {
         }
     }
 
+    /// Ends the evaluator (evcxr's build directory goes with it).
+    pub fn shutdown(&self) {
+        if let Some(ev) = self.evaluator.get() {
+            ev.shutdown(Duration::from_secs(5));
+        }
+    }
+
     /// On the way out: the server saves every run (it stays up, warm, until its idle timeout).
     pub fn goodbye(&self) {
         let Some(Ok(s)) = self.session.get() else {
@@ -570,6 +577,7 @@ pub fn interactive(front: &Arc<Front>, history: PathBuf, banner: &str) -> i32 {
         }
     }
     front.goodbye();
+    front.shutdown();
     0
 }
 
@@ -586,5 +594,6 @@ pub fn script(front: &Arc<Front>, source: &str) -> i32 {
         }
     }
     front.goodbye();
+    front.shutdown();
     code
 }

@@ -112,6 +112,8 @@ fn repl(opts: Options, launched: std::time::Instant) -> i32 {
         std::env::set_var("HEARTH_HOME", home);
     }
     std::env::set_var("HEARTH_DISPLAY", "1");
+    // evcxr builds cells in <temp>/hearth-evcxr/<pid>; folders of processes gone are swept
+    let tmp = hearth_kernel::evaluator::use_private_tmpdir().ok();
     let connect = match &opts.attach {
         Some(url) => {
             let token = match &opts.token_file {
@@ -174,7 +176,7 @@ fn repl(opts: Options, launched: std::time::Instant) -> i32 {
     let front = front::Front::start(term, connect, launched);
     // a server that starts at once (the tiny preset: ~0.1 s) says so before the first prompt
     front.wait_connected(std::time::Duration::from_millis(400));
-    match script {
+    let code = match script {
         Some(source) => front::script(&front, &source),
         None => {
             let banner = format!(
@@ -183,7 +185,11 @@ fn repl(opts: Options, launched: std::time::Instant) -> i32 {
             );
             front::interactive(&front, home.join("history"), &banner)
         }
+    };
+    if let Some(dir) = tmp {
+        let _ = std::fs::remove_dir_all(dir);
     }
+    code
 }
 
 fn read_stdin() -> std::io::Result<String> {

@@ -216,7 +216,10 @@ fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d()
     let s = t.cell("println!(\"back {} loads {}\", session.run_name(), session.info()?.model_loads);", 120);
     assert!(s.contains("back main loads 1"), "the cell process did not come back with `session`:\n{s}");
 
-    // Ctrl-D: the server saves the run (step 20) and the REPL exits
+    // Ctrl-D: the server saves the run (step 20) and the REPL exits, removing its temp folder
+    let pid = t.tmux(&["display-message", "-p", "-t", "t", "#{pane_pid}"]).trim().to_string();
+    let tmp = std::env::temp_dir().join("hearth-evcxr").join(&pid);
+    assert!(tmp.is_dir(), "evcxr does not build in {}", tmp.display());
     t.keys(&["C-d"]);
     let s = t.wait_for("saved step 20", 1, 60);
     let t0 = Instant::now();
@@ -232,6 +235,7 @@ fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d()
             .is_file(),
         "no autosave at step 20"
     );
+    assert!(!tmp.exists(), "{} was left behind", tmp.display());
 
     // the history survives a restart: Up recalls the last line
     t.launch();
@@ -259,7 +263,11 @@ fn run_piped(home: &Path, script: &str) -> (String, String, bool) {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(script.as_bytes()).unwrap();
     }
+    let pid = child.id();
     let out = child.wait_with_output().unwrap();
+    // a clean exit removes evcxr's build directory (about 250 MB) with the REPL's temp folder
+    let tmp = std::env::temp_dir().join("hearth-evcxr").join(pid.to_string());
+    assert!(!tmp.exists(), "{} was left behind", tmp.display());
     (
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
