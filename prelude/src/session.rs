@@ -77,14 +77,15 @@ impl Session {
         Self::connect_home(&home_dir(), "main")
     }
 
-    /// Attaches to the server of `home` on run `run`, starting one on `model` if none runs
-    /// (`resume`: `Some` passes `--resume` / `--no-resume`, `None` leaves the server's default).
-    /// A running server on another model is an error, not silently used.
-    pub fn connect_or_start(home: &Path, run: &str, model: &str, resume: Option<bool>) -> Result<Session> {
+    /// Attaches to the server of `home` on run `run`, starting one if none runs: on `model`, else
+    /// on the model of the last server of `home`, else on `tiny` (`resume`: `Some` passes
+    /// `--resume` / `--no-resume`, `None` leaves the server's default). When `model` is given, a
+    /// running server on another model is an error, not silently used.
+    pub fn connect_or_start(home: &Path, run: &str, model: Option<&str>, resume: Option<bool>) -> Result<Session> {
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
         let file = read_session_file(home);
         let conn = file.as_ref().and_then(running);
-        if let (Some(_), Some(f)) = (&conn, &file) {
+        if let (Some(_), Some(f), Some(model)) = (&conn, &file, model) {
             if f.model != model {
                 return Err(HearthError::NoServer(format!(
                     "the server for {} (pid {}) runs model {:?}, not {model:?}: use it, stop it, or pick another --home",
@@ -101,7 +102,8 @@ impl Session {
             run: run.to_string(),
         };
         if conn.is_none() {
-            s.start_server(model, resume)?;
+            let last = file.map(|f| f.model);
+            s.start_server(model.or(last.as_deref()).unwrap_or("tiny"), resume)?;
         }
         s.ensure_run(run, None)?;
         Ok(s)

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 pub enum Connect {
     /// The server of `$HEARTH_HOME`, started on `model` if none runs.
     Home {
-        /// Preset, local folder or hub id.
-        model: String,
+        /// Preset, local folder or hub id (`None`: the running server's, else the last one's, else tiny).
+        model: Option<String>,
         /// `--resume` / `--no-resume` for a server this starts.
         resume: Option<bool>,
     },
@@ -119,7 +119,7 @@ impl Front {
         let quiet = QuietStderr::start(&self);
         let session = match connect {
             Connect::Home { model, resume } => {
-                Session::connect_or_start(&hearth::home_dir(), "main", &model, resume)
+                Session::connect_or_start(&hearth::home_dir(), "main", model.as_deref(), resume)
             }
             Connect::Attach { url, token } => Session::attach(&url, &token, "main"),
         }
@@ -139,7 +139,16 @@ impl Front {
             }
             Err(e) => self.notify(&format!("hearth: no session server: {e}")),
         }
+        let failed = session.is_err();
         let _ = self.session.set(session);
+        if failed {
+            // no cell process: its own connect would not honour --model or --attach
+            if let Some(q) = quiet {
+                q.stop();
+            }
+            self.prepared.store(true, Ordering::SeqCst);
+            return;
+        }
         let (a, b) = (self.clone(), self.clone());
         let out: LineSink = Arc::new(move |l: &str| a.child_line(l, false));
         let err: LineSink = Arc::new(move |l: &str| b.child_line(l, true));
@@ -307,6 +316,10 @@ impl Front {
                     false
                 }
             };
+        }
+        if let Err(e) = self.session() {
+            self.term.error(&CellError { ename: "NoServer".into(), evalue: e, traceback: vec![] });
+            return false;
         }
         let ev = self.evaluator();
         if !self.prepared.load(Ordering::SeqCst) {

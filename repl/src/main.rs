@@ -32,9 +32,10 @@ struct Options {
     #[command(subcommand)]
     command: Option<Command>,
     /// The model a new server loads: a preset (tiny, smollm2-135m-shape), a local Hugging Face
-    /// folder, or owner/name from the hub. A server already running for this home must have it.
-    #[arg(long, default_value = "tiny", global = true)]
-    model: String,
+    /// folder, or owner/name from the hub; a server already running for this home must have it.
+    /// Default: the running server's, else the last server's of this home, else tiny.
+    #[arg(long, global = true)]
+    model: Option<String>,
     /// Attach to a running server at this URL instead of the one of $HEARTH_HOME (token from
     /// --token-file or HEARTH_TOKEN).
     #[arg(long, value_name = "URL", global = true)]

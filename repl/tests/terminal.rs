@@ -409,10 +409,27 @@ fn attach_uses_a_server_elsewhere_and_starts_none() {
             c.wait_with_output()
         })
         .unwrap();
-    stop_server(&server_home);
-    let _ = server.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("at {url}")), "{stdout}");
     assert!(!home.join("session.json").exists(), "--attach started a server of its own");
+    // a server of another model for that home is refused, and no cell runs
+    let out = Command::new(HEARTH)
+        .args(["--model", "smollm2-135m-shape", "run", "-"])
+        .env("HEARTH_HOME", &server_home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"println!(\"ran\");\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    stop_server(&server_home);
+    let _ = server.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("ran"), "{err}");
+    assert!(err.contains("runs model \"tiny\", not \"smollm2-135m-shape\""), "{err}");
 }
