@@ -250,7 +250,13 @@ fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d()
 }
 
 fn run_piped(home: &Path, script: &str) -> (String, String, bool) {
+    run_with(&[], home, script)
+}
+
+/// Runs `hearth ARGS` on `home` with `script` on stdin: (stdout, stderr, success).
+fn run_with(args: &[&str], home: &Path, script: &str) -> (String, String, bool) {
     let mut child = Command::new(HEARTH)
+        .args(args)
         .env("HEARTH_HOME", home)
         .env("HEARTH_SERVER_BIN", HEARTH)
         .stdin(Stdio::piped())
@@ -394,42 +400,15 @@ fn attach_uses_a_server_elsewhere_and_starts_none() {
         assert!(t0.elapsed() < Duration::from_secs(60), "hearth serve did not start");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let out = Command::new(HEARTH)
-        .args(["--attach", &url, "--token-file"])
-        .arg(&token_file)
-        .args(["run", "-"])
-        .env("HEARTH_HOME", &home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(b"println!(\"at {}\", session.url());\n")?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let token_arg = token_file.display().to_string();
+    let (stdout, err, ok) = run_with(&["--attach", &url, "--token-file", &token_arg, "run", "-"], &home, "println!(\"at {}\", session.url());\n");
+    assert!(ok, "{stdout}\n{err}");
     assert!(stdout.contains(&format!("at {url}")), "{stdout}");
     assert!(!home.join("session.json").exists(), "--attach started a server of its own");
     // a server of another model for that home is refused, and no cell runs
-    let out = Command::new(HEARTH)
-        .args(["--model", "smollm2-135m-shape", "run", "-"])
-        .env("HEARTH_HOME", &server_home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(b"println!(\"ran\");\n")?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let (stdout, err, ok) = run_with(&["--model", "smollm2-135m-shape"], &server_home, "println!(\"ran\");\n");
     stop_server(&server_home);
     let _ = server.wait();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("ran"), "{err}");
+    assert!(!ok && !stdout.contains("ran"), "{err}");
     assert!(err.contains("runs model \"tiny\", not \"smollm2-135m-shape\""), "{err}");
 }
