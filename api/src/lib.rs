@@ -273,6 +273,16 @@ pub enum CheckpointKind {
     State,
     /// Full weights with the adapter merged in, in the base model's layout (a model folder).
     Merged,
+    /// The merged model as one GGUF file (`model.gguf`) in F16, with the tokenizer and chat
+    /// template: what llama.cpp, Ollama and LM Studio run. `gguf` is accepted for it too.
+    #[serde(rename = "gguf_f16", alias = "gguf")]
+    GgufF16,
+    /// The merged model as GGUF, matrices in Q8_0 (about half of F16).
+    #[serde(rename = "gguf_q8_0")]
+    GgufQ8,
+    /// The merged model as GGUF in llama.cpp's Q4_K_M mix (about a quarter of F16).
+    #[serde(rename = "gguf_q4_k_m")]
+    GgufQ4KM,
 }
 
 impl CheckpointKind {
@@ -282,7 +292,15 @@ impl CheckpointKind {
             CheckpointKind::Adapter => "adapter",
             CheckpointKind::State => "state",
             CheckpointKind::Merged => "merged",
+            CheckpointKind::GgufF16 => "gguf_f16",
+            CheckpointKind::GgufQ8 => "gguf_q8_0",
+            CheckpointKind::GgufQ4KM => "gguf_q4_k_m",
         }
+    }
+
+    /// True for the GGUF exports.
+    pub fn is_gguf(self) -> bool {
+        matches!(self, CheckpointKind::GgufF16 | CheckpointKind::GgufQ8 | CheckpointKind::GgufQ4KM)
     }
 }
 
@@ -557,7 +575,7 @@ pub struct ResumedRun {
 pub struct SaveStateRequest {
     /// Checkpoint name (letters, digits, `-`, `_`, `.`); saved under the run's folder.
     pub name: String,
-    /// `state` (default), `adapter` or `merged`.
+    /// `state` (default), `adapter`, `merged`, or a GGUF export: `gguf_f16` (or `gguf`), `gguf_q8_0`, `gguf_q4_k_m`.
     #[serde(default)]
     pub kind: CheckpointKind,
 }

@@ -102,6 +102,15 @@ pub enum EngineError {
         /// What is wrong.
         reason: String,
     },
+    /// A GGUF file cannot be used (not GGUF, truncated, an architecture, tensor type or
+    /// pre-tokenizer hearth does not know); nothing was loaded.
+    #[error("GGUF {path}: {reason}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Weights do not match the configuration.
     #[error("weights: {0}")]
     Weights(String),

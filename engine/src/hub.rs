@@ -1,4 +1,5 @@
-//! Finding a model: a local folder, the Hugging Face hub cache shared with Python
+//! Finding a model: a local folder or `.gguf` file, a hub repo (`owner/name`) or one GGUF file
+//! of a hub repo (`owner/name:file.gguf`), through the Hugging Face hub cache shared with Python
 //! (`~/.cache/huggingface/hub`, `HF_HUB_CACHE`, `HF_HOME`), or a download through `hf-hub` from
 //! an endpoint that can be overridden (`HF_ENDPOINT`; tests serve a generated preset from a
 //! stand-in server on loopback).
@@ -64,17 +65,21 @@ fn complete(dir: &Path) -> bool {
     dir.join("config.json").is_file() && safetensors_files(dir).is_ok_and(|files| files.iter().all(|f| f.is_file()))
 }
 
-/// The folder of a model spec: an existing local folder as is, or a hub repo id (`owner/name`)
+/// The path of a model spec: an existing local folder or file (a `.gguf`) as is, a hub repo id
+/// (`owner/name`: its folder), or a GGUF file of a hub repo (`owner/name:file.gguf`: that file),
 /// from the cache, downloading what is missing.
 pub fn resolve(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
     let local = Path::new(spec);
-    if local.is_dir() {
+    if local.is_dir() || local.is_file() {
         return Ok(local.to_path_buf());
+    }
+    if let Some((repo_id, file)) = spec.split_once(':').filter(|(r, f)| looks_like_repo_id(r) && f.ends_with(".gguf")) {
+        return resolve_file(repo_id, file, opts);
     }
     if !looks_like_repo_id(spec) {
         return Err(EngineError::Config {
             path: spec.into(),
-            reason: "no such folder, and not a hub repo id (owner/name)".into(),
+            reason: "no such folder or file, and not a hub repo id (owner/name, or owner/name:file.gguf)".into(),
         });
     }
     let repo = Repo::with_revision(spec.to_string(), RepoType::Model, opts.revision.clone());
@@ -90,6 +95,55 @@ pub fn resolve(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
     download(spec, &repo, opts)
 }
 
+/// One file of a hub repo (a GGUF model), from the cache or downloaded into it.
+fn resolve_file(repo_id: &str, file: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, opts.revision.clone());
+    if let Some(path) = Cache::new(opts.cache_dir.clone()).repo(repo.clone()).get(file) {
+        return Ok(path);
+    }
+    let spec = format!("{repo_id}:{file}");
+    if opts.offline {
+        return Err(EngineError::Config {
+            path: spec,
+            reason: format!("not in the hub cache {} and HF_HUB_OFFLINE is set", opts.cache_dir.display()),
+        });
+    }
+    let api = api(&spec, opts)?.repo(repo);
+    api.get(file).map_err(|e| fail(&spec, file, opts, e))
+}
+
+fn api(spec: &str, opts: &HubOptions) -> Result<hf_hub::api::sync::Api> {
+    ApiBuilder::new()
+        .with_endpoint(opts.endpoint.clone())
+        .with_cache_dir(opts.cache_dir.clone())
+        .with_token(opts.token.clone())
+        .with_progress(false)
+        .build()
+        .map_err(|e| EngineError::Download(format!("{spec}: {e}")))
+}
+
+/// A download error: not found (401/403/404) is the caller's mistake, the rest a download failure.
+fn fail(spec: &str, file: &str, opts: &HubOptions, e: hf_hub::api::sync::ApiError) -> EngineError {
+    let status = match &e {
+        hf_hub::api::sync::ApiError::RequestError(r) => match r.as_ref() {
+            ureq::Error::Status(code, _) => Some(*code),
+            _ => None,
+        },
+        _ => None,
+    };
+    match status {
+        Some(401 | 403 | 404) => EngineError::Config {
+            path: spec.into(),
+            reason: format!(
+                "{file}: not found on {} (HTTP {}); check the repo id and revision, or set HF_TOKEN for a gated repo",
+                opts.endpoint,
+                status.unwrap_or(0)
+            ),
+        },
+        _ => EngineError::Download(format!("{spec}/{file} from {}: {e}", opts.endpoint)),
+    }
+}
+
 /// The cached snapshot of `repo` if it is complete.
 fn cached_snapshot(repo: &Repo, opts: &HubOptions) -> Option<PathBuf> {
     let config = Cache::new(opts.cache_dir.clone()).repo(repo.clone()).get("config.json")?;
@@ -98,34 +152,8 @@ fn cached_snapshot(repo: &Repo, opts: &HubOptions) -> Option<PathBuf> {
 }
 
 fn download(spec: &str, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
-    let api = ApiBuilder::new()
-        .with_endpoint(opts.endpoint.clone())
-        .with_cache_dir(opts.cache_dir.clone())
-        .with_token(opts.token.clone())
-        .with_progress(false)
-        .build()
-        .map_err(|e| EngineError::Download(format!("{spec}: {e}")))?;
-    let api = api.repo(repo.clone());
-    let fail = |file: &str, e: hf_hub::api::sync::ApiError| -> EngineError {
-        let status = match &e {
-            hf_hub::api::sync::ApiError::RequestError(r) => match r.as_ref() {
-                ureq::Error::Status(code, _) => Some(*code),
-                _ => None,
-            },
-            _ => None,
-        };
-        match status {
-            Some(401 | 403 | 404) => EngineError::Config {
-                path: spec.into(),
-                reason: format!(
-                    "{file}: not found on {} (HTTP {}); check the repo id and revision, or set HF_TOKEN for a gated repo",
-                    opts.endpoint,
-                    status.unwrap_or(0)
-                ),
-            },
-            _ => EngineError::Download(format!("{spec}/{file} from {}: {e}", opts.endpoint)),
-        }
-    };
+    let api = api(spec, opts)?.repo(repo.clone());
+    let fail = |file: &str, e: hf_hub::api::sync::ApiError| fail(spec, file, opts, e);
     let info = api.info().map_err(|e| fail("repo info", e))?;
     let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let config = api.get("config.json").map_err(|e| fail("config.json", e))?;

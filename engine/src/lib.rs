@@ -4,7 +4,7 @@
 //! candle ops, LoRA adapters on any of its seven projections ([`linear`]), Tinker's losses
 //! ([`loss`]), AdamW with torch semantics ([`optim`]), and a [`TrainingSession`] that exposes
 //! `forward`, `forward_backward` and `optim_step` over the [`hearth_api`] data types. Models come
-//! from a local Hugging Face folder ([`weights`]) or a generated [`preset`].
+//! from a local Hugging Face folder ([`weights`]), a GGUF file ([`gguf`]) or a generated [`preset`].
 //!
 //! This crate knows nothing of HTTP, async runtimes or front-ends.
 //!
@@ -35,6 +35,7 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod gguf;
 pub mod hub;
 mod gemv;
 pub mod linear;

@@ -50,6 +50,18 @@ impl TextModel {
             Ok(text) => serde_json::from_str(&text).map_err(|e| text_err(&cfg_path, e))?,
             Err(_) => Value::Null,
         };
+        let fallback = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        Ok(Self::with_config(tokenizer, &cfg, fallback))
+    }
+
+    /// From the contents of a `tokenizer.json` and a `tokenizer_config.json` (e.g. built from a
+    /// GGUF file's metadata); `origin` names them in errors.
+    pub fn from_json(tokenizer: &Value, config: &Value, origin: &Path) -> Result<Self> {
+        let tokenizer = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&tokenizer.to_string()).map_err(|e| text_err(origin, e))?;
+        Ok(Self::with_config(tokenizer, config, None))
+    }
+
+    fn with_config(tokenizer: tokenizers::Tokenizer, cfg: &Value, template_file: Option<String>) -> Self {
         // `chat_template` is a string, or a list of {name, template} (the one named "default");
         // newer folders keep it in chat_template.jinja.
         let chat_template = match cfg.get("chat_template") {
@@ -58,9 +70,20 @@ impl TextModel {
                 .iter()
                 .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
                 .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(str::to_string)),
-            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+            _ => template_file,
         };
-        Ok(Self { tokenizer, chat_template, bos_token: token_string(cfg.get("bos_token")), eos_token: token_string(cfg.get("eos_token")) })
+        Self { tokenizer, chat_template, bos_token: token_string(cfg.get("bos_token")), eos_token: token_string(cfg.get("eos_token")) }
+    }
+
+    /// The special-token strings (`bos_token`, `eos_token`) the chat template sees.
+    pub fn special_tokens(&self) -> (Option<&str>, Option<&str>) {
+        (self.bos_token.as_deref(), self.eos_token.as_deref())
+    }
+
+    /// The tokenizer's `tokenizer.json`, as `tokenizers` writes it.
+    pub fn tokenizer_json(&self) -> Result<Value> {
+        let text = self.tokenizer.to_string(false).map_err(|e| EngineError::Weights(format!("tokenizer: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("tokenizer: {e}")))
     }
 
     /// Text → ids; `add_special_tokens` applies the tokenizer's post-processor (e.g. a BOS).

@@ -105,41 +105,83 @@ pub struct BaseModel {
     /// Identifies these weights whatever the dtype or device (see [`fingerprint`]); checkpoints
     /// record it so one made for another base model is refused.
     pub fingerprint: String,
-    /// Tokenizer and chat template, when the folder has a `tokenizer.json`.
+    /// Tokenizer and chat template, when the folder has a `tokenizer.json` (always for GGUF).
     pub text: Option<crate::text::TextModel>,
+    /// Set when the model came from a GGUF file: the Hugging Face files it stands for and the
+    /// metadata that GGUF exports carry over.
+    pub gguf: Option<crate::gguf::GgufOrigin>,
 }
 
 impl BaseModel {
-    /// Loads `config.json` and the weights of a local model folder, refusing first (with
-    /// [`EngineError::OutOfMemory`]) when the weights will not fit in the device's memory.
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_within(dir, device, dtype, available_memory(device))
+    /// Loads a model: a local folder (`config.json` and safetensors weights) or a `.gguf` file,
+    /// refusing first (with [`EngineError::OutOfMemory`]) when the weights will not fit in the
+    /// device's memory.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_within(path, device, dtype, available_memory(device))
     }
 
     /// [`BaseModel::load`] against an explicit memory budget in bytes (`None`: no check).
-    pub fn load_within(dir: &Path, device: &Device, dtype: DType, budget: Option<u64>) -> Result<Self> {
-        let config = ModelConfig::from_dir(dir)?;
-        let need = estimate_bytes(dir, dtype)?;
-        if let Some(budget) = budget {
-            // weights, plus a margin for rotary tables, activations and the first run's adapter
-            let with_margin = need + need / 10 + (64 << 20);
-            if with_margin > budget {
-                let gb = |b: u64| b as f64 / 1e9;
-                return Err(EngineError::OutOfMemory(format!(
-                    "{}: the weights take {:.2} GB as {dtype:?} ({:.2} GB with working room) and {:.2} GB is available; \
-                     choose a smaller model, or bf16 on a GPU",
-                    dir.display(),
-                    gb(need),
-                    gb(with_margin),
-                    gb(budget)
-                )));
-            }
+    pub fn load_within(path: &Path, device: &Device, dtype: DType, budget: Option<u64>) -> Result<Self> {
+        if crate::gguf::is_gguf(path) || (path.is_file() && path.extension().is_some_and(|e| e == "gguf")) {
+            return Self::load_gguf(path, device, dtype, budget);
         }
+        let dir = path;
+        let config = ModelConfig::from_dir(dir)?;
+        check_fits(dir, estimate_bytes(dir, dtype)?, dtype, budget)?;
         let weights = load_dir(dir, device, dtype)?;
         let fingerprint = fingerprint(&weights)?;
         let text = if dir.join("tokenizer.json").is_file() { Some(crate::text::TextModel::from_dir(dir)?) } else { None };
-        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint, text })
+        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint, text, gguf: None })
     }
+
+    /// A GGUF file: header, tokenizer and every tensor's place checked before any is read, then
+    /// each tensor dequantized to `dtype`.
+    fn load_gguf(path: &Path, device: &Device, dtype: DType, budget: Option<u64>) -> Result<Self> {
+        let plan = crate::gguf::plan(path)?;
+        check_fits(path, plan.bytes(dtype), dtype, budget)?;
+        let text = crate::text::TextModel::from_json(&plan.origin.tokenizer_json, &plan.origin.tokenizer_config_json, path)?;
+        let weights = crate::gguf::load(&plan, device, dtype)?;
+        let fingerprint = fingerprint(&weights)?;
+        Ok(Self {
+            config: plan.config,
+            weights,
+            device: device.clone(),
+            dtype,
+            source: path.to_path_buf(),
+            fingerprint,
+            text: Some(text),
+            gguf: Some(plan.origin),
+        })
+    }
+
+    /// The model's `config.json`: the folder's, or the one its GGUF metadata stands for.
+    pub fn config_json(&self) -> Result<serde_json::Value> {
+        if let Some(g) = &self.gguf {
+            return Ok(g.config_json.clone());
+        }
+        let path = self.source.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(EngineError::io("reading", &path))?;
+        serde_json::from_str(&text).map_err(|e| EngineError::Config { path: path.display().to_string(), reason: e.to_string() })
+    }
+}
+
+/// Refuses (with [`EngineError::OutOfMemory`]) weights of `need` bytes that will not fit in `budget`.
+fn check_fits(path: &Path, need: u64, dtype: DType, budget: Option<u64>) -> Result<()> {
+    let Some(budget) = budget else { return Ok(()) };
+    // weights, plus a margin for rotary tables, activations and the first run's adapter
+    let with_margin = need + need / 10 + (64 << 20);
+    if with_margin > budget {
+        let gb = |b: u64| b as f64 / 1e9;
+        return Err(EngineError::OutOfMemory(format!(
+            "{}: the weights take {:.2} GB as {dtype:?} ({:.2} GB with working room) and {:.2} GB is available; \
+             choose a smaller model, or bf16 on a GPU",
+            path.display(),
+            gb(need),
+            gb(with_margin),
+            gb(budget)
+        )));
+    }
+    Ok(())
 }
 
 /// FNV-1a over every tensor's name, shape and first and last 64 values as bf16 (so the

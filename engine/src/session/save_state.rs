@@ -8,8 +8,11 @@
 //!   with the step, the sampling RNG, the training config and the format version: loading it
 //!   resumes bit-exactly;
 //! - `merged`: a complete model folder in the base model's layout and dtype (W + alpha/r · B A),
-//!   with the base's `config.json` and tokenizer files, loadable by transformers (and by hearth
-//!   as a base model).
+//!   with the base's `config.json` and tokenizer files (for a GGUF base, the ones its metadata
+//!   stands for), loadable by transformers (and by hearth as a base model);
+//! - `gguf_f16`, `gguf_q8_0`, `gguf_q4_k_m`: the merged model as one `model.gguf` with the
+//!   tokenizer and chat template, which llama.cpp (and Ollama, LM Studio) runs, and hearth loads
+//!   as a base model.
 //!
 //! `hearth.json` also records the base model's fingerprint; loading a checkpoint made for another
 //! base, with other shapes, or with a truncated or corrupt file is refused with
@@ -19,6 +22,8 @@
 use super::TrainingSession;
 use crate::error::{EngineError, Result};
 use crate::fsutil::{publish_dir, sync_file, write_json};
+use crate::gguf::export::GgufType;
+use crate::gguf::file::MetaValue;
 use crate::optim::Moments;
 use crate::rng::Rng;
 use candle_core::{Device, Tensor};
@@ -54,6 +59,9 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<Rng>,
 }
+
+/// The file name of a GGUF export inside its checkpoint folder.
+pub const GGUF_FILE: &str = "model.gguf";
 
 /// What `load_state` found.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,6 +182,7 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
 pub fn checkpoint_training_config(dir: &Path) -> Result<TrainingConfig> {
     match read_manifest(dir)? {
         Some(m) if m.kind == CheckpointKind::Merged => Err(bad(dir, "a merged checkpoint is a model folder: load it as a base model")),
+        Some(m) if m.kind.is_gguf() => Err(bad(dir, format!("a GGUF export is a model: load {GGUF_FILE} as a base model"))),
         Some(m) => Ok(m.training),
         None if dir.join("adapter_config.json").is_file() => Ok(TrainingConfig::Lora(read_adapter_config(dir)?)),
         None => Err(bad(dir, "neither hearth.json nor adapter_config.json: not a checkpoint")),
@@ -211,6 +220,9 @@ impl TrainingSession {
                 }
                 (CheckpointKind::State, TrainingConfig::Full) => save_tensors(&params, &tmp.join("model.safetensors"))?,
                 (CheckpointKind::Merged, _) => self.write_merged(tmp)?,
+                (CheckpointKind::GgufF16, _) => self.write_gguf(&tmp.join(GGUF_FILE), GgufType::F16)?,
+                (CheckpointKind::GgufQ8, _) => self.write_gguf(&tmp.join(GGUF_FILE), GgufType::Q8_0)?,
+                (CheckpointKind::GgufQ4KM, _) => self.write_gguf(&tmp.join(GGUF_FILE), GgufType::Q4KM)?,
             }
             if kind == CheckpointKind::State {
                 let mut moments = HashMap::new();
@@ -261,6 +273,12 @@ impl TrainingSession {
         let weights: HashMap<String, Tensor> =
             self.merged_weights()?.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
         save_tensors(&weights, &dir.join("model.safetensors"))?;
+        if let Some(g) = &self.base.gguf {
+            // a GGUF base: the Hugging Face files its metadata stands for
+            write_json(&dir.join("config.json"), &g.config_json)?;
+            write_json(&dir.join("tokenizer.json"), &g.tokenizer_json)?;
+            return write_json(&dir.join("tokenizer_config.json"), &g.tokenizer_config_json);
+        }
         let src = &self.base.source;
         for file in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
             let from = src.join(file);
@@ -274,6 +292,37 @@ impl TrainingSession {
             return Err(EngineError::Weights(format!("{} has no config.json to copy into the merged model", src.display())));
         }
         Ok(())
+    }
+
+    /// The merged model as GGUF, with the tokenizer metadata of the base (its GGUF's, or built
+    /// from its `tokenizer.json`).
+    fn write_gguf(&self, path: &Path, ty: GgufType) -> Result<()> {
+        let meta = self.gguf_metadata()?;
+        let weights = self.merged_weights()?;
+        crate::gguf::export::write(path, &self.base.config, &weights, &meta, ty)
+    }
+
+    fn gguf_metadata(&self) -> Result<Vec<(String, MetaValue)>> {
+        if let Some(g) = &self.base.gguf {
+            return Ok(g.metadata.clone());
+        }
+        let refuse = |reason: String| EngineError::InvalidParam {
+            field: "kind",
+            value: format!("gguf ({reason})"),
+            reason: "GGUF export needs a byte-level BPE tokenizer that llama.cpp knows",
+        };
+        let text = self.base.text.as_ref().ok_or_else(|| refuse(format!("{} has no tokenizer.json", self.base.source.display())))?;
+        let mut vocab = crate::gguf::tokenizer::GgufVocab::from_hf_json(&text.tokenizer_json()?, self.base.config.vocab_size).map_err(refuse)?;
+        let (bos, eos) = text.special_tokens();
+        vocab.bos = bos.and_then(|b| text.token_to_id(b));
+        vocab.eos = eos.and_then(|e| text.token_to_id(e)).or_else(|| self.base.config.eos_token_ids.first().copied());
+        let mut meta = vocab.to_metadata();
+        if let Some(t) = text.chat_template() {
+            meta.push(("tokenizer.chat_template".into(), MetaValue::Str(t.to_string())));
+        }
+        let name = self.base.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        meta.push(("general.name".into(), MetaValue::Str(name)));
+        Ok(meta)
     }
 
     /// Loads a checkpoint into this run: a hearth `state` (weights, optimizer, step, RNG —
