@@ -90,3 +90,137 @@ fn the_real_model_knows_the_capital_of_france() {
     eprintln!("The capital of France is{answer}");
     assert!(answer.contains("Paris"), "greedy continuation: {answer:?}");
 }
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// A few LoRA steps on `tiny` (byte tokenizer, safetensors folder).
+fn trained_tiny() -> TrainingSession {
+    let base = Arc::new(BaseModel::load(&tiny_dir(), &Device::Cpu, DType::F32).unwrap());
+    let mut s = TrainingSession::new(base, TrainingConfig::default()).unwrap();
+    let t: Vec<u32> = "the warm model keeps training".bytes().map(u32::from).collect();
+    let n = t.len() - 1;
+    let d = Datum::new(t[..n].to_vec(), LossFnInputs::cross_entropy(t[1..].to_vec(), vec![1.0; n]));
+    for _ in 0..5 {
+        s.forward_backward(&ForwardBackwardInput { data: vec![d.clone()], loss_fn: LossFn::CrossEntropy }).unwrap();
+        s.optim_step(&AdamParams { learning_rate: 1e-2, ..AdamParams::default() }).unwrap();
+    }
+    s
+}
+
+fn tiny_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("presets");
+    hearth_engine::preset::Preset::Tiny.ensure(&root).unwrap()
+}
+
+/// A GGUF export of a model from a safetensors folder loads back into hearth with the same
+/// config, tokenizer and (to F16 precision) logits; Q8_0 within its quantization error.
+#[test]
+fn a_tiny_model_exported_as_gguf_loads_back_with_the_same_logits() {
+    let s = trained_tiny();
+    let dir = scratch("tiny-export");
+    let tokens: Vec<u32> = "reverse: dog>".bytes().map(u32::from).collect();
+    let want = s.logits(&tokens).unwrap();
+    for (kind, tol) in [(CheckpointKind::GgufF16, 2e-3), (CheckpointKind::GgufQ8, 0.08), (CheckpointKind::GgufQ4KM, 0.5)] {
+        let out = s.save_state(&dir.join(kind.name()), kind).unwrap();
+        let file = out.join("model.gguf");
+        let back = Arc::new(BaseModel::load(&file, &Device::Cpu, DType::F32).unwrap());
+        assert_eq!(back.config.hidden_size, s.base().config.hidden_size);
+        assert_eq!(back.config.vocab_size, s.base().config.vocab_size);
+        assert!(back.gguf.is_some() && back.text.is_some());
+        let text = back.text.as_ref().unwrap();
+        assert_eq!(text.encode("héllo, wörld 123", false).unwrap(), "héllo, wörld 123".bytes().map(u32::from).collect::<Vec<_>>());
+        let plain = TrainingSession::new(back, TrainingConfig::default()).unwrap();
+        let got = plain.logits(&tokens).unwrap();
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("{}: max |Δlogit| {diff:.2e} (scale {:.2})", kind.name(), max_abs(&want));
+        assert!(diff <= tol * max_abs(&want), "{}: max |Δlogit| {diff} over {tol} × {}", kind.name(), max_abs(&want));
+    }
+    // A GGUF export is a model, not a checkpoint to resume from.
+    let mut s2 = trained_tiny();
+    let err = s2.load_state(&dir.join("gguf_f16")).unwrap_err();
+    assert!(err.to_string().contains("load model.gguf as a base model"), "{err}");
+}
+
+/// Raw bytes of every tensor of a GGUF file, to write variants of it.
+fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&mut Vec<(String, MetaValue)>)) {
+    use std::io::{Read, Seek, SeekFrom};
+    let g = GgufFile::open(src).unwrap();
+    let mut f = std::fs::File::open(src).unwrap();
+    let tensors: Vec<_> = g
+        .tensors
+        .iter()
+        .map(|t| {
+            let mut data = vec![0u8; t.byte_len() as usize];
+            f.seek(SeekFrom::Start(g.data_start + t.offset)).unwrap();
+            f.read_exact(&mut data).unwrap();
+            hearth_engine::gguf::file::OutTensor { name: t.name.clone(), shape: t.shape(), dtype: t.dtype, data }
+        })
+        .collect();
+    let mut meta = g.metadata.clone();
+    edit(&mut meta);
+    hearth_engine::gguf::file::write(dst, &meta, &tensors).unwrap();
+}
+
+fn set(meta: &mut [(String, MetaValue)], key: &str, v: MetaValue) {
+    meta.iter_mut().find(|(k, _)| k == key).unwrap().1 = v;
+}
+
+fn load_err(path: &Path) -> String {
+    match BaseModel::load(path, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e @ EngineError::Gguf { .. }) => e.to_string(),
+        Err(other) => panic!("{}: not a GGUF error: {other}", path.display()),
+    }
+}
+
+/// Bad files are refused with an error naming what is wrong, before anything is loaded.
+#[test]
+fn bad_gguf_files_are_refused_by_name() {
+    let s = trained_tiny();
+    let dir = scratch("bad");
+    let good = s.save_state(&dir.join("good"), CheckpointKind::GgufF16).unwrap().join("model.gguf");
+    let bytes = std::fs::read(&good).unwrap();
+
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    let e = load_err(&truncated);
+    assert!(e.contains("truncated") && e.contains("`output_norm.weight`"), "{e}");
+
+    let header_cut = dir.join("header-cut.gguf");
+    std::fs::write(&header_cut, &bytes[..5000]).unwrap();
+    let e = load_err(&header_cut);
+    assert!(e.contains("past the end of the file"), "{e}");
+
+    let not_gguf = dir.join("not.gguf");
+    std::fs::write(&not_gguf, b"PK\x03\x04 this is a zip").unwrap();
+    assert!(load_err(&not_gguf).contains("not a GGUF file"));
+
+    let arch = dir.join("arch.gguf");
+    rewrite(&good, &arch, |m| set(m, "general.architecture", MetaValue::Str("gpt2".into())));
+    let e = load_err(&arch);
+    assert!(e.contains("architecture \"gpt2\" is not one hearth trains"), "{e}");
+
+    let pre = dir.join("pre.gguf");
+    rewrite(&good, &pre, |m| set(m, "tokenizer.ggml.pre", MetaValue::Str("tekken".into())));
+    let e = load_err(&pre);
+    assert!(e.contains("tokenizer.ggml.pre = \"tekken\""), "{e}");
+
+    // An IQ2_XXS tensor: patch the type id of `token_embd.weight` in the header.
+    let ty = dir.join("type.gguf");
+    let mut raw = bytes.clone();
+    let name = b"token_embd.weight";
+    let at = raw.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let type_at = at + 4 + 2 * 8; // n_dims (u32), two u64 dims
+    assert_eq!(u32::from_le_bytes(raw[type_at..type_at + 4].try_into().unwrap()), 1, "F16 expected");
+    raw[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    std::fs::write(&ty, &raw).unwrap();
+    let e = load_err(&ty);
+    assert!(e.contains("`token_embd.weight` has type IQ2_XXS (type 16)"), "{e}");
+}
+
