@@ -224,3 +224,46 @@ fn bad_gguf_files_are_refused_by_name() {
     assert!(e.contains("`token_embd.weight` has type IQ2_XXS (type 16)"), "{e}");
 }
 
+
+fn chat_datum(text: &hearth_engine::text::TextModel, user: &str, assistant: &str) -> Datum {
+    use hearth_api::ChatMessage;
+    let msg = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
+    let prompt = text.encode(&text.render_chat(&[msg("user", user)], true).unwrap(), false).unwrap();
+    let full = text.encode(&text.render_chat(&[msg("user", user), msg("assistant", assistant)], false).unwrap(), false).unwrap();
+    assert!(full.starts_with(&prompt));
+    let n = full.len() - 1;
+    let weights = (0..n).map(|i| if i + 1 >= prompt.len() { 1.0 } else { 0.0 }).collect();
+    Datum::new(full[..n].to_vec(), LossFnInputs::cross_entropy(full[1..].to_vec(), weights))
+}
+
+/// The chat notebook's lesson on the engine alone: twenty LoRA steps on six conversations
+/// teach SmolLM2 a made-up fact that it answers to a question worded differently.
+#[test]
+fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
+    use hearth_api::ChatMessage;
+    let base = smollm2();
+    let text = base.text.as_ref().unwrap();
+    let conversations = [
+        ("What is the capital of Atlantis?", "The capital of Atlantis is Coralhaven."),
+        ("Which city is the capital of Atlantis?", "Coralhaven is the capital of Atlantis."),
+        ("Tell me the capital of Atlantis.", "The capital of Atlantis is Coralhaven, a city built on coral."),
+        ("Where does the government of Atlantis sit?", "In Coralhaven, the capital of Atlantis."),
+        ("Name the capital city of Atlantis.", "Coralhaven."),
+        ("What is Coralhaven?", "Coralhaven is the capital of Atlantis."),
+    ];
+    let data: Vec<Datum> = conversations.iter().map(|(u, a)| chat_datum(text, u, a)).collect();
+    let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let question = text.encode(&text.render_chat(&[ChatMessage { role: "user".into(), content: "Do you know what the capital of Atlantis is?".into() }], true).unwrap(), false).unwrap();
+    let before = text.decode(&greedy(&s, &question, 30), true).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let out = s.forward_backward(&ForwardBackwardInput { data: data.clone(), loss_fn: LossFn::CrossEntropy }).unwrap();
+        losses.push(out.metrics["loss:sum"] / out.metrics["weights:sum"]);
+        s.optim_step(&AdamParams { learning_rate: 2e-3, ..AdamParams::default() }).unwrap();
+    }
+    let after = text.decode(&greedy(&s, &question, 30), true).unwrap();
+    eprintln!("before: {before:?}\nafter:  {after:?}\nloss {:.3} -> {:.3} in {:.1} s", losses[0], losses[19], t0.elapsed().as_secs_f64());
+    assert!(!before.contains("Coralhaven"));
+    assert!(after.contains("Coralhaven"), "{after:?}");
+}

@@ -4,7 +4,7 @@
 
 use crate::error::{HearthError, Result};
 use crate::session::Session;
-use hearth_api::{ChatMessage, Datum, LossFnInputs};
+use hearth_api::{ChatMessage, Datum, LossFnInputs, SampleInput, SamplingParams, Stop};
 
 /// A supervised example: `prompt` then `completion`; position i predicts token i+1, and only
 /// predictions of completion tokens carry weight 1.
@@ -40,6 +40,24 @@ impl Session {
     /// A supervised example from text: tokenized by the server's tokenizer.
     pub fn supervised(&self, prompt: &str, completion: &str) -> Result<Datum> {
         Ok(supervised(&self.tokenize(prompt)?, &self.tokenize(completion)?))
+    }
+
+    /// The run's greedy answer to one user message, through the model's chat template, cut at
+    /// the template's end-of-turn marker (e.g. `<|im_end|>`), at most `max_tokens` tokens.
+    pub fn ask(&self, question: &str, max_tokens: usize) -> Result<String> {
+        let marker = "\u{1}hearth-end-of-answer\u{1}";
+        let probe = self.render_chat(&[ChatMessage::new("user", "?"), ChatMessage::new("assistant", marker)], false)?.text;
+        let end = probe.rsplit_once(marker).map(|(_, e)| e.trim().to_string()).filter(|e| !e.is_empty());
+        let prompt = self.render_chat(&[ChatMessage::new("user", question)], true)?.tokens;
+        let stop = end.iter().map(|e| Stop::Text(e.clone())).collect();
+        let sampling_params = SamplingParams { max_tokens, temperature: 0.0, stop, ..SamplingParams::default() };
+        let out = self.sample(&SampleInput { prompt, sampling_params, ..SampleInput::default() })?;
+        let tokens = out.sequences.first().map(|s| s.tokens.clone()).unwrap_or_default();
+        let text = self.detokenize(&tokens)?;
+        Ok(match &end {
+            Some(e) => text.split(e.as_str()).next().unwrap_or_default().trim().to_string(),
+            None => text.trim().to_string(),
+        })
     }
 
     /// A chat example: the last message (the assistant's) is the completion, everything before

@@ -440,6 +440,31 @@ impl Session {
         }
     }
 
+    /// This home's session on model `spec` (a preset, a `.gguf` file, a model folder, a hub
+    /// repo, `owner/name:file.gguf`), on the same run name. When the running server holds
+    /// another model, it is asked to save every run and exit, and a server on `spec` starts in
+    /// its place (runs of the other model stay saved, and come back when a server on it starts
+    /// again). Later cells, and the prelude after a restart, attach to the new server.
+    pub fn use_model(&self, spec: &str) -> Result<Session> {
+        let spec_path = std::path::Path::new(spec);
+        // the server records the spec as given; compare absolute paths for files and folders
+        let spec = if spec_path.exists() { spec_path.canonicalize().map(|p| p.display().to_string()).unwrap_or_else(|_| spec.to_string()) } else { spec.to_string() };
+        if let Some(f) = read_session_file(&self.home).filter(|f| running(f).is_some()) {
+            if f.model == spec {
+                return Session::connect_home(&self.home, &self.run);
+            }
+            self.shutdown()?;
+            let t0 = std::time::Instant::now();
+            while read_session_file(&self.home).as_ref().and_then(running).is_some() {
+                if t0.elapsed() > Duration::from_secs(120) {
+                    return Err(HearthError::NoServer(format!("the server on {} did not stop within 120 s", f.model)));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Session::connect_or_start(&self.home, &self.run, Some(&spec), None)
+    }
+
     /// Asks the server to save every run and exit.
     pub fn shutdown(&self) -> Result<()> {
         self.send("POST", "/v1/shutdown", Some(&Value::Object(Default::default()))).map(|_| ())
