@@ -236,8 +236,9 @@ fn chat_datum(text: &hearth_engine::text::TextModel, user: &str, assistant: &str
     Datum::new(full[..n].to_vec(), LossFnInputs::cross_entropy(full[1..].to_vec(), weights))
 }
 
-/// The chat notebook's lesson on the engine alone: twenty LoRA steps on six conversations
-/// teach SmolLM2 a made-up fact that it answers to a question worded differently.
+/// The chat notebook's lesson on the engine alone: twenty LoRA steps on eight conversations
+/// (six with a made-up fact, two with capitals it knows) teach SmolLM2 the fact, asked in other
+/// words, and it still knows the capital of France (which the data never mentions).
 #[test]
 fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
     use hearth_api::ChatMessage;
@@ -250,6 +251,8 @@ fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
         ("Where does the government of Atlantis sit?", "In Coralhaven, the capital of Atlantis."),
         ("Name the capital city of Atlantis.", "Coralhaven."),
         ("What is Coralhaven?", "Coralhaven is the capital of Atlantis."),
+        ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+        ("Which city is the capital of Germany?", "Berlin is the capital of Germany."),
     ];
     let data: Vec<Datum> = conversations.iter().map(|(u, a)| chat_datum(text, u, a)).collect();
     let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
@@ -263,9 +266,12 @@ fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
         s.optim_step(&AdamParams { learning_rate: 2e-3, ..AdamParams::default() }).unwrap();
     }
     let after = text.decode(&greedy(&s, &question, 30), true).unwrap();
-    eprintln!("before: {before:?}\nafter:  {after:?}\nloss {:.3} -> {:.3} in {:.1} s", losses[0], losses[19], t0.elapsed().as_secs_f64());
+    let france = text.encode(&text.render_chat(&[ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }], true).unwrap(), false).unwrap();
+    let paris = text.decode(&greedy(&s, &france, 12), true).unwrap();
+    eprintln!("before: {before:?}\nafter:  {after:?}\nFrance: {paris:?}\nloss {:.3} -> {:.3} in {:.1} s", losses[0], losses[19], t0.elapsed().as_secs_f64());
     assert!(!before.contains("Coralhaven"));
     assert!(after.contains("Coralhaven"), "{after:?}");
+    assert!(paris.contains("Paris"), "two conversations about other capitals should keep France's: {paris:?}");
 }
 
 /// Relative max difference: max |a − b| / max |b|.
