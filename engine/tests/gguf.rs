@@ -141,6 +141,10 @@ fn a_tiny_model_exported_as_gguf_loads_back_with_the_same_logits() {
         eprintln!("{}: max |Δlogit| {diff:.2e} (scale {:.2})", kind.name(), max_abs(&want));
         assert!(diff <= tol * max_abs(&want), "{}: max |Δlogit| {diff} over {tol} × {}", kind.name(), max_abs(&want));
     }
+    // Memory is estimated from the header before anything is read.
+    let file = dir.join("gguf_f16").join("model.gguf");
+    let err = BaseModel::load_within(&file, &Device::Cpu, DType::F32, Some(1 << 20)).unwrap_err();
+    assert!(matches!(err, EngineError::OutOfMemory(_)) && err.to_string().contains("is available"), "{err}");
     // A GGUF export is a model, not a checkpoint to resume from.
     let mut s2 = trained_tiny();
     let err = s2.load_state(&dir.join("gguf_f16")).unwrap_err();

@@ -209,3 +209,34 @@ fn hub_download_fills_the_python_cache_layout_and_then_works_offline() {
     // A local folder is used as it is.
     assert_eq!(resolve(common::tiny().source.to_str().unwrap(), &opts).unwrap(), common::tiny().source);
 }
+
+/// `owner/name:file.gguf` downloads that one file into the cache (and nothing else), loads as a
+/// model, and is then served from the cache without the network.
+#[test]
+fn a_gguf_file_of_a_hub_repo_is_downloaded_once_and_loads() {
+    let root = scratch("gguf");
+    let remote = root.join("remote");
+    let session = hearth_engine::TrainingSession::new(common::tiny(), hearth_api::TrainingConfig::default()).unwrap();
+    let export = session.save_state(&root.join("export"), hearth_api::CheckpointKind::GgufF16).unwrap();
+    std::fs::create_dir_all(&remote).unwrap();
+    std::fs::copy(export.join("model.gguf"), remote.join("tiny-f16.gguf")).unwrap();
+    std::fs::write(remote.join("README.md"), "not downloaded").unwrap();
+    let server = StandIn::start(HashMap::from([("hearth/tiny-gguf".to_string(), remote)]));
+    let opts = HubOptions { endpoint: server.url.clone(), cache_dir: root.join("hf-cache"), token: None, revision: "main".into(), offline: false };
+
+    let path = resolve("hearth/tiny-gguf:tiny-f16.gguf", &opts).unwrap();
+    assert_eq!(path, opts.cache_dir.join("models--hearth--tiny-gguf/snapshots").join(COMMIT).join("tiny-f16.gguf"));
+    assert!(!path.with_file_name("README.md").exists(), "only the named file is fetched");
+    let base = BaseModel::load(&path, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(base.config.hidden_size, common::tiny().config.hidden_size);
+    assert!(base.gguf.is_some());
+
+    let before = server.requests.load(Ordering::SeqCst);
+    let offline = HubOptions { offline: true, ..opts.clone() };
+    assert_eq!(resolve("hearth/tiny-gguf:tiny-f16.gguf", &offline).unwrap(), path);
+    assert_eq!(server.requests.load(Ordering::SeqCst), before, "a cached file must not touch the network");
+    let err = resolve("hearth/tiny-gguf:other.gguf", &offline).unwrap_err();
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+    let err = resolve("hearth/tiny-gguf:missing.gguf", &opts).unwrap_err();
+    assert!(err.to_string().contains("missing.gguf: not found on") && err.is_user_error(), "{err}");
+}
