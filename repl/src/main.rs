@@ -32,7 +32,8 @@ struct Options {
     #[command(subcommand)]
     command: Option<Command>,
     /// The model a new server loads: a preset (tiny, smollm2-135m-shape), a local Hugging Face
-    /// folder, or owner/name from the hub; a server already running for this home must have it.
+    /// folder or .gguf file, owner/name from the hub, or owner/name:file.gguf; a server already
+    /// running for this home must have it.
     /// Default: the running server's, else the last server's of this home, else tiny.
     #[arg(long, global = true)]
     model: Option<String>,

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "hearth-server", version, about, long_about = None)]
 pub struct Options {
-    /// The base model: a local Hugging Face folder, a hub repo id (owner/name), or a generated
-    /// preset (`tiny`, `smollm2-135m-shape`).
+    /// The base model: a local Hugging Face folder, a `.gguf` file, a hub repo id (owner/name),
+    /// one GGUF file of a hub repo (owner/name:file.gguf), or a generated preset (`tiny`,
+    /// `smollm2-135m-shape`).
     #[arg(long, default_value = "tiny")]
     pub model: String,
 
