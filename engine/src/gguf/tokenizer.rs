@@ -60,7 +60,7 @@ pub struct GgufVocab {
 
 impl GgufVocab {
     /// Reads the tokenizer metadata; `Err` says what is missing or unsupported.
-    pub fn from_metadata(get: impl Fn(&str) -> Option<MetaValue>) -> std::result::Result<Self, String> {
+    pub fn from_metadata<'a>(get: impl Fn(&str) -> Option<&'a MetaValue>) -> std::result::Result<Self, String> {
         let model = get("tokenizer.ggml.model").and_then(|v| v.as_str().map(str::to_string));
         match model.as_deref() {
             Some("gpt2") => {}
@@ -260,12 +260,7 @@ fn detect_pre(pre: &Value, no_merges: bool) -> Option<&'static str> {
     let norm = |r: &str| r.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])");
     let got: Vec<String> = regexes.iter().map(|r| norm(r).trim_end_matches("|\\s+").to_string()).collect();
     let trimmed = |rs: &[&str]| -> Vec<String> { rs.iter().map(|r| r.trim_end_matches("|\\s+").to_string()).collect() };
-    for name in ["smollm", "llama-bpe", "qwen2", "gpt-2"] {
-        if pre_regexes(name).is_some_and(|rs| trimmed(rs) == got) {
-            return Some(name);
-        }
-    }
-    None
+    ["smollm", "llama-bpe", "qwen2", "gpt-2"].into_iter().find(|name| pre_regexes(name).is_some_and(|rs| trimmed(rs) == got))
 }
 
 #[cfg(test)]
@@ -274,13 +269,13 @@ mod tests {
 
     #[test]
     fn unknown_pre_tokenizers_are_refused_by_name() {
-        let meta = |key: &str| -> Option<MetaValue> {
-            match key {
-                "tokenizer.ggml.model" => Some(MetaValue::Str("gpt2".into())),
-                "tokenizer.ggml.tokens" => Some(MetaValue::strings(["a".to_string(), "b".to_string()])),
-                "tokenizer.ggml.pre" => Some(MetaValue::Str("tekken".into())),
-                _ => None,
-            }
+        let (model, tokens, pre) =
+            (MetaValue::Str("gpt2".into()), MetaValue::strings(["a".to_string(), "b".to_string()]), MetaValue::Str("tekken".into()));
+        let meta = |key: &str| match key {
+            "tokenizer.ggml.model" => Some(&model),
+            "tokenizer.ggml.tokens" => Some(&tokens),
+            "tokenizer.ggml.pre" => Some(&pre),
+            _ => None,
         };
         let err = GgufVocab::from_metadata(meta).unwrap_err();
         assert!(err.contains("\"tekken\"") && err.contains("smollm"), "{err}");
