@@ -50,11 +50,23 @@ pub struct Evaluator {
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The `hearth` dependency of every cell: the prelude crate by path, with the `tls` feature
+/// only for an `https://` server (plain http needs no TLS stack, and without it rust-analyzer
+/// loads ~60 fewer crates). The same text serves evcxr's first crate graph and the prelude's
+/// `:dep` line, so that line changes nothing.
+pub fn prelude_dep(prelude_dir: &std::path::Path) -> String {
+    format!(
+        "{{ package = \"hearth-prelude\", path = {:?}, default-features = {} }}",
+        prelude_dir.display().to_string(),
+        needs_tls()
+    )
+}
+
 /// The prelude every (re)started child runs first, as one cell (one compile): the `hearth`
 /// crate and a `session`.
 pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
     [
-        format!(":dep hearth = {{ package = \"hearth-prelude\", path = {:?} }}", prelude_dir.display().to_string()),
+        format!(":dep hearth = {}", prelude_dep(prelude_dir)),
         "use hearth::*;".to_string(),
         // evcxr's generated code names `Result<(), E>`; hearth's one-parameter alias must not shadow std's
         "use std::result::Result;".to_string(),
@@ -65,18 +77,86 @@ pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
     .join("\n")
 }
 
-/// Points `TMPDIR` at this process's own folder, `<temp>/hearth-evcxr/<pid>`, where evcxr then
-/// builds cells, and removes the folders of processes that no longer run (a kill -9 or a crash
-/// leaves evcxr's ~250 MB build directory behind; a clean exit removes it through
-/// [`Evaluator::shutdown`]). Call it at start-up, before other threads exist.
+/// Whether cells talk to an `https://` server: `HEARTH_URL`, else the home's session file.
+fn needs_tls() -> bool {
+    let url = std::env::var("HEARTH_URL").ok().filter(|u| !u.is_empty()).or_else(|| {
+        std::fs::read_to_string(hearth::home_dir().join("session.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["url"].as_str().map(str::to_string))
+    });
+    url.is_some_and(|u| u.starts_with("https://"))
+}
+
+/// Points `TMPDIR` at this process's own folder, `<temp>/hearth-evcxr/<pid>` (rust-analyzer's
+/// scratch files), and removes the folders of processes that no longer run. Then takes a build
+/// slot (see [`take_build_slot`]) and points evcxr at it (`EVCXR_TMPDIR`). Call it at start-up,
+/// before other threads exist. Returns the private temp folder, for removal at exit.
 pub fn use_private_tmpdir() -> std::io::Result<PathBuf> {
     let root = std::env::temp_dir().join("hearth-evcxr");
     std::fs::create_dir_all(&root)?;
     sweep_tmpdirs(&root);
     let mine = root.join(std::process::id().to_string());
     std::fs::create_dir_all(&mine)?;
+    // a slot, or (no usable cache folder) evcxr's own throwaway folder under TMPDIR
+    if let Ok(slot) = take_build_slot(&cell_cache_dir()) {
+        std::env::set_var("EVCXR_TMPDIR", slot);
+    }
     std::env::set_var("TMPDIR", &mine);
     Ok(mine)
+}
+
+/// The per-user folder of build slots: `$HEARTH_CELL_CACHE`, else `$XDG_CACHE_HOME/hearth/cells`,
+/// else `~/.cache/hearth/cells`.
+pub fn cell_cache_dir() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("HEARTH_CELL_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("hearth").join("cells")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("hearth").join("cells")))
+        .unwrap_or_else(|| std::env::temp_dir().join("hearth-cells"))
+}
+
+/// The lock of the slot this process builds in, held until the process ends.
+static SLOT_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Takes the first free build slot `root/slot-N` (free: nobody holds `slot-N.lock`, an exclusive
+/// `flock` that the kernel drops when its process ends, kill -9 included) and keeps it for the
+/// life of this process.
+///
+/// Why slots: evcxr builds cells as a cargo crate. In a throwaway folder every new kernel or REPL
+/// rebuilt the prelude, and evcxr's cross-folder compile cache (`:cache`) made it worse: it keys
+/// entries with the target folder taken out but copies rustc's dep-info verbatim, so a hit names
+/// `OUT_DIR` files (serde_core's and thiserror's `out/private.rs`) in the folder of the process that
+/// filled the cache. Once that folder is gone, cargo finds a missing input on every build, and
+/// every cell "recompiled" serde_core, thiserror, serde, serde_json, ureq, hearth-api and
+/// hearth-prelude (about 1 s a cell). A slot outlives its process, so cargo's own fingerprints
+/// stay true: after the first build ever in a slot, a cell compiles only itself. evcxr's cache
+/// stays off.
+pub fn take_build_slot(root: &std::path::Path) -> std::io::Result<PathBuf> {
+    if SLOT_LOCK.get().is_some() {
+        return Err(std::io::Error::other("this process already holds a build slot"));
+    }
+    let (dir, lock) = lock_free_slot(root)?;
+    let _ = SLOT_LOCK.set(lock);
+    Ok(dir)
+}
+
+/// The first slot of `root` whose lock is free, with that lock held (released when the file is
+/// dropped or the process ends).
+fn lock_free_slot(root: &std::path::Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(root)?;
+    for n in 0..64 {
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join(format!("slot-{n}.lock")))?;
+        // SAFETY: flock on an fd this function owns.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        let dir = root.join(format!("slot-{n}"));
+        std::fs::create_dir_all(&dir)?;
+        return Ok((dir, lock));
+    }
+    Err(std::io::Error::other(format!("all 64 build slots in {} are in use", root.display())))
 }
 
 /// Removes `root/<pid>` folders whose process is gone.
@@ -96,6 +176,33 @@ pub fn prelude_dir() -> PathBuf {
     std::env::var_os("HEARTH_PRELUDE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("prelude"))
+}
+
+/// evcxr's context, with a cell process that finds Rust's `libstd-*.so`: cells link it
+/// dynamically and evcxr relies on the rpath that cargo writes relative to `deps/`, which is one
+/// folder off for the copy evcxr loads; it only resolved by luck in a throwaway temp folder (the
+/// surplus `..` stopped at `/`), and never in a build slot under the home folder.
+fn new_context() -> Result<(evcxr::CommandContext, evcxr::EvalContextOutputs), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe);
+    let libdir = std::process::Command::new("rustc").args(["--print", "target-libdir"]).output().ok().filter(|o| o.status.success());
+    if let Some(out) = libdir {
+        let mut path = std::ffi::OsString::from(String::from_utf8_lossy(&out.stdout).trim());
+        if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
+            path.push(":");
+            path.push(old);
+        }
+        child.env("LD_LIBRARY_PATH", path);
+    }
+    // the prelude's crate and `:opt 0` are in the first Cargo.toml: rust-analyzer loads the
+    // crate graph once, not three times
+    let dep = prelude_dep(&prelude_dir());
+    let (ctx, outputs) = evcxr::EvalContext::with_subprocess_command_and_state(child, |state| {
+        state.set_opt_level("0")?;
+        state.add_dep("hearth", &dep)
+    })
+    .map_err(|e| e.to_string())?;
+    Ok((evcxr::CommandContext::with_eval_context(ctx), outputs))
 }
 
 fn error_of(e: evcxr::Error) -> CellError {
@@ -131,11 +238,11 @@ impl Evaluator {
         std::thread::Builder::new()
             .name("hearth-evaluator".into())
             .spawn(move || {
-                let (mut ctx, outputs) = match evcxr::CommandContext::new() {
+                let (mut ctx, outputs) = match new_context() {
                     Ok(x) => x,
                     Err(e) => {
                         let (lock, cv) = &*ready2;
-                        *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.to_string()));
+                        *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
                         cv.notify_all();
                         return;
                     }
@@ -156,7 +263,6 @@ impl Evaluator {
                 let run_prelude = |ctx: &mut evcxr::CommandContext| -> Result<(), String> {
                     ctx.execute(&prelude).map(|_| ()).map_err(|e| format!("prelude: {}", error_of(e).evalue))
                 };
-                let _ = ctx.execute(":cache 500");
                 let _ = ctx.execute(":opt 0");
                 let status = run_prelude(&mut ctx);
                 *child2.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.process_handle());
@@ -298,6 +404,20 @@ mod tests {
         sweep_tmpdirs(&root);
         assert!(!dead.exists(), "a finished process's folder stays");
         assert!(alive.exists() && root.join("not-a-pid").exists(), "a live process's (or a foreign) folder was removed");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_build_slot_is_held_by_one_owner_and_free_again_when_dropped() {
+        let root = std::env::temp_dir().join(format!("hearth-slot-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (a, lock_a) = lock_free_slot(&root).unwrap();
+        let (b, lock_b) = lock_free_slot(&root).unwrap();
+        assert_eq!((a.file_name().unwrap(), b.file_name().unwrap()), ("slot-0".as_ref(), "slot-1".as_ref()));
+        drop(lock_a);
+        let (again, _lock) = lock_free_slot(&root).unwrap();
+        assert_eq!(again, a, "a released slot is not reused");
+        drop(lock_b);
         let _ = std::fs::remove_dir_all(&root);
     }
 }

