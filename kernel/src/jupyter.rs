@@ -6,7 +6,7 @@
 
 use crate::evaluator::{CellError, Evaluator, LineSink};
 use crate::magics;
-use crate::scanner::{is_complete, Completeness};
+use crate::scanner::{input_status, Completeness};
 use hearth::display::{front_end_only, MARKER};
 use jupyter_protocol::messaging::*;
 use jupyter_protocol::{ConnectionInfo, ExecutionCount, JupyterMessage, JupyterMessageContent, Media};
@@ -368,7 +368,7 @@ async fn handle_shell(k: &Arc<Kernel>, msg: &JupyterMessage) -> Option<JupyterMe
         JupyterMessageContent::KernelInfoRequest(_) => Some(JupyterMessageContent::KernelInfoReply(Box::new(kernel_info()))),
         JupyterMessageContent::ExecuteRequest(req) => Some(execute(k, msg, req).await.into()),
         JupyterMessageContent::IsCompleteRequest(req) => Some(
-            match is_complete(&req.code) {
+            match input_status(&req.code) {
                 Completeness::Complete => IsCompleteReply::complete(),
                 Completeness::Incomplete(indent) => IsCompleteReply::incomplete(indent),
                 Completeness::Invalid => IsCompleteReply::invalid(),
@@ -456,6 +456,15 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
         return fail(CellError {
             ename: "Unsupported".into(),
             evalue: ":quit would end the kernel; use Kernel → Shut Down (the server saves every run)".into(),
+            traceback: vec![],
+        });
+    }
+    // a magic is a line of its own: evcxr would call `:sample` an unknown command
+    let first = req.code.trim_start().lines().next().unwrap_or_default();
+    if req.code.trim().contains('\n') && magics::find(first).is_some() {
+        return fail(CellError {
+            ename: "Magic".into(),
+            evalue: format!("`{}` is a magic: give it a cell of its own (the Rust lines after it go in the next cell)", first.trim()),
             traceback: vec![],
         });
     }

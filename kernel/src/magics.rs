@@ -44,7 +44,12 @@ fn esc(s: &str) -> String {
 
 /// The magic a line names, if it is one of ours (`:dep` and other evcxr commands are not).
 pub fn find(line: &str) -> Option<(&'static Magic, &str)> {
-    let rest = line.trim().strip_prefix(':')?;
+    let line = line.trim();
+    // a magic is one line; a block that starts with one is several cells (see `scanner::split_typed`)
+    if line.contains('\n') {
+        return None;
+    }
+    let rest = line.strip_prefix(':')?;
     let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
     MAGICS.iter().find(|m| m.name == name).map(|m| (m, args.trim()))
 }

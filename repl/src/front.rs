@@ -7,7 +7,7 @@ use crate::render::Terminal;
 use hearth::Session;
 use hearth_kernel::evaluator::{CellError, Evaluator, LineSink};
 use hearth_kernel::magics;
-use hearth_kernel::scanner::{is_complete, Completeness};
+use hearth_kernel::scanner::{input_status, split_typed, Completeness};
 use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
 use rustyline::highlight::Highlighter;
@@ -514,7 +514,8 @@ impl Highlighter for Helper {}
 
 impl Validator for Helper {
     fn validate(&self, ctx: &mut ValidationContext<'_>) -> rustyline::Result<ValidationResult> {
-        Ok(match is_complete(ctx.input()) {
+        // the same rule that splits the accepted text into cells: Enter runs when no cell is left open
+        Ok(match input_status(ctx.input()) {
             Completeness::Incomplete(_) => ValidationResult::Incomplete,
             _ => ValidationResult::Valid(None),
         })
@@ -576,10 +577,11 @@ pub fn interactive(front: &Arc<Front>, history: PathBuf, banner: &str) -> i32 {
                         history.display()
                     ));
                 }
-                if is_quit(&line) {
+                // a pasted block (or lines typed ahead while a cell ran) is several cells, split
+                // exactly as if typed line by line
+                if run_until_quit(front, &split_typed(&line).0) {
                     break;
                 }
-                front.run_cell(&line);
             }
             Err(ReadlineError::Interrupted) => continue, // Ctrl-C at the prompt clears the line
             Err(ReadlineError::Eof) => break,
@@ -592,6 +594,17 @@ pub fn interactive(front: &Arc<Front>, history: PathBuf, banner: &str) -> i32 {
     front.goodbye();
     front.shutdown();
     0
+}
+
+/// Runs `cells` in order, up to a `:quit` among them; true when there was one.
+fn run_until_quit(front: &Arc<Front>, cells: &[String]) -> bool {
+    for cell in cells {
+        if is_quit(cell) {
+            return true;
+        }
+        front.run_cell(cell);
+    }
+    false
 }
 
 /// Runs a script's cells in order, stopping at the first failure (exit code 1).
