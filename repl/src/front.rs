@@ -55,9 +55,16 @@ pub struct Front {
     cell_error: Mutex<Option<CellError>>,
     /// Output lines being rendered right now, so a cell's output precedes its result.
     publishing: AtomicUsize,
-    /// The evaluator is ready (or failed) and stderr is back.
+    /// The evaluator is ready (or failed).
     prepared: AtomicBool,
     launched: Instant,
+    /// Crates cargo compiled since the last cell ended (or during the prelude), from its
+    /// `Compiling x` lines, which evcxr writes to this process's stderr.
+    compiled: Mutex<Vec<String>>,
+    /// The real stderr while fd 2 is the router's pipe (-1: not routed), and whether a status
+    /// line is drawn on it now.
+    status_fd: std::sync::atomic::AtomicI32,
+    status_shown: AtomicBool,
 }
 
 impl Front {
@@ -75,6 +82,9 @@ impl Front {
             publishing: AtomicUsize::new(0),
             prepared: AtomicBool::new(false),
             launched,
+            compiled: Mutex::new(Vec::new()),
+            status_fd: std::sync::atomic::AtomicI32::new(-1),
+            status_shown: AtomicBool::new(false),
         });
         let f = front.clone();
         std::thread::Builder::new()
@@ -113,10 +123,9 @@ impl Front {
     }
 
     fn connect_and_prepare(self: Arc<Self>, connect: Connect) {
-        // evcxr writes cargo's `Compiling x` lines for the prelude's dependencies straight to
-        // this process's stderr, over the prompt; until the prelude is ready, stderr is a pipe
-        // that drops them and forwards the rest
-        let quiet = QuietStderr::start(&self);
+        // evcxr writes cargo's `Compiling x` lines straight to this process's stderr; stderr
+        // becomes a pipe that turns them into one quiet status line and forwards the rest
+        StderrRouter::start(&self);
         let session = match connect {
             Connect::Home { model, resume } => {
                 Session::connect_or_start(&hearth::home_dir(), "main", model.as_deref(), resume)
@@ -143,9 +152,6 @@ impl Front {
         let _ = self.session.set(session);
         if failed {
             // no cell process: its own connect would not honour --model or --attach
-            if let Some(q) = quiet {
-                q.stop();
-            }
             self.prepared.store(true, Ordering::SeqCst);
             return;
         }
@@ -155,13 +161,16 @@ impl Front {
         let ev = Evaluator::start(out, err);
         let _ = self.evaluator.set(ev.clone());
         let ready = ev.wait_ready();
-        if let Some(q) = quiet {
-            q.stop();
-        }
         self.prepared.store(true, Ordering::SeqCst);
+        let compiled = std::mem::take(&mut *self.compiled.lock().unwrap_or_else(|p| p.into_inner()));
+        let first = if compiled.is_empty() {
+            String::new()
+        } else {
+            format!("; compiled {} crates once for this build slot", compiled.len())
+        };
         match ready {
             Ok(()) => self.notify(&format!(
-                "hearth: `session` is ready ({:.1} s)",
+                "hearth: `session` is ready ({:.1} s{first})",
                 self.launched.elapsed().as_secs_f64()
             )),
             Err(e) => self.notify(&format!(
@@ -186,11 +195,45 @@ impl Front {
         }
     }
 
-    fn child_line(&self, line: &str, stderr: bool) {
-        // cargo's progress while the prelude compiles between cells: noise at a prompt
-        if !self.executing.load(Ordering::SeqCst) && is_cargo_status(line) {
-            return;
+    /// cargo compiles `krate` for the current cell (or the prelude): a status line that the
+    /// cell's first output or its end removes, while a cell runs on a terminal.
+    fn compiling(&self, krate: &str) {
+        let n = {
+            let mut c = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+            c.push(krate.to_string());
+            c.len()
+        };
+        let fd = self.status_fd.load(Ordering::SeqCst);
+        // SAFETY: isatty on a descriptor this process keeps open.
+        if fd >= 0 && self.executing.load(Ordering::SeqCst) && unsafe { libc::isatty(fd) } == 1 {
+            let text = format!("\r\x1b[2K\x1b[2mcompiling {krate} ({n})…\x1b[0m");
+            // SAFETY: `fd` is the real stderr, open for the life of the process.
+            let _ = unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+            self.status_shown.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Removes the status line, if one is drawn.
+    fn clear_status(&self) {
+        let fd = self.status_fd.load(Ordering::SeqCst);
+        if fd >= 0 && self.status_shown.swap(false, Ordering::SeqCst) {
+            // SAFETY: as in `compiling`.
+            let _ = unsafe { libc::write(fd, b"\r\x1b[2K".as_ptr().cast(), 4) };
+        }
+    }
+
+    /// At the end of a cell: the status line goes; on a pipe (scripts, CI) one line says which
+    /// crates a cell had to compile besides itself.
+    fn end_compile_status(&self) {
+        self.clear_status();
+        let compiled = std::mem::take(&mut *self.compiled.lock().unwrap_or_else(|p| p.into_inner()));
+        if !compiled.is_empty() && !self.term.interactive {
+            self.term.note(&format!("hearth: compiled {} crates for this cell: {}", compiled.len(), compiled.join(", ")));
+        }
+    }
+
+    fn child_line(&self, line: &str, stderr: bool) {
+        self.clear_status();
         self.publishing.fetch_add(1, Ordering::SeqCst);
         if stderr {
             if let Some(e) = self.term.child_stderr(line) {
@@ -343,6 +386,7 @@ impl Front {
         self.executing.store(true, Ordering::SeqCst);
         let result = ev.eval(code);
         self.executing.store(false, Ordering::SeqCst);
+        self.end_compile_status();
         // the cell's last output lines are still on their way from the child's pipes
         std::thread::sleep(Duration::from_millis(15));
         for _ in 0..200 {
@@ -393,8 +437,19 @@ impl Front {
         }
     }
 
+    /// Gives fd 2 back to the real stderr, so the last lines are written before the process ends.
+    fn restore_stderr(&self) {
+        self.clear_status();
+        let fd = self.status_fd.swap(-1, Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: `fd` is the original stderr, duplicated by the router.
+            unsafe { libc::dup2(fd, 2) };
+        }
+    }
+
     /// On the way out: the server saves every run (it stays up, warm, until its idle timeout).
     pub fn goodbye(&self) {
+        self.restore_stderr();
         let Some(Ok(s)) = self.session.get() else {
             return;
         };
@@ -415,46 +470,49 @@ impl Front {
     }
 }
 
-/// Borrows file descriptor 2 (see `connect_and_prepare`).
-struct QuietStderr {
-    saved: libc::c_int,
-}
+/// Takes file descriptor 2 for the life of the REPL (see `connect_and_prepare`): a pipe whose
+/// reader turns cargo's `Compiling x` lines into [`Front::compiling`], drops cargo's other
+/// status lines and forwards everything else to the real stderr.
+struct StderrRouter;
 
-impl QuietStderr {
-    fn start(front: &Arc<Front>) -> Option<QuietStderr> {
+impl StderrRouter {
+    fn start(front: &Arc<Front>) {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: plain descriptor calls on descriptors this function owns; on any failure
         // stderr is left as it was.
         unsafe {
             if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-                return None;
+                return;
             }
             let saved = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
             if saved < 0 || libc::dup2(fds[1], 2) < 0 {
                 libc::close(fds[0]);
                 libc::close(fds[1]);
-                return None;
+                return;
             }
             libc::close(fds[1]);
+            front.status_fd.store(saved, Ordering::SeqCst);
             let read = <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]);
             let front = front.clone();
             std::thread::spawn(move || {
                 use std::io::BufRead;
                 for line in std::io::BufReader::new(read).lines().map_while(Result::ok) {
-                    if !is_cargo_status(&line) {
+                    if let Some(krate) = compiling_crate(&line) {
+                        front.compiling(krate);
+                    } else if !is_cargo_status(&line) {
+                        front.clear_status();
                         front.forward_stderr(&line, saved);
                     }
                 }
             });
-            Some(QuietStderr { saved })
         }
     }
+}
 
-    /// Gives stderr back. `saved` stays open: the reader may still forward a late line to it.
-    fn stop(self) {
-        // SAFETY: `saved` is the original stderr, duplicated in `start`.
-        unsafe { libc::dup2(self.saved, 2) };
-    }
+/// The crate of cargo's `   Compiling serde v1.0.229` line.
+fn compiling_crate(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix(char::is_whitespace)?.trim_start().strip_prefix("Compiling ")?;
+    rest.split_whitespace().next()
 }
 
 /// `   Compiling serde v1.0.229`, `    Finished ...`: cargo's status lines.

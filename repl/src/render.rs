@@ -21,6 +21,8 @@ use std::sync::Mutex;
 pub struct Terminal {
     /// stdout is a terminal: progress redraws, colours, images.
     pub interactive: bool,
+    /// stderr was a terminal at start (the REPL later routes fd 2 through a pipe).
+    stderr_tty: bool,
     color: bool,
     images: Protocol,
     plots_dir: PathBuf,
@@ -48,6 +50,7 @@ impl Terminal {
             .unwrap_or(interactive && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()));
         Terminal {
             interactive,
+            stderr_tty: std::io::stderr().is_terminal(),
             color,
             images: image::detect(images),
             plots_dir,
@@ -85,7 +88,7 @@ impl Terminal {
 
     /// A note from hearth itself (dimmed on a terminal), on stderr.
     pub fn note(&self, line: &str) {
-        let text = if self.color && std::io::stderr().is_terminal() {
+        let text = if self.color && self.stderr_tty {
             format!("{DIM}{line}{RESET}\n")
         } else {
             format!("{line}\n")
@@ -159,7 +162,7 @@ impl Terminal {
                     .multi
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert_with(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+                    .get_or_insert_with(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()))
                     .clone();
                 let bar = multi.add(ProgressBar::new(total));
                 let style = ProgressStyle::with_template(
@@ -209,9 +212,12 @@ impl Terminal {
             }
         }
         // indicatif leaves the cursor at the end of its last line: step past it, or the prompt
-        // would be drawn over the finished bar
+        // would be drawn over the finished bar (bars draw on stdout: fd 2 is the REPL's pipe
+        // for cargo's lines, see `front::StderrRouter`)
         if self.multi.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
-            let _ = std::io::stderr().write_all(b"\n");
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(b"\n");
+            let _ = o.flush();
         }
     }
 
@@ -306,7 +312,7 @@ impl Terminal {
 
     /// A cell's error, on stderr (red on a terminal).
     pub fn error(&self, e: &CellError) {
-        let color = self.color && std::io::stderr().is_terminal();
+        let color = self.color && self.stderr_tty;
         // compiler diagnostics are complete in their rendered form; other errors are one line
         let text = if e.traceback.is_empty() {
             if color {

@@ -255,8 +255,14 @@ fn run_piped(home: &Path, script: &str) -> (String, String, bool) {
 
 /// Runs `hearth ARGS` on `home` with `script` on stdin: (stdout, stderr, success).
 fn run_with(args: &[&str], home: &Path, script: &str) -> (String, String, bool) {
+    run_env(args, &[], home, script)
+}
+
+/// [`run_with`], with more environment variables.
+fn run_env(args: &[&str], envs: &[(&str, &Path)], home: &Path, script: &str) -> (String, String, bool) {
     let mut child = Command::new(HEARTH)
         .args(args)
+        .envs(envs.iter().copied())
         .env("HEARTH_HOME", home)
         .env("HEARTH_SERVER_BIN", HEARTH)
         .stdin(Stdio::piped())
@@ -411,4 +417,77 @@ fn attach_uses_a_server_elsewhere_and_starts_none() {
     let _ = server.wait();
     assert!(!ok && !stdout.contains("ran"), "{err}");
     assert!(err.contains("runs model \"tiny\", not \"smollm2-135m-shape\""), "{err}");
+}
+
+/// The README's quickstart block, as a user copies it.
+fn readme_quickstart() -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let after = &readme[readme.find("## Quickstart").expect("a Quickstart section")..];
+    let start = after.find("```rust\n").expect("a rust block") + "```rust\n".len();
+    let end = start + after[start..].find("```").unwrap();
+    after[start..end].to_string()
+}
+
+#[test]
+fn a_pasted_block_and_lines_typed_ahead_run_as_if_typed_line_by_line() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let home = temp_home("paste");
+    let t = Tmux::new(&home);
+    t.launch();
+    t.wait_for("`session` is ready", 1, 900);
+    let block = readme_quickstart();
+    assert!(block.starts_with(":sample ") && block.contains("for i in 0..60 {"), "{block}");
+
+    // one bracketed paste, then Enter: the magic on the first line is a magic, the loop a loop
+    let file = home.join("paste.txt");
+    std::fs::write(&file, &block).unwrap();
+    t.tmux(&["load-buffer", file.to_str().unwrap()]);
+    t.tmux(&["paste-buffer", "-p", "-t", "t"]);
+    t.keys(&["Enter"]);
+    let s = t.wait_for("[\"god\"]", 1, 300);
+    assert!(s.contains("prompt: \"reverse: cat>\""), "`:sample` did not run as a magic:\n{s}");
+    assert_eq!(s.matches("60/60").count(), 1, "{s}");
+
+    // the same block typed without waiting for a prompt: lines typed while a cell compiles
+    // are kept and run after it, in order
+    for line in block.lines() {
+        t.line(line);
+    }
+    let s = t.wait_for("[\"god\"]", 2, 120);
+    assert_eq!(s.matches("60/60").count(), 2, "the loop did not run as one cell:\n{s}");
+    assert!(!s.contains("error["), "a cell failed:\n{s}");
+
+    // a pasted block with a magic in the middle
+    std::fs::write(&file, "let x = 40_000;\n:runs\nx + 2\n").unwrap();
+    t.tmux(&["load-buffer", file.to_str().unwrap()]);
+    t.tmux(&["paste-buffer", "-p", "-t", "t"]);
+    t.keys(&["Enter"]);
+    let s = t.wait_for("40002", 1, 120);
+    assert!(
+        s.lines().any(|l| l.starts_with("main") && l.split_whitespace().nth(1) == Some("120")),
+        "`:runs` in the middle of the paste did not run as a magic:\n{s}"
+    );
+    assert!(!s.contains("error["), "a cell failed:\n{s}");
+    t.keys(&["C-d"]);
+    t.wait_for("saved step 120", 1, 60);
+}
+
+#[test]
+fn after_the_first_cell_no_cell_compiles_a_dependency() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let home = temp_home("nocompile");
+    // a fresh folder of build slots: the first start compiles the prelude's crates, which is
+    // how we know cargo's reports reach the check below
+    let cells = home.join("cells");
+    let script: String = (0..11).map(|i| format!("{i} + 1\n\n")).collect();
+    let (out, err, ok) = run_env(&[], &[("HEARTH_CELL_CACHE", &cells)], &home, &script);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.lines().any(|l| l == "11"), "{out}");
+    assert!(err.contains("crates once for this build slot"), "the prelude's compile was not reported:\n{err}");
+    assert!(!err.contains("for this cell"), "a cell compiled dependencies:\n{err}");
+    // a second process on the same slots compiles no dependency at all, not even the prelude's
+    let (out, err, ok) = run_env(&[], &[("HEARTH_CELL_CACHE", &cells)], &home, &script);
+    stop_server(&home);
+    assert!(ok, "{out}\n{err}");
+    assert!(!err.contains("compiled"), "the second process compiled dependencies:\n{err}");
 }
