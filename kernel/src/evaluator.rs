@@ -159,6 +159,71 @@ fn lock_free_slot(root: &std::path::Path) -> std::io::Result<(PathBuf, std::fs::
     Err(std::io::Error::other(format!("all 64 build slots in {} are in use", root.display())))
 }
 
+/// A line that reached this process's stderr while [`route_stderr`] holds it.
+pub enum StderrLine<'a> {
+    /// cargo's `   Compiling serde v1.0.229`: the crate (evcxr writes these for every crate a
+    /// cell's build compiles besides the cell itself).
+    Compiling(&'a str),
+    /// Anything else but cargo's other status lines (`Finished`, `Blocking`, …), which are dropped.
+    Other(&'a str),
+}
+
+/// Makes file descriptor 2 a pipe for the rest of the process and hands each line written to it
+/// to `on_line`, with the real stderr's descriptor (to forward to). evcxr writes cargo's status
+/// lines straight to this process's stderr: the front-ends turn them into one transient status
+/// line instead. Returns the real stderr's descriptor, `None` if stderr was left as it was.
+pub fn route_stderr(on_line: impl Fn(StderrLine<'_>, libc::c_int) + Send + 'static) -> Option<libc::c_int> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: plain descriptor calls on descriptors this function owns; on any failure stderr is
+    // left as it was.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return None;
+        }
+        let saved = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
+        if saved < 0 || libc::dup2(fds[1], 2) < 0 {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+            return None;
+        }
+        libc::close(fds[1]);
+        let read = <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]);
+        std::thread::Builder::new()
+            .name("hearth-stderr".into())
+            .spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(read).lines().map_while(Result::ok) {
+                    if let Some(krate) = compiling_crate(&line) {
+                        on_line(StderrLine::Compiling(krate), saved);
+                    } else if !is_cargo_status(&line) {
+                        on_line(StderrLine::Other(&line), saved);
+                    }
+                }
+            })
+            .ok()?;
+        Some(saved)
+    }
+}
+
+/// Writes `bytes` to descriptor `fd` (the real stderr kept by [`route_stderr`]).
+pub fn write_fd(fd: libc::c_int, bytes: &[u8]) {
+    // SAFETY: `fd` is a descriptor this process keeps open for its whole life.
+    let _ = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+/// The crate of cargo's `   Compiling serde v1.0.229` line.
+fn compiling_crate(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix(char::is_whitespace)?.trim_start().strip_prefix("Compiling ")?;
+    rest.split_whitespace().next()
+}
+
+/// `   Compiling serde v1.0.229`, `    Finished ...`: cargo's status lines.
+fn is_cargo_status(line: &str) -> bool {
+    let t = line.trim_start();
+    line.len() > t.len()
+        && ["Compiling ", "Finished ", "Blocking ", "Updating ", "Locking ", "Downloaded ", "Downloading ", "Adding "].iter().any(|w| t.starts_with(w))
+}
+
 /// Removes `root/<pid>` folders whose process is gone.
 pub fn sweep_tmpdirs(root: &std::path::Path) {
     for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {

@@ -41,6 +41,8 @@ struct Kernel {
     abort_before: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
     /// Child output lines being published right now, so a cell's streams all precede its `idle`.
     publishing: AtomicUsize,
+    /// The display id of this cell's "compiling x…" status and the crates counted, while shown.
+    compile_status: Mutex<Option<(String, usize)>>,
 }
 
 impl Kernel {
@@ -50,6 +52,41 @@ impl Kernel {
 
     fn status(&self, state: ExecutionState, parent: &JupyterMessage) {
         self.publish(Status { execution_state: state }, parent);
+    }
+
+    /// cargo compiles `krate` for the running cell: one quiet display, updated in place and
+    /// emptied when the cell ends ([`Kernel::end_compile_status`]).
+    fn compiling(&self, krate: &str) {
+        let Some(parent) = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let mut status = self.compile_status.lock().unwrap_or_else(|p| p.into_inner());
+        let n = status.as_ref().map_or(0, |s| s.1) + 1;
+        let text = format!("compiling {krate} ({n})…");
+        let data: Media = serde_json::from_value(serde_json::json!({
+            "text/plain": text,
+            "text/html": format!("<span style=\"opacity:0.6\">{text}</span>"),
+        }))
+        .unwrap_or_default();
+        match status.as_mut() {
+            Some((id, count)) => {
+                *count = n;
+                self.publish(UpdateDisplayData::new(data, id), &parent);
+            }
+            None => {
+                let id = format!("hearth-compile-{}", parent.header.msg_id);
+                let mut d = DisplayData::new(data);
+                d.transient = Some(Transient { display_id: Some(id.clone()) });
+                self.publish(d, &parent);
+                *status = Some((id, n));
+            }
+        }
+    }
+
+    /// Empties this cell's compile status, if one was shown.
+    fn end_compile_status(&self, parent: &JupyterMessage) {
+        if let Some((id, _)) = self.compile_status.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let data: Media = serde_json::from_value(serde_json::json!({ "text/plain": "", "text/html": "" })).unwrap_or_default();
+            self.publish(UpdateDisplayData::new(data, &id), parent);
+        }
     }
 
     /// One line of the child's stdout or stderr, counted while it is being published.
@@ -223,6 +260,14 @@ pub async fn run(connection_file: &Path) -> Res<()> {
         history: Mutex::new(Vec::new()),
         abort_before: Mutex::new(None),
         publishing: AtomicUsize::new(0),
+        compile_status: Mutex::new(None),
+    });
+    // evcxr writes cargo's `Compiling x` lines to this process's stderr (Jupyter's log): they
+    // become one status display in the running cell instead; the rest goes on to the log
+    let k = kernel.clone();
+    crate::evaluator::route_stderr(move |line, saved| match line {
+        crate::evaluator::StderrLine::Compiling(krate) => k.compiling(krate),
+        crate::evaluator::StderrLine::Other(line) => crate::evaluator::write_fd(saved, format!("{line}\n").as_bytes()),
     });
 
     // Attach to (or start) the session server, then create evcxr's context — in the background,
@@ -499,6 +544,7 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
     .await
     .unwrap_or_else(|e| Err(CellError { ename: "InternalError".into(), evalue: e.to_string(), traceback: vec![] }));
     k.executing.store(false, Ordering::SeqCst);
+    k.end_compile_status(msg);
     // let the child's last lines reach iopub before this cell's idle
     tokio::time::sleep(Duration::from_millis(15)).await;
     for _ in 0..100 {

@@ -5,7 +5,7 @@
 
 use crate::render::Terminal;
 use hearth::Session;
-use hearth_kernel::evaluator::{CellError, Evaluator, LineSink};
+use hearth_kernel::evaluator::{write_fd, CellError, Evaluator, LineSink, StderrLine};
 use hearth_kernel::magics;
 use hearth_kernel::scanner::{input_status, split_typed, Completeness};
 use rustyline::completion::{Completer, Pair};
@@ -187,11 +187,7 @@ impl Front {
             Some(p) => {
                 let _ = p.print(format!("{line}\n"));
             }
-            None => {
-                let bytes = format!("{line}\n");
-                // SAFETY: `saved` is a descriptor this process keeps open for its whole life.
-                let _ = unsafe { libc::write(saved, bytes.as_ptr().cast(), bytes.len()) };
-            }
+            None => write_fd(saved, format!("{line}\n").as_bytes()),
         }
     }
 
@@ -206,9 +202,7 @@ impl Front {
         let fd = self.status_fd.load(Ordering::SeqCst);
         // SAFETY: isatty on a descriptor this process keeps open.
         if fd >= 0 && self.executing.load(Ordering::SeqCst) && unsafe { libc::isatty(fd) } == 1 {
-            let text = format!("\r\x1b[2K\x1b[2mcompiling {krate} ({n})…\x1b[0m");
-            // SAFETY: `fd` is the real stderr, open for the life of the process.
-            let _ = unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+            write_fd(fd, format!("\r\x1b[2K\x1b[2mcompiling {krate} ({n})…\x1b[0m").as_bytes());
             self.status_shown.store(true, Ordering::SeqCst);
         }
     }
@@ -217,8 +211,7 @@ impl Front {
     fn clear_status(&self) {
         let fd = self.status_fd.load(Ordering::SeqCst);
         if fd >= 0 && self.status_shown.swap(false, Ordering::SeqCst) {
-            // SAFETY: as in `compiling`.
-            let _ = unsafe { libc::write(fd, b"\r\x1b[2K".as_ptr().cast(), 4) };
+            write_fd(fd, b"\r\x1b[2K");
         }
     }
 
@@ -470,66 +463,24 @@ impl Front {
     }
 }
 
-/// Takes file descriptor 2 for the life of the REPL (see `connect_and_prepare`): a pipe whose
-/// reader turns cargo's `Compiling x` lines into [`Front::compiling`], drops cargo's other
-/// status lines and forwards everything else to the real stderr.
+/// Takes file descriptor 2 for the life of the REPL (see `connect_and_prepare`): cargo's
+/// `Compiling x` lines become [`Front::compiling`], everything else is forwarded.
 struct StderrRouter;
 
 impl StderrRouter {
     fn start(front: &Arc<Front>) {
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: plain descriptor calls on descriptors this function owns; on any failure
-        // stderr is left as it was.
-        unsafe {
-            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-                return;
+        let f = front.clone();
+        let saved = hearth_kernel::evaluator::route_stderr(move |line, saved| match line {
+            StderrLine::Compiling(krate) => f.compiling(krate),
+            StderrLine::Other(line) => {
+                f.clear_status();
+                f.forward_stderr(line, saved);
             }
-            let saved = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
-            if saved < 0 || libc::dup2(fds[1], 2) < 0 {
-                libc::close(fds[0]);
-                libc::close(fds[1]);
-                return;
-            }
-            libc::close(fds[1]);
-            front.status_fd.store(saved, Ordering::SeqCst);
-            let read = <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]);
-            let front = front.clone();
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(read).lines().map_while(Result::ok) {
-                    if let Some(krate) = compiling_crate(&line) {
-                        front.compiling(krate);
-                    } else if !is_cargo_status(&line) {
-                        front.clear_status();
-                        front.forward_stderr(&line, saved);
-                    }
-                }
-            });
+        });
+        if let Some(fd) = saved {
+            front.status_fd.store(fd, Ordering::SeqCst);
         }
     }
-}
-
-/// The crate of cargo's `   Compiling serde v1.0.229` line.
-fn compiling_crate(line: &str) -> Option<&str> {
-    let rest = line.strip_prefix(char::is_whitespace)?.trim_start().strip_prefix("Compiling ")?;
-    rest.split_whitespace().next()
-}
-
-/// `   Compiling serde v1.0.229`, `    Finished ...`: cargo's status lines.
-fn is_cargo_status(line: &str) -> bool {
-    let t = line.trim_start();
-    line.len() > t.len()
-        && [
-            "Compiling ",
-            "Finished ",
-            "Blocking ",
-            "Updating ",
-            "Locking ",
-            "Downloaded ",
-            "Downloading ",
-        ]
-        .iter()
-        .any(|w| t.starts_with(w))
 }
 
 /// Is this line the end of the session (`:quit`, `:exit`)?
