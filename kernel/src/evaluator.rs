@@ -72,7 +72,7 @@ pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
         "use std::result::Result;".to_string(),
         "hearth::install_panic_hook();".to_string(),
         "hearth::install_error_watch();".to_string(),
-        "let session = hearth::Session::connect().expect(\"hearth: could not connect to the session server\");".to_string(),
+        "let session = hearth::Session::connect_for_cells();".to_string(),
     ]
     .join("\n")
 }

@@ -59,6 +59,18 @@ fn running(s: &SessionFile) -> Option<Conn> {
 }
 
 impl Session {
+    /// [`Session::connect`] for the cell prelude: panics with the reason when no server can be
+    /// reached, which fails the prelude with that message. A plain `Session` return type (no
+    /// `Result::expect` to resolve) keeps the prelude cheap for evcxr's rust-analyzer, which
+    /// infers the type of every cell variable before the cell compiles.
+    #[allow(clippy::panic)] // the prelude's one way to fail with a message
+    pub fn connect_for_cells() -> Session {
+        match Self::connect() {
+            Ok(s) => s,
+            Err(e) => panic!("hearth: could not connect to the session server: {e}"),
+        }
+    }
+
     /// Attaches to the server of `$HEARTH_HOME` (starting one if none runs) on run `main`,
     /// creating the run if it does not exist.
     /// With `HEARTH_URL` set (a remote GPU box), attaches there instead, with the token from
