@@ -141,6 +141,18 @@ pub fn take_build_slot(root: &std::path::Path) -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// evcxr copies each cell's library to `target/<triple>/debug/libcode_<n>.so` and numbers them
+/// from 1 in every process: the copies of an earlier process are dead weight (about 0.5 MB each).
+fn remove_cell_copies(slot: &std::path::Path) {
+    for triple in std::fs::read_dir(slot.join("target")).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(triple.path().join("debug")).into_iter().flatten().flatten() {
+            if f.file_name().to_str().is_some_and(|n| n.starts_with("libcode_") && n.ends_with(".so")) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+}
+
 /// The first slot of `root` whose lock is free, with that lock held (released when the file is
 /// dropped or the process ends).
 fn lock_free_slot(root: &std::path::Path) -> std::io::Result<(PathBuf, std::fs::File)> {
@@ -154,6 +166,7 @@ fn lock_free_slot(root: &std::path::Path) -> std::io::Result<(PathBuf, std::fs::
         }
         let dir = root.join(format!("slot-{n}"));
         std::fs::create_dir_all(&dir)?;
+        remove_cell_copies(&dir);
         return Ok((dir, lock));
     }
     Err(std::io::Error::other(format!("all 64 build slots in {} are in use", root.display())))
@@ -294,6 +307,14 @@ impl Evaluator {
     /// Starts the thread; evcxr's context and the prelude are set up there, in the background.
     /// `stdout` / `stderr` receive the child's output lines as they come.
     pub fn start(stdout: LineSink, stderr: LineSink) -> Evaluator {
+        Self::start_after(stdout, stderr, || Ok(()))
+    }
+
+    /// [`Evaluator::start`], with the prelude (whose `session` connects to the server) held
+    /// until `connected` returns: evcxr's context (rust-analyzer's load, about 4 s on 2 cores) is
+    /// created meanwhile, while the front-end starts or finds the server. `connected` returning
+    /// an error skips the prelude; the evaluator is then ready with that error.
+    pub fn start_after(stdout: LineSink, stderr: LineSink, connected: impl FnOnce() -> Result<(), String> + Send + 'static) -> Evaluator {
         let (tx, rx) = mpsc::channel::<Req>();
         let child = Arc::new(Mutex::new(None));
         let ready: Readiness = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
@@ -329,7 +350,8 @@ impl Evaluator {
                     ctx.execute(&prelude).map(|_| ()).map_err(|e| format!("prelude: {}", error_of(e).evalue))
                 };
                 let _ = ctx.execute(":opt 0");
-                let status = run_prelude(&mut ctx);
+                // the server is there (one started by the front-end), or there is none to use
+                let status = connected().and_then(|()| run_prelude(&mut ctx));
                 *child2.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.process_handle());
                 {
                     let (lock, cv) = &*ready2;
@@ -479,9 +501,16 @@ mod tests {
         let (a, lock_a) = lock_free_slot(&root).unwrap();
         let (b, lock_b) = lock_free_slot(&root).unwrap();
         assert_eq!((a.file_name().unwrap(), b.file_name().unwrap()), ("slot-0".as_ref(), "slot-1".as_ref()));
+        let debug = a.join("target/x86_64-unknown-linux-gnu/debug");
+        std::fs::create_dir_all(&debug).unwrap();
+        for f in ["libcode_1.so", "libcode_12.so", "libctx.so"] {
+            std::fs::write(debug.join(f), b"").unwrap();
+        }
         drop(lock_a);
         let (again, _lock) = lock_free_slot(&root).unwrap();
         assert_eq!(again, a, "a released slot is not reused");
+        assert!(!debug.join("libcode_1.so").exists() && !debug.join("libcode_12.so").exists(), "an earlier process's cell copies stay");
+        assert!(debug.join("libctx.so").exists(), "cargo's own output was removed");
         drop(lock_b);
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -272,19 +272,26 @@ pub async fn run(connection_file: &Path) -> Res<()> {
 
     // Attach to (or start) the session server, then create evcxr's context — in the background,
     // so kernel_info answers at once.
+    // evcxr's context is created while the server starts; the prelude waits for the connection
+    // (its own `Session::connect` then finds that server instead of starting a second one)
     let k = kernel.clone();
     std::thread::spawn(move || {
+        let (k1, k2) = (k.clone(), k.clone());
+        let out: LineSink = Arc::new(move |l: &str| k1.child_line(l, false));
+        let err: LineSink = Arc::new(move |l: &str| k2.child_line(l, true));
+        let (gate, wait) = std::sync::mpsc::channel::<()>();
+        let ev = Evaluator::start_after(out, err, move || {
+            let _ = wait.recv();
+            Ok(())
+        });
+        let _ = k.evaluator.set(ev);
         match hearth::Session::connect() {
             Ok(s) => {
                 let _ = k.session.set(s);
             }
             Err(e) => log(format!("session server: {e}")),
         }
-        let (k1, k2) = (k.clone(), k.clone());
-        let out: LineSink = Arc::new(move |l: &str| k1.child_line(l, false));
-        let err: LineSink = Arc::new(move |l: &str| k2.child_line(l, true));
-        let ev = Evaluator::start(out, err);
-        let _ = k.evaluator.set(ev);
+        let _ = gate.send(());
     });
 
     let (mut shell_tx, mut shell_rx) = shell.split();

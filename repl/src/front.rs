@@ -126,6 +126,13 @@ impl Front {
         // evcxr writes cargo's `Compiling x` lines straight to this process's stderr; stderr
         // becomes a pipe that turns them into one quiet status line and forwards the rest
         StderrRouter::start(&self);
+        // evcxr's context is created while the server starts; the prelude (whose `session`
+        // finds the server through the session file) waits for the connection below
+        let (gate, wait) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (a, b) = (self.clone(), self.clone());
+        let out: LineSink = Arc::new(move |l: &str| a.child_line(l, false));
+        let err: LineSink = Arc::new(move |l: &str| b.child_line(l, true));
+        let ev = Evaluator::start_after(out, err, move || wait.recv().unwrap_or_else(|_| Err("no session server".into())));
         let session = match connect {
             Connect::Home { model, resume } => {
                 Session::connect_or_start(&hearth::home_dir(), "main", model.as_deref(), resume)
@@ -149,17 +156,14 @@ impl Front {
             Err(e) => self.notify(&format!("hearth: no session server: {e}")),
         }
         let failed = session.is_err();
+        let _ = gate.send(session.as_ref().map(|_| ()).map_err(Clone::clone));
         let _ = self.session.set(session);
+        let _ = self.evaluator.set(ev.clone());
         if failed {
-            // no cell process: its own connect would not honour --model or --attach
+            // no prelude: the cell process's own connect would not honour --model or --attach
             self.prepared.store(true, Ordering::SeqCst);
             return;
         }
-        let (a, b) = (self.clone(), self.clone());
-        let out: LineSink = Arc::new(move |l: &str| a.child_line(l, false));
-        let err: LineSink = Arc::new(move |l: &str| b.child_line(l, true));
-        let ev = Evaluator::start(out, err);
-        let _ = self.evaluator.set(ev.clone());
         let ready = ev.wait_ready();
         self.prepared.store(true, Ordering::SeqCst);
         let compiled = std::mem::take(&mut *self.compiled.lock().unwrap_or_else(|p| p.into_inner()));
