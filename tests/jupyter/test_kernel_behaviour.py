@@ -105,6 +105,30 @@ def test_progress_updates_reach_the_client_with_their_display_id(kernel):
     assert "3/3" in updates[-1]["content"]["data"]["text/plain"]
 
 
+def test_a_dependency_compiling_shows_one_status_that_goes_away(kernel, tmp_path):
+    """cargo's `Compiling x` lines (evcxr writes them to the kernel's stderr) become one display
+    in the cell, emptied when the cell ends; a crate new to the build slot always compiles."""
+    _, kc = kernel
+    crate = tmp_path / "hearth_status_probe"
+    (crate / "src").mkdir(parents=True)
+    (crate / "Cargo.toml").write_text('[package]\nname = "hearth_status_probe"\nversion = "0.1.0"\nedition = "2021"\n')
+    (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    reply, outputs = execute(kc, f':dep hearth_status_probe = {{ path = "{crate}" }}\nhearth_status_probe::answer()', timeout=300)
+    assert reply["content"]["status"] == "ok", outputs
+    shown = [m for m in outputs if m["msg_type"] == "display_data"]
+    updates = [m for m in outputs if m["msg_type"] == "update_display_data"]
+    assert len(shown) == 1, [m["msg_type"] for m in outputs]
+    assert shown[0]["content"]["data"]["text/plain"].startswith("compiling hearth_status_probe"), shown
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    assert updates and all(u["content"]["transient"]["display_id"] == display_id for u in updates), updates
+    assert updates[-1]["content"]["data"]["text/plain"] == "", "the status stayed: " + repr(updates[-1])
+    results = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"]
+    assert results == ["42"], outputs
+    # no raw cargo line reached the notebook
+    streams = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+    assert "Compiling" not in streams, streams
+
+
 def test_a_notebook_trains_tiny_for_30_steps_with_nbclient(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "hearth", "display_name": "Rust (hearth)", "language": "rust"}
