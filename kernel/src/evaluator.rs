@@ -79,12 +79,10 @@ pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
 
 /// Whether cells talk to an `https://` server: `HEARTH_URL`, else the home's session file.
 fn needs_tls() -> bool {
-    let url = std::env::var("HEARTH_URL").ok().filter(|u| !u.is_empty()).or_else(|| {
-        std::fs::read_to_string(hearth::home_dir().join("session.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["url"].as_str().map(str::to_string))
-    });
+    let url = std::env::var("HEARTH_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| hearth_api::SessionFile::read(&hearth::home_dir().join("session.json")).map(|f| f.url));
     url.is_some_and(|u| u.starts_with("https://"))
 }
 
@@ -345,13 +343,15 @@ impl Evaluator {
                         stderr(&line);
                     }
                 });
+                // the server is there (one started by the front-end), or there is none to use;
+                // only then does the home's session file say whether cells need TLS
+                let connection = connected();
                 let prelude = prelude_code(&prelude_dir());
                 let run_prelude = |ctx: &mut evcxr::CommandContext| -> Result<(), String> {
                     ctx.execute(&prelude).map(|_| ()).map_err(|e| format!("prelude: {}", error_of(e).evalue))
                 };
-                let _ = ctx.execute(":opt 0");
-                // the server is there (one started by the front-end), or there is none to use
-                let status = connected().and_then(|()| run_prelude(&mut ctx));
+                // (`:opt 0` is set in `new_context`, before rust-analyzer's first load)
+                let status = connection.and_then(|()| run_prelude(&mut ctx));
                 *child2.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.process_handle());
                 {
                     let (lock, cv) = &*ready2;

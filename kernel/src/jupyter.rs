@@ -270,9 +270,8 @@ pub async fn run(connection_file: &Path) -> Res<()> {
         crate::evaluator::StderrLine::Other(line) => crate::evaluator::write_fd(saved, format!("{line}\n").as_bytes()),
     });
 
-    // Attach to (or start) the session server, then create evcxr's context — in the background,
-    // so kernel_info answers at once.
-    // evcxr's context is created while the server starts; the prelude waits for the connection
+    // In the background, so kernel_info answers at once: evcxr's context is created while this
+    // thread attaches to (or starts) the session server; the prelude waits for the connection
     // (its own `Session::connect` then finds that server instead of starting a second one)
     let k = kernel.clone();
     std::thread::spawn(move || {

@@ -40,7 +40,7 @@ pub(crate) fn request(url: &str, method: &str, path: &str, token: &str, body: Op
 
 /// `rest` is the URL without its scheme: `host:port[/prefix]`.
 fn plain(rest: &str, method: &str, path: &str, token: &str, body: Option<&Value>, connect_timeout: Duration) -> std::io::Result<Reply> {
-    let (authority, prefix) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     let addr = if authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) && !authority.ends_with(']') {
         authority.to_string()
     } else {
@@ -71,12 +71,17 @@ fn plain(rest: &str, method: &str, path: &str, token: &str, body: Option<&Value>
     stream.write_all(&out)?;
     stream.flush()?;
     let (status, bytes) = read_response(BufReader::new(stream))?;
-    let json = if bytes.iter().all(u8::is_ascii_whitespace) { Some(Value::Null) } else { serde_json::from_slice(&bytes).ok() };
-    Ok(match (status, json) {
+    Ok(reply(status, &bytes))
+}
+
+/// A response as a [`Reply`], whichever transport carried it: an empty body is `Null`.
+fn reply(status: u16, body: &[u8]) -> Reply {
+    let json = if body.iter().all(u8::is_ascii_whitespace) { Some(Value::Null) } else { serde_json::from_slice(body).ok() };
+    match (status, json) {
         (200..=299, Some(v)) => Reply::Ok(v),
         (200..=299, None) => Reply::Decode(format!("HTTP {status} with a body that is not JSON")),
         (_, v) => Reply::Status(status, v.unwrap_or(Value::Null)),
-    })
+    }
 }
 
 /// Reads a response: status, then the body by `Content-Length`, chunks, or until close.
@@ -141,12 +146,11 @@ fn tls(url: &str, method: &str, path: &str, token: &str, body: Option<&Value>, c
         None => req.call(),
     };
     match res {
-        Ok(r) => match r.into_string() {
-            Ok(s) if s.trim().is_empty() => Reply::Ok(Value::Null),
-            Ok(s) => serde_json::from_str(&s).map_or_else(|e| Reply::Decode(format!("a body that is not JSON: {e}")), Reply::Ok),
-            Err(e) => Reply::Transport(e.to_string()),
-        },
-        Err(ureq::Error::Status(status, r)) => Reply::Status(status, r.into_json().unwrap_or(Value::Null)),
+        Ok(r) => {
+            let status = r.status();
+            r.into_string().map_or_else(|e| Reply::Transport(e.to_string()), |s| reply(status, s.as_bytes()))
+        }
+        Err(ureq::Error::Status(status, r)) => reply(status, r.into_string().unwrap_or_default().as_bytes()),
         Err(e) => Reply::Transport(e.to_string()),
     }
 }

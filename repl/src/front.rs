@@ -123,9 +123,7 @@ impl Front {
     }
 
     fn connect_and_prepare(self: Arc<Self>, connect: Connect) {
-        // evcxr writes cargo's `Compiling x` lines straight to this process's stderr; stderr
-        // becomes a pipe that turns them into one quiet status line and forwards the rest
-        StderrRouter::start(&self);
+        self.route_stderr();
         // evcxr's context is created while the server starts; the prelude (whose `session`
         // finds the server through the session file) waits for the connection below
         let (gate, wait) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -204,8 +202,7 @@ impl Front {
             c.len()
         };
         let fd = self.status_fd.load(Ordering::SeqCst);
-        // SAFETY: isatty on a descriptor this process keeps open.
-        if fd >= 0 && self.executing.load(Ordering::SeqCst) && unsafe { libc::isatty(fd) } == 1 {
+        if fd >= 0 && self.executing.load(Ordering::SeqCst) && self.term.stderr_tty {
             write_fd(fd, format!("\r\x1b[2K\x1b[2mcompiling {krate} ({n})…\x1b[0m").as_bytes());
             self.status_shown.store(true, Ordering::SeqCst);
         }
@@ -434,6 +431,23 @@ impl Front {
         }
     }
 
+    /// Takes file descriptor 2 for the life of the REPL: evcxr writes cargo's `Compiling x` lines
+    /// straight to this process's stderr; they become [`Front::compiling`] (one quiet status
+    /// line), everything else is forwarded.
+    fn route_stderr(self: &Arc<Self>) {
+        let f = self.clone();
+        let saved = hearth_kernel::evaluator::route_stderr(move |line, saved| match line {
+            StderrLine::Compiling(krate) => f.compiling(krate),
+            StderrLine::Other(line) => {
+                f.clear_status();
+                f.forward_stderr(line, saved);
+            }
+        });
+        if let Some(fd) = saved {
+            self.status_fd.store(fd, Ordering::SeqCst);
+        }
+    }
+
     /// Gives fd 2 back to the real stderr, so the last lines are written before the process ends.
     fn restore_stderr(&self) {
         self.clear_status();
@@ -463,26 +477,6 @@ impl Front {
             Err(e) => self
                 .term
                 .note(&format!("hearth: could not ask the server to save: {e}")),
-        }
-    }
-}
-
-/// Takes file descriptor 2 for the life of the REPL (see `connect_and_prepare`): cargo's
-/// `Compiling x` lines become [`Front::compiling`], everything else is forwarded.
-struct StderrRouter;
-
-impl StderrRouter {
-    fn start(front: &Arc<Front>) {
-        let f = front.clone();
-        let saved = hearth_kernel::evaluator::route_stderr(move |line, saved| match line {
-            StderrLine::Compiling(krate) => f.compiling(krate),
-            StderrLine::Other(line) => {
-                f.clear_status();
-                f.forward_stderr(line, saved);
-            }
-        });
-        if let Some(fd) = saved {
-            front.status_fd.store(fd, Ordering::SeqCst);
         }
     }
 }

@@ -22,7 +22,7 @@ pub struct Terminal {
     /// stdout is a terminal: progress redraws, colours, images.
     pub interactive: bool,
     /// stderr was a terminal at start (the REPL later routes fd 2 through a pipe).
-    stderr_tty: bool,
+    pub stderr_tty: bool,
     color: bool,
     images: Protocol,
     plots_dir: PathBuf,
@@ -213,11 +213,9 @@ impl Terminal {
         }
         // indicatif leaves the cursor at the end of its last line: step past it, or the prompt
         // would be drawn over the finished bar (bars draw on stdout: fd 2 is the REPL's pipe
-        // for cargo's lines, see `front::StderrRouter`)
+        // for cargo's lines, see `Front::route_stderr`)
         if self.multi.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(b"\n");
-            let _ = o.flush();
+            self.write(false, b"\n");
         }
     }
 
