@@ -144,4 +144,17 @@ impl Batch {
             lens,
         })
     }
+
+    /// Positions start..start+len of every datum (the loss of each position depends on that
+    /// position alone, so a batch's loss is the sum of its slices' losses).
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Batch> {
+        Ok(Batch {
+            ids: self.ids.narrow(1, start, len)?.contiguous()?,
+            targets: self.targets.narrow(1, start, len)?.contiguous()?,
+            weights: self.weights.narrow(1, start, len)?.contiguous()?,
+            logprobs: self.logprobs.narrow(1, start, len)?.contiguous()?,
+            advantages: self.advantages.narrow(1, start, len)?.contiguous()?,
+            lens: self.lens.iter().map(|&l| l.saturating_sub(start).min(len)).collect(),
+        })
+    }
 }

@@ -44,6 +44,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod preset;
+pub mod recompute;
 pub mod rng;
 pub mod session;
 pub mod text;

@@ -103,8 +103,9 @@ impl Linear {
                 // inference copy: nothing to differentiate, and the few-rows kernel applies
                 frozen_matmul(&frozen_matmul(&x, &lora.a)?, &lora.b)?
             };
+            // PEFT adds the f32 LoRA term to the base output in f32, then rounds once.
             let out_dtype = y.dtype();
-            y = (y + (xab * lora.scale)?.to_dtype(out_dtype)?)?;
+            y = (y.to_dtype(dt)? + (xab * lora.scale)?)?.to_dtype(out_dtype)?;
         }
         Ok(y)
     }

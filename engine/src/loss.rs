@@ -8,7 +8,7 @@
 
 use crate::batch::Batch;
 use crate::error::Result;
-use crate::model::log_softmax_last_dim;
+use crate::model::{log_softmax_last_dim, wide};
 use crate::ops::{add_const, mul_const};
 use candle_core::{Tensor, D};
 use hearth_api::LossFn;
@@ -31,7 +31,7 @@ impl LossTerms {
 
 /// Computes the loss terms from logits (B, T, V).
 pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerms> {
-    let logp = log_softmax_last_dim(logits)?; // (B,T,V)
+    let logp = log_softmax_last_dim(&logits.to_dtype(wide(logits.dtype()))?)?; // (B,T,V), f32 for a bf16 model
     let target_logprobs = logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?; // (B,T,1) -> (B,T)
     let per_token = match loss {
         LossFn::CrossEntropy => mul_const(&target_logprobs, &batch.weights)?.neg()?,

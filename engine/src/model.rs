@@ -166,19 +166,47 @@ pub struct Attention {
     head_dim: usize,
 }
 
+/// How attention is evaluated: the sliding window (if any) and the query chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSpec {
+    /// A query sees at most this many keys (itself included); `None`: all earlier ones.
+    pub window: Option<usize>,
+    /// Query rows per chunk (at least 1).
+    pub chunk: usize,
+}
+
+impl AttnSpec {
+    /// (start, len) of each chunk of `t` query rows.
+    pub fn chunks(&self, t: usize) -> impl Iterator<Item = (usize, usize)> {
+        let chunk = self.chunk.max(1);
+        (0..t).step_by(chunk).map(move |s| (s, chunk.min(t - s)))
+    }
+}
+
 impl Attention {
-    /// x (B, T, C) at positions start..start+T, mask (n·T, S+T) additive (the (T, S+T) causal
-    /// mask repeated for the n = H/K query heads of each kv head) → (B, T, C). With a cache, keys
-    /// and values of earlier positions (S of them) are read from it and this call's are written
-    /// into it (detached: the cache is for sampling only, never for training).
+    /// x (B, T, C) at positions start..start+T → y (B, T, C). With a cache, keys and values of
+    /// earlier positions (S of them) are read from it and this call's are written into it
+    /// (detached: the cache is for sampling only, never for training). Attention runs in query
+    /// chunks of `chunk` rows (see [`Attention::core`]).
     pub fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
+        attn: &AttnSpec,
         start: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let (q, kk, v) = self.qkv(x, rotary, start)?;
+        let (kk, v) = match cache {
+            None => (kk, v),
+            Some(slot) => slot.append(&kk, &v, start)?, // (B,K,S+T,D) each
+        };
+        let y = self.core(&q, &kk, &v, attn, start)?;
+        self.o_proj.forward(&y)
+    }
+
+    /// Projections, q/k norm and rotary: x (B, T, C) → q (B, H, T, D), k and v (B, K, T, D).
+    pub fn qkv(&self, x: &Tensor, rotary: &Rotary, start: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _c) = x.dims3()?;
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?; // (B,T,H·D) -> (B,T,H,D)
@@ -191,20 +219,40 @@ impl Attention {
         let q = rotary.apply(&q.transpose(1, 2)?.contiguous()?, start)?; // (B,T,H,D) -> (B,H,T,D)
         let kk = rotary.apply(&kk.transpose(1, 2)?.contiguous()?, start)?; // (B,T,K,D) -> (B,K,T,D)
         let v = v.transpose(1, 2)?.contiguous()?; // (B,T,K,D) -> (B,K,T,D)
-        let (kk, v) = match cache {
-            None => (kk, v),
-            Some(slot) => slot.append(&kk, &v, start)?, // (B,K,S+T,D) each
-        };
+        Ok((q, kk, v))
+    }
+
+    /// Causal attention of q (B, H, T, D) at positions start..start+T over k, v (B, K, S+T, D)
+    /// → y (B, T, H·D), in chunks of `attn.chunk` query rows: a chunk only reads the keys it may
+    /// see, and never more than (B, H, chunk, S+T) scores exist at once.
+    pub fn core(&self, q: &Tensor, kk: &Tensor, v: &Tensor, attn: &AttnSpec, start: usize) -> Result<Tensor> {
+        let (b, h, t, d) = q.dims4()?;
+        let mut ys = Vec::with_capacity(t.div_ceil(attn.chunk.max(1)));
+        for (s, len) in attn.chunks(t) {
+            let keys = start + s + len;
+            ys.push(self.attend(&q.narrow(2, s, len)?, &kk.narrow(2, 0, keys)?, &v.narrow(2, 0, keys)?, attn, start + s)?);
+        }
+        let y = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 2)? }; // (B,H,T,D)
+        Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?) // (B,H,T,D) -> (B,T,H·D)
+    }
+
+    /// One chunk: q (B, H, L, D) at positions first..first+L, k and v (B, K, first+L, D) →
+    /// (B, H, L, D).
+    pub fn attend(&self, q: &Tensor, kk: &Tensor, v: &Tensor, attn: &AttnSpec, first: usize) -> Result<Tensor> {
+        let (b, h, len, d) = q.dims4()?;
+        let (k, keys) = (self.num_kv_heads, kk.dim(2)?);
         // Grouped-query attention without copying keys: heads are ordered kv-head-major, so the
         // n = H/K query heads sharing a kv head are adjacent and fold into the query axis.
         let n = h / k;
-        let q = q.reshape((b, k, n * t, d))?; // (B,H,T,D) -> (B,K,n·T,D)
+        let q = q.contiguous()?.reshape((b, k, n * len, d))?; // (B,H,L,D) -> (B,K,n·L,D)
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&kk.t()?)? * scale)?; // (B,K,n·T,D) @ (B,K,D,S+T) -> (B,K,n·T,S+T)
-        let probs = softmax_last_dim(&add_const(&scores, mask)?)?;
-        let y = probs.matmul(&v)?.reshape((b, h, t, d))?; // (B,K,n·T,S+T) @ (B,K,S+T,D) -> (B,K,n·T,D) -> (B,H,T,D)
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?; // (B,H,T,D) -> (B,T,H·D)
-        self.o_proj.forward(&y)
+        let scores = (q.matmul(&kk.t()?)? * scale)?; // (B,K,n·L,D) @ (B,K,D,S) -> (B,K,n·L,S)
+        let scores = scores.reshape((b, k, n, len, keys))?; // the (L,S) mask broadcasts over n
+        let mask = causal_mask(len, first, keys, attn.window, scores.dtype(), scores.device())?; // (L,S)
+        // softmax in f32 (transformers' eager attention does the same for bf16/f16)
+        let probs = softmax_last_dim(&add_const(&scores, &mask)?.to_dtype(wide(scores.dtype()))?)?.to_dtype(v.dtype())?;
+        let probs = probs.reshape((b, k, n * len, keys))?;
+        Ok(probs.matmul(v)?.reshape((b, h, len, d))?) // (B,K,n·L,S) @ (B,K,S,D) -> (B,K,n·L,D) -> (B,H,L,D)
     }
 
     /// The same attention with nothing tracked for gradients.
@@ -218,6 +266,15 @@ impl Attention {
             k_norm: self.k_norm.as_ref().map(RmsNorm::detached),
             ..*self
         }
+    }
+}
+
+/// The dtype reductions run in: f64 for an f64 model, f32 for every other.
+pub fn wide(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 
@@ -255,11 +312,11 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
+        attn: &AttnSpec,
         start: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, mask, start, cache)?)?;
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, attn, start, cache)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 
@@ -290,6 +347,23 @@ pub struct Model {
     pub lm_head: Option<Weight>,
     rotary: Rotary,
     config: ModelConfig,
+    chunking: Chunking,
+}
+
+/// How much one chunk of attention or of the loss holds at once, whatever the context length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// Attention scores per query chunk (default 2^26: 256 MB in f32).
+    pub attn_elements: usize,
+    /// Logits per chunk of positions in the loss of a recomputed or forward-only step
+    /// (default 2^24: 64 MB in f32).
+    pub head_elements: usize,
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Self { attn_elements: 1 << 26, head_elements: 1 << 24 }
+    }
 }
 
 /// A trainable parameter with its checkpoint name (PEFT names for LoRA, HF names for full).
@@ -425,7 +499,7 @@ impl Model {
         let norm = bld.norm("model.norm.weight", c, eps)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(bld.weight("lm_head.weight", &[cfg.vocab_size, c])?) };
         let rotary = Rotary::new(cfg, dtype, &device)?;
-        let model = Model { embed_tokens, layers, norm, lm_head, rotary, config: cfg.clone() };
+        let model = Model { embed_tokens, layers, norm, lm_head, rotary, config: cfg.clone(), chunking: Chunking::default() };
         Ok((model, bld.params))
     }
 
@@ -439,12 +513,35 @@ impl Model {
             lm_head: self.lm_head.as_ref().map(Weight::detached),
             rotary: self.rotary.clone(),
             config: self.config.clone(),
+            chunking: self.chunking,
         }
     }
 
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Attention for a batch of `b` sequences over `keys` positions: query chunks sized so that
+    /// one chunk's scores hold at most `chunking.attn_elements` values.
+    pub fn attn_spec(&self, b: usize, keys: usize) -> AttnSpec {
+        let per_row = b * self.config.num_attention_heads * keys.max(1);
+        AttnSpec { window: self.config.sliding_window, chunk: (self.chunking.attn_elements / per_row).max(1) }
+    }
+
+    /// How attention and the loss are split into chunks.
+    pub fn chunking(&self) -> Chunking {
+        self.chunking
+    }
+
+    /// Sets the chunk sizes (tests use tiny ones to exercise every path on tiny models).
+    pub fn set_chunking(&mut self, chunking: Chunking) {
+        self.chunking = chunking;
+    }
+
+    /// The rotary tables.
+    pub fn rotary(&self) -> &Rotary {
+        &self.rotary
     }
 
     /// Token ids (B, T) u32 → logits (B, T, V) for every position (the training path).
@@ -458,6 +555,19 @@ impl Model {
         self.forward_from(ids, Some(cache), all_positions)
     }
 
+    /// Token ids (B, T) → embeddings (B, T, C).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let emb = self.embed_tokens.tensor();
+        Ok(emb.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?) // (B·T,C) -> (B,T,C)
+    }
+
+    /// Final norm and output projection: hidden states (B, T, C) → logits (B, T, V).
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(x)?;
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).matmul_t(&x)
+    }
+
     fn forward_from(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, all_positions: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len);
@@ -469,29 +579,21 @@ impl Model {
                 reason: "longer than the model's context (max_position_embeddings)",
             });
         }
-        let emb = self.embed_tokens.tensor();
-        let mut x = emb.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?; // (B·T,C) -> (B,T,C)
-        let n = self.config.num_attention_heads / self.config.num_key_value_heads;
-        let keys = start + t;
-        let mask = causal_mask(t, start, self.config.sliding_window, x.dtype(), x.device())? // (T,S+T)
-            .unsqueeze(0)?
-            .broadcast_as((n, t, keys))?
-            .contiguous()?
-            .reshape((n * t, keys))?; // (n,T,S+T) -> (n·T,S+T)
+        let mut x = self.embed(ids)?;
+        let attn = self.attn_spec(b, start + t);
         if let Some(c) = cache.as_deref_mut() {
             let capacity = c.capacity;
             c.layers.resize(self.layers.len(), LayerCache { kv: None, capacity });
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &self.rotary, &mask, start, slot)?;
+            x = layer.forward(&x, &self.rotary, &attn, start, slot)?;
         }
         if let Some(c) = cache {
             c.len += t;
         }
         let x = if all_positions { x } else { x.narrow(1, t - 1, 1)? }; // (B,T,C) -> (B,1,C)
-        let x = self.norm.forward(&x)?;
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).matmul_t(&x) // (B,T,C) -> (B,T,V)
+        self.head(&x) // (B,T,C) -> (B,T,V)
     }
 }
 
@@ -574,15 +676,20 @@ impl KvCache {
     }
 }
 
-/// Additive mask (T, S+T) for queries at positions S..S+T: 0 where query p may see key j
-/// (j ≤ p, and p − j < window), −∞ elsewhere.
-fn causal_mask(t: usize, start: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
-    let window = window.unwrap_or(usize::MAX);
-    let keys = start + t;
-    let mask: Vec<f32> = (start..keys)
-        .flat_map(|p| (0..keys).map(move |j| if j <= p && p - j < window { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, keys), device)?.to_dtype(dtype)?)
+/// Additive mask (L, S) for queries at positions first..first+L over keys 0..S: 0 where query p
+/// may see key j (j ≤ p, and p − j < window), −∞ elsewhere. Built on the device.
+fn causal_mask(len: usize, first: usize, keys: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let p = Tensor::arange(first as u32, (first + len) as u32, device)?.reshape((len, 1))?;
+    let j = Tensor::arange(0u32, keys as u32, device)?.reshape((1, keys))?;
+    let mut visible = j.broadcast_le(&p)?; // (L,S) u8
+    if let Some(w) = window {
+        // p − j < w  ⇔  j + w > p
+        let jw = Tensor::arange(w as u32, (keys + w) as u32, device)?.reshape((1, keys))?;
+        visible = (visible * jw.broadcast_gt(&p)?)?;
+    }
+    let zero = Tensor::zeros((len, keys), dtype, device)?;
+    let neg = Tensor::full(f32::NEG_INFINITY, (len, keys), device)?.to_dtype(dtype)?;
+    Ok(visible.where_cond(&zero, &neg)?)
 }
 
 #[cfg(test)]

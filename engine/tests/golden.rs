@@ -5,6 +5,9 @@
 //! head_dim) and Mistral (sliding window 4) models with a LoRA adapter whose B is non-zero.
 //! The reference runs each datum alone; hearth runs the three as one right-padded batch.
 //!
+//! Every loss and gradient is checked with the whole graph kept and with activation recompute in
+//! the smallest chunks.
+//!
 //! Tolerances (f32): logits, loss, logprobs and gradients 1e-4 relative to the largest
 //! reference magnitude; the 5-step AdamW trajectory and final weights 1e-3 relative, since
 //! small differences compound over steps (importance sampling grows without bound).
@@ -12,6 +15,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LossFn, LoraConfig, PpoConfig, TargetModule, TrainingConfig};
+use hearth_engine::model::Chunking;
+use hearth_engine::recompute::Recompute;
 use hearth_engine::{BaseModel, TrainingSession};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -112,11 +117,22 @@ fn check_logits(f: &Fixture) {
     }
 }
 
-fn check_loss_and_grads(f: &Fixture, loss: &str) {
+/// Without recompute (the whole graph kept), and with recompute in chunks of one query row and
+/// one loss position (every chunked path taken, on a tiny model).
+fn check_loss_and_grads(f: &Fixture, loss: &str, recompute: Recompute) {
     let mut s = f.session();
+    s.set_recompute(recompute);
+    if recompute == Recompute::On {
+        s.set_chunking(Chunking { attn_elements: 1, head_elements: 1 });
+    }
     let want = &f.case.losses[loss];
+    let what = format!("{} {loss} recompute {recompute:?}", f.name);
+    let fwd = s.forward(&f.input(loss)).unwrap();
+    assert_close(&format!("{what} forward loss"), &[fwd.metrics["loss:sum"] as f32], &[want.loss as f32], 1e-4);
+    for (i, (o, w)) in fwd.loss_fn_outputs.iter().zip(&want.logprobs).enumerate() {
+        assert_close(&format!("{what} forward logprobs[{i}]"), &o.logprobs, w, 1e-4);
+    }
     let out = s.forward_backward(&f.input(loss)).unwrap();
-    let what = format!("{} {loss}", f.name);
     assert_close(&format!("{what} loss"), &[out.metrics["loss:sum"] as f32], &[want.loss as f32], 1e-4);
     for (i, (o, w)) in out.loss_fn_outputs.iter().zip(&want.logprobs).enumerate() {
         assert_close(&format!("{what} logprobs[{i}]"), &o.logprobs, w, 1e-4);
@@ -150,7 +166,8 @@ fn check_model(name: &'static str) {
     let f = fixture(name);
     check_logits(&f);
     for loss in ["cross_entropy", "importance_sampling", "ppo"] {
-        check_loss_and_grads(&f, loss);
+        check_loss_and_grads(&f, loss, Recompute::Off);
+        check_loss_and_grads(&f, loss, Recompute::On);
         check_trajectory(&f, loss);
     }
 }

@@ -7,6 +7,8 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{ce_datum, fixture_dir, input, pg_datum, tiny};
 use hearth_api::{AdamParams, LossFn, LoraConfig, PpoConfig, TrainingConfig};
+use hearth_engine::model::Chunking;
+use hearth_engine::recompute::Recompute;
 use hearth_engine::{BaseModel, TrainingSession};
 use std::sync::Arc;
 
@@ -75,13 +77,42 @@ fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
     assert_eq!(fresh.forward(&batch).unwrap().metrics["loss:sum"], first);
 }
 
+#[test]
+fn full_fine_tuning_with_recompute_gives_the_gradients_of_the_whole_graph() {
+    let batch = input(vec![ce_datum("recompute every layer"), ce_datum("and the embedding")], LossFn::CrossEntropy);
+    let grads = |recompute: Recompute| {
+        let mut s = TrainingSession::new(tiny(), TrainingConfig::Full).unwrap();
+        s.set_recompute(recompute);
+        s.set_chunking(Chunking { attn_elements: 1, head_elements: 1 });
+        let loss = s.forward_backward(&batch).unwrap().metrics["loss:sum"];
+        (loss, s.accumulated_grads().clone())
+    };
+    let (loss_whole, whole) = grads(Recompute::Off);
+    let (loss_re, re) = grads(Recompute::On);
+    assert!((loss_whole - loss_re).abs() <= 1e-5 * loss_whole.abs(), "{loss_whole} vs {loss_re}");
+    assert_eq!(whole.len(), re.len(), "a gradient for every weight, embeddings included");
+    for (name, g) in &whole {
+        let diff = norm(&(g - &re[name]).unwrap());
+        assert!(diff <= 1e-5 * norm(g).max(1e-12), "{name}: |whole - recompute| = {diff:e}, |whole| = {:e}", norm(g));
+    }
+}
+
 /// Central differences on a few entries of every LoRA tensor, in f64.
 fn finite_difference_check(fixture: &str, loss_fn: LossFn, data: Vec<hearth_api::Datum>) {
+    finite_difference_check_with(fixture, loss_fn, data, Recompute::Off)
+}
+
+/// The same with a given recompute setting (chunks of one row when on).
+fn finite_difference_check_with(fixture: &str, loss_fn: LossFn, data: Vec<hearth_api::Datum>, recompute: Recompute) {
     let base = Arc::new(BaseModel::load(&fixture_dir(fixture), &Device::Cpu, DType::F64).unwrap());
     let lora = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
     let adapter = candle_core::safetensors::load(fixture_dir(fixture).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     s.set_parameters(&adapter).unwrap();
+    s.set_recompute(recompute);
+    if recompute == Recompute::On {
+        s.set_chunking(Chunking { attn_elements: 1, head_elements: 1 });
+    }
     let batch = input(data, loss_fn);
     s.forward_backward(&batch).unwrap();
     let grads = s.accumulated_grads().clone();
@@ -126,4 +157,11 @@ fn finite_differences_agree_with_autograd_in_f64_ppo_llama() {
     // positive advantage (clipped, zero gradient) and negative advantages unclipped: both arms.
     let ppo = LossFn::Ppo(PpoConfig::default());
     finite_difference_check("llama", ppo, vec![pg_datum("=>?@AB", 0.5), pg_datum("+,-./", -0.8)]);
+}
+
+#[test]
+fn finite_differences_agree_with_recomputed_gradients_in_f64_cross_entropy_mistral() {
+    // sliding window 4 over 7 positions: the chunked attention masks keys by window and by causality
+    let data = vec![ce_datum("ABCDEFG"), ce_datum("HIJK")];
+    finite_difference_check_with("mistral", LossFn::CrossEntropy, data, Recompute::On);
 }

@@ -4,44 +4,57 @@ use super::TrainingSession;
 use crate::batch::{self, Batch};
 use crate::error::{EngineError, Result};
 use crate::loss::{self, LossTerms};
+use crate::recompute;
 use candle_core::{DType, Tensor};
 use hearth_api::{ForwardBackwardInput, ForwardBackwardOutput, LossFn, LossFnOutput};
 use std::collections::BTreeMap;
 
 impl TrainingSession {
-    fn run_loss(&self, input: &ForwardBackwardInput) -> Result<(Batch, LossTerms)> {
+    fn batch(&self, input: &ForwardBackwardInput) -> Result<Batch> {
         let cfg = &self.base.config;
         batch::validate(&input.data, &input.loss_fn, cfg.vocab_size, cfg.max_position_embeddings)?;
-        let batch = Batch::new(&input.data, self.base.dtype, &self.base.device)?;
-        let logits = self.model.forward(&batch.ids)?;
-        let terms = loss::compute(&logits, &batch, &input.loss_fn)?;
-        Ok((batch, terms))
+        Batch::new(&input.data, crate::model::wide(self.base.dtype), &self.base.device)
     }
 
-    /// Loss and per-datum target logprobs without gradients. Changes nothing.
+    /// Loss and per-datum target logprobs without gradients. Changes nothing. Records no graph
+    /// and computes the loss in chunks of positions (see [`crate::recompute`]).
     pub fn forward(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
-        let (batch, terms) = self.run_loss(input)?;
+        let batch = self.batch(input)?;
+        let (terms, _) = recompute::run(&self.model, &batch, &input.loss_fn, None)?;
         output(&batch, &terms, &input.loss_fn)
     }
 
     /// Loss, per-datum target logprobs, and gradients added to the accumulated ones.
-    /// A non-finite loss accumulates nothing and is an error.
+    /// A non-finite loss accumulates nothing and is an error. Activations are recomputed when
+    /// [`TrainingSession::recompute`] says so for this batch's size.
     pub fn forward_backward(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
-        let (batch, terms) = self.run_loss(input)?;
+        let batch = self.batch(input)?;
+        let (b, t) = batch.ids.dims2()?;
+        let (terms, grads) = if self.recompute.applies(&self.model, b, t) {
+            recompute::run(&self.model, &batch, &input.loss_fn, Some(&self.params))?
+        } else {
+            let logits = self.model.forward(&batch.ids)?;
+            let terms = loss::compute(&logits, &batch, &input.loss_fn)?;
+            let store = terms.total()?.backward()?;
+            let grads = self
+                .params
+                .iter()
+                .filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
+                .collect();
+            (terms, grads)
+        };
         let out = output(&batch, &terms, &input.loss_fn)?;
         let loss = out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN);
         if !loss.is_finite() {
             return Err(EngineError::NonFiniteLoss { op: "forward_backward", value: loss });
         }
-        let grads = terms.total()?.backward()?;
         let mut updated = BTreeMap::new();
-        for (name, var) in &self.params {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let g = match self.grads.get(name) {
+        for (name, g) in grads {
+            let g = match self.grads.get(&name) {
                 Some(acc) => (acc + g)?,
-                None => g.clone(),
+                None => g,
             };
-            updated.insert(name.clone(), g);
+            updated.insert(name, g);
         }
         self.grads.extend(updated);
         Ok(out)

@@ -12,6 +12,7 @@ pub use sample::MAX_SAMPLES;
 use crate::error::{EngineError, Result};
 use crate::model::{Model, NamedParams};
 use crate::optim::AdamW;
+use crate::recompute::Recompute;
 use crate::weights::BaseModel;
 use candle_core::{DType, Tensor};
 use hearth_api::TrainingConfig;
@@ -32,6 +33,7 @@ pub struct TrainingSession {
     training: TrainingConfig,
     /// Draws the seed of every `sample` call that brings none (saved in `state` checkpoints).
     rng: std::sync::Mutex<crate::rng::Rng>,
+    recompute: Recompute,
 }
 
 impl TrainingSession {
@@ -43,7 +45,23 @@ impl TrainingSession {
             TrainingConfig::Full => 0,
         };
         let rng = std::sync::Mutex::new(crate::rng::Rng::new(seed ^ 0x5A4D_504C_4552)); // "SAMPLER"
-        Ok(Self { base, model, params, grads: BTreeMap::new(), optim: AdamW::default(), training, rng })
+        Ok(Self { base, model, params, grads: BTreeMap::new(), optim: AdamW::default(), training, rng, recompute: Recompute::default() })
+    }
+
+    /// When `forward_backward` recomputes activations instead of keeping them.
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
+    /// Sets when `forward_backward` recomputes activations (same gradients, less memory, about
+    /// a third more compute).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
+    }
+
+    /// Sets how attention and the loss are split into chunks (see [`crate::model::Chunking`]).
+    pub fn set_chunking(&mut self, chunking: crate::model::Chunking) {
+        self.model.set_chunking(chunking);
     }
 
     /// The base model this run trains on.

@@ -1,0 +1,219 @@
+//! The training step with activation recompute, and the forward pass that holds no graph.
+//!
+//! candle has no gradient checkpointing, so the backward pass is split into segments by hand,
+//! each differentiated on its own with candle's autograd (which gives the gradient of a segment's
+//! output against its input and parameters):
+//!
+//! 1. Forward through an inference copy of the model (no graph), keeping only each decoder
+//!    layer's input: L + 1 tensors (B, T, C).
+//! 2. The head (final norm, output projection, log-softmax, loss) runs in chunks of positions, so
+//!    the (B, T, V) logits never exist in full: each chunk's loss is differentiated at once and
+//!    leaves the gradient of its hidden states.
+//! 3. Layers in reverse: the layer is recomputed from its input with a graph and differentiated
+//!    against the gradient of its output. Inside, attention is its own segment, differentiated
+//!    one query chunk at a time (see [`crate::model::Attention::core`]), so no (B, H, T, T)
+//!    buffer is ever held for backward: at 32k tokens that buffer alone would be tens of GB.
+//! 4. The embedding last (full fine-tuning only; LoRA leaves it frozen).
+//!
+//! The cost is a second forward pass through the layers (and a third through attention); the
+//! peak is one layer's graph plus the kept layer inputs. Losses are sums over positions, so
+//! chunking the head changes nothing but the order of a few additions.
+
+use crate::batch::Batch;
+use crate::error::{EngineError, Result};
+use crate::loss::{self, LossTerms};
+use crate::model::{AttnSpec, DecoderLayer, Model, NamedParams, Rotary};
+use crate::ops::mul_const;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use hearth_api::LossFn;
+use std::collections::BTreeMap;
+
+/// When a step recomputes activations instead of keeping them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// When the kept activations would take more than [`AUTO_THRESHOLD_BYTES`].
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never: one forward pass, the whole graph kept for backward.
+    Off,
+}
+
+/// [`Recompute::Auto`] turns recompute on above this estimate of a step's kept activations.
+pub const AUTO_THRESHOLD_BYTES: u64 = 1 << 30;
+
+impl Recompute {
+    /// Parses `auto`, `on` or `off`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "on" => Some(Self::On),
+            "off" => Some(Self::Off),
+            _ => None,
+        }
+    }
+
+    /// Whether a step over `b` sequences of `t` positions recomputes.
+    pub fn applies(self, model: &Model, b: usize, t: usize) -> bool {
+        match self {
+            Self::On => true,
+            Self::Off => false,
+            Self::Auto => activation_bytes(model, b, t) > AUTO_THRESHOLD_BYTES,
+        }
+    }
+}
+
+/// A rough estimate of what one step keeps for backward without recompute: per layer and token
+/// about 16 C-sized and 6 F-sized values and 3 attention rows per head, plus three (B, T, V)
+/// copies in the loss, all 4 bytes.
+pub fn activation_bytes(model: &Model, b: usize, t: usize) -> u64 {
+    let c = model.config();
+    let per_token = c.num_hidden_layers * (16 * c.hidden_size + 6 * c.intermediate_size + 3 * c.num_attention_heads * t)
+        + 3 * c.vocab_size;
+    (b * t) as u64 * per_token as u64 * 4
+}
+
+/// Gradients by parameter name, summed over the segments' backward passes.
+struct Acc<'a> {
+    params: &'a NamedParams,
+    grads: BTreeMap<String, Tensor>,
+}
+
+impl Acc<'_> {
+    fn add(&mut self, store: &GradStore) -> Result<()> {
+        for (name, var) in self.params {
+            let Some(g) = store.get(var.as_tensor()) else { continue };
+            let g = match self.grads.remove(name) {
+                Some(acc) => (acc + g)?,
+                None => g.clone(),
+            };
+            self.grads.insert(name.clone(), g);
+        }
+        Ok(())
+    }
+}
+
+fn grad_of(store: &GradStore, v: &Var, what: &str) -> Result<Tensor> {
+    store
+        .get(v.as_tensor())
+        .cloned()
+        .ok_or_else(|| EngineError::Weights(format!("recompute: no gradient reached {what}")))
+}
+
+/// A tracked copy of `t` (contiguous), the input of one segment.
+fn leaf(t: &Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t.contiguous()?)?)
+}
+
+/// Loss terms over `batch` and, with `params`, the gradient of the total loss for each of them
+/// (by name), computed segment by segment as the module docs say. Without `params` nothing
+/// records a graph: the forward primitive.
+pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&NamedParams>) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
+    let inference = model.detached();
+    let (b, t) = batch.ids.dims2()?;
+    let attn = model.attn_spec(b, t);
+    let rotary = model.rotary();
+    let mut xs = Vec::with_capacity(model.layers.len() + 1);
+    xs.push(inference.embed(&batch.ids)?);
+    for layer in &inference.layers {
+        let x = xs.last().ok_or_else(|| EngineError::Weights("recompute: no layer input".into()))?;
+        let y = layer.forward(x, rotary, &attn, 0, None)?;
+        xs.push(y);
+    }
+    let Some(params) = params else {
+        let h = xs.pop().ok_or_else(|| EngineError::Weights("recompute: no hidden states".into()))?;
+        let (terms, _) = head(&inference, &h, batch, loss_fn, None)?;
+        return Ok((terms, BTreeMap::new()));
+    };
+    let mut acc = Acc { params, grads: BTreeMap::new() };
+    let h = xs.pop().ok_or_else(|| EngineError::Weights("recompute: no hidden states".into()))?;
+    let (terms, g) = head(model, &h, batch, loss_fn, Some(&mut acc))?;
+    drop(h);
+    let mut g = g.ok_or_else(|| EngineError::Weights("recompute: no gradient for the hidden states".into()))?;
+    for layer in model.layers.iter().rev() {
+        let x = xs.pop().ok_or_else(|| EngineError::Weights("recompute: layer inputs out of step".into()))?;
+        g = layer_backward(layer, &x, &g, rotary, &attn, &mut acc)?;
+    }
+    if model.embed_tokens.tensor().is_variable() {
+        let x0 = model.embed(&batch.ids)?;
+        acc.add(&mul_const(&x0, &g)?.sum_all()?.backward()?)?;
+    }
+    Ok((terms, acc.grads))
+}
+
+/// Final norm, output projection and loss over positions in chunks; with `acc`, each chunk is
+/// differentiated at once and the gradient of `h` comes back.
+fn head(model: &Model, h: &Tensor, batch: &Batch, loss_fn: &LossFn, mut acc: Option<&mut Acc>) -> Result<(LossTerms, Option<Tensor>)> {
+    let (b, t, _c) = h.dims3()?;
+    let chunk = (model.chunking().head_elements / (b * model.config().vocab_size).max(1)).clamp(1, t.max(1));
+    let (mut logprobs, mut per_token, mut grads) = (Vec::new(), Vec::new(), Vec::new());
+    for s in (0..t).step_by(chunk) {
+        let len = chunk.min(t - s);
+        let part = batch.narrow(s, len)?;
+        let hc = h.narrow(1, s, len)?;
+        let terms = match acc.as_deref_mut() {
+            Some(acc) => {
+                let hv = leaf(&hc)?;
+                let terms = loss::compute(&model.head(hv.as_tensor())?, &part, loss_fn)?;
+                let store = terms.total()?.backward()?;
+                acc.add(&store)?;
+                grads.push(grad_of(&store, &hv, "the hidden states")?);
+                terms
+            }
+            None => loss::compute(&model.head(&hc)?, &part, loss_fn)?,
+        };
+        logprobs.push(terms.target_logprobs.detach());
+        per_token.push(terms.per_token.detach());
+    }
+    let cat = |v: Vec<Tensor>| -> Result<Tensor> { Ok(if v.len() == 1 { v.into_iter().next().ok_or_else(|| EngineError::EmptyBatch)? } else { Tensor::cat(&v, 1)? }) };
+    let grad = if grads.is_empty() { None } else { Some(cat(grads)?) };
+    Ok((LossTerms { target_logprobs: cat(logprobs)?, per_token: cat(per_token)? }, grad))
+}
+
+/// Recomputes one decoder layer from its input `x` and back-propagates `g_out` (the gradient of
+/// its output) through it; returns the gradient of `x`, adds the parameters' to `acc`.
+fn layer_backward(layer: &DecoderLayer, x: &Tensor, g_out: &Tensor, rotary: &Rotary, attn: &AttnSpec, acc: &mut Acc) -> Result<Tensor> {
+    let att = &layer.self_attn;
+    let xv = leaf(x)?;
+    let xt = xv.as_tensor();
+    // x → q, k, v (graph kept until the end)
+    let (q, k, v) = att.qkv(&layer.input_layernorm.forward(xt)?, rotary, 0)?;
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let y = att.core(&qd, &kd, &vd, attn, 0)?; // (B,T,H·D), no graph
+    // (x, y) → output
+    let yv = leaf(&y)?;
+    drop(y);
+    let h = (xt + att.o_proj.forward(yv.as_tensor())?)?;
+    let out = (&h + layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?)?;
+    let store = mul_const(&out, g_out)?.sum_all()?.backward()?;
+    drop((h, out));
+    acc.add(&store)?;
+    let g_x_residual = grad_of(&store, &xv, "the layer input")?;
+    let g_y = grad_of(&store, &yv, "the attention output")?;
+    drop(store);
+    // attention, one query chunk at a time
+    let (b, heads, t, d) = qd.dims4()?;
+    let g_y = g_y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?; // (B,T,H·D) -> (B,H,T,D)
+    let g_k = kd.zeros_like()?;
+    let g_v = vd.zeros_like()?;
+    let mut g_q = Vec::new();
+    for (s, len) in attn.chunks(t) {
+        let keys = s + len;
+        let qc = leaf(&qd.narrow(2, s, len)?)?;
+        let kc = leaf(&kd.narrow(2, 0, keys)?)?;
+        let vc = leaf(&vd.narrow(2, 0, keys)?)?;
+        let yc = att.attend(qc.as_tensor(), kc.as_tensor(), vc.as_tensor(), attn, s)?;
+        let store = mul_const(&yc, &g_y.narrow(2, s, len)?.contiguous()?)?.sum_all()?.backward()?;
+        g_q.push(grad_of(&store, &qc, "the queries")?);
+        g_k.slice_set(&(g_k.narrow(2, 0, keys)? + grad_of(&store, &kc, "the keys")?)?, 2, 0)?;
+        g_v.slice_set(&(g_v.narrow(2, 0, keys)? + grad_of(&store, &vc, "the values")?)?, 2, 0)?;
+    }
+    let g_q = if g_q.len() == 1 { g_q.remove(0) } else { Tensor::cat(&g_q, 2)? };
+    // back through the projections
+    let total = ((mul_const(&q, &g_q)?.sum_all()? + mul_const(&k, &g_k)?.sum_all()?)? + mul_const(&v, &g_v)?.sum_all()?)?;
+    let store = total.backward()?;
+    acc.add(&store)?;
+    Ok((g_x_residual + grad_of(&store, &xv, "the layer input")?)?)
+}
