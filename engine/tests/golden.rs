@@ -8,6 +8,9 @@
 //! Every loss and gradient is checked with the whole graph kept and with activation recompute in
 //! the smallest chunks.
 //!
+//! The same cases run again with the base in bf16 against PyTorch + PEFT in bf16
+//! (`gen_bf16_fixtures.py`), with the tolerances stated at [`BF16`].
+//!
 //! Tolerances (f32): logits, loss, logprobs and gradients 1e-4 relative to the largest
 //! reference magnitude; the 5-step AdamW trajectory and final weights 1e-3 relative, since
 //! small differences compound over steps (importance sampling grows without bound).
@@ -69,6 +72,58 @@ fn fixture(name: &'static str) -> Fixture {
     Fixture { name, base, case, adapter, expected }
 }
 
+/// The same model, adapter and data with the base in bf16, against `gen_bf16_fixtures.py`.
+fn fixture_bf16(name: &'static str) -> Fixture {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let base = Arc::new(BaseModel::load(&dir, &Device::Cpu, DType::BF16).unwrap());
+    let mut case: Case = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let bf16: Bf16Case = serde_json::from_str(&std::fs::read_to_string(dir.join("bf16.json")).unwrap()).unwrap();
+    for (loss, want) in bf16.losses {
+        let entry = case.losses.get_mut(&loss).unwrap();
+        (entry.loss, entry.logprobs, entry.trajectory) = (want.loss, want.logprobs, want.trajectory);
+    }
+    let adapter = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let expected = candle_core::safetensors::load(dir.join("bf16.safetensors"), &Device::Cpu).unwrap();
+    Fixture { name, base, case, adapter, expected }
+}
+
+#[derive(Deserialize)]
+struct Bf16Case {
+    losses: HashMap<String, Bf16Loss>,
+}
+
+#[derive(Deserialize)]
+struct Bf16Loss {
+    loss: f64,
+    logprobs: Vec<Vec<f32>>,
+    trajectory: Trajectory,
+}
+
+/// Relative tolerances of one precision.
+#[derive(Clone, Copy)]
+struct Tol {
+    logits: f64,
+    loss: f64,
+    grads: f64,
+    trajectory: f64,
+    /// Whether PPO's gradients and the weights after the AdamW steps are compared.
+    discontinuous: bool,
+}
+
+/// f32: the reference and hearth differ only in the order of additions.
+const F32: Tol = Tol { logits: 1e-4, loss: 1e-4, grads: 1e-4, trajectory: 1e-3, discontinuous: true };
+
+/// bf16 base, f32 LoRA and loss. Both sides round every op's result to bf16 (matmuls accumulate
+/// in f32), but not always to the same neighbour; one ulp (2^-8 relative) taken differently
+/// early on grows through the layers. Measured worst cases over the four models (hearth against
+/// PyTorch bf16): logits 1.7e-2, loss and logprobs 3.0e-2, CE/IS gradients 4.3e-2, trajectory
+/// losses and grad norms 3.5e-2; PyTorch's own bf16 against its f32 differs by more (logits
+/// 2.7e-2, gradients 7.6e-2). Not compared: PPO's gradients (a ratio within an ulp of a clip
+/// bound flips between clipped and not: 0.5 relative) and the weights after AdamW steps (the
+/// first step moves every element by ±lr whatever its gradient's size, so a near-zero gradient
+/// whose sign differs moves it the other way: 0.25 relative).
+const BF16: Tol = Tol { logits: 3e-2, loss: 5e-2, grads: 6e-2, trajectory: 5e-2, discontinuous: false };
+
 impl Fixture {
     fn session(&self) -> TrainingSession {
         let lora = LoraConfig {
@@ -109,17 +164,17 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
 }
 
-fn check_logits(f: &Fixture) {
+fn check_logits(f: &Fixture, tol: Tol) {
     let s = f.session();
     for (i, datum) in f.case.data.iter().enumerate() {
         let got = s.logits(&datum.model_input).unwrap();
-        assert_close(&format!("{} logits[{i}]", f.name), &flat(&got), &flat(&f.expected[&format!("logits.{i}")]), 1e-4);
+        assert_close(&format!("{} logits[{i}]", f.name), &flat(&got), &flat(&f.expected[&format!("logits.{i}")]), tol.logits);
     }
 }
 
 /// Without recompute (the whole graph kept), and with recompute in chunks of one query row and
 /// one loss position (every chunked path taken, on a tiny model).
-fn check_loss_and_grads(f: &Fixture, loss: &str, recompute: Recompute) {
+fn check_loss_and_grads(f: &Fixture, loss: &str, recompute: Recompute, tol: Tol) {
     let mut s = f.session();
     s.set_recompute(recompute);
     if recompute == Recompute::On {
@@ -128,23 +183,26 @@ fn check_loss_and_grads(f: &Fixture, loss: &str, recompute: Recompute) {
     let want = &f.case.losses[loss];
     let what = format!("{} {loss} recompute {recompute:?}", f.name);
     let fwd = s.forward(&f.input(loss)).unwrap();
-    assert_close(&format!("{what} forward loss"), &[fwd.metrics["loss:sum"] as f32], &[want.loss as f32], 1e-4);
+    assert_close(&format!("{what} forward loss"), &[fwd.metrics["loss:sum"] as f32], &[want.loss as f32], tol.loss);
     for (i, (o, w)) in fwd.loss_fn_outputs.iter().zip(&want.logprobs).enumerate() {
-        assert_close(&format!("{what} forward logprobs[{i}]"), &o.logprobs, w, 1e-4);
+        assert_close(&format!("{what} forward logprobs[{i}]"), &o.logprobs, w, tol.loss);
     }
     let out = s.forward_backward(&f.input(loss)).unwrap();
-    assert_close(&format!("{what} loss"), &[out.metrics["loss:sum"] as f32], &[want.loss as f32], 1e-4);
+    assert_close(&format!("{what} loss"), &[out.metrics["loss:sum"] as f32], &[want.loss as f32], tol.loss);
     for (i, (o, w)) in out.loss_fn_outputs.iter().zip(&want.logprobs).enumerate() {
-        assert_close(&format!("{what} logprobs[{i}]"), &o.logprobs, w, 1e-4);
+        assert_close(&format!("{what} logprobs[{i}]"), &o.logprobs, w, tol.loss);
     }
     let grads = s.accumulated_grads();
     assert_eq!(grads.len(), f.adapter.len(), "{what}: a gradient for every LoRA parameter");
+    if loss == "ppo" && !tol.discontinuous {
+        return;
+    }
     for (name, g) in grads {
-        assert_close(&format!("{what} grad {name}"), &flat(g), &flat(&f.expected[&format!("grad.{loss}.{name}")]), 1e-4);
+        assert_close(&format!("{what} grad {name}"), &flat(g), &flat(&f.expected[&format!("grad.{loss}.{name}")]), tol.grads);
     }
 }
 
-fn check_trajectory(f: &Fixture, loss: &str) {
+fn check_trajectory(f: &Fixture, loss: &str, tol: Tol) {
     let mut s = f.session();
     let want = &f.case.losses[loss].trajectory;
     let what = format!("{} {loss}", f.name);
@@ -152,23 +210,30 @@ fn check_trajectory(f: &Fixture, loss: &str) {
         let out = s.forward_backward(&f.input(loss)).unwrap();
         let opt = s.optim_step(&f.case.adam).unwrap();
         assert_eq!(opt.step, step as u64 + 1);
-        assert_close(&format!("{what} step {step} loss"), &[out.metrics["loss:sum"] as f32], &[want.loss[step] as f32], 1e-3);
+        assert_close(&format!("{what} step {step} loss"), &[out.metrics["loss:sum"] as f32], &[want.loss[step] as f32], tol.trajectory);
         // A step whose gradient is exactly zero (every PPO position clipped) has norm 0 in both.
         let scale = want.grad_norm.iter().cloned().fold(0.0, f64::max) as f32;
-        assert_close(&format!("{what} step {step} grad_norm"), &[opt.grad_norm as f32, scale], &[want.grad_norm[step] as f32, scale], 1e-3);
+        if loss == "ppo" && !tol.discontinuous {
+            continue;
+        }
+        assert_close(&format!("{what} step {step} grad_norm"), &[opt.grad_norm as f32, scale], &[want.grad_norm[step] as f32, scale], tol.trajectory);
     }
-    for (name, var) in s.parameters() {
-        assert_close(&format!("{what} final {name}"), &flat(var.as_tensor()), &flat(&f.expected[&format!("final.{loss}.{name}")]), 1e-3);
+    for (name, var) in s.parameters().iter().filter(|_| tol.discontinuous) {
+        assert_close(&format!("{what} final {name}"), &flat(var.as_tensor()), &flat(&f.expected[&format!("final.{loss}.{name}")]), tol.trajectory);
     }
 }
 
 fn check_model(name: &'static str) {
-    let f = fixture(name);
-    check_logits(&f);
+    check_with(&fixture(name), F32);
+    check_with(&fixture_bf16(name), BF16);
+}
+
+fn check_with(f: &Fixture, tol: Tol) {
+    check_logits(f, tol);
     for loss in ["cross_entropy", "importance_sampling", "ppo"] {
-        check_loss_and_grads(&f, loss, Recompute::Off);
-        check_loss_and_grads(&f, loss, Recompute::On);
-        check_trajectory(&f, loss);
+        check_loss_and_grads(f, loss, Recompute::Off, tol);
+        check_loss_and_grads(f, loss, Recompute::On, tol);
+        check_trajectory(f, loss, tol);
     }
 }
 
