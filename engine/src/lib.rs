@@ -33,6 +33,7 @@
 pub mod alloc;
 pub mod batch;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod gguf;

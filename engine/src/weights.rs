@@ -77,16 +77,10 @@ pub fn estimate_bytes(dir: &Path, dtype: DType) -> Result<u64> {
     Ok(total)
 }
 
-/// Memory the process can still use on `device`: `MemAvailable` on Linux CPUs; `None` where
-/// it is not known (then loading is not checked).
+/// Memory the process can still use on `device`: `MemAvailable` on Linux CPUs, the driver's free
+/// memory on CUDA; `None` where it is not known (then loading is not checked).
 pub fn available_memory(device: &Device) -> Option<u64> {
-    if !device.is_cpu() {
-        return None;
-    }
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::device::available_memory(device)
 }
 
 /// A base model loaded once and shared (read-only) by every run on it.

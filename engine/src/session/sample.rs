@@ -9,7 +9,8 @@ use crate::batch::check_tokens;
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model};
 use crate::rng::Rng;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 use hearth_api::{LoraConfig, SampleInput, SampleOutput, SampledSequence, SamplingParams, Stop, StopReason, TrainingConfig};
 
 /// Most sequences one call may generate.
@@ -50,9 +51,9 @@ fn top(row: &[f32], k: usize) -> Vec<u32> {
     ids
 }
 
-/// Draws one id from `ids` with unnormalised `weights` (same order).
-fn draw(ids: &[u32], weights: &[f64], rng: &mut Rng) -> u32 {
-    let mut u = rng.uniform() * weights.iter().sum::<f64>();
+/// Draws one id from `ids` with unnormalised `weights` (same order), `u` uniform in [0, 1).
+fn draw(ids: &[u32], weights: &[f64], u: f64) -> u32 {
+    let mut u = u * weights.iter().sum::<f64>();
     for (&id, w) in ids.iter().zip(weights) {
         u -= w;
         if u < 0.0 {
@@ -65,8 +66,9 @@ fn draw(ids: &[u32], weights: &[f64], rng: &mut Rng) -> u32 {
 /// Picks a token from one row of logits: greedy at temperature 0, otherwise from the tempered
 /// distribution restricted to the `top_k` best and then to the smallest prefix (best first)
 /// holding `top_p` of the remaining mass. Only the candidates are sorted, never the whole
-/// vocabulary (a full sort per token was most of the sampling cost at batch 8).
-fn choose(row: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
+/// vocabulary (a full sort per token was most of the sampling cost at batch 8). `u` is the one
+/// uniform draw a tempered pick uses (greedy ignores it).
+fn choose(row: &[f32], p: &SamplingParams, u: f64) -> u32 {
     if p.temperature == 0.0 {
         return row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32);
     }
@@ -78,11 +80,11 @@ fn choose(row: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         if k == vocab {
             let weights: Vec<f64> = row.iter().map(|&x| weight(x)).collect();
             let ids: Vec<u32> = (0..vocab as u32).collect();
-            return draw(&ids, &weights, rng);
+            return draw(&ids, &weights, u);
         }
         let ids = top(row, k);
         let weights: Vec<f64> = ids.iter().map(|&i| weight(row[i as usize])).collect();
-        return draw(&ids, &weights, rng);
+        return draw(&ids, &weights, u);
     }
     // Nucleus: the mass is over the top-k set; widen the sorted prefix until it holds top_p.
     let total: f64 = if k == vocab { row.iter().map(|&x| weight(x)).sum() } else { top(row, k).iter().map(|&i| weight(row[i as usize])).sum() };
@@ -94,14 +96,38 @@ fn choose(row: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         for (n, w) in weights.iter().enumerate() {
             acc += w / total;
             if acc >= p.top_p as f64 {
-                return draw(&ids[..=n], &weights[..=n], rng);
+                return draw(&ids[..=n], &weights[..=n], u);
             }
         }
         if width == k {
-            return draw(&ids, &weights, rng);
+            return draw(&ids, &weights, u);
         }
         width = (width * 8).min(k);
     }
+}
+
+/// The last step's logits as the sampler needs them.
+enum Last {
+    /// Whole rows (n, V) on the host.
+    Rows(Vec<Vec<f32>>),
+    /// The greedy pick of each row and its logprob, computed on the device.
+    Picked(Vec<(u32, f32)>),
+}
+
+/// Greedy picks of logits (n, V) on their device: the highest logit of each row (the lowest id
+/// among equal ones, as [`choose`] does) and its log-probability.
+fn greedy_picks(logits: &Tensor) -> Result<Vec<(u32, f32)>> {
+    let (_n, v) = logits.dims2()?;
+    let max = logits.max_keepdim(D::Minus1)?; // (n,1)
+    // lowest id among the maxima: ids where the row equals its max, others pushed past the end
+    let ids = Tensor::arange(0u32, v as u32, logits.device())?.to_dtype(DType::F32)?.unsqueeze(0)?; // (1,V)
+    let at_max = logits.broadcast_eq(&max)?; // (n,V) u8
+    let beyond = Tensor::full(v as f32, logits.shape(), logits.device())?;
+    let first = at_max.where_cond(&ids.broadcast_as(logits.shape())?, &beyond)?.min_keepdim(D::Minus1)?; // (n,1)
+    let lse = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?; // (n,1), relative to max
+    let ids: Vec<f32> = first.squeeze(1)?.to_vec1()?;
+    let logprobs: Vec<f32> = lse.neg()?.squeeze(1)?.to_vec1()?;
+    Ok(ids.into_iter().map(|i| i as u32).zip(logprobs).collect())
 }
 
 impl TrainingSession {
@@ -153,7 +179,11 @@ impl TrainingSession {
                 .chain(input.prompt[1..].iter().zip(&rows).map(|(&tok, row)| Some(row[tok as usize] - log_sum_exp(row))))
                 .collect()
         });
-        let mut last: Vec<Vec<f32>> = vec![rows.last().cloned().unwrap_or_default(); n];
+        let first = rows.last().cloned().unwrap_or_default();
+        let mut last = Last::Rows(vec![first; n]);
+        // Greedy decoding on a GPU picks on the device: two numbers per sequence cross to the
+        // host instead of a vocabulary-sized row.
+        let greedy_on_device = p.temperature == 0.0 && !device.is_cpu();
         let mut cache = prefill.expand(n)?;
         // No seed: the run's own generator picks one (so a resumed `state` samples as the
         // uninterrupted run would have). It advances only when the call succeeds.
@@ -171,15 +201,28 @@ impl TrainingSession {
             if cancelled() {
                 return Err(EngineError::Interrupted);
             }
-            let mut next = Vec::with_capacity(n);
-            for (i, seq) in seqs.iter_mut().enumerate() {
-                if done[i] {
-                    next.push(seq.tokens.last().copied().unwrap_or(0));
-                    continue;
+            let active: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
+            let picks: Vec<(u32, f32)> = match &last {
+                Last::Rows(rows) => {
+                    // One uniform per tempered pick, drawn in sequence order (so the rows can be
+                    // scored in parallel and a seed still gives the same samples).
+                    let us: Vec<f64> = active.iter().map(|_| if p.temperature > 0.0 { rng.uniform() } else { 0.0 }).collect();
+                    active
+                        .par_iter()
+                        .zip(us)
+                        .map(|(&i, u)| {
+                            let tok = choose(&rows[i], p, u);
+                            (tok, rows[i][tok as usize] - log_sum_exp(&rows[i]))
+                        })
+                        .collect()
                 }
-                let tok = choose(&last[i], p, &mut rng);
+                Last::Picked(picked) => active.iter().map(|&i| picked[i]).collect(),
+            };
+            let mut next: Vec<u32> = seqs.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
+            for (&i, (tok, logprob)) in active.iter().zip(picks) {
+                let seq = &mut seqs[i];
                 seq.tokens.push(tok);
-                seq.logprobs.push(last[i][tok as usize] - log_sum_exp(&last[i]));
+                seq.logprobs.push(logprob);
                 let text_stop = !stop_texts.is_empty() && {
                     let text = detokenize(&seq.tokens);
                     stop_texts.iter().any(|s| text.contains(s))
@@ -188,14 +231,14 @@ impl TrainingSession {
                     seq.stop_reason = StopReason::Stop;
                     done[i] = true;
                 }
-                next.push(tok);
+                next[i] = tok;
             }
             if done.iter().all(|&d| d) || step + 1 == p.max_tokens {
                 break;
             }
             let ids = Tensor::from_vec(next, (n, 1), device)?; // (n,1)
             let logits = model.forward_cached(&ids, &mut cache, false)?.squeeze(1)?.to_dtype(DType::F32)?; // (n,1,V) -> (n,V)
-            last = logits.to_vec2()?;
+            last = if greedy_on_device { Last::Picked(greedy_picks(&logits)?) } else { Last::Rows(logits.to_vec2()?) };
         }
         if p.seed.is_none() {
             if let Ok(mut r) = self.rng.lock() {
@@ -220,7 +263,7 @@ mod tests {
         let mut counts = vec![0.0; row.len()];
         let n = 20_000;
         for _ in 0..n {
-            counts[choose(row, p, &mut rng) as usize] += 1.0 / n as f64;
+            counts[choose(row, p, rng.uniform()) as usize] += 1.0 / n as f64;
         }
         counts
     }
@@ -243,7 +286,7 @@ mod tests {
         close(&histogram(&row, &params(1.0, 1, 1.0)), &[0.0, 1.0, 0.0, 0.0]);
         // temperature 0.5 squares the probabilities: 4:16:1:9
         close(&histogram(&row, &params(0.5, 0, 1.0)), &[4.0 / 30.0, 16.0 / 30.0, 1.0 / 30.0, 9.0 / 30.0]);
-        assert_eq!(choose(&row, &params(0.0, 0, 1.0), &mut Rng::new(0)), 1);
+        assert_eq!(choose(&row, &params(0.0, 0, 1.0), 0.5), 1);
     }
 
     #[test]
@@ -253,5 +296,19 @@ mod tests {
         let h = histogram(&row, &params(1.0, 0, 0.9));
         assert_eq!(h[900..].iter().sum::<f64>(), 0.0);
         assert!(h[600..900].iter().sum::<f64>() > 0.25);
+    }
+
+    #[test]
+    fn greedy_picks_on_the_device_agree_with_the_host() {
+        // ties (bf16 logits have many) go to the lowest id, as on the host
+        let rows = vec![vec![0.5f32, 2.0, -1.0, 2.0], vec![3.0, 3.0, 3.0, 3.0], vec![-7.0, -2.5, -9.0, -2.6]];
+        let t = Tensor::new(rows.clone(), &candle_core::Device::Cpu).unwrap();
+        let picks = greedy_picks(&t).unwrap();
+        for (row, (id, logprob)) in rows.iter().zip(picks) {
+            let want = choose(row, &params(0.0, 0, 1.0), 0.0);
+            assert_eq!(id, want);
+            let want_lp = row[want as usize] - log_sum_exp(row);
+            assert!((logprob - want_lp).abs() < 1e-6, "{logprob} vs {want_lp}");
+        }
     }
 }
