@@ -8,8 +8,9 @@
 #     by tests that load hearth's checkpoints with Hugging Face tools;
 #   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) into
 #     tests/.venv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
-# Then `cargo test` (Rust, incl. the server and client tests) and pytest (the kernel under real
-# Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
+# Then `cargo test` (Rust, incl. the server and client tests), bench/gpu.sh --cpu, the CUDA build
+# (scripts/build-cuda.sh: NVIDIA's toolchain wheels into ~/.cache/hearth/cuda-venv, about 7 minutes
+# the first time) and pytest (the kernel under real Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
 # and building the workspace twice in two profiles doubles the time on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,5 +53,11 @@ export HEARTH_REF_PYTHON="$PWD/bench/.venv/bin/python"
 export HEARTH_PYTHON="$HEARTH_REF_PYTHON"
 cargo test --release --workspace --locked "$@"
 cargo build --release --workspace --locked --bins
+# The GPU check in its CPU mode: parity against PyTorch + PEFT (f32 and bf16), training and decode
+# on tiny shapes, through the same script and binary a GPU machine runs.
+HEARTH_GPU_OUT="$PWD/target/gpu-check-cpu" bench/gpu.sh --cpu
+# The CUDA build (no GPU needed: toolchain from NVIDIA's wheels, a stub libcuda for the link), so
+# the GPU path can never rot unseen. Its own target folder under ~/.cache/hearth is reused between runs.
+scripts/build-cuda.sh --pack "$PWD/target/cuda-pack"
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/browser -q -p no:cacheprovider

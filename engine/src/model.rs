@@ -320,6 +320,17 @@ impl DecoderLayer {
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 
+    /// The uncached forward pass that also returns the attention's output before `o_proj`
+    /// (B, T, H·D): activation recompute keeps it, so attention runs once less on backward.
+    pub fn forward_keeping_attention(&self, x: &Tensor, rotary: &Rotary, attn: &AttnSpec) -> Result<(Tensor, Tensor)> {
+        let att = &self.self_attn;
+        let (q, k, v) = att.qkv(&self.input_layernorm.forward(x)?, rotary, 0)?;
+        let y = att.core(&q, &k, &v, attn, 0)?;
+        let h = (x + att.o_proj.forward(&y)?)?;
+        let out = (&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?;
+        Ok((out, y))
+    }
+
     fn detached(&self) -> DecoderLayer {
         DecoderLayer {
             input_layernorm: self.input_layernorm.detached(),

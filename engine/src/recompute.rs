@@ -5,7 +5,7 @@
 //! output against its input and parameters):
 //!
 //! 1. Forward through an inference copy of the model (no graph), keeping only each decoder
-//!    layer's input: L + 1 tensors (B, T, C).
+//!    layer's input and its attention output (before `o_proj`): 2L + 1 tensors (B, T, C).
 //! 2. The head (final norm, output projection, log-softmax, loss) runs in chunks of positions, so
 //!    the (B, T, V) logits never exist in full: each chunk's loss is differentiated at once and
 //!    leaves the gradient of its hidden states.
@@ -15,8 +15,9 @@
 //!    buffer is ever held for backward: at 32k tokens that buffer alone would be tens of GB.
 //! 4. The embedding last (full fine-tuning only; LoRA leaves it frozen).
 //!
-//! The cost is a second forward pass through the layers (and a third through attention); the
-//! peak is one layer's graph plus the kept layer inputs. Losses are sums over positions, so
+//! The cost is a second forward pass through the layers' projections and attention (once more
+//! each: the kept attention output spares a third); the peak is one layer's graph plus the kept
+//! tensors. Losses are sums over positions, so
 //! chunking the head changes nothing but the order of a few additions.
 
 use crate::batch::Batch;
@@ -32,7 +33,8 @@ use std::collections::BTreeMap;
 /// When a step recomputes activations instead of keeping them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Recompute {
-    /// When the kept activations would take more than [`AUTO_THRESHOLD_BYTES`].
+    /// When the kept activations would take more than half the device's free memory (more
+    /// than [`AUTO_THRESHOLD_BYTES`] where that is unknown).
     #[default]
     Auto,
     /// Always.
@@ -41,7 +43,8 @@ pub enum Recompute {
     Off,
 }
 
-/// [`Recompute::Auto`] turns recompute on above this estimate of a step's kept activations.
+/// [`Recompute::Auto`] turns recompute on above this estimate of a step's kept activations when
+/// the device's free memory is unknown.
 pub const AUTO_THRESHOLD_BYTES: u64 = 1 << 30;
 
 impl Recompute {
@@ -60,7 +63,10 @@ impl Recompute {
         match self {
             Self::On => true,
             Self::Off => false,
-            Self::Auto => activation_bytes(model, b, t) > AUTO_THRESHOLD_BYTES,
+            Self::Auto => {
+                let free = crate::device::available_memory(model.embed_tokens.tensor().device());
+                activation_bytes(model, b, t) > free.map_or(AUTO_THRESHOLD_BYTES, |f| f / 2)
+            }
         }
     }
 }
@@ -116,11 +122,18 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
     let attn = model.attn_spec(b, t);
     let rotary = model.rotary();
     let mut xs = Vec::with_capacity(model.layers.len() + 1);
+    let mut ys = Vec::with_capacity(model.layers.len());
     xs.push(inference.embed(&batch.ids)?);
     for layer in &inference.layers {
         let x = xs.last().ok_or_else(|| EngineError::Weights("recompute: no layer input".into()))?;
-        let y = layer.forward(x, rotary, &attn, 0, None)?;
-        xs.push(y);
+        let out = if params.is_some() {
+            let (out, y) = layer.forward_keeping_attention(x, rotary, &attn)?;
+            ys.push(y);
+            out
+        } else {
+            layer.forward(x, rotary, &attn, 0, None)?
+        };
+        xs.push(out);
     }
     let Some(params) = params else {
         let h = xs.pop().ok_or_else(|| EngineError::Weights("recompute: no hidden states".into()))?;
@@ -133,8 +146,8 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
     drop(h);
     let mut g = g.ok_or_else(|| EngineError::Weights("recompute: no gradient for the hidden states".into()))?;
     for layer in model.layers.iter().rev() {
-        let x = xs.pop().ok_or_else(|| EngineError::Weights("recompute: layer inputs out of step".into()))?;
-        g = layer_backward(layer, &x, &g, rotary, &attn, &mut acc)?;
+        let (x, y) = xs.pop().zip(ys.pop()).ok_or_else(|| EngineError::Weights("recompute: layer inputs out of step".into()))?;
+        g = layer_backward(layer, &x, &y, &g, rotary, &attn, &mut acc)?;
     }
     if model.embed_tokens.tensor().is_variable() {
         let x0 = model.embed(&batch.ids)?;
@@ -172,19 +185,26 @@ fn head(model: &Model, h: &Tensor, batch: &Batch, loss_fn: &LossFn, mut acc: Opt
     Ok((LossTerms { target_logprobs: cat(logprobs)?, per_token: cat(per_token)? }, grad))
 }
 
-/// Recomputes one decoder layer from its input `x` and back-propagates `g_out` (the gradient of
-/// its output) through it; returns the gradient of `x`, adds the parameters' to `acc`.
-fn layer_backward(layer: &DecoderLayer, x: &Tensor, g_out: &Tensor, rotary: &Rotary, attn: &AttnSpec, acc: &mut Acc) -> Result<Tensor> {
+/// Recomputes one decoder layer from its input `x` (and its attention output `y`, kept from the
+/// forward pass) and back-propagates `g_out` (the gradient of its output) through it; returns
+/// the gradient of `x`, adds the parameters' to `acc`.
+fn layer_backward(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    y: &Tensor,
+    g_out: &Tensor,
+    rotary: &Rotary,
+    attn: &AttnSpec,
+    acc: &mut Acc,
+) -> Result<Tensor> {
     let att = &layer.self_attn;
     let xv = leaf(x)?;
     let xt = xv.as_tensor();
     // x → q, k, v (graph kept until the end)
     let (q, k, v) = att.qkv(&layer.input_layernorm.forward(xt)?, rotary, 0)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let y = att.core(&qd, &kd, &vd, attn, 0)?; // (B,T,H·D), no graph
     // (x, y) → output
-    let yv = leaf(&y)?;
-    drop(y);
+    let yv = leaf(y)?;
     let h = (xt + att.o_proj.forward(yv.as_tensor())?)?;
     let out = (&h + layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?)?;
     let store = mul_const(&out, g_out)?.sum_all()?.backward()?;

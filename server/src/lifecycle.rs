@@ -8,6 +8,7 @@ use crate::worker::{self, now_ms, Shared};
 use axum::http::StatusCode;
 use candle_core::{DType, Device};
 use hearth_api::{CostInfo, ResumedRun, ServerInfo, SessionFile};
+use hearth_engine::recompute::Recompute;
 use hearth_engine::hub::{self, HubOptions};
 use hearth_engine::preset::Preset;
 use hearth_engine::BaseModel;
@@ -251,6 +252,8 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
 
     let device = parse_device(&opts.device)?;
     let dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
+    let recompute = Recompute::parse(&opts.recompute)
+        .ok_or_else(|| ServerError::Config(format!("--recompute {}: expected auto, on or off", opts.recompute)))?;
     let dir = model_dir(&opts.model, &home)?;
     log::info!("loading {} from {} ({dtype:?} on {})", opts.model, dir.display(), opts.device);
     let base = Arc::new(BaseModel::load(&dir, &device, dtype)?);
@@ -272,6 +275,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         shutting_down: AtomicBool::new(false),
         autosave_every: opts.autosave_every,
         keep_autosaves: opts.keep_autosaves,
+        recompute,
         tx: Mutex::new(tx),
     });
     let (runs, resumed) = if resume {

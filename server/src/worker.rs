@@ -10,6 +10,7 @@ use hearth_api::{
     AdamParams, CheckpointKind, CreateRunRequest, ForwardBackwardInput, LoadStateRequest, LoadStateResponse, MetricRow,
     RequestState, ResumedRun, RunInfo, SampleInput, SaveStateRequest, SaveStateResponse, TrainingConfig,
 };
+use hearth_engine::recompute::Recompute;
 use hearth_engine::tokenizer::ByteTokenizer;
 use hearth_engine::{BaseModel, TrainingSession};
 use serde_json::Value;
@@ -118,6 +119,8 @@ pub struct Shared {
     pub autosave_every: u64,
     /// Autosaves kept per run.
     pub keep_autosaves: usize,
+    /// When training steps recompute activations (`--recompute`).
+    pub recompute: Recompute,
     /// The queue into the worker.
     pub tx: Mutex<mpsc::Sender<Msg>>,
 }
@@ -249,7 +252,8 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<Resume
         let mut restored = None;
         for ck in shared.registry.checkpoints(&base, &row.id)?.into_iter().filter(|c| c.kind == "state") {
             match TrainingSession::from_checkpoint(shared.base.clone(), Path::new(&ck.path)) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    s.set_recompute(shared.recompute);
                     restored = Some((s, ck));
                     break;
                 }
@@ -261,7 +265,11 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<Resume
                 let step = s.step();
                 (s, step, ck.path)
             }
-            None => (TrainingSession::new(shared.base.clone(), row.training.clone())?, 0, "its config (no checkpoint yet)".to_string()),
+            None => {
+                let mut s = TrainingSession::new(shared.base.clone(), row.training.clone())?;
+                s.set_recompute(shared.recompute);
+                (s, 0, "its config (no checkpoint yet)".to_string())
+            }
         };
         shared.registry.set_step(&base, &row.id, step)?;
         shared.registry.truncate_metrics(&base, &row.id, step)?;
@@ -352,7 +360,8 @@ fn execute(shared: &Shared, runs: &mut BTreeMap<String, Run>, run_id: &str, op: 
         if runs.contains_key(run_id) || shared.registry.has_run(&base_key, run_id).map_err(registry_err)? {
             return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
         }
-        let session = TrainingSession::new(shared.base.clone(), req.training)?;
+        let mut session = TrainingSession::new(shared.base.clone(), req.training)?;
+        session.set_recompute(shared.recompute);
         shared.registry.add_run(&base_key, run_id, session.training(), 0).map_err(registry_err)?;
         let run = Run::new(session, None);
         let info = run.info(run_id);

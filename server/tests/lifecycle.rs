@@ -207,3 +207,25 @@ fn the_idle_timeout_set_at_run_time_stops_the_server_and_the_next_one_resumes() 
     assert_eq!(info["resumed"][0]["step"], 3, "{info}");
     assert_eq!(info["idle_timeout_s"], 1800);
 }
+
+#[test]
+fn recompute_on_trains_like_recompute_off_and_a_bad_value_is_refused_before_loading() {
+    let with = |name: &str, flag: &str| {
+        let h = home(name);
+        let s = Server::start(&h, &["--autosave-every", "0", "--idle-timeout", "0", "--recompute", flag]);
+        s.ok("/v1/runs", &json!({"name": "r"}));
+        (0..4).map(|i| train_step(&s, "r", i).0).collect::<Vec<f64>>()
+    };
+    let off = with("recompute-off", "off");
+    let on = with("recompute-on", "on");
+    for (a, b) in off.iter().zip(&on) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "losses with recompute off {off:?} and on {on:?}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-server"))
+        .args(["--home", home("recompute-bad").to_str().unwrap(), "--recompute", "sometimes"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--recompute sometimes: expected auto, on or off"), "{err}");
+}
