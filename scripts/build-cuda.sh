@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds hearth for an NVIDIA GPU on a machine that has none (no CUDA install, no driver needed).
 #
-#   scripts/build-cuda.sh            # -> target-cuda/release/{hearth-server, bench_gpu}
-#   scripts/build-cuda.sh --pack DIR # also writes DIR/hearth-cuda.tar.gz (stripped, for a GPU box)
+#   scripts/build-cuda.sh             # -> ~/.cache/hearth/cuda-target/release/{hearth-server, examples/bench_gpu}
+#   scripts/build-cuda.sh --pack DIR  # also writes DIR/hearth-cuda.tar.gz (stripped, for a GPU box)
+#   scripts/build-cuda.sh --check     # also runs bench/gpu.sh --cpu with the CUDA build's bench_gpu
+#                                     # (its CPU path, loaded against the stub libcuda)
 #
 # The toolchain comes from NVIDIA's PyPI wheels, pinned to CUDA 13.0 (driver 580 and newer run it):
 # nvidia-cuda-nvcc 13.0.88 is the first wheel with an `nvcc` binary (the -cu12 wheels hold only
@@ -18,7 +20,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pack=""
-if [ "${1:-}" = "--pack" ]; then pack="${2:?--pack needs a folder}"; fi
+check=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pack) pack="${2:?--pack needs a folder}"; shift 2 ;;
+    --check) check=1; shift ;;
+    *) echo "usage: scripts/build-cuda.sh [--pack DIR] [--check]" >&2; exit 2 ;;
+  esac
+done
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/hearth"
 venv="${HEARTH_CUDA_VENV:-$cache/cuda-venv}"
 export CARGO_TARGET_DIR="${HEARTH_CUDA_TARGET:-$cache/cuda-target}"
@@ -48,6 +57,7 @@ if [ ! -e "$stub/libcuda.so" ]; then
   nm -u "$rlib" 2>/dev/null | awk '$2 ~ /^cu[A-Z]/ {print "void " $2 "(void) {}"}' | sort -u >"$stub/stub.c"
   [ -s "$stub/stub.c" ] || { echo "no cu* symbols found in $rlib" >&2; exit 1; }
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so" "$stub/stub.c"
+  ln -sf libcuda.so "$stub/libcuda.so.1"
 fi
 # 2. the server and the GPU benchmark
 cargo build --release --locked -p hearth-server --features cuda --bin hearth-server
@@ -63,4 +73,9 @@ if [ -n "$pack" ]; then
   strip -o "$tmp/bin/bench_gpu" "$out/examples/bench_gpu"
   tar -C "$tmp" -czf "$pack/hearth-cuda.tar.gz" bin
   ls -l "$pack/hearth-cuda.tar.gz" >&2
+fi
+if [ -n "$check" ]; then
+  # The stub is only ever loaded, never called: the CPU path touches no CUDA function.
+  LD_LIBRARY_PATH="$cu/lib:$stub${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" HEARTH_GPU_BIN="$out/examples" \
+    HEARTH_GPU_OUT="${HEARTH_GPU_OUT:-$CARGO_TARGET_DIR/gpu-check-cpu}" bench/gpu.sh --cpu
 fi

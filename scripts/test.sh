@@ -54,10 +54,11 @@ export HEARTH_PYTHON="$HEARTH_REF_PYTHON"
 cargo test --release --workspace --locked "$@"
 cargo build --release --workspace --locked --bins
 # The GPU check in its CPU mode: parity against PyTorch + PEFT (f32 and bf16), training and decode
-# on tiny shapes, through the same script and binary a GPU machine runs.
+# on tiny shapes, through the same script a GPU machine runs.
 HEARTH_GPU_OUT="$PWD/target/gpu-check-cpu" bench/gpu.sh --cpu
 # The CUDA build (no GPU needed: toolchain from NVIDIA's wheels, a stub libcuda for the link), so
-# the GPU path can never rot unseen. Its own target folder under ~/.cache/hearth is reused between runs.
-scripts/build-cuda.sh --pack "$PWD/target/cuda-pack"
+# the GPU path can never rot unseen, and the same check with its bench_gpu (the CPU path of the
+# CUDA build). Its own target folder under ~/.cache/hearth is reused between runs.
+scripts/build-cuda.sh --pack "$PWD/target/cuda-pack" --check
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/browser -q -p no:cacheprovider

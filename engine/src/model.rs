@@ -364,16 +364,29 @@ pub struct Model {
 /// How much one chunk of attention or of the loss holds at once, whatever the context length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunking {
-    /// Attention scores per query chunk (default 2^26: 256 MB in f32).
+    /// Attention scores per query chunk (default 2^26 on the CPU: 256 MB in f32; 2^28 on a GPU).
     pub attn_elements: usize,
     /// Logits per chunk of positions in the loss of a recomputed or forward-only step
-    /// (default 2^24: 64 MB in f32).
+    /// (default 2^24 on the CPU: 64 MB in f32; 2^26 on a GPU).
     pub head_elements: usize,
 }
 
 impl Default for Chunking {
     fn default() -> Self {
         Self { attn_elements: 1 << 26, head_elements: 1 << 24 }
+    }
+}
+
+impl Chunking {
+    /// The default for a device: four times larger chunks on a GPU, where each chunk costs a
+    /// few kernel launches and memory is plentiful (1 GB of f32 scores per attention chunk).
+    pub fn for_device(device: &Device) -> Self {
+        let base = Self::default();
+        if device.is_cpu() {
+            base
+        } else {
+            Self { attn_elements: base.attn_elements * 4, head_elements: base.head_elements * 4 }
+        }
     }
 }
 
@@ -510,7 +523,7 @@ impl Model {
         let norm = bld.norm("model.norm.weight", c, eps)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(bld.weight("lm_head.weight", &[cfg.vocab_size, c])?) };
         let rotary = Rotary::new(cfg, dtype, &device)?;
-        let model = Model { embed_tokens, layers, norm, lm_head, rotary, config: cfg.clone(), chunking: Chunking::default() };
+        let model = Model { embed_tokens, layers, norm, lm_head, rotary, config: cfg.clone(), chunking: Chunking::for_device(&device) };
         Ok((model, bld.params))
     }
 
