@@ -72,13 +72,58 @@ impl Recompute {
 }
 
 /// A rough estimate of what one step keeps for backward without recompute: per layer and token
-/// about 16 C-sized and 6 F-sized values and 3 attention rows per head, plus three (B, T, V)
-/// copies in the loss, all 4 bytes.
+/// about 16 C-sized and 6 F-sized values and 8 attention rows per head (scores, their scaled,
+/// masked, shifted and exponentiated copies, probabilities), plus three (B, T, V) copies in the
+/// loss, all 4 bytes. Calibrated on the CPU against peak RSS (it errs low by about a quarter).
 pub fn activation_bytes(model: &Model, b: usize, t: usize) -> u64 {
     let c = model.config();
-    let per_token = c.num_hidden_layers * (16 * c.hidden_size + 6 * c.intermediate_size + 3 * c.num_attention_heads * t)
+    let per_token = c.num_hidden_layers * (16 * c.hidden_size + 6 * c.intermediate_size + 8 * c.num_attention_heads * t)
         + 3 * c.vocab_size;
     (b * t) as u64 * per_token as u64 * 4
+}
+
+/// A rough estimate of a step's memory beyond the weights: [`activation_bytes`] without
+/// recompute; with it, the kept layer inputs and attention outputs, one layer's graph without
+/// its attention, and one chunk each of attention and of the loss.
+pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
+    if !recompute {
+        return activation_bytes(model, b, t);
+    }
+    let c = model.config();
+    let dt = model.embed_tokens.tensor().dtype().size_in_bytes() as u64;
+    let tokens = (b * t) as u64;
+    let kept = (2 * c.num_hidden_layers as u64 + 1) * tokens * c.hidden_size as u64 * dt;
+    let layer = tokens * (16 * c.hidden_size + 6 * c.intermediate_size) as u64 * 4;
+    let chunks = model.chunking().attn_elements as u64 * 4 * 8 + model.chunking().head_elements as u64 * 4 * 4;
+    kept + layer + chunks
+}
+
+/// Refuses a step that would not fit in the device's free memory (when that is known), before
+/// anything runs: on the CPU running out of memory kills the process.
+pub fn check_fits(model: &Model, b: usize, t: usize, recompute: bool) -> Result<()> {
+    let Some(free) = crate::device::available_memory(model.embed_tokens.tensor().device()) else { return Ok(()) };
+    let need = step_bytes(model, b, t, recompute);
+    if need <= free {
+        return Ok(());
+    }
+    let hint = if recompute { "send fewer or shorter sequences per call" } else { "turn on recompute (--recompute on), or send fewer or shorter sequences per call" };
+    Err(EngineError::OutOfMemory(format!(
+        "a step over {b} sequence(s) of {t} positions needs about {:.1} GB (recompute {}) and {:.1} GB is free; {hint}; nothing changed",
+        need as f64 / 1e9,
+        if recompute { "on" } else { "off" },
+        free as f64 / 1e9
+    )))
+}
+
+/// Names a device's out-of-memory failure as such (candle reports it as a driver error).
+pub fn classify(e: EngineError) -> EngineError {
+    if let EngineError::Candle(c) = &e {
+        let text = c.to_string();
+        if text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory") {
+            return EngineError::OutOfMemory(format!("the device ran out of memory during this step; nothing changed ({})", text.lines().next().unwrap_or("")));
+        }
+    }
+    e
 }
 
 /// Gradients by parameter name, summed over the segments' backward passes.

@@ -158,3 +158,24 @@ fn gradients_accumulate_as_a_sum_until_optim_step() {
         assert!(err / scale < 1e-4, "{name}: rel err {}", err / scale);
     }
 }
+
+#[test]
+fn a_step_too_large_for_memory_is_refused_before_it_runs_and_changes_nothing() {
+    use hearth_engine::recompute::Recompute;
+    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let probe = input(vec![ce_datum("hello hearth")], LossFn::CrossEntropy);
+    s.forward_backward(&probe).unwrap();
+    let before = snapshot(&s, &probe);
+    // 256 × 1024 positions: about 150 GB of activations kept whole, far beyond this machine
+    let long: Vec<u32> = (0..1025u32).map(|i| 32 + i % 90).collect();
+    let datum = Datum::new(long[..1024].to_vec(), hearth_api::LossFnInputs::cross_entropy(long[1..].to_vec(), vec![1.0; 1024]));
+    let huge = input(vec![datum; 256], LossFn::CrossEntropy);
+    s.set_recompute(Recompute::Off);
+    let err = s.forward_backward(&huge).unwrap_err();
+    assert!(matches!(err, EngineError::OutOfMemory(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("256 sequence(s) of 1024 positions") && text.contains("--recompute on") && text.contains("nothing changed"), "{text}");
+    let after = snapshot(&s, &probe);
+    assert_eq!(before.1, after.1, "accumulated gradients unchanged");
+    assert_eq!(before.0.metrics, after.0.metrics);
+}

@@ -20,7 +20,7 @@ impl TrainingSession {
     /// and computes the loss in chunks of positions (see [`crate::recompute`]).
     pub fn forward(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
         let batch = self.batch(input)?;
-        let (terms, _) = recompute::run(&self.model, &batch, &input.loss_fn, None)?;
+        let (terms, _) = recompute::run(&self.model, &batch, &input.loss_fn, None).map_err(recompute::classify)?;
         output(&batch, &terms, &input.loss_fn)
     }
 
@@ -30,19 +30,9 @@ impl TrainingSession {
     pub fn forward_backward(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
         let batch = self.batch(input)?;
         let (b, t) = batch.ids.dims2()?;
-        let (terms, grads) = if self.recompute.applies(&self.model, b, t) {
-            recompute::run(&self.model, &batch, &input.loss_fn, Some(&self.params))?
-        } else {
-            let logits = self.model.forward(&batch.ids)?;
-            let terms = loss::compute(&logits, &batch, &input.loss_fn)?;
-            let store = terms.total()?.backward()?;
-            let grads = self
-                .params
-                .iter()
-                .filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
-                .collect();
-            (terms, grads)
-        };
+        let recomputed = self.recompute.applies(&self.model, b, t);
+        recompute::check_fits(&self.model, b, t, recomputed)?;
+        let (terms, grads) = self.gradients(&batch, &input.loss_fn, recomputed).map_err(recompute::classify)?;
         let out = output(&batch, &terms, &input.loss_fn)?;
         let loss = out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN);
         if !loss.is_finite() {
@@ -58,6 +48,24 @@ impl TrainingSession {
         }
         self.grads.extend(updated);
         Ok(out)
+    }
+}
+
+impl TrainingSession {
+    /// Loss terms and this batch's gradients by parameter name, recomputed or from the whole graph.
+    fn gradients(&self, batch: &Batch, loss_fn: &LossFn, recomputed: bool) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
+        if recomputed {
+            return recompute::run(&self.model, batch, loss_fn, Some(&self.params));
+        }
+        let logits = self.model.forward(&batch.ids)?;
+        let terms = loss::compute(&logits, batch, loss_fn)?;
+        let store = terms.total()?.backward()?;
+        let grads = self
+            .params
+            .iter()
+            .filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
+            .collect();
+        Ok((terms, grads))
     }
 }
 
