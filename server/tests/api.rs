@@ -217,3 +217,28 @@ fn token_file_is_created_private_and_reused_and_a_second_server_is_refused() {
     let s = Server::start(&h, &["--idle-timeout", "0", "--token-file", token_file.to_str().unwrap()]);
     assert_eq!(s.token, first_token, "the token file is reused across restarts");
 }
+
+/// The GPU's code path on the CPU: a bf16 base trains, samples, saves every kind and resumes.
+#[test]
+fn a_bf16_base_trains_samples_saves_and_resumes() {
+    let h = home("bf16");
+    let s = Server::start(&h, &["--idle-timeout", "0", "--autosave-every", "0", "--dtype", "bf16"]);
+    let (_, info) = s.get("/v1/info");
+    assert!(info.to_string().to_lowercase().contains("bf16"), "{info}");
+    s.ok("/v1/runs", &json!({"name": "r"}));
+    let losses: Vec<f64> = (0..6).map(|i| train_step(&s, "r", i % 1).0).collect();
+    assert!(losses[5] < losses[0], "bf16 training lowers the loss: {losses:?}");
+    let out = s.ok("/v1/runs/r/sample", &json!({"prompt": [104, 101], "num_samples": 3, "sampling_params": {"max_tokens": 5, "temperature": 0.0}}));
+    let seqs = out["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), 3);
+    assert!(seqs.iter().all(|q| q["tokens"] == seqs[0]["tokens"] && q["tokens"].as_array().unwrap().len() == 5));
+    for kind in ["state", "adapter", "merged"] {
+        let saved = s.ok("/v1/runs/r/save_state", &json!({"name": format!("b-{kind}"), "kind": kind}));
+        assert!(std::path::Path::new(saved["path"].as_str().unwrap()).is_dir(), "{saved}");
+    }
+    let before = s.ok("/v1/runs/r/forward", &common::batch("hearth keeps the model warm"));
+    train_step(&s, "r", 0);
+    s.ok("/v1/runs/r/load_state", &json!({"source": "b-state"}));
+    let after = s.ok("/v1/runs/r/forward", &common::batch("hearth keeps the model warm"));
+    assert_eq!(before["metrics"]["loss:sum"], after["metrics"]["loss:sum"], "load_state restores the bf16 run exactly");
+}
