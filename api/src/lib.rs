@@ -73,8 +73,10 @@ impl LossFnInputs {
     }
 }
 
-/// A loss function and its configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+/// A loss function and its configuration. On the wire (Tinker's names):
+/// `{"loss_fn": "ppo", "loss_fn_config": {"clip_low_threshold": 0.8}}`; a left-out
+/// `loss_fn_config` (or a left-out field of it) takes the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 #[serde(rename_all = "snake_case", tag = "loss_fn", content = "loss_fn_config")]
 pub enum LossFn {
     /// `-Σ w · log p(target)`.
@@ -84,6 +86,62 @@ pub enum LossFn {
     ImportanceSampling,
     /// `-Σ min(r·A, clip(r, clip_low_threshold, clip_high_threshold)·A)`, `r = p/q`.
     Ppo(PpoConfig),
+    /// `-Σ sg(clip(r, clip_low_threshold, clip_high_threshold)) · log p · A`: the clipped ratio
+    /// weighs the policy gradient and is not differentiated (sg = stop-gradient).
+    Cispo(PpoConfig),
+    /// `-Σ (log p · A − β/2 · (log p − log q)²)`.
+    Dro(DroConfig),
+}
+
+impl<'de> Deserialize<'de> for LossFn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        struct Raw {
+            loss_fn: String,
+            #[serde(default)]
+            loss_fn_config: Option<RawConfig>,
+        }
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct RawConfig {
+            clip_low_threshold: Option<f32>,
+            clip_high_threshold: Option<f32>,
+            beta: Option<f32>,
+        }
+        let raw = Raw::deserialize(d)?;
+        let cfg = raw.loss_fn_config.unwrap_or_default();
+        let clip = |name: &str| -> Result<PpoConfig, D::Error> {
+            if cfg.beta.is_some() {
+                return Err(D::Error::custom(format!("loss_fn_config: {name} takes clip_low_threshold and clip_high_threshold, not beta")));
+            }
+            Ok(PpoConfig {
+                clip_low_threshold: cfg.clip_low_threshold.unwrap_or_else(default_clip_low),
+                clip_high_threshold: cfg.clip_high_threshold.unwrap_or_else(default_clip_high),
+            })
+        };
+        let none = |loss: LossFn| -> Result<LossFn, D::Error> {
+            if cfg.clip_low_threshold.is_some() || cfg.clip_high_threshold.is_some() || cfg.beta.is_some() {
+                return Err(D::Error::custom(format!("loss_fn_config: {} takes no configuration", loss.name())));
+            }
+            Ok(loss)
+        };
+        match raw.loss_fn.as_str() {
+            "cross_entropy" => none(LossFn::CrossEntropy),
+            "importance_sampling" => none(LossFn::ImportanceSampling),
+            "ppo" => Ok(LossFn::Ppo(clip("ppo")?)),
+            "cispo" => Ok(LossFn::Cispo(clip("cispo")?)),
+            "dro" => {
+                if cfg.clip_low_threshold.is_some() || cfg.clip_high_threshold.is_some() {
+                    return Err(D::Error::custom("loss_fn_config: dro takes beta, not clip thresholds"));
+                }
+                Ok(LossFn::Dro(DroConfig { beta: cfg.beta.unwrap_or_else(default_beta) }))
+            }
+            other => Err(D::Error::custom(format!(
+                "unknown loss_fn `{other}`: expected cross_entropy, importance_sampling, ppo, cispo or dro"
+            ))),
+        }
+    }
 }
 
 impl LossFn {
@@ -91,21 +149,26 @@ impl LossFn {
     pub fn required_inputs(&self) -> &'static [&'static str] {
         match self {
             LossFn::CrossEntropy => &["target_tokens", "weights"],
-            LossFn::ImportanceSampling | LossFn::Ppo(_) => &["target_tokens", "logprobs", "advantages"],
+            LossFn::ImportanceSampling | LossFn::Ppo(_) | LossFn::Cispo(_) | LossFn::Dro(_) => {
+                &["target_tokens", "logprobs", "advantages"]
+            }
         }
     }
 
-    /// The loss's name as used on the wire (`cross_entropy`, `importance_sampling`, `ppo`).
+    /// The loss's name as used on the wire (`cross_entropy`, `importance_sampling`, `ppo`,
+    /// `cispo`, `dro`).
     pub fn name(&self) -> &'static str {
         match self {
             LossFn::CrossEntropy => "cross_entropy",
             LossFn::ImportanceSampling => "importance_sampling",
             LossFn::Ppo(_) => "ppo",
+            LossFn::Cispo(_) => "cispo",
+            LossFn::Dro(_) => "dro",
         }
     }
 }
 
-/// Clip bounds of the PPO ratio.
+/// Clip bounds of the probability ratio (PPO and CISPO).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PpoConfig {
@@ -123,10 +186,28 @@ fn default_clip_low() -> f32 {
 fn default_clip_high() -> f32 {
     1.2
 }
+fn default_beta() -> f32 {
+    0.05
+}
 
 impl Default for PpoConfig {
     fn default() -> Self {
         Self { clip_low_threshold: default_clip_low(), clip_high_threshold: default_clip_high() }
+    }
+}
+
+/// The weight of DRO's quadratic penalty.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DroConfig {
+    /// β in `β/2 · (log p − log q)²` (default 0.05).
+    #[serde(default = "default_beta")]
+    pub beta: f32,
+}
+
+impl Default for DroConfig {
+    fn default() -> Self {
+        Self { beta: default_beta() }
     }
 }
 
@@ -449,7 +530,23 @@ mod tests {
         assert_eq!(input.loss_fn, LossFn::Ppo(PpoConfig { clip_low_threshold: 0.7, clip_high_threshold: 1.2 }));
         let ce: ForwardBackwardInput = serde_json::from_str(r#"{"data": [], "loss_fn": "cross_entropy"}"#).unwrap();
         assert_eq!(ce.loss_fn, LossFn::CrossEntropy);
-        assert!(serde_json::from_str::<ForwardBackwardInput>(r#"{"data": [], "loss_fn": "mse"}"#).is_err());
+        let parse = |s: &str| serde_json::from_str::<ForwardBackwardInput>(s).map(|i| i.loss_fn).map_err(|e| e.to_string());
+        assert!(parse(r#"{"data": [], "loss_fn": "mse"}"#).unwrap_err().contains("unknown loss_fn `mse`"));
+        // a left-out config (or null, as the Tinker SDK sends) means the defaults
+        assert_eq!(parse(r#"{"data": [], "loss_fn": "ppo"}"#), Ok(LossFn::Ppo(PpoConfig::default())));
+        assert_eq!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": null}"#), Ok(LossFn::Ppo(PpoConfig::default())));
+        assert_eq!(parse(r#"{"data": [], "loss_fn": "cispo"}"#), Ok(LossFn::Cispo(PpoConfig::default())));
+        assert_eq!(parse(r#"{"data": [], "loss_fn": "dro", "loss_fn_config": {"beta": 0.1}}"#), Ok(LossFn::Dro(DroConfig { beta: 0.1 })));
+        assert_eq!(parse(r#"{"data": [], "loss_fn": "dro"}"#), Ok(LossFn::Dro(DroConfig::default())));
+        assert!(parse(r#"{"data": [], "loss_fn": "dro", "loss_fn_config": {"clip_low_threshold": 0.5}}"#).unwrap_err().contains("dro takes beta"));
+        assert!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"beta": 0.5}}"#).unwrap_err().contains("not beta"));
+        assert!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"clip": 0.5}}"#).unwrap_err().contains("clip"));
+        assert!(parse(r#"{"data": [], "loss_fn": "cross_entropy", "loss_fn_config": {"beta": 1}}"#).unwrap_err().contains("no configuration"));
+        // what is written reads back
+        for loss in [LossFn::CrossEntropy, LossFn::Ppo(PpoConfig::default()), LossFn::Cispo(PpoConfig { clip_low_threshold: 0.5, clip_high_threshold: 2.0 }), LossFn::Dro(DroConfig { beta: 0.3 })] {
+            let text = serde_json::to_string(&ForwardBackwardInput { data: vec![], loss_fn: loss }).unwrap();
+            assert_eq!(parse(&text), Ok(loss), "{text}");
+        }
     }
 
     #[test]

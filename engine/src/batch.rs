@@ -20,6 +20,8 @@ pub struct Batch {
     pub logprobs: Tensor,
     /// (B, T) advantages (zero on padding).
     pub advantages: Tensor,
+    /// (B, T) 1 on real positions, 0 on padding (for terms that are not zero by themselves there).
+    pub mask: Tensor,
     /// Real length of each datum.
     pub lens: Vec<usize>,
 }
@@ -29,7 +31,12 @@ pub fn validate(data: &[Datum], loss: &LossFn, vocab_size: usize, max_len: usize
     if data.is_empty() {
         return Err(EngineError::EmptyBatch);
     }
-    if let LossFn::Ppo(cfg) = loss {
+    if let LossFn::Dro(cfg) = loss {
+        if !(cfg.beta.is_finite() && cfg.beta >= 0.0) {
+            return Err(EngineError::InvalidParam { field: "beta", value: cfg.beta.to_string(), reason: "must be finite and non-negative" });
+        }
+    }
+    if let LossFn::Ppo(cfg) | LossFn::Cispo(cfg) = loss {
         let (lo, hi) = (cfg.clip_low_threshold, cfg.clip_high_threshold);
         if !(lo.is_finite() && lo > 0.0 && lo <= 1.0) {
             return Err(EngineError::InvalidParam {
@@ -141,6 +148,13 @@ impl Batch {
             weights: pad_f32(&|d| d.loss_fn_inputs.weights.as_ref())?,
             logprobs: pad_f32(&|d| d.loss_fn_inputs.logprobs.as_ref())?,
             advantages: pad_f32(&|d| d.loss_fn_inputs.advantages.as_ref())?,
+            mask: {
+                let mut m = vec![0f32; b * t];
+                for (i, &len) in lens.iter().enumerate() {
+                    m[i * t..i * t + len].fill(1.0);
+                }
+                Tensor::from_vec(m, (b, t), device)?.to_dtype(dtype)?
+            },
             lens,
         })
     }
@@ -154,6 +168,7 @@ impl Batch {
             weights: self.weights.narrow(1, start, len)?.contiguous()?,
             logprobs: self.logprobs.narrow(1, start, len)?.contiguous()?,
             advantages: self.advantages.narrow(1, start, len)?.contiguous()?,
+            mask: self.mask.narrow(1, start, len)?.contiguous()?,
             lens: self.lens.iter().map(|&l| l.saturating_sub(start).min(len)).collect(),
         })
     }

@@ -5,6 +5,8 @@
 //! | `cross_entropy` | −w · log p(target) |
 //! | `importance_sampling` | −(p/q) · A |
 //! | `ppo` | −min(r·A, clip(r, lo, hi)·A), r = p/q |
+//! | `cispo` | −sg(clip(r, lo, hi)) · log p · A |
+//! | `dro` | −(log p · A − β/2 · (log p − log q)²) |
 
 use crate::batch::Batch;
 use crate::error::Result;
@@ -45,6 +47,18 @@ pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerm
             let unclipped_term = mul_const(&ratio, &batch.advantages)?;
             let clipped_term = mul_const(&clipped, &batch.advantages)?;
             unclipped_term.minimum(&clipped_term)?.neg()?
+        }
+        LossFn::Cispo(cfg) => {
+            // the clipped ratio is a constant coefficient (stop-gradient)
+            let ratio = add_const(&target_logprobs.detach(), &batch.logprobs.neg()?)?.exp()?;
+            let coef = (ratio.clamp(cfg.clip_low_threshold as f64, cfg.clip_high_threshold as f64)? * &batch.advantages)?;
+            mul_const(&target_logprobs, &coef)?.neg()?
+        }
+        LossFn::Dro(cfg) => {
+            let log_ratio = add_const(&target_logprobs, &batch.logprobs.neg()?)?;
+            // padding has q = 0 but log p ≠ 0: masked, unlike the other terms, which vanish there
+            let penalty = mul_const(&(log_ratio.sqr()? * (0.5 * cfg.beta as f64))?, &batch.mask)?;
+            (mul_const(&target_logprobs, &batch.advantages)? - penalty)?.neg()?
         }
     };
     Ok(LossTerms { target_logprobs, per_token })

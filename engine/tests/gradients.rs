@@ -165,3 +165,88 @@ fn finite_differences_agree_with_recomputed_gradients_in_f64_cross_entropy_mistr
     let data = vec![ce_datum("ABCDEFG"), ce_datum("HIJK")];
     finite_difference_check_with("mistral", LossFn::CrossEntropy, data, Recompute::On);
 }
+
+#[test]
+fn finite_differences_agree_with_autograd_in_f64_dro_mistral() {
+    let dro = LossFn::Dro(hearth_api::DroConfig { beta: 0.3 });
+    finite_difference_check("mistral", dro, vec![pg_datum("=>?@AB", 0.5), pg_datum("+,-./", -0.8)]);
+}
+
+/// CISPO's clipped ratio is a constant (stop-gradient), so its gradient is that of cross-entropy
+/// with weights clip(p/q)·A, and its loss is −Σ clip(p/q)·log p·A; DRO's loss is
+/// −Σ (log p·A − β/2·(log p − log q)²). Both checked against the logprobs `forward` returns.
+#[test]
+fn cispo_and_dro_follow_tinkers_formulas() {
+    let mut base = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    // move B off zero so every LoRA tensor has a gradient
+    base.forward_backward(&input(vec![ce_datum("warm up the adapter")], LossFn::CrossEntropy)).unwrap();
+    base.optim_step(&AdamParams { learning_rate: 1e-2, ..AdamParams::default() }).unwrap();
+    let params: std::collections::HashMap<String, Tensor> =
+        base.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap())).collect();
+    let session = || {
+        let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+        s.set_parameters(&params).unwrap();
+        s
+    };
+    // sampler logprobs near the model's, so some ratios fall inside the clip range and some outside
+    let probe = input(vec![ce_datum("policy gradients"), ce_datum("clip the ratio")], LossFn::CrossEntropy);
+    let model_lp: Vec<Vec<f32>> = session().forward(&probe).unwrap().loss_fn_outputs.into_iter().map(|o| o.logprobs).collect();
+    let data: Vec<hearth_api::Datum> = probe
+        .data
+        .iter()
+        .zip(&model_lp)
+        .map(|(d, lp)| {
+            let n = lp.len();
+            let q: Vec<f32> = lp.iter().enumerate().map(|(i, l)| l + [-0.5, 0.1, 0.4, -0.05][i % 4]).collect();
+            let adv: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { -1.0 } else { 0.5 + i as f32 * 0.1 }).collect();
+            let targets = d.loss_fn_inputs.target_tokens.clone().unwrap();
+            hearth_api::Datum::new(d.model_input.clone(), hearth_api::LossFnInputs::policy_gradient(targets, q, adv))
+        })
+        .collect();
+    let (lo, hi) = (0.8f32, 1.2f32);
+    let cispo = LossFn::Cispo(PpoConfig { clip_low_threshold: lo, clip_high_threshold: hi });
+    let mut s = session();
+    let out = s.forward_backward(&input(data.clone(), cispo)).unwrap();
+    let mut want_loss = 0.0f64;
+    let mut ce_data = Vec::new();
+    let mut clipped = 0;
+    for (d, o) in data.iter().zip(&out.loss_fn_outputs) {
+        let inputs = &d.loss_fn_inputs;
+        let (q, a) = (inputs.logprobs.as_ref().unwrap(), inputs.advantages.as_ref().unwrap());
+        let w: Vec<f32> = o
+            .logprobs
+            .iter()
+            .zip(q)
+            .zip(a)
+            .map(|((&lp, &q), &a)| {
+                let r = (lp - q).exp();
+                clipped += usize::from(!(lo..=hi).contains(&r));
+                r.clamp(lo, hi) * a
+            })
+            .collect();
+        want_loss -= o.logprobs.iter().zip(&w).map(|(&lp, &w)| (lp * w) as f64).sum::<f64>();
+        ce_data.push(hearth_api::Datum::new(d.model_input.clone(), hearth_api::LossFnInputs::cross_entropy(inputs.target_tokens.clone().unwrap(), w)));
+    }
+    assert!(clipped > 0 && clipped < out.loss_fn_outputs.iter().map(|o| o.logprobs.len()).sum::<usize>(), "both arms: {clipped} clipped");
+    let got = out.metrics["loss:sum"];
+    assert!((got - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0), "cispo loss {got} vs {want_loss}");
+    let mut ce = session();
+    ce.forward_backward(&input(ce_data, LossFn::CrossEntropy)).unwrap();
+    for (name, g) in s.accumulated_grads() {
+        let w = &ce.accumulated_grads()[name];
+        let diff = norm(&(g - w).unwrap());
+        assert!(diff <= 1e-5 * norm(w).max(1e-12), "{name}: cispo gradient differs from weighted cross-entropy's by {diff:e}");
+    }
+
+    let beta = 0.7f32;
+    let out = session().forward(&input(data.clone(), LossFn::Dro(hearth_api::DroConfig { beta }))).unwrap();
+    let mut want = 0.0f64;
+    for (d, o) in data.iter().zip(&out.loss_fn_outputs) {
+        let inputs = &d.loss_fn_inputs;
+        for ((&lp, &q), &a) in o.logprobs.iter().zip(inputs.logprobs.as_ref().unwrap()).zip(inputs.advantages.as_ref().unwrap()) {
+            want -= (lp * a) as f64 - 0.5 * beta as f64 * ((lp - q) as f64).powi(2);
+        }
+    }
+    let got = out.metrics["loss:sum"];
+    assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "dro loss {got} vs {want}");
+}
