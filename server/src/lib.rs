@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod lifecycle;
+pub mod openai;
 pub mod options;
 pub mod registry;
 pub mod routes;

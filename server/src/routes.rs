@@ -39,6 +39,10 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v1/autosave", post(autosave_all))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/settings", post(settings).get(get_settings))
+        // OpenAI-compatible sampling (server/src/openai.rs)
+        .route("/v1/models", get(crate::openai::models))
+        .route("/v1/completions", post(crate::openai::completions))
+        .route("/v1/chat/completions", post(crate::openai::chat_completions))
         .fallback(|| async { ApiError::not_found("no such route; see GET /v1/info and the README for the API") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
@@ -66,6 +70,11 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <token>` (the token is in the session file)")
             .into_response(),
     }
+}
+
+/// Parses a JSON body, mapping every failure to a clear 4xx (for the other protocols' modules).
+pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    parse(body)
 }
 
 /// Parses a JSON body, mapping every failure to a clear 4xx.

@@ -1,0 +1,387 @@
+//! OpenAI-compatible sampling on a run's current weights: `GET /v1/models`,
+//! `POST /v1/completions` and `POST /v1/chat/completions`, for evaluation tools that speak the
+//! OpenAI API. `model` names a run (`GET /v1/models` lists them); the API key is the server's
+//! bearer token. Each request becomes one `sample` operation in the run's queue, so it sees
+//! exactly the weights a native `sample` at that point would, and its logprobs are the same.
+//!
+//! Decided here: `n`, `max_tokens` (completions default 16, as OpenAI; chat default: the rest of
+//! the context, at most 1024), `temperature`, `top_p`, `stop`, `seed`; `logprobs` gives each
+//! sampled token's log-probability (alternatives, `top_logprobs`, are not computed: asking for
+//! them is a 400, as is `echo`). A chat completion stops at the end-of-turn text the chat template
+//! writes after an assistant message (found by rendering a probe), which is cut from the content.
+//! `stream: true` answers with server-sent events in OpenAI's chunk format, one chunk per token,
+//! sent once the sample has finished.
+
+use crate::error::ApiError;
+use crate::routes::parse_body;
+use crate::worker::Op;
+use crate::App;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hearth_api::{ChatMessage, RequestState, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// A string or a list of strings (`prompt`, `stop`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Deserialize)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    n: Option<usize>,
+    #[serde(default)]
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    #[serde(flatten)]
+    common: Common,
+    prompt: OneOrMany,
+    /// Number of alternatives per position; only the sampled token's logprob is given.
+    #[serde(default)]
+    logprobs: Option<u32>,
+    #[serde(default)]
+    echo: bool,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    logprobs: bool,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn text_model(app: &App) -> Result<&hearth_engine::text::TextModel, ApiError> {
+    app.shared.base.text.as_ref().ok_or_else(|| ApiError::invalid("this model has no tokenizer, so it cannot take text"))
+}
+
+fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
+    let runs = app.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
+    if runs.iter().any(|r| r.id == run) {
+        return Ok(());
+    }
+    let names: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+    Err(ApiError::not_found(format!("model {run:?} is not a run on this server; the runs are {names:?} (GET /v1/models)")))
+}
+
+/// Runs one `sample` in `run`'s queue and waits for it.
+async fn sample(app: &App, run: &str, input: SampleInput) -> Result<SampleOutput, ApiError> {
+    app.check_budget()?;
+    let (_, mut rx) = app.shared.submit(run.to_string(), Op::Sample(input))?;
+    let state = rx
+        .wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. }))
+        .await
+        .map_err(|_| ApiError::shutting_down())?
+        .clone();
+    match state {
+        RequestState::Done { result } => serde_json::from_value(result)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("sample result: {e}"))),
+        RequestState::Failed { status, error } => {
+            Err(ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), static_kind(&error.kind), error.message))
+        }
+        _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "sample ended without a result")),
+    }
+}
+
+/// The error kinds the worker reports, as the `&'static str` an [`ApiError`] holds.
+fn static_kind(kind: &str) -> &'static str {
+    const KINDS: [&str; 12] = [
+        "invalid_input", "not_found", "interrupted", "out_of_memory", "internal", "shutting_down", "budget_exceeded", "conflict",
+        "exists", "bad_checkpoint", "unauthorized", "payload_too_large",
+    ];
+    KINDS.iter().find(|k| **k == kind).copied().unwrap_or("error")
+}
+
+fn params(c: &Common, default_max: usize, stop: Vec<Stop>) -> Result<SamplingParams, ApiError> {
+    let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(default_max);
+    Ok(SamplingParams {
+        max_tokens,
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k: 0,
+        top_p: c.top_p.unwrap_or(1.0),
+        stop,
+        seed: c.seed,
+    })
+}
+
+fn finish_reason(r: &StopReason) -> &'static str {
+    match r {
+        StopReason::Stop => "stop",
+        StopReason::Length => "length",
+    }
+}
+
+/// One token's text (for logprobs and stream chunks).
+fn piece(t: &hearth_engine::text::TextModel, id: u32) -> String {
+    t.decode(&[id], false).unwrap_or_default()
+}
+
+fn sse(events: Vec<Value>) -> Response {
+    let mut body = String::new();
+    for e in events {
+        body.push_str("data: ");
+        body.push_str(&e.to_string());
+        body.push_str("\n\n");
+    }
+    body.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stream").into_response())
+}
+
+/// `GET /v1/models`: every run, as OpenAI lists models.
+pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    let runs = app.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
+    let data: Vec<Value> = runs
+        .iter()
+        .map(|r| json!({"id": r.id, "object": "model", "created": 0, "owned_by": "hearth", "step": r.step}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match completions_inner(&app, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(body)?;
+    if req.echo {
+        return Err(ApiError::invalid("echo: prompt echoing is not supported; use the native sample with prompt_logprobs"));
+    }
+    known_run(app, &req.common.model)?;
+    let t = text_model(app)?;
+    let prompts = req.prompt.into_vec();
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt: must not be empty"));
+    }
+    let stop: Vec<Stop> = req.common.stop.take_stop();
+    let p = params(&req.common, 16, stop)?;
+    let n = req.common.n.unwrap_or(1);
+    let id = format!("cmpl-{}", unix_now());
+    let (mut choices, mut prompt_total, mut completion_total) = (Vec::new(), 0, 0);
+    for (pi, prompt) in prompts.iter().enumerate() {
+        let tokens = t.encode(prompt, true)?;
+        prompt_total += tokens.len();
+        let input = SampleInput { prompt: tokens, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() };
+        let out = sample(app, &req.common.model, input).await?;
+        for (si, seq) in out.sequences.iter().enumerate() {
+            completion_total += seq.tokens.len();
+            let text = t.decode(&seq.tokens, false)?;
+            let text = cut_at_stop(&text, &p.stop);
+            let logprobs = req.logprobs.map(|_| {
+                let pieces: Vec<String> = seq.tokens.iter().map(|&x| piece(t, x)).collect();
+                let mut offset = 0;
+                let offsets: Vec<usize> = pieces
+                    .iter()
+                    .map(|s| {
+                        let o = offset;
+                        offset += s.len();
+                        o
+                    })
+                    .collect();
+                json!({"tokens": pieces, "token_logprobs": seq.logprobs, "top_logprobs": Value::Null, "text_offset": offsets})
+            });
+            choices.push(json!({"index": pi * n + si, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(&seq.stop_reason),
+                                "_tokens": seq.tokens}));
+        }
+    }
+    let usage = json!({"prompt_tokens": prompt_total, "completion_tokens": completion_total, "total_tokens": prompt_total + completion_total});
+    let model = req.common.model.clone();
+    if req.common.stream {
+        let mut events = Vec::new();
+        for c in &choices {
+            let index = c["index"].clone();
+            let tokens: Vec<u32> = serde_json::from_value(c["_tokens"].clone()).unwrap_or_default();
+            for tok in tokens {
+                events.push(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model,
+                                   "choices": [{"index": index, "text": piece(t, tok), "logprobs": null, "finish_reason": null}]}));
+            }
+            events.push(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model,
+                               "choices": [{"index": index, "text": "", "logprobs": null, "finish_reason": c["finish_reason"]}]}));
+        }
+        return Ok(sse(events));
+    }
+    for c in &mut choices {
+        if let Some(o) = c.as_object_mut() {
+            o.remove("_tokens");
+        }
+    }
+    Ok(Json(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model, "choices": choices, "usage": usage}))
+        .into_response())
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match chat_inner(&app, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The text a chat template writes after an assistant message (`<|im_end|>`, `<|eot_id|>`, …).
+fn end_of_turn(t: &hearth_engine::text::TextModel) -> Option<String> {
+    let marker = "\u{1}hearth-end-of-answer\u{1}";
+    let probe = t.render_chat(&[ChatMessage::new("user", "?"), ChatMessage::new("assistant", marker)], false).ok()?;
+    probe.rsplit_once(marker).map(|(_, e)| e.trim().to_string()).filter(|e| !e.is_empty())
+}
+
+/// The text before the first stop string (the sampler keeps the token that completed it).
+fn cut_at_stop(text: &str, stop: &[Stop]) -> String {
+    let cut = stop
+        .iter()
+        .filter_map(|s| if let Stop::Text(x) = s { text.find(x.as_str()) } else { None })
+        .min()
+        .unwrap_or(text.len());
+    text[..cut].to_string()
+}
+
+trait TakeStop {
+    fn take_stop(&self) -> Vec<Stop>;
+}
+
+impl TakeStop for Option<OneOrMany> {
+    fn take_stop(&self) -> Vec<Stop> {
+        match self {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![Stop::Text(s.clone())],
+            Some(OneOrMany::Many(v)) => v.iter().map(|s| Stop::Text(s.clone())).collect(),
+        }
+    }
+}
+
+async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(body)?;
+    if req.top_logprobs.unwrap_or(0) > 0 {
+        return Err(ApiError::invalid("top_logprobs: alternatives are not computed; logprobs: true gives each sampled token's logprob"));
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages: must not be empty"));
+    }
+    known_run(app, &req.common.model)?;
+    let t = text_model(app)?;
+    let text = t.render_chat(&req.messages, true)?;
+    let prompt = t.encode(&text, false)?;
+    let mut stop = req.common.stop.take_stop();
+    if let Some(end) = end_of_turn(t) {
+        stop.push(Stop::Text(end));
+    }
+    if let Some(eos) = t.special_tokens().1.and_then(|e| t.token_to_id(e)) {
+        stop.push(Stop::Token(eos));
+    }
+    let room = app.shared.base.config.max_position_embeddings.saturating_sub(prompt.len()).clamp(1, 1024);
+    let p = params(&req.common, room, stop)?;
+    let n = req.common.n.unwrap_or(1);
+    let prompt_len = prompt.len();
+    let out = sample(app, &req.common.model, SampleInput { prompt, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() }).await?;
+    let id = format!("chatcmpl-{}", unix_now());
+    let model = req.common.model.clone();
+    let eos = t.special_tokens().1.and_then(|e| t.token_to_id(e));
+    let mut choices = Vec::new();
+    let mut completion_total = 0;
+    for (i, seq) in out.sequences.iter().enumerate() {
+        completion_total += seq.tokens.len();
+        let kept: Vec<u32> = seq.tokens.iter().copied().filter(|&x| Some(x) != eos).collect();
+        let content = cut_at_stop(&t.decode(&kept, false)?, &p.stop);
+        let logprobs = req.logprobs.then(|| {
+            let content: Vec<Value> = seq
+                .tokens
+                .iter()
+                .zip(&seq.logprobs)
+                .map(|(&x, &lp)| {
+                    let s = piece(t, x);
+                    json!({"token": s, "logprob": lp, "bytes": s.as_bytes(), "top_logprobs": []})
+                })
+                .collect();
+            json!({"content": content})
+        });
+        choices.push((i, content, logprobs, finish_reason(&seq.stop_reason), seq.tokens.clone()));
+    }
+    if req.common.stream {
+        let mut events = Vec::new();
+        for (i, content, _, reason, _) in &choices {
+            let chunk = |delta: Value, reason: Value| {
+                json!({"id": id, "object": "chat.completion.chunk", "created": unix_now(), "model": model,
+                       "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": reason}]})
+            };
+            events.push(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+            // the content in pieces that concatenate to it exactly (one per character run of a token)
+            let mut rest = content.as_str();
+            for tok in choices_tokens(t, &choices[*i].4) {
+                if rest.is_empty() {
+                    break;
+                }
+                let take = if rest.starts_with(tok.as_str()) && !tok.is_empty() { tok.len() } else { rest.chars().next().map_or(0, char::len_utf8) };
+                let (head, tail) = rest.split_at(take);
+                events.push(chunk(json!({"content": head}), Value::Null));
+                rest = tail;
+            }
+            if !rest.is_empty() {
+                events.push(chunk(json!({"content": rest}), Value::Null));
+            }
+            events.push(chunk(json!({}), json!(reason)));
+        }
+        return Ok(sse(events));
+    }
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .map(|(i, content, logprobs, reason, _)| {
+            json!({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs, "finish_reason": reason})
+        })
+        .collect();
+    let usage = json!({"prompt_tokens": prompt_len, "completion_tokens": completion_total, "total_tokens": prompt_len + completion_total});
+    Ok(Json(json!({"id": id, "object": "chat.completion", "created": unix_now(), "model": model, "choices": choices, "usage": usage}))
+        .into_response())
+}
+
+fn choices_tokens(t: &hearth_engine::text::TextModel, tokens: &[u32]) -> Vec<String> {
+    tokens.iter().map(|&x| piece(t, x)).collect()
+}
