@@ -1,5 +1,6 @@
 //! Training-step benchmark: forward + backward + AdamW on the `smollm2-135m-shape` preset with
-//! LoRA r=16 on all seven projections, f32, batch 1 × T tokens. Prints one JSON line.
+//! LoRA r=16 on all seven projections, f32, batch 1 × T tokens (`--seq-len`, `--recompute
+//! auto|on|off`). Prints one JSON line.
 //!
 //! Run through `bench/train_step.sh`, which also runs the PyTorch + PEFT reference
 //! (`bench/ref_train_step.py`) in the same run and prints the ratio. Threads come from
@@ -44,6 +45,12 @@ fn main() -> Result<()> {
     let base = Arc::new(BaseModel::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)?);
     let lora = LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() };
     let mut session = TrainingSession::new(base.clone(), TrainingConfig::Lora(lora))?;
+    let args: Vec<String> = std::env::args().collect();
+    let recompute = match args.iter().position(|a| a == "--recompute") {
+        Some(i) => hearth_engine::recompute::Recompute::parse(args.get(i + 1).map_or("", String::as_str)).context("--recompute: auto, on or off")?,
+        None => hearth_engine::recompute::Recompute::Auto,
+    };
+    session.set_recompute(recompute);
     let mut rng = Rng::new(1);
     let vocab = base.config.vocab_size as u64;
     let tokens: Vec<u32> = (0..=seq_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
@@ -68,6 +75,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "impl": "hearth", "candle": "0.11.1", "threads": threads, "seq_len": seq_len, "steps": steps,
             "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "peak_rss_gb": peak_rss_gb(),
+            "recompute": recompute.applies(session.model(), 1, seq_len),
         })
     );
     Ok(())
