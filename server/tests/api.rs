@@ -39,7 +39,7 @@ fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("forward_backward", good(&|b| b["data"][0]["model_input"][2] = json!(100000)).to_string().into_bytes(), 400, "out of range"),
         ("forward_backward", good(&|b| { b["data"][0]["loss_fn_inputs"]["weights"].as_array_mut().unwrap().pop(); }).to_string().into_bytes(), 400, "weights has"),
-        ("forward_backward", good(&|b| b["loss_fn"] = json!("hinge")).to_string().into_bytes(), 400, "unknown variant `hinge`"),
+        ("forward_backward", good(&|b| b["loss_fn"] = json!("hinge")).to_string().into_bytes(), 400, "unknown loss_fn `hinge`"),
         ("forward_backward", br#"{"data":[{"model_input":[1,2],"loss_fn_inputs":{"target_tokens":[2,3],"logprobs":[-1,-1],"advantages":[NaN,1]}}],"loss_fn":"importance_sampling"}"#.to_vec(), 400, "request body"),
         ("forward_backward", good(&|b| b["data"][0]["loss_fn_inputs"]["weights"][0] = json!(0.5)).to_string().replacen("0.5", "1e400", 1).into_bytes(), 400, "request body"),
         ("sample", json!({"prompt": [1, 2], "sampling_params": {"max_tokens": -1}}).to_string().into_bytes(), 400, "max_tokens"),
