@@ -188,7 +188,7 @@ fn train(a: &Args) -> Result<Value> {
         let start = Instant::now();
         let out = session.forward_backward(&input)?;
         session.optim_step(&adam)?;
-        device::synchronize(&dev)?;
+        dev.synchronize()?;
         loss = out.metrics["loss:sum"] / (b * t) as f64;
         if i >= warmup {
             times.push(start.elapsed().as_secs_f64());
@@ -228,7 +228,7 @@ fn decode(a: &Args) -> Result<Value> {
     device::reset_peak(&dev);
     let start = Instant::now();
     let out = session.sample(&input(new), &none, &|| false)?;
-    device::synchronize(&dev)?;
+    dev.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
     let generated: usize = out.sequences.iter().map(|s| s.tokens.len()).sum();
     Ok(json!({

@@ -23,18 +23,6 @@ fn arg(name: &str, default: usize) -> Result<usize> {
     }
 }
 
-/// Peak resident set size of this process, from /proc (Linux).
-fn peak_rss_gb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(f64::NAN);
-    kb * 1024.0 / 1e9
-}
-
 fn main() -> Result<()> {
     hearth_engine::alloc::keep_freed_memory();
     let (seq_len, warmup, steps) = (arg("--seq-len", 256)?, arg("--warmup", 2)?, arg("--steps", 5)?);
@@ -74,7 +62,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": "hearth", "candle": "0.11.1", "threads": threads, "seq_len": seq_len, "steps": steps,
-            "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "peak_rss_gb": peak_rss_gb(),
+            "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "peak_rss_gb": hearth_engine::device::peak_bytes(&candle_core::Device::Cpu).map_or(f64::NAN, |b| b as f64 / 1e9),
             "recompute": recompute.applies(session.model(), 1, seq_len),
         })
     );

@@ -9,12 +9,7 @@ use candle_core::Device;
 /// memory on CUDA; `None` where unknown (Metal).
 pub fn available_memory(device: &Device) -> Option<u64> {
     match device {
-        Device::Cpu => {
-            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        }
+        Device::Cpu => proc_bytes("/proc/meminfo", "MemAvailable:"),
         Device::Cuda(_) => cuda::free_and_total(device).map(|(free, _)| free),
         Device::Metal(_) => None,
     }
@@ -24,12 +19,7 @@ pub fn available_memory(device: &Device) -> Option<u64> {
 /// memory pool's high-water mark since the last [`reset_peak`].
 pub fn peak_bytes(device: &Device) -> Option<u64> {
     match device {
-        Device::Cpu => {
-            let status = std::fs::read_to_string("/proc/self/status").ok()?;
-            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        }
+        Device::Cpu => proc_bytes("/proc/self/status", "VmHWM:"),
         Device::Cuda(_) => cuda::pool_peak(device),
         Device::Metal(_) => None,
     }
@@ -42,9 +32,12 @@ pub fn reset_peak(device: &Device) {
     }
 }
 
-/// Waits for the device to finish queued work (for timing).
-pub fn synchronize(device: &Device) -> candle_core::Result<()> {
-    device.synchronize()
+/// A `Key:   N kB` line of a /proc file, in bytes.
+fn proc_bytes(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(feature = "cuda")]

@@ -60,13 +60,24 @@ impl Recompute {
 
     /// Whether a step over `b` sequences of `t` positions recomputes.
     pub fn applies(self, model: &Model, b: usize, t: usize) -> bool {
+        self.decide(model, b, t, free_memory(model))
+    }
+
+    /// Decides for a step and refuses it, before anything runs, when it would not fit in the
+    /// device's free memory (on the CPU running out of memory kills the process). Reads the
+    /// free memory once for both.
+    pub fn plan(self, model: &Model, b: usize, t: usize) -> Result<bool> {
+        let free = free_memory(model);
+        let recompute = self.decide(model, b, t, free);
+        check_fits(model, b, t, recompute, free)?;
+        Ok(recompute)
+    }
+
+    fn decide(self, model: &Model, b: usize, t: usize, free: Option<u64>) -> bool {
         match self {
             Self::On => true,
             Self::Off => false,
-            Self::Auto => {
-                let free = crate::device::available_memory(model.embed_tokens.tensor().device());
-                activation_bytes(model, b, t) > free.map_or(AUTO_THRESHOLD_BYTES, |f| f / 2)
-            }
+            Self::Auto => activation_bytes(model, b, t) > free.map_or(AUTO_THRESHOLD_BYTES, |f| f / 2),
         }
     }
 }
@@ -98,10 +109,13 @@ pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
     kept + layer + chunks
 }
 
-/// Refuses a step that would not fit in the device's free memory (when that is known), before
-/// anything runs: on the CPU running out of memory kills the process.
-pub fn check_fits(model: &Model, b: usize, t: usize, recompute: bool) -> Result<()> {
-    let Some(free) = crate::device::available_memory(model.embed_tokens.tensor().device()) else { return Ok(()) };
+fn free_memory(model: &Model) -> Option<u64> {
+    crate::device::available_memory(model.embed_tokens.tensor().device())
+}
+
+/// Refuses a step that would not fit in `free` bytes (when that is known).
+fn check_fits(model: &Model, b: usize, t: usize, recompute: bool, free: Option<u64>) -> Result<()> {
+    let Some(free) = free else { return Ok(()) };
     let need = step_bytes(model, b, t, recompute);
     if need <= free {
         return Ok(());

@@ -89,6 +89,12 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<ApiError> for Response {
+    fn from(e: ApiError) -> Self {
+        e.into_response()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(ErrorResponse { error: self.body() })).into_response()

@@ -13,7 +13,7 @@
 //! sent once the sample has finished.
 
 use crate::error::ApiError;
-use crate::routes::parse_body;
+use crate::routes::{parse_body, text_model, wait_result};
 use crate::worker::Op;
 use crate::App;
 use axum::body::{Body, Bytes};
@@ -22,7 +22,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hearth_api::{ChatMessage, RequestState, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
+use hearth_api::{ChatMessage, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -93,10 +93,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn text_model(app: &App) -> Result<&hearth_engine::text::TextModel, ApiError> {
-    app.shared.base.text.as_ref().ok_or_else(|| ApiError::invalid("this model has no tokenizer, so it cannot take text"))
-}
-
 fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
     let runs = app.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
     if runs.iter().any(|r| r.id == run) {
@@ -106,44 +102,18 @@ fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
     Err(ApiError::not_found(format!("model {run:?} is not a run on this server; the runs are {names:?} (GET /v1/models)")))
 }
 
-/// Runs one `sample` in `run`'s queue and waits for it.
-async fn sample(app: &App, run: &str, input: SampleInput) -> Result<SampleOutput, ApiError> {
+/// Runs one `sample` in `run`'s queue and waits for it; a failure is the native route's answer.
+async fn sample(app: &App, run: &str, input: SampleInput) -> Result<SampleOutput, Response> {
     app.check_budget()?;
-    let (_, mut rx) = app.shared.submit(run.to_string(), Op::Sample(input))?;
-    let state = rx
-        .wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. }))
-        .await
-        .map_err(|_| ApiError::shutting_down())?
-        .clone();
-    match state {
-        RequestState::Done { result } => serde_json::from_value(result)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("sample result: {e}"))),
-        RequestState::Failed { status, error } => {
-            Err(ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), static_kind(&error.kind), error.message))
-        }
-        _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "sample ended without a result")),
-    }
+    let (_, rx) = app.shared.submit(run.to_string(), Op::Sample(input))?;
+    let result = wait_result(rx).await?;
+    Ok(serde_json::from_value(result)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("sample result: {e}")))?)
 }
 
-/// The error kinds the worker reports, as the `&'static str` an [`ApiError`] holds.
-fn static_kind(kind: &str) -> &'static str {
-    const KINDS: [&str; 12] = [
-        "invalid_input", "not_found", "interrupted", "out_of_memory", "internal", "shutting_down", "budget_exceeded", "conflict",
-        "exists", "bad_checkpoint", "unauthorized", "payload_too_large",
-    ];
-    KINDS.iter().find(|k| **k == kind).copied().unwrap_or("error")
-}
-
-fn params(c: &Common, default_max: usize, stop: Vec<Stop>) -> Result<SamplingParams, ApiError> {
+fn params(c: &Common, default_max: usize, stop: Vec<Stop>) -> SamplingParams {
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(default_max);
-    Ok(SamplingParams {
-        max_tokens,
-        temperature: c.temperature.unwrap_or(1.0),
-        top_k: 0,
-        top_p: c.top_p.unwrap_or(1.0),
-        stop,
-        seed: c.seed,
-    })
+    SamplingParams { max_tokens, temperature: c.temperature.unwrap_or(1.0), top_k: 0, top_p: c.top_p.unwrap_or(1.0), stop, seed: c.seed }
 }
 
 fn finish_reason(r: &StopReason) -> &'static str {
@@ -186,36 +156,33 @@ pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 
 /// `POST /v1/completions`.
 pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match completions_inner(&app, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    completions_inner(&app, body).await.unwrap_or_else(|failed| failed)
 }
 
-async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
     let req: CompletionRequest = parse_body(body)?;
     if req.echo {
-        return Err(ApiError::invalid("echo: prompt echoing is not supported; use the native sample with prompt_logprobs"));
+        return Err(ApiError::invalid("echo: prompt echoing is not supported; use the native sample with prompt_logprobs").into());
     }
     known_run(app, &req.common.model)?;
     let t = text_model(app)?;
     let prompts = req.prompt.into_vec();
     if prompts.is_empty() {
-        return Err(ApiError::invalid("prompt: must not be empty"));
+        return Err(ApiError::invalid("prompt: must not be empty").into());
     }
     let stop: Vec<Stop> = req.common.stop.take_stop();
-    let p = params(&req.common, 16, stop)?;
+    let p = params(&req.common, 16, stop);
     let n = req.common.n.unwrap_or(1);
     let id = format!("cmpl-{}", unix_now());
     let (mut choices, mut prompt_total, mut completion_total) = (Vec::new(), 0, 0);
     for (pi, prompt) in prompts.iter().enumerate() {
-        let tokens = t.encode(prompt, true)?;
+        let tokens = t.encode(prompt, true).map_err(ApiError::from)?;
         prompt_total += tokens.len();
         let input = SampleInput { prompt: tokens, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() };
         let out = sample(app, &req.common.model, input).await?;
         for (si, seq) in out.sequences.iter().enumerate() {
             completion_total += seq.tokens.len();
-            let text = t.decode(&seq.tokens, false)?;
+            let text = t.decode(&seq.tokens, false).map_err(ApiError::from)?;
             let text = cut_at_stop(&text, &p.stop);
             let logprobs = req.logprobs.map(|_| {
                 let pieces: Vec<String> = seq.tokens.iter().map(|&x| piece(t, x)).collect();
@@ -230,18 +197,17 @@ async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Re
                     .collect();
                 json!({"tokens": pieces, "token_logprobs": seq.logprobs, "top_logprobs": Value::Null, "text_offset": offsets})
             });
-            choices.push(json!({"index": pi * n + si, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(&seq.stop_reason),
-                                "_tokens": seq.tokens}));
+            let choice = json!({"index": pi * n + si, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(&seq.stop_reason)});
+            choices.push((choice, seq.tokens.clone()));
         }
     }
     let usage = json!({"prompt_tokens": prompt_total, "completion_tokens": completion_total, "total_tokens": prompt_total + completion_total});
     let model = req.common.model.clone();
     if req.common.stream {
         let mut events = Vec::new();
-        for c in &choices {
+        for (c, tokens) in &choices {
             let index = c["index"].clone();
-            let tokens: Vec<u32> = serde_json::from_value(c["_tokens"].clone()).unwrap_or_default();
-            for tok in tokens {
+            for &tok in tokens {
                 events.push(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model,
                                    "choices": [{"index": index, "text": piece(t, tok), "logprobs": null, "finish_reason": null}]}));
             }
@@ -250,21 +216,14 @@ async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Re
         }
         return Ok(sse(events));
     }
-    for c in &mut choices {
-        if let Some(o) = c.as_object_mut() {
-            o.remove("_tokens");
-        }
-    }
+    let choices: Vec<Value> = choices.into_iter().map(|(c, _)| c).collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model, "choices": choices, "usage": usage}))
         .into_response())
 }
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match chat_inner(&app, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    chat_inner(&app, body).await.unwrap_or_else(|failed| failed)
 }
 
 /// The text a chat template writes after an assistant message (`<|im_end|>`, `<|eot_id|>`, …).
@@ -298,39 +257,39 @@ impl TakeStop for Option<OneOrMany> {
     }
 }
 
-async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
     let req: ChatRequest = parse_body(body)?;
     if req.top_logprobs.unwrap_or(0) > 0 {
-        return Err(ApiError::invalid("top_logprobs: alternatives are not computed; logprobs: true gives each sampled token's logprob"));
+        return Err(ApiError::invalid("top_logprobs: alternatives are not computed; logprobs: true gives each sampled token's logprob").into());
     }
     if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages: must not be empty"));
+        return Err(ApiError::invalid("messages: must not be empty").into());
     }
     known_run(app, &req.common.model)?;
     let t = text_model(app)?;
-    let text = t.render_chat(&req.messages, true)?;
-    let prompt = t.encode(&text, false)?;
+    let text = t.render_chat(&req.messages, true).map_err(ApiError::from)?;
+    let prompt = t.encode(&text, false).map_err(ApiError::from)?;
     let mut stop = req.common.stop.take_stop();
     if let Some(end) = end_of_turn(t) {
         stop.push(Stop::Text(end));
     }
-    if let Some(eos) = t.special_tokens().1.and_then(|e| t.token_to_id(e)) {
+    let eos = t.special_tokens().1.and_then(|e| t.token_to_id(e));
+    if let Some(eos) = eos {
         stop.push(Stop::Token(eos));
     }
     let room = app.shared.base.config.max_position_embeddings.saturating_sub(prompt.len()).clamp(1, 1024);
-    let p = params(&req.common, room, stop)?;
+    let p = params(&req.common, room, stop);
     let n = req.common.n.unwrap_or(1);
     let prompt_len = prompt.len();
     let out = sample(app, &req.common.model, SampleInput { prompt, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() }).await?;
     let id = format!("chatcmpl-{}", unix_now());
     let model = req.common.model.clone();
-    let eos = t.special_tokens().1.and_then(|e| t.token_to_id(e));
     let mut choices = Vec::new();
     let mut completion_total = 0;
     for (i, seq) in out.sequences.iter().enumerate() {
         completion_total += seq.tokens.len();
         let kept: Vec<u32> = seq.tokens.iter().copied().filter(|&x| Some(x) != eos).collect();
-        let content = cut_at_stop(&t.decode(&kept, false)?, &p.stop);
+        let content = cut_at_stop(&t.decode(&kept, false).map_err(ApiError::from)?, &p.stop);
         let logprobs = req.logprobs.then(|| {
             let content: Vec<Value> = seq
                 .tokens
@@ -355,7 +314,7 @@ async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Re
             events.push(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
             // the content in pieces that concatenate to it exactly (one per character run of a token)
             let mut rest = content.as_str();
-            for tok in choices_tokens(t, &choices[*i].4) {
+            for tok in choices[*i].4.iter().map(|&x| piece(t, x)) {
                 if rest.is_empty() {
                     break;
                 }
@@ -380,8 +339,4 @@ async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Re
     let usage = json!({"prompt_tokens": prompt_len, "completion_tokens": completion_total, "total_tokens": prompt_len + completion_total});
     Ok(Json(json!({"id": id, "object": "chat.completion", "created": unix_now(), "model": model, "choices": choices, "usage": usage}))
         .into_response())
-}
-
-fn choices_tokens(t: &hearth_engine::text::TextModel, tokens: &[u32]) -> Vec<String> {
-    tokens.iter().map(|&x| piece(t, x)).collect()
 }

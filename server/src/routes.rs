@@ -125,17 +125,26 @@ fn yes() -> bool {
 }
 
 /// Waits for a request's end and turns it into the operation's response.
-async fn finish(mut rx: tokio::sync::watch::Receiver<RequestState>) -> Response {
+async fn finish(rx: tokio::sync::watch::Receiver<RequestState>) -> Response {
+    match wait_result(rx).await {
+        Ok(result) => Json(result).into_response(),
+        Err(failed) => failed,
+    }
+}
+
+/// Waits for a request's end: the operation's result, or the error response the blocking call
+/// answers with.
+pub(crate) async fn wait_result(mut rx: tokio::sync::watch::Receiver<RequestState>) -> Result<serde_json::Value, Response> {
     let state = match rx.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await {
         Ok(s) => s.clone(),
-        Err(_) => return ApiError::shutting_down().into_response(),
+        Err(_) => return Err(ApiError::shutting_down().into_response()),
     };
     match state {
-        RequestState::Done { result } => Json(result).into_response(),
+        RequestState::Done { result } => Ok(result),
         RequestState::Failed { status, error } => {
-            (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(ErrorResponse { error })).into_response()
+            Err((StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(ErrorResponse { error })).into_response())
         }
-        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result").into_response(),
+        _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result").into_response()),
     }
 }
 
@@ -202,7 +211,7 @@ async fn metrics(State(app): State<Arc<App>>, Path(run): Path<String>) -> Respon
     }
 }
 
-fn text_model(app: &App) -> Result<&hearth_engine::text::TextModel, ApiError> {
+pub(crate) fn text_model(app: &App) -> Result<&hearth_engine::text::TextModel, ApiError> {
     app.shared.base.text.as_ref().ok_or_else(|| ApiError::invalid("this model folder has no tokenizer.json"))
 }
 

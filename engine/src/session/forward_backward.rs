@@ -30,8 +30,7 @@ impl TrainingSession {
     pub fn forward_backward(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
         let batch = self.batch(input)?;
         let (b, t) = batch.ids.dims2()?;
-        let recomputed = self.recompute.applies(&self.model, b, t);
-        recompute::check_fits(&self.model, b, t, recomputed)?;
+        let recomputed = self.recompute.plan(&self.model, b, t)?;
         let (terms, grads) = self.gradients(&batch, &input.loss_fn, recomputed).map_err(recompute::classify)?;
         let out = output(&batch, &terms, &input.loss_fn)?;
         let loss = out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN);
