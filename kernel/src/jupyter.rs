@@ -89,10 +89,11 @@ impl Kernel {
         }
     }
 
-    /// One line of the child's stdout or stderr, counted while it is being published.
+    /// One line of the child's stdout or stderr, counted while it is being published. Display
+    /// markers come on stdout (in order with the cell's prints), error markers on stderr.
     fn child_line(&self, line: &str, stderr: bool) {
         self.publishing.fetch_add(1, Ordering::SeqCst);
-        if stderr {
+        if stderr || line.starts_with(MARKER) {
             self.child_stderr(line);
         } else {
             self.child_stdout(line);
@@ -100,7 +101,7 @@ impl Kernel {
         self.publishing.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// A stderr line of the child: a display marker, or plain stderr text.
+    /// A marker line of the child (display or error), or a plain stderr line.
     fn child_stderr(&self, line: &str) {
         let Some(parent) = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
         if let Some(json) = line.strip_prefix(MARKER) {

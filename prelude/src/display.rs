@@ -1,7 +1,8 @@
 //! Rich output. A value is a MIME [`Bundle`] (always with `text/plain`), shown three ways:
 //!
 //! - as a cell's final value, through evcxr's `evcxr_display` convention (stdout blocks);
-//! - mid-cell, as one marker line on stderr ([`MARKER`] + JSON) that the kernel turns into
+//! - mid-cell, as one marker line on stdout ([`MARKER`] + JSON), in order with what the cell
+//!   prints (one stream: two pipes read by two threads would reorder them), that the kernel turns into
 //!   `display_data` / `update_display_data` and the REPL into terminal output — only when the
 //!   front-end asked for it with `HEARTH_DISPLAY=1`; otherwise the `text/plain` part is written;
 //! - progress bars reuse one `display_id` and are updated in place.
@@ -16,7 +17,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Prefix of a display line on stderr.
+/// Prefix of a display line on stdout (and of an error line on stderr).
 pub const MARKER: &str = "\u{1b}]hearth-display;";
 
 /// A progress bar's state as JSON (`label`, `done`, `total`, `note`, `elapsed_s`), for the
@@ -65,15 +66,15 @@ impl Bundle {
     }
 
     fn emit(&self, update: bool) {
-        let mut err = std::io::stderr().lock();
+        let mut out = std::io::stdout().lock();
         if std::env::var_os("HEARTH_DISPLAY").is_some_and(|v| v == "1") {
             if let Ok(json) = serde_json::to_string(&Line { bundle: self, update }) {
-                let _ = writeln!(err, "{MARKER}{json}");
+                let _ = writeln!(out, "{MARKER}{json}");
             }
         } else if let Some(text) = self.data.get("text/plain") {
-            let _ = writeln!(err, "{text}");
+            let _ = writeln!(out, "{text}");
         }
-        let _ = err.flush();
+        let _ = out.flush();
     }
 
     /// Shows it now (mid-cell).
@@ -100,9 +101,9 @@ impl Bundle {
 /// `clear_output`; a terminal ignores it.
 pub fn clear_output(wait: bool) {
     if std::env::var_os("HEARTH_DISPLAY").is_some_and(|v| v == "1") {
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{MARKER}{}", serde_json::json!({"clear": true, "wait": wait}));
-        let _ = err.flush();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{MARKER}{}", serde_json::json!({"clear": true, "wait": wait}));
+        let _ = out.flush();
     }
 }
 

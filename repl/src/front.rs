@@ -4,6 +4,7 @@
 //! runner both drive a [`Front`].
 
 use crate::render::Terminal;
+use hearth::display::MARKER;
 use hearth::Session;
 use hearth_kernel::evaluator::{write_fd, CellError, Evaluator, LineSink, StderrLine};
 use hearth_kernel::magics;
@@ -229,7 +230,8 @@ impl Front {
     fn child_line(&self, line: &str, stderr: bool) {
         self.clear_status();
         self.publishing.fetch_add(1, Ordering::SeqCst);
-        if stderr {
+        // display markers come on stdout, in order with the cell's prints; errors on stderr
+        if stderr || line.starts_with(MARKER) {
             if let Some(e) = self.term.child_stderr(line) {
                 // an interrupt's own error wins over the `?` error it caused
                 let mut flagged = self.cell_error.lock().unwrap_or_else(|p| p.into_inner());

@@ -101,8 +101,8 @@ impl Terminal {
         self.out(line);
     }
 
-    /// A line of the cell's stderr: a display marker (shown), an error marker (returned: the
-    /// cell fails with it), or text.
+    /// A marker line of the cell (a display, shown; an error, returned: the cell fails with it)
+    /// or a line of its stderr.
     pub fn child_stderr(&self, line: &str) -> Option<CellError> {
         let Some(json) = line.strip_prefix(MARKER) else {
             self.write(true, format!("{line}\n").as_bytes());

@@ -297,6 +297,8 @@ for i in 0..12 {
     p.set(i + 1, format!("loss {:.4}", out.metrics["loss:sum"]));
 }
 
+for i in 0..200 { println!("print {i}"); Bundle::text(format!("shown {i}")).show(); }
+
 :runs
 let s = session.sample(&SampleInput { prompt: session.tokenize("2+2=")?, num_samples: 2, sampling_params: SamplingParams { max_tokens: 8, seed: Some(7), temperature: 1.0, ..Default::default() }, ..Default::default() })?;
 println!("{:?}", s.sequences.iter().map(|q| q.tokens.clone()).collect::<Vec<_>>());
@@ -314,6 +316,10 @@ fn piped_scripts_give_byte_identical_output_without_escape_codes() {
     stop_server(&home);
     // the same home path, emptied: the same script and seeds must print the same bytes
     std::fs::remove_dir_all(&home).unwrap();
+    // displays come out in order with the cell's prints
+    let order: Vec<&str> = first.lines().filter(|l| l.starts_with("print ") || l.starts_with("shown ")).collect();
+    let expected: Vec<String> = (0..200).flat_map(|i| [format!("print {i}"), format!("shown {i}")]).collect();
+    assert_eq!(order, expected, "prints and displays interleaved out of order");
     let (second, err2, ok) = run_piped(&home, SCRIPT);
     stop_server(&home);
     assert!(ok, "the second run failed:\n{second}\n{err2}");
