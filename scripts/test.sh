@@ -7,7 +7,7 @@
 #     virtualenv under ~/.cache/hearth/refvenv that bench/.venv links to, see bench/reference.sh), used
 #     by tests that load hearth's checkpoints with Hugging Face tools;
 #   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) and the
-#     `openai` client into tests/.venv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
+#     `openai` client into tests/.venv, the `tinker` SDK (0.38) into the reference virtualenv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
 # Then `cargo test` (Rust, incl. the server and client tests), bench/gpu.sh --cpu, the CUDA build
 # (scripts/build-cuda.sh: NVIDIA's toolchain wheels into ~/.cache/hearth/cuda-venv, about 7 minutes
 # the first time) and pytest (the kernel under real Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
@@ -66,5 +66,8 @@ HEARTH_GPU_OUT="$PWD/target/gpu-check-cpu" bench/gpu.sh --cpu
 # CUDA build). Its own target folder under ~/.cache/hearth is reused between runs.
 scripts/build-cuda.sh --pack "$PWD/target/cuda-pack" --check
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/protocols -q -p no:cacheprovider
+# The official Tinker SDK (pinned in bench/reference.sh) on the reference virtualenv: its
+# forward_backward_custom needs torch and its get_tokenizer transformers.
+HEARTH_BIN_DIR="$PWD/target/release" "$HEARTH_REF_PYTHON" -m pytest tests/tinker -q -p no:cacheprovider
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/browser -q -p no:cacheprovider

@@ -695,6 +695,14 @@ pub struct SaveStateResponse {
 pub struct LoadStateRequest {
     /// Name or path.
     pub source: String,
+    /// Also restore the optimizer (moments, step, sampler RNG) from a `state` checkpoint
+    /// (default); false loads the weights only and starts the optimizer afresh at step 0.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub optimizer: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// What `load_state` did.

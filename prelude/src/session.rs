@@ -356,7 +356,7 @@ impl Session {
 
     /// Loads a checkpoint: a name of this run, a hearth checkpoint path, or a PEFT adapter folder.
     pub fn load_state(&self, source: &str) -> Result<LoadStateResponse> {
-        self.post(&self.run_path("load_state"), &LoadStateRequest { source: source.into() })
+        self.post(&self.run_path("load_state"), &LoadStateRequest { source: source.into(), optimizer: true })
     }
 
     // ---- futures ----

@@ -4,6 +4,8 @@
 //! - [`worker`]: the engine thread that owns every run and executes operations in submission
 //!   order; HTTP handlers submit jobs and wait on (or poll) them.
 //! - [`routes`]: the `/v1` API, bearer-token auth, body limits, JSON errors.
+//! - [`openai`]: OpenAI-compatible sampling (`/v1/completions`, `/v1/chat/completions`).
+//! - [`tinker`]: Tinker's wire protocol under `/api/v1`, for the official `tinker` SDK.
 //! - [`registry`]: runs, checkpoints and metrics in SQLite under the hearth home.
 //! - [`lifecycle`]: the session file, token, idle timeout, signals, autosave on the way out,
 //!   resume on the way in, cost accounting.
@@ -20,6 +22,7 @@ pub mod openai;
 pub mod options;
 pub mod registry;
 pub mod routes;
+pub mod tinker;
 pub mod worker;
 
 pub use error::{ApiError, ServerError};

@@ -148,6 +148,8 @@ pub struct App {
     pub idle_timeout: AtomicU64,
     model_loads: u64,
     shutdown_tx: watch::Sender<Option<String>>,
+    /// Tinker protocol state (sessions, futures, samplers).
+    pub tinker: crate::tinker::Tinker,
 }
 
 impl App {
@@ -308,6 +310,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         idle_timeout: AtomicU64::new(opts.idle_timeout),
         model_loads: 1,
         shutdown_tx,
+        tinker: crate::tinker::Tinker::default(),
     });
 
     let listener = std::net::TcpListener::bind(&opts.listen).map_err(ServerError::io("binding", &opts.listen))?;

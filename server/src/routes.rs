@@ -43,14 +43,16 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(crate::openai::models))
         .route("/v1/completions", post(crate::openai::completions))
         .route("/v1/chat/completions", post(crate::openai::chat_completions))
-        .fallback(|| async { ApiError::not_found("no such route; see GET /v1/info and the README for the API") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
+        // Tinker's wire protocol (server/src/tinker), with its own auth (X-API-Key)
+        .merge(crate::tinker::router(app.clone()))
+        .fallback(|| async { ApiError::not_found("no such route; see GET /v1/info and the README for the API") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(app)
 }
 
 /// Compares in time independent of where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -37,6 +37,23 @@ pub enum Op {
     SaveState(SaveStateRequest),
     /// Restore.
     LoadState(LoadStateRequest),
+    /// Create the run from a checkpoint folder (with its optimizer state, or weights only).
+    CreateRunFrom {
+        /// The checkpoint folder.
+        source: PathBuf,
+        /// Restore the optimizer too.
+        optimizer: bool,
+    },
+    /// Copy the run's current weights into a new sampler (the job's run names the source).
+    Snapshot {
+        /// The sampler's id.
+        sampler: String,
+    },
+    /// Create a sampler (the job's run is its id) from a checkpoint folder, or the base model
+    /// alone (`None`).
+    CreateSampler(Option<PathBuf>),
+    /// Sample from a sampler (the job's run is its id).
+    SamplerSample(SampleInput),
 }
 
 impl Op {
@@ -50,12 +67,16 @@ impl Op {
             Op::Sample(_) => "sample",
             Op::SaveState(_) => "save_state",
             Op::LoadState(_) => "load_state",
+            Op::CreateRunFrom { .. } => "create_run",
+            Op::Snapshot { .. } => "snapshot",
+            Op::CreateSampler(_) => "create_sampler",
+            Op::SamplerSample(_) => "sample",
         }
     }
 
     /// Spends device time (refused once the budget is spent).
     pub fn uses_device(&self) -> bool {
-        matches!(self, Op::Forward(_) | Op::ForwardBackward(_) | Op::OptimStep(_) | Op::Sample(_))
+        matches!(self, Op::Forward(_) | Op::ForwardBackward(_) | Op::OptimStep(_) | Op::Sample(_) | Op::SamplerSample(_))
     }
 }
 
@@ -296,6 +317,9 @@ pub fn clean_temporaries(home: &Path) {
 /// The worker loop. Runs until [`Msg::Stop`] or the channel closes.
 pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<String, Run>) {
     publish_runs(&shared, &runs);
+    // Samplers (Tinker's sampling sessions): frozen weights to sample from, kept in memory only
+    // (their source is a checkpoint on disk or a snapshot); `None` samples the base model.
+    let mut samplers: HashMap<String, Option<TrainingSession>> = HashMap::new();
     for msg in rx {
         match msg {
             Msg::Job { id, run, op } => {
@@ -307,7 +331,7 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 } else {
                     shared.set_state(id, RequestState::Running);
                     let t0 = std::time::Instant::now();
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&shared, &mut runs, &run, op, &cancel)))
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&shared, &mut runs, &mut samplers, &run, op, &cancel)))
                         .unwrap_or_else(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the operation panicked; the run is unchanged")));
                     shared.busy_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::SeqCst);
                     r
@@ -353,8 +377,73 @@ fn registry_err(e: rusqlite::Error) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}"))
 }
 
-fn execute(shared: &Shared, runs: &mut BTreeMap<String, Run>, run_id: &str, op: Op, cancel: &AtomicBool) -> Result<Value, ApiError> {
+fn detokenizer(shared: &Shared) -> impl Fn(&[u32]) -> String + Sync + '_ {
+    let text = shared.base.text.as_ref();
+    move |ids: &[u32]| match text {
+        Some(t) => t.decode(ids, false).unwrap_or_default(),
+        None => ByteTokenizer.decode(ids),
+    }
+}
+
+fn execute(
+    shared: &Shared,
+    runs: &mut BTreeMap<String, Run>,
+    samplers: &mut HashMap<String, Option<TrainingSession>>,
+    run_id: &str,
+    op: Op,
+    cancel: &AtomicBool,
+) -> Result<Value, ApiError> {
     let base_key = shared.base_key().to_string();
+    match op {
+        Op::CreateSampler(source) => {
+            let session = match source {
+                Some(dir) => Some(TrainingSession::from_checkpoint_weights(shared.base.clone(), &dir)?),
+                None => None,
+            };
+            samplers.insert(run_id.to_string(), session);
+            return Ok(serde_json::json!({"sampler": run_id}));
+        }
+        Op::SamplerSample(mut input) => {
+            let sampler = samplers.get(run_id).ok_or_else(|| ApiError::not_found(format!("sampler {run_id:?} does not exist (samplers live until the server stops)")))?;
+            let detok = detokenizer(shared);
+            let out = match sampler {
+                Some(s) => s.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?,
+                None => {
+                    // the base model alone: any run's session samples it with `base_model_only`
+                    input.base_model_only = true;
+                    let scratch;
+                    let s = match runs.values().next() {
+                        Some(r) => &r.session,
+                        None => {
+                            scratch = TrainingSession::new(shared.base.clone(), TrainingConfig::default())?;
+                            &scratch
+                        }
+                    };
+                    s.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?
+                }
+            };
+            return json(&out);
+        }
+        Op::CreateRunFrom { source, optimizer } => {
+            check_name("run", run_id)?;
+            if runs.contains_key(run_id) || shared.registry.has_run(&base_key, run_id).map_err(registry_err)? {
+                return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
+            }
+            let mut session = if optimizer {
+                TrainingSession::from_checkpoint(shared.base.clone(), &source)?
+            } else {
+                TrainingSession::from_checkpoint_weights(shared.base.clone(), &source)?
+            };
+            session.set_recompute(shared.recompute);
+            let step = session.step();
+            shared.registry.add_run(&base_key, run_id, session.training(), step).map_err(registry_err)?;
+            let run = Run::new(session, None);
+            let info = run.info(run_id);
+            runs.insert(run_id.to_string(), run);
+            return json(&info);
+        }
+        _ => {}
+    }
     if let Op::CreateRun(req) = op {
         check_name("run", run_id)?;
         if runs.contains_key(run_id) || shared.registry.has_run(&base_key, run_id).map_err(registry_err)? {
@@ -403,13 +492,14 @@ fn execute(shared: &Shared, runs: &mut BTreeMap<String, Run>, run_id: &str, op: 
             json(&out)
         }
         Op::Sample(input) => {
-            let text = shared.base.text.as_ref();
-            let detok = |ids: &[u32]| match text {
-                Some(t) => t.decode(ids, false).unwrap_or_default(),
-                None => ByteTokenizer.decode(ids),
-            };
+            let detok = detokenizer(shared);
             json(&run.session.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?)
         }
+        Op::Snapshot { sampler } => {
+            samplers.insert(sampler.clone(), Some(run.session.snapshot()?));
+            json(&serde_json::json!({"sampler": sampler, "step": run.session.step()}))
+        }
+        Op::CreateSampler(_) | Op::SamplerSample(_) | Op::CreateRunFrom { .. } => Err(ApiError::invalid("unreachable")),
         Op::SaveState(req) => {
             check_name("name", &req.name)?;
             if req.name.starts_with("autosave-") {
@@ -421,7 +511,7 @@ fn execute(shared: &Shared, runs: &mut BTreeMap<String, Run>, run_id: &str, op: 
         Op::LoadState(req) => {
             let by_name = shared.checkpoints_dir(run_id).join(&req.source);
             let path = if check_name("source", &req.source).is_ok() && by_name.is_dir() { by_name } else { PathBuf::from(&req.source) };
-            let loaded = run.session.load_state(&path)?;
+            let loaded = if req.optimizer { run.session.load_state(&path)? } else { run.session.load_weights(&path)? };
             (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
             shared.registry.set_step(&base_key, run_id, loaded.step).map_err(registry_err)?;
             shared.registry.truncate_metrics(&base_key, run_id, loaded.step).map_err(registry_err)?;

@@ -330,6 +330,16 @@ impl TrainingSession {
     /// reset). The checkpoint must be for this base model and this run's shapes; on any error
     /// nothing changes. Accumulated gradients are dropped.
     pub fn load_state(&mut self, dir: &Path) -> Result<Loaded> {
+        self.load_checkpoint(dir, true)
+    }
+
+    /// Loads a checkpoint's weights only: the optimizer starts afresh (no moments, step 0), as
+    /// Tinker's `load_weights` without `optimizer` does.
+    pub fn load_weights(&mut self, dir: &Path) -> Result<Loaded> {
+        self.load_checkpoint(dir, false)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path, optimizer: bool) -> Result<Loaded> {
         if !dir.is_dir() {
             return Err(bad(dir, "no such checkpoint folder"));
         }
@@ -373,7 +383,7 @@ impl TrainingSession {
         }
         let kind = manifest.as_ref().map_or(CheckpointKind::Adapter, |m| m.kind);
         let (moments, step, rng) = match (&manifest, kind) {
-            (Some(m), CheckpointKind::State) => {
+            (Some(m), CheckpointKind::State) if optimizer => {
                 let raw = load_tensors(dir, "optimizer.safetensors")?;
                 let mut moments = BTreeMap::new();
                 for (name, dims) in &expected {
@@ -404,6 +414,8 @@ impl TrainingSession {
             }
         }
         self.grads.clear();
+        // a weights-only load is an adapter's, whatever the folder held
+        let kind = if optimizer { kind } else { CheckpointKind::Adapter };
         Ok(Loaded { kind, step, peft: manifest.is_none() })
     }
 
@@ -412,6 +424,23 @@ impl TrainingSession {
         let training = checkpoint_training_config(dir)?;
         let mut s = TrainingSession::new(base, training)?;
         s.load_state(dir)?;
+        Ok(s)
+    }
+
+    /// A new run made from a checkpoint folder's weights, with a fresh optimizer.
+    pub fn from_checkpoint_weights(base: std::sync::Arc<crate::weights::BaseModel>, dir: &Path) -> Result<Self> {
+        let training = checkpoint_training_config(dir)?;
+        let mut s = TrainingSession::new(base, training)?;
+        s.load_weights(dir)?;
+        Ok(s)
+    }
+
+    /// A copy of this run's current weights in a new session (fresh optimizer): a sampler's
+    /// snapshot that later steps of this run do not change.
+    pub fn snapshot(&self) -> Result<Self> {
+        let mut s = TrainingSession::new(self.base.clone(), self.training.clone())?;
+        let tensors: HashMap<String, Tensor> = self.params.iter().map(|(n, v)| v.as_tensor().copy().map(|t| (n.clone(), t))).collect::<std::result::Result<_, _>>()?;
+        s.set_parameters(&tensors)?;
         Ok(s)
     }
 }
