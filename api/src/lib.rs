@@ -293,6 +293,9 @@ pub enum TargetModule {
     UpProj,
     /// MLP down projection.
     DownProj,
+    /// The output projection (unembedding, `lm_head`; the embedding matrix itself when the model
+    /// ties them). Not in [`TargetModule::ALL`]: ask for it by name.
+    LmHead,
 }
 
 impl TargetModule {
@@ -307,7 +310,19 @@ impl TargetModule {
         TargetModule::DownProj,
     ];
 
-    /// The checkpoint name (`q_proj`, …).
+    /// Every module LoRA can attach to, in canonical order: the seven projections, then `lm_head`.
+    pub const EVERY: [TargetModule; 8] = [
+        TargetModule::QProj,
+        TargetModule::KProj,
+        TargetModule::VProj,
+        TargetModule::OProj,
+        TargetModule::GateProj,
+        TargetModule::UpProj,
+        TargetModule::DownProj,
+        TargetModule::LmHead,
+    ];
+
+    /// The checkpoint name (`q_proj`, …, `lm_head`).
     pub fn name(&self) -> &'static str {
         match self {
             TargetModule::QProj => "q_proj",
@@ -317,12 +332,13 @@ impl TargetModule {
             TargetModule::GateProj => "gate_proj",
             TargetModule::UpProj => "up_proj",
             TargetModule::DownProj => "down_proj",
+            TargetModule::LmHead => "lm_head",
         }
     }
 
-    /// Parses a checkpoint name (`q_proj`, …).
+    /// Parses a checkpoint name (`q_proj`, …, `lm_head`).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
+        Self::EVERY.into_iter().find(|m| m.name() == name)
     }
 }
 

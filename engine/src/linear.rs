@@ -56,6 +56,13 @@ pub struct Lora {
     pub bt: Option<Tensor>,
 }
 
+impl Lora {
+    /// The same pair with nothing tracked for gradients, and Bᵀ for the decode kernel.
+    pub fn detached(&self) -> Lora {
+        Lora { a: self.a.detach(), b: self.b.detach(), scale: self.scale, bt: self.b.detach().t().and_then(|t| t.contiguous()).ok() }
+    }
+}
+
 /// A projection `y = x Wᵀ (+ b) (+ LoRA)`, with field names equal to the checkpoint's.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -115,12 +122,7 @@ impl Linear {
         Linear {
             weight: self.weight.detached(),
             bias: self.bias.as_ref().map(Weight::detached),
-            lora: self.lora.as_ref().map(|l| Lora {
-                a: l.a.detach(),
-                b: l.b.detach(),
-                scale: l.scale,
-                bt: l.b.detach().t().and_then(|t| t.contiguous()).ok(),
-            }),
+            lora: self.lora.as_ref().map(Lora::detached),
         }
     }
 

@@ -356,6 +356,8 @@ pub struct Model {
     pub norm: RmsNorm,
     /// `lm_head.weight`: (V, C); `None` when tied to `embed_tokens`.
     pub lm_head: Option<Weight>,
+    /// LoRA on the output projection (`lm_head` among the target modules), tied or not.
+    pub head_lora: Option<Lora>,
     rotary: Rotary,
     config: ModelConfig,
     chunking: Chunking,
@@ -436,7 +438,8 @@ impl Builder<'_> {
     }
 
     fn lora(&mut self, prefix: &str, out: usize, inp: usize, cfg: &LoraConfig) -> Result<Lora> {
-        let device = self.base(&format!("{prefix}.weight"))?.device().clone();
+        // (a tied lm_head has no weight of its own: the embeddings' device is everyone's)
+        let device = self.base("model.embed_tokens.weight")?.device().clone();
         let r = cfg.rank;
         // PEFT: kaiming_uniform_(a=√5) → U(-1/√in, 1/√in); B = 0.
         let bound = 1.0 / (inp as f64).sqrt();
@@ -523,7 +526,12 @@ impl Model {
         let norm = bld.norm("model.norm.weight", c, eps)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(bld.weight("lm_head.weight", &[cfg.vocab_size, c])?) };
         let rotary = Rotary::new(cfg, dtype, &device)?;
-        let model = Model { embed_tokens, layers, norm, lm_head, rotary, config: cfg.clone(), chunking: Chunking::for_device(&device) };
+        let head_lora = match training {
+            TrainingConfig::Lora(l) if l.target_modules.contains(&TargetModule::LmHead) => Some(bld.lora("lm_head", cfg.vocab_size, c, l)?),
+            _ => None,
+        };
+        let model =
+            Model { embed_tokens, layers, norm, lm_head, head_lora, rotary, config: cfg.clone(), chunking: Chunking::for_device(&device) };
         Ok((model, bld.params))
     }
 
@@ -535,6 +543,7 @@ impl Model {
             layers: self.layers.iter().map(DecoderLayer::detached).collect(),
             norm: self.norm.detached(),
             lm_head: self.lm_head.as_ref().map(Weight::detached),
+            head_lora: self.head_lora.as_ref().map(Lora::detached),
             rotary: self.rotary.clone(),
             config: self.config.clone(),
             chunking: self.chunking,
@@ -589,7 +598,11 @@ impl Model {
     /// Final norm and output projection: hidden states (B, T, C) → logits (B, T, V).
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.norm.forward(x)?;
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).matmul_t(&x)
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        match &self.head_lora {
+            None => w.matmul_t(&x),
+            Some(l) => Linear { weight: w.clone(), bias: None, lora: Some(l.clone()) }.forward(&x),
+        }
     }
 
     fn forward_from(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, all_positions: bool) -> Result<Tensor> {

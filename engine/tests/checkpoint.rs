@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{ce_datum, fixture_dir, input, tiny};
-use hearth_api::{AdamParams, CheckpointKind, LoraConfig, LossFn, SampleInput, SamplingParams, TrainingConfig};
+use hearth_api::{AdamParams, CheckpointKind, LoraConfig, LossFn, SampleInput, SamplingParams, TargetModule, TrainingConfig};
 use hearth_engine::preset::Preset;
 use hearth_engine::{BaseModel, EngineError, TrainingSession};
 use std::path::{Path, PathBuf};
@@ -59,14 +59,17 @@ fn reference_python() -> PathBuf {
 
 #[test]
 fn hearth_adapter_loads_in_peft_and_merged_loads_in_transformers() {
-    for fixture in ["llama", "qwen2"] {
+    // and with LoRA on lm_head (Tinker's train_unembed): untied (llama) and tied (qwen2, whose
+    // merged model then gets an lm_head of its own)
+    for (fixture, modules) in [("llama", &TargetModule::ALL[..]), ("qwen2", &TargetModule::ALL[..]), ("llama", &TargetModule::EVERY[..]), ("qwen2", &TargetModule::EVERY[..])] {
         let base = Arc::new(BaseModel::load(&fixture_dir(fixture), &Device::Cpu, DType::F32).unwrap());
-        let lora = LoraConfig { rank: 4, alpha: 8.0, seed: 3, ..LoraConfig::default() };
+        let lora = LoraConfig { rank: 4, alpha: 8.0, seed: 3, target_modules: modules.to_vec() };
+        let name = if modules.len() == 8 { format!("{fixture}-lm-head") } else { fixture.to_string() };
         let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
         for i in 0..4 {
             step(&mut s, i);
         }
-        let dir = scratch(&format!("hf-{fixture}"));
+        let dir = scratch(&format!("hf-{name}"));
         let adapter = s.save_state(&dir.join("adapter"), CheckpointKind::Adapter).unwrap();
         let merged = s.save_state(&dir.join("merged"), CheckpointKind::Merged).unwrap();
         let tokens: Vec<u32> = vec![5, 17, 42, 8, 63, 21, 9, 88, 3, 3, 50];
@@ -77,8 +80,8 @@ fn hearth_adapter_loads_in_peft_and_merged_loads_in_transformers() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/check_hf_load.py");
         let out = Command::new(reference_python()).arg(&script).arg(&case_path).env("OMP_NUM_THREADS", "1").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{fixture}: PEFT/transformers disagree with hearth: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        eprintln!("{fixture}: {stdout}");
+        assert!(out.status.success(), "{name}: PEFT/transformers disagree with hearth: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("{name}: {stdout}");
     }
 }
 

@@ -99,13 +99,17 @@ def run_of(model_id):
     return model_id.replace(":train:", "-train-")
 
 
-def test_capabilities_and_info(service, trained):
-    caps = service.create_rest_client().get_server_capabilities().result()
+def test_capabilities_and_info(server, service, trained):
+    caps = tinker.RestClient(base_url=server.url, api_key="tml-" + server.token).get_server_capabilities().result()
     assert [m.model_name for m in caps.supported_models] == ["tiny"]
     tc = trained[0]
     info = tc.get_info()
     assert info.model_id.endswith(":train:0") and info.is_lora and info.lora_rank == 8
     assert info.model_data.model_name == "tiny"
+    # the SDK's defaults train attention, MLP and the unembedding (LoRA on lm_head)
+    runs = {r["id"]: r for r in server.native("/v1/runs")}
+    modules = runs[run_of(tc.model_id)]["training"]["target_modules"]
+    assert modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"], modules
 
 
 def test_forward_equals_the_native_api(server, trained):
@@ -208,10 +212,10 @@ def test_save_and_create_from_state(service, trained):
     assert not math.isclose(a, c, rel_tol=1e-4), (a, c)
 
 
-def test_rest_client_lists_and_deletes(service, trained):
+def test_rest_client_lists_and_deletes(server, trained):
     tc = trained[0]
     tc.save_state("to-delete").result()
-    rc = service.create_rest_client()
+    rc = tinker.RestClient(base_url=server.url, api_key="tml-" + server.token)
     runs = rc.list_training_runs().result()
     ids = [r.training_run_id for r in runs.training_runs]
     assert tc.model_id in ids
@@ -224,7 +228,7 @@ def test_rest_client_lists_and_deletes(service, trained):
     names = {c.checkpoint_id for c in rc.list_checkpoints(tc.model_id).result().checkpoints}
     assert "weights/to-delete" not in names and "weights/ckpt1" in names
     info = rc.get_weights_info_by_tinker_path(f"tinker://{tc.model_id}/weights/ckpt1").result()
-    assert info.is_lora and info.lora_rank == 8
+    assert info.is_lora and info.lora_rank == 8 and info.train_unembed and info.train_mlp and info.train_attn
 
 
 def test_a_native_run_driven_from_python(server, service):
@@ -282,7 +286,7 @@ def test_bad_protocol_input_gets_a_clear_4xx(server, service, trained):
     assert status == 413 and "max-body-bytes" in body["detail"], body
     # the SDK reports them: a wrong key, a bad sampler path, a failed future
     with pytest.raises(tinker.AuthenticationError):
-        tinker.ServiceClient(base_url=server.url, api_key="tml-wrong").get_server_capabilities()
+        tinker.RestClient(base_url=server.url, api_key="tml-wrong").get_server_capabilities().result()
     with pytest.raises(Exception, match="no checkpoint"):
         service.create_sampling_client(model_path=f"tinker://{tc.model_id}/sampler_weights/missing").result()
     bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0] * 3})

@@ -153,7 +153,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
                 let name = n.as_str().unwrap_or_default();
                 out.push(TargetModule::from_name(name).ok_or_else(|| bad(dir, format!("target module {name:?} is not a projection hearth adapts")))?);
             }
-            out.sort_by_key(|m| TargetModule::ALL.iter().position(|x| x == m));
+            out.sort_by_key(|m| TargetModule::EVERY.iter().position(|x| x == m));
             out
         }
         other => return Err(bad(dir, format!("target_modules {other:?} is not a list of projection names"))),
@@ -256,7 +256,10 @@ impl TrainingSession {
                         .get(format!("base_model.model.{prefix}.lora_B.weight").as_str())
                         .ok_or_else(|| EngineError::Weights(format!("lora_B of {prefix} is missing")))?;
                     let w_name = format!("{prefix}.weight");
-                    let w = self.base.weights.get(&w_name).ok_or_else(|| EngineError::Weights(format!("`{w_name}` is missing")))?;
+                    // LoRA on a tied lm_head: the merged model gets an lm_head of its own
+                    let tied_head = prefix == "lm_head" && self.base.config.tie_word_embeddings;
+                    let w_source = if tied_head { "model.embed_tokens.weight" } else { w_name.as_str() };
+                    let w = self.base.weights.get(w_source).ok_or_else(|| EngineError::Weights(format!("`{w_source}` is missing")))?;
                     let delta = (b.matmul(a)? * scale)?; // (out, r) @ (r, in) -> (out, in)
                     let merged = (w.to_dtype(delta.dtype())? + delta)?.to_dtype(self.base.dtype)?;
                     out.insert(w_name, merged);
@@ -269,13 +272,24 @@ impl TrainingSession {
         Ok(out)
     }
 
+    /// Whether the merged model unties `lm_head` (LoRA on a tied output projection).
+    fn unties_head(&self) -> bool {
+        self.base.config.tie_word_embeddings && matches!(&self.training, TrainingConfig::Lora(l) if l.target_modules.contains(&TargetModule::LmHead))
+    }
+
     fn write_merged(&self, dir: &Path) -> Result<()> {
         let weights: HashMap<String, Tensor> =
             self.merged_weights()?.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
         save_tensors(&weights, &dir.join("model.safetensors"))?;
+        let untie = |mut config: serde_json::Value| {
+            if self.unties_head() {
+                config["tie_word_embeddings"] = json!(false);
+            }
+            config
+        };
         if let Some(g) = &self.base.gguf {
             // a GGUF base: the Hugging Face files its metadata stands for
-            write_json(&dir.join("config.json"), &g.config_json)?;
+            write_json(&dir.join("config.json"), &untie(g.config_json.clone()))?;
             write_json(&dir.join("tokenizer.json"), &g.tokenizer_json)?;
             return write_json(&dir.join("tokenizer_config.json"), &g.tokenizer_config_json);
         }
@@ -291,6 +305,12 @@ impl TrainingSession {
         if !dir.join("config.json").is_file() {
             return Err(EngineError::Weights(format!("{} has no config.json to copy into the merged model", src.display())));
         }
+        if self.unties_head() {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(EngineError::io("reading", &path))?;
+            let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
+            write_json(&path, &untie(config))?;
+        }
         Ok(())
     }
 
@@ -299,7 +319,9 @@ impl TrainingSession {
     fn write_gguf(&self, path: &Path, ty: GgufType) -> Result<()> {
         let meta = self.gguf_metadata()?;
         let weights = self.merged_weights()?;
-        crate::gguf::export::write(path, &self.base.config, &weights, &meta, ty)
+        let mut config = self.base.config.clone();
+        config.tie_word_embeddings &= !self.unties_head();
+        crate::gguf::export::write(path, &config, &weights, &meta, ty)
     }
 
     fn gguf_metadata(&self) -> Result<Vec<(String, MetaValue)>> {
@@ -360,7 +382,10 @@ impl TrainingSession {
             }
         }
         let same_shape = match (&training, &self.training) {
-            (TrainingConfig::Lora(a), TrainingConfig::Lora(b)) => a.rank == b.rank && a.alpha == b.alpha && a.target_modules == b.target_modules,
+            (TrainingConfig::Lora(a), TrainingConfig::Lora(b)) => {
+                let set = |l: &LoraConfig| l.target_modules.iter().copied().collect::<std::collections::BTreeSet<_>>();
+                a.rank == b.rank && a.alpha == b.alpha && set(a) == set(b)
+            }
             (TrainingConfig::Full, TrainingConfig::Full) => true,
             _ => false,
         };

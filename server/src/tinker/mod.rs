@@ -470,8 +470,11 @@ fn lora_of(c: &LoraCfg) -> Result<TrainingConfig, ApiError> {
     if c.train_mlp {
         modules.extend([TargetModule::GateProj, TargetModule::UpProj, TargetModule::DownProj]);
     }
+    if c.train_unembed {
+        modules.push(TargetModule::LmHead);
+    }
     if modules.is_empty() {
-        return Err(ApiError::invalid("lora_config: train_mlp and train_attn are both false; hearth does not train the unembedding alone"));
+        return Err(ApiError::invalid("lora_config: train_mlp, train_attn and train_unembed are all false: nothing to train"));
     }
     if !(1..=1024).contains(&c.rank) {
         return Err(ApiError::invalid(format!("lora_config.rank = {}: expected 1 to 1024", c.rank)));
@@ -510,9 +513,6 @@ async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
         }
         let model_id = format!("{}:train:{}", req.session_id, req.model_seq_id);
         let lora = req.lora_config.unwrap_or(LoraCfg { rank: 32, seed: None, train_mlp: true, train_attn: true, train_unembed: true });
-        if lora.train_unembed {
-            log::warn!("model {model_id}: train_unembed is not supported yet; the adapter covers attention and MLP only");
-        }
         let training = lora_of(&lora)?;
         let name = run_of(&model_id)?;
         let op = Op::CreateRun(CreateRunRequest { name: Some(name.clone()), training });
@@ -534,14 +534,15 @@ fn model_info(app: &App, model_id: &str) -> Result<Value, ApiError> {
     let info = run_info(app, &run).ok_or_else(|| ApiError::not_found(format!("unknown model_id {model_id:?}")))?;
     let name = model_name(app);
     let tokenizer = app.shared.base.source.display().to_string();
-    let (is_lora, rank, mlp, attn) = match &info.training {
+    let (is_lora, rank, mlp, attn, unembed) = match &info.training {
         TrainingConfig::Lora(l) => (
             true,
             Some(l.rank),
             l.target_modules.iter().any(|m| matches!(m, TargetModule::GateProj | TargetModule::UpProj | TargetModule::DownProj)),
             l.target_modules.iter().any(|m| matches!(m, TargetModule::QProj | TargetModule::KProj | TargetModule::VProj | TargetModule::OProj)),
+            l.target_modules.contains(&TargetModule::LmHead),
         ),
-        TrainingConfig::Full => (false, None, true, true),
+        TrainingConfig::Full => (false, None, true, true, true),
     };
     Ok(json!({
         "type": "get_info",
@@ -551,7 +552,7 @@ fn model_info(app: &App, model_id: &str) -> Result<Value, ApiError> {
         "lora_rank": rank,
         "train_mlp": mlp,
         "train_attn": attn,
-        "train_unembed": false,
+        "train_unembed": unembed,
         "model_name": name,
         "optimizer_config": {"type": "adamw"},
         "step": info.step,
@@ -1245,7 +1246,7 @@ async fn weights_info(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
                 "lora_rank": l.rank,
                 "train_mlp": l.target_modules.iter().any(|m| matches!(m, TargetModule::GateProj | TargetModule::UpProj | TargetModule::DownProj)),
                 "train_attn": l.target_modules.iter().any(|m| matches!(m, TargetModule::QProj | TargetModule::KProj | TargetModule::VProj | TargetModule::OProj)),
-                "train_unembed": false,
+                "train_unembed": l.target_modules.contains(&TargetModule::LmHead),
             }),
             TrainingConfig::Full => json!({"base_model": model_name(&app), "is_lora": false}),
         })
