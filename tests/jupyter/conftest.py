@@ -10,6 +10,7 @@ fresh machine compiles the prelude into evcxr's cache (minutes); `warm_kernel` d
 before the timed tests.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,15 @@ os.environ["JUPYTER_PATH"] = os.path.join(PREFIX, "share", "jupyter")
 os.environ["HEARTH_HOME"] = HOME
 os.environ["HEARTH_SERVER_BIN"] = os.path.join(BIN, "hearth-server")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+# A Python kernel on the reference virtualenv (ipykernel and the tinker SDK are installed there by
+# bench/reference.sh), for the Python notebook that trains through the Tinker SDK.
+PYTHON_KERNEL = "hearth-test-python"
+_ref_python = os.environ.get("HEARTH_REF_PYTHON") or os.path.join(ROOT, "bench", ".venv", "bin", "python")
+os.makedirs(os.path.join(PREFIX, "share", "jupyter", "kernels", PYTHON_KERNEL), exist_ok=True)
+with open(os.path.join(PREFIX, "share", "jupyter", "kernels", PYTHON_KERNEL, "kernel.json"), "w") as f:
+    json.dump({"argv": [_ref_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+               "display_name": "Python (reference venv)", "language": "python"}, f)
 
 
 def execute(kc, code, timeout=60):

@@ -16,7 +16,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import PYTHON_KERNEL, ROOT, execute
 
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 OUT = os.path.join(ROOT, "tests", "jupyter", "out")
@@ -53,12 +53,13 @@ def home(tmp_path, monkeypatch):
     stop_server(h)
 
 
-def execute_notebook(name, tmp_path):
+def execute_notebook(name, tmp_path, kernel_name="hearth"):
     """Runs every cell (an error in any cell fails the test); returns the executed notebook and seconds."""
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-    assert nb.metadata["kernelspec"]["name"] == "hearth", nb.metadata
+    want = "hearth" if kernel_name == "hearth" else "python3"
+    assert nb.metadata["kernelspec"]["name"] == want, nb.metadata
     t0 = time.time()
-    NotebookClient(nb, timeout=600, kernel_name="hearth", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name=kernel_name, resources={"metadata": {"path": str(tmp_path)}}).execute()
     seconds = time.time() - t0
     os.makedirs(OUT, exist_ok=True)
     nbformat.write(nb, os.path.join(OUT, name))
@@ -197,3 +198,29 @@ def test_06_export_runs_in_llama_cpp(home, tmp_path):
     for name in ["gguf-f16", "gguf-q8"]:
         line = re.search(rf"LLAMA.CPP {name}: (.*)", llama)
         assert line and "Coralhaven" in line.group(1), f"llama.cpp did not answer from the trained weights ({name}):\n{llama}"
+
+
+def test_07_the_tinker_sdk_from_python_trains_on_the_rust_kernels_server(home, tmp_path):
+    from jupyter_client.manager import start_new_kernel
+
+    # a Rust kernel starts the session server, as a user's first notebook would
+    km, kc = start_new_kernel(kernel_name="hearth", startup_timeout=120)
+    try:
+        reply, outputs = execute(kc, "session.info()?.model_loads", timeout=600)
+        assert reply["content"]["status"] == "ok", (reply, outputs)
+        # the Python notebook (ipykernel, the unmodified tinker SDK) trains on that server
+        nb, _ = execute_notebook("07-tinker-python.ipynb", tmp_path, kernel_name=PYTHON_KERNEL)
+        assert "MODEL ['tiny']" in text(cell(nb, "SERVER"))
+        first, last = numbers(r"LOSS first ([\d.]+) last ([\d.]+)", text(cell(nb, "LOSS first")))
+        assert first > 4.0 and last < 0.1 * first, (first, last)
+        correct, total = numbers(r"CORRECT (\d+)/(\d+)", text(cell(nb, "CORRECT")))
+        assert total == 8 and correct >= 7, f"only {correct}/8 words reversed"
+        run = re.search(r"RUN (\S+)", text(cell(nb, 'print("RUN"'))).group(1)
+        # and the Rust side sees that run, at its step
+        reply, outputs = execute(kc, ":runs", timeout=60)
+        shown = "".join(m["content"].get("text", "") + m["content"].get("data", {}).get("text/plain", "") for m in outputs)
+        line = [l for l in shown.splitlines() if l.startswith(run)]
+        assert line and line[0].split()[1] == "40", shown
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
