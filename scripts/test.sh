@@ -7,7 +7,7 @@
 #     virtualenv under ~/.cache/hearth/refvenv that bench/.venv links to, see bench/reference.sh), used
 #     by tests that load hearth's checkpoints with Hugging Face tools;
 #   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) and the
-#     `openai` client into tests/.venv, the `tinker` SDK (0.38) into the reference virtualenv, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
+#     `openai` client into tests/.venv, the `tinker` SDK (0.38) into the reference virtualenv and tinker-cookbook into its own over it, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
 # Then `cargo test` (Rust, incl. the server and client tests), bench/gpu.sh --cpu, the CUDA build
 # (scripts/build-cuda.sh: NVIDIA's toolchain wheels into ~/.cache/hearth/cuda-venv, about 7 minutes
 # the first time) and pytest (the kernel under real Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
@@ -69,5 +69,8 @@ HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/prot
 # The official Tinker SDK (pinned in bench/reference.sh) on the reference virtualenv: its
 # forward_backward_custom needs torch and its get_tokenizer transformers.
 HEARTH_BIN_DIR="$PWD/target/release" "$HEARTH_REF_PYTHON" -m pytest tests/tinker -q -p no:cacheprovider
+# tinker-cookbook's own supervised, RL and DPO loops (its own virtualenv over the reference one)
+source tests/cookbook/venv.sh
+HEARTH_BIN_DIR="$PWD/target/release" "$HEARTH_COOKBOOK_PYTHON" -m pytest tests/cookbook -q -p no:cacheprovider -W ignore::FutureWarning
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/jupyter -q -p no:cacheprovider
 HEARTH_BIN_DIR="$PWD/target/release" tests/.venv/bin/python -m pytest tests/browser -q -p no:cacheprovider

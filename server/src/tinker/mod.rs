@@ -251,6 +251,40 @@ fn model_name(app: &App) -> String {
     app.model_spec.clone()
 }
 
+/// A folder `AutoTokenizer.from_pretrained` reads offline: the model's own, or for a `.gguf` base
+/// the Hugging Face files its metadata stands for, written once under the home.
+fn tokenizer_dir(app: &App) -> Result<String, ApiError> {
+    let base = &app.shared.base;
+    let Some(g) = &base.gguf else { return Ok(base.source.display().to_string()) };
+    let dir = app.shared.home.join("tokenizers").join(&base.fingerprint);
+    if !dir.join("tokenizer.json").is_file() {
+        let io = |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("writing the tokenizer folder: {e}"));
+        // written beside, then renamed into place: a reader never sees half a folder
+        let tmp = app.shared.home.join("tokenizers").join(format!(".{}.tmp-{}", base.fingerprint, std::process::id()));
+        std::fs::create_dir_all(&tmp).map_err(io)?;
+        for (file, value) in [("config.json", &g.config_json), ("tokenizer.json", &g.tokenizer_json), ("tokenizer_config.json", &g.tokenizer_config_json)] {
+            std::fs::write(tmp.join(file), value.to_string()).map_err(io)?;
+        }
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp); // another request got there first
+        }
+    }
+    Ok(dir.display().to_string())
+}
+
+/// Where a run's Tinker `user_metadata` is kept (the cookbook stores its renderer there).
+fn metadata_path(app: &App, run: &str) -> std::path::PathBuf {
+    app.shared.home.join("runs").join(run).join("tinker-user-metadata.json")
+}
+
+fn save_metadata(app: &App, run: &str, meta: &HashMap<String, String>) {
+    let path = metadata_path(app, run);
+    let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&path, json!(meta).to_string()));
+    if let Err(e) = written {
+        log::warn!("run {run}: user_metadata not saved ({e})");
+    }
+}
+
 fn run_info(app: &App, run: &str) -> Option<RunInfo> {
     lock(&app.shared.runs).iter().find(|r| r.id == run).cloned()
 }
@@ -517,7 +551,15 @@ async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
         let name = run_of(&model_id)?;
         let op = Op::CreateRun(CreateRunRequest { name: Some(name.clone()), training });
         let mid = model_id.clone();
-        let jobs = submit_jobs(&app, vec![(name, op)], Box::new(move |_| Ok(Fut::Json(json!({"model_id": mid, "type": "create_model"})))));
+        let (app2, run2, meta) = (app.clone(), name.clone(), req.user_metadata.unwrap_or_default());
+        let jobs = submit_jobs(
+            &app,
+            vec![(name, op)],
+            Box::new(move |_| {
+                save_metadata(&app2, &run2, &meta);
+                Ok(Fut::Json(json!({"model_id": mid, "type": "create_model"})))
+            }),
+        );
         app.tinker.queue(&model_id, 1);
         Ok(json!({"request_id": unordered(&app, jobs), "model_id": model_id}))
     };
@@ -533,7 +575,7 @@ fn model_info(app: &App, model_id: &str) -> Result<Value, ApiError> {
     let run = run_of(model_id)?;
     let info = run_info(app, &run).ok_or_else(|| ApiError::not_found(format!("unknown model_id {model_id:?}")))?;
     let name = model_name(app);
-    let tokenizer = app.shared.base.source.display().to_string();
+    let tokenizer = tokenizer_dir(app)?;
     let (is_lora, rank, mlp, attn, unembed) = match &info.training {
         TrainingConfig::Lora(l) => (
             true,
@@ -861,6 +903,8 @@ struct LoadWeights {
     seq_id: Option<i64>,
     session_id: Option<String>,
     model_seq_id: Option<u64>,
+    #[serde(default)]
+    user_metadata: Option<HashMap<String, String>>,
 }
 
 async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
@@ -892,10 +936,24 @@ async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
                 let name = run_of(&model_id)?;
                 let mid = model_id.clone();
                 let path = req.path.clone();
+                // the new run's metadata: the request's, else its source run's
+                let meta = match req.user_metadata {
+                    Some(m) => Some(m),
+                    None => parse_path(&req.path)
+                        .ok()
+                        .and_then(|(src, _, _)| std::fs::read_to_string(metadata_path(&app, &src)).ok())
+                        .and_then(|t| serde_json::from_str(&t).ok()),
+                };
+                let (app2, run2) = (app.clone(), name.clone());
                 let jobs = submit_jobs(
                     &app,
                     vec![(name, Op::CreateRunFrom { source: dir, optimizer: req.optimizer })],
-                    Box::new(move |_| Ok(Fut::Json(json!({"path": path, "model_id": mid, "type": "load_weights"})))),
+                    Box::new(move |_| {
+                        if let Some(meta) = meta {
+                            save_metadata(&app2, &run2, &meta);
+                        }
+                        Ok(Fut::Json(json!({"path": path, "model_id": mid, "type": "load_weights"})))
+                    }),
                 );
                 app.tinker.queue(&model_id, 1);
                 Ok(json!({"request_id": unordered(&app, jobs), "model_id": model_id}))
@@ -1168,6 +1226,7 @@ fn training_run(app: &App, info: &RunInfo) -> Value {
         "last_request_time": iso_time(app.shared.last_activity_ms.load(Ordering::SeqCst) as f64 / 1000.0),
         "last_checkpoint": last("training"),
         "last_sampler_checkpoint": last("sampler"),
+        "user_metadata": std::fs::read_to_string(metadata_path(app, &info.id)).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()),
     })
 }
 
