@@ -9,8 +9,11 @@
 //! sampled token's log-probability (alternatives, `top_logprobs`, are not computed: asking for
 //! them is a 400, as is `echo`). A chat completion stops at the end-of-turn text the chat template
 //! writes after an assistant message (found by rendering a probe), which is cut from the content.
-//! `stream: true` answers with server-sent events in OpenAI's chunk format, one chunk per token,
-//! sent once the sample has finished.
+//! `stream: true` answers with server-sent events in OpenAI's chunk format while the sample runs:
+//! the engine reports each step's tokens, each choice's text is decoded whole and its new part
+//! sent, holding back what a stop string could still claim (its length less one character) and
+//! an incomplete character; the rest, cut at the stop, goes with the end. A client that goes
+//! away cancels the sample.
 
 use crate::error::ApiError;
 use crate::routes::{parse_body, text_model, wait_result};
@@ -22,7 +25,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hearth_api::{ChatMessage, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
+use hearth_api::{ChatMessage, RequestState, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -128,20 +131,130 @@ fn piece(t: &hearth_engine::text::TextModel, id: u32) -> String {
     t.decode(&[id], false).unwrap_or_default()
 }
 
-fn sse(events: Vec<Value>) -> Response {
-    let mut body = String::new();
-    for e in events {
-        body.push_str("data: ");
-        body.push_str(&e.to_string());
-        body.push_str("\n\n");
+fn event(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// The part of a choice's text that can go out now (see the module doc).
+fn sendable(text: &str, stop: &[Stop]) -> usize {
+    let stops: Vec<&str> = stop.iter().filter_map(|s| if let Stop::Text(x) = s { Some(x.as_str()) } else { None }).collect();
+    if let Some(found) = stops.iter().filter_map(|s| text.find(s)).min() {
+        return found;
     }
-    body.push_str("data: [DONE]\n\n");
-    Response::builder()
+    let hold = stops.iter().map(|s| s.chars().count().saturating_sub(1)).max().unwrap_or(0);
+    let mut cut = text.char_indices().rev().nth(hold.saturating_sub(1)).map_or(0, |(i, _)| i);
+    if hold == 0 {
+        cut = text.len();
+    }
+    // a token that ends inside a character decodes as U+FFFD: wait for the rest of it
+    while text[..cut].ends_with('\u{FFFD}') {
+        cut -= '\u{FFFD}'.len_utf8();
+    }
+    cut
+}
+
+/// How a live stream shapes its chunks: `chunk(choice, text delta or None for the role chunk,
+/// finish_reason)`.
+type Chunker = Box<dyn Fn(usize, Option<&str>, Option<&str>) -> Value + Send>;
+
+/// Samples each input in turn in `run`'s queue and streams the choices (`n` per input, numbered
+/// across inputs) as server-sent events while they are sampled. `drop_token` (the chat's
+/// end-of-text) is left out of the text; `role` sends a chat's first chunk per choice.
+fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token: Option<u32>, role: bool, chunk: Chunker) -> Result<Response, ApiError> {
+    app.check_budget()?;
+    text_model(&app)?;
+    // what would fail at once fails before the stream starts, as a plain error response
+    let context = app.shared.base.config.max_position_embeddings;
+    for input in &inputs {
+        let max = input.sampling_params.max_tokens;
+        if max == 0 || input.prompt.len() + max > context {
+            return Err(ApiError::invalid(format!(
+                "max_tokens = {max}: expected at least 1, and the prompt ({} tokens) + max_tokens within the model's context ({context})",
+                input.prompt.len()
+            )));
+        }
+    }
+    let (frames, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    tokio::spawn(async move {
+        let Ok(t) = text_model(&app) else { return };
+        let mut base = 0;
+        'inputs: for input in inputs {
+            let n = input.num_samples;
+            let stop = input.sampling_params.stop.clone();
+            let (tokens_tx, mut tokens_rx) = tokio::sync::mpsc::unbounded_channel();
+            let (id, mut state) = match app.shared.submit(run.clone(), Op::SampleStream(input, tokens_tx)) {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = frames.send(event(&json!({"error": {"message": e.message, "type": e.kind}}))).await;
+                    break;
+                }
+            };
+            let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+            let mut sent = vec![0usize; n];
+            if role {
+                for i in 0..n {
+                    if frames.send(event(&chunk(base + i, None, None))).await.is_err() {
+                        cancel(&app, id);
+                        return;
+                    }
+                }
+            }
+            while let Some(picked) = tokens_rx.recv().await {
+                for (i, tok, _) in picked {
+                    if Some(tok) != drop_token {
+                        tokens[i].push(tok);
+                    }
+                    let text = t.decode(&tokens[i], false).unwrap_or_default();
+                    let upto = sendable(&text, &stop);
+                    if upto > sent[i] && text.is_char_boundary(sent[i]) {
+                        let delta = &text[sent[i]..upto];
+                        sent[i] = upto;
+                        if frames.send(event(&chunk(base + i, Some(delta), None))).await.is_err() {
+                            cancel(&app, id); // the client went away
+                            return;
+                        }
+                    }
+                }
+            }
+            let ended = state.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await.map(|s| s.clone());
+            let out = match ended {
+                Ok(RequestState::Done { result }) => serde_json::from_value::<SampleOutput>(result).ok(),
+                Ok(RequestState::Failed { error, .. }) => {
+                    let _ = frames.send(event(&json!({"error": {"message": error.message, "type": error.kind}}))).await;
+                    break 'inputs;
+                }
+                _ => None,
+            };
+            let Some(out) = out else { break };
+            for (i, seq) in out.sequences.iter().enumerate() {
+                let kept: Vec<u32> = seq.tokens.iter().copied().filter(|&x| Some(x) != drop_token).collect();
+                let text = cut_at_stop(&t.decode(&kept, false).unwrap_or_default(), &stop);
+                let rest = text.get(sent[i]..).unwrap_or_default();
+                if !rest.is_empty() && frames.send(event(&chunk(base + i, Some(rest), None))).await.is_err() {
+                    return;
+                }
+                if frames.send(event(&chunk(base + i, Some(""), Some(finish_reason(&seq.stop_reason))))).await.is_err() {
+                    return;
+                }
+            }
+            base += n;
+        }
+        let _ = frames.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx)) });
+    Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stream").into_response())
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stream").into_response()))
+}
+
+/// Flags a request for cancellation (a stream's client went away).
+fn cancel(app: &App, id: u64) {
+    if let Some(e) = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        e.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// `GET /v1/models`: every run, as OpenAI lists models.
@@ -159,7 +272,7 @@ pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
     completions_inner(&app, body).await.unwrap_or_else(|failed| failed)
 }
 
-async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
+async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
     let req: CompletionRequest = parse_body(body)?;
     if req.echo {
         return Err(ApiError::invalid("echo: prompt echoing is not supported; use the native sample with prompt_logprobs").into());
@@ -174,6 +287,19 @@ async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Re
     let p = params(&req.common, 16, stop);
     let n = req.common.n.unwrap_or(1);
     let id = format!("cmpl-{}", unix_now());
+    if req.common.stream {
+        let inputs = prompts
+            .iter()
+            .map(|prompt| Ok(SampleInput { prompt: t.encode(prompt, true)?, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() }))
+            .collect::<Result<Vec<_>, hearth_engine::EngineError>>()
+            .map_err(ApiError::from)?;
+        let model = req.common.model.clone();
+        let chunk: Chunker = Box::new(move |index, text, reason| {
+            json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model,
+                   "choices": [{"index": index, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": reason}]})
+        });
+        return live_stream(app.clone(), req.common.model.clone(), inputs, None, false, chunk).map_err(Response::from);
+    }
     let (mut choices, mut prompt_total, mut completion_total) = (Vec::new(), 0, 0);
     for (pi, prompt) in prompts.iter().enumerate() {
         let tokens = t.encode(prompt, true).map_err(ApiError::from)?;
@@ -203,19 +329,6 @@ async fn completions_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Re
     }
     let usage = json!({"prompt_tokens": prompt_total, "completion_tokens": completion_total, "total_tokens": prompt_total + completion_total});
     let model = req.common.model.clone();
-    if req.common.stream {
-        let mut events = Vec::new();
-        for (c, tokens) in &choices {
-            let index = c["index"].clone();
-            for &tok in tokens {
-                events.push(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model,
-                                   "choices": [{"index": index, "text": piece(t, tok), "logprobs": null, "finish_reason": null}]}));
-            }
-            events.push(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model,
-                               "choices": [{"index": index, "text": "", "logprobs": null, "finish_reason": c["finish_reason"]}]}));
-        }
-        return Ok(sse(events));
-    }
     let choices: Vec<Value> = choices.into_iter().map(|(c, _)| c).collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model, "choices": choices, "usage": usage}))
         .into_response())
@@ -257,7 +370,7 @@ impl TakeStop for Option<OneOrMany> {
     }
 }
 
-async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
+async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
     let req: ChatRequest = parse_body(body)?;
     if req.top_logprobs.unwrap_or(0) > 0 {
         return Err(ApiError::invalid("top_logprobs: alternatives are not computed; logprobs: true gives each sampled token's logprob").into());
@@ -281,6 +394,20 @@ async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Re
     let p = params(&req.common, room, stop);
     let n = req.common.n.unwrap_or(1);
     let prompt_len = prompt.len();
+    if req.common.stream {
+        let (id, model) = (format!("chatcmpl-{}", unix_now()), req.common.model.clone());
+        let chunk: Chunker = Box::new(move |index, text, reason| {
+            let delta = match (text, reason) {
+                (None, _) => json!({"role": "assistant", "content": ""}),
+                (Some(_), Some(_)) => json!({}),
+                (Some(t), None) => json!({"content": t}),
+            };
+            json!({"id": id, "object": "chat.completion.chunk", "created": unix_now(), "model": model,
+                   "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": reason}]})
+        });
+        let input = SampleInput { prompt, num_samples: n, sampling_params: p, ..SampleInput::default() };
+        return live_stream(app.clone(), req.common.model.clone(), vec![input], eos, true, chunk).map_err(Response::from);
+    }
     let out = sample(app, &req.common.model, SampleInput { prompt, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() }).await?;
     let id = format!("chatcmpl-{}", unix_now());
     let model = req.common.model.clone();
@@ -303,32 +430,6 @@ async fn chat_inner(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Re
             json!({"content": content})
         });
         choices.push((i, content, logprobs, finish_reason(&seq.stop_reason), seq.tokens.clone()));
-    }
-    if req.common.stream {
-        let mut events = Vec::new();
-        for (i, content, _, reason, _) in &choices {
-            let chunk = |delta: Value, reason: Value| {
-                json!({"id": id, "object": "chat.completion.chunk", "created": unix_now(), "model": model,
-                       "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": reason}]})
-            };
-            events.push(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
-            // the content in pieces that concatenate to it exactly (one per character run of a token)
-            let mut rest = content.as_str();
-            for tok in choices[*i].4.iter().map(|&x| piece(t, x)) {
-                if rest.is_empty() {
-                    break;
-                }
-                let take = if rest.starts_with(tok.as_str()) && !tok.is_empty() { tok.len() } else { rest.chars().next().map_or(0, char::len_utf8) };
-                let (head, tail) = rest.split_at(take);
-                events.push(chunk(json!({"content": head}), Value::Null));
-                rest = tail;
-            }
-            if !rest.is_empty() {
-                events.push(chunk(json!({"content": rest}), Value::Null));
-            }
-            events.push(chunk(json!({}), json!(reason)));
-        }
-        return Ok(sse(events));
     }
     let choices: Vec<Value> = choices
         .into_iter()

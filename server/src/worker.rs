@@ -54,6 +54,9 @@ pub enum Op {
     CreateSampler(Option<PathBuf>),
     /// Sample from a sampler (the job's run is its id).
     SamplerSample(SampleInput),
+    /// Sample, sending each step's new `(sequence, token, logprob)` on while it runs (a live
+    /// stream); the channel closes when the job ends.
+    SampleStream(SampleInput, tokio::sync::mpsc::UnboundedSender<Vec<hearth_engine::session::Picked>>),
 }
 
 impl Op {
@@ -70,13 +73,13 @@ impl Op {
             Op::CreateRunFrom { .. } => "create_run",
             Op::Snapshot { .. } => "snapshot",
             Op::CreateSampler(_) => "create_sampler",
-            Op::SamplerSample(_) => "sample",
+            Op::SamplerSample(_) | Op::SampleStream(..) => "sample",
         }
     }
 
     /// Spends device time (refused once the budget is spent).
     pub fn uses_device(&self) -> bool {
-        matches!(self, Op::Forward(_) | Op::ForwardBackward(_) | Op::OptimStep(_) | Op::Sample(_) | Op::SamplerSample(_))
+        matches!(self, Op::Forward(_) | Op::ForwardBackward(_) | Op::OptimStep(_) | Op::Sample(_) | Op::SamplerSample(_) | Op::SampleStream(..))
     }
 }
 
@@ -494,6 +497,13 @@ fn execute(
         Op::Sample(input) => {
             let detok = detokenizer(shared);
             json(&run.session.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?)
+        }
+        Op::SampleStream(input, tx) => {
+            let detok = detokenizer(shared);
+            let send = |picked: &[hearth_engine::session::Picked]| {
+                let _ = tx.send(picked.to_vec());
+            };
+            json(&run.session.sample_streaming(&input, &detok, &|| cancel.load(Ordering::Relaxed), &send)?)
         }
         Op::Snapshot { sampler } => {
             samplers.insert(sampler.clone(), Some(run.session.snapshot()?));

@@ -6,7 +6,7 @@ scripts/test.sh runs this with the release binaries; on its own:
 
 A real server on loopback (the `tiny` preset, its byte tokenizer and ChatML template), a run
 trained a few steps through the native API, then the `openai` package as the client: models,
-completions, chat completions (plain, n > 1 with a seed, streamed), logprobs equal to the native
+completions, chat completions (plain, n > 1 with a seed, streamed live), logprobs equal to the native
 `sample`'s, and clear errors for a wrong model, a wrong key and unsupported fields.
 """
 
@@ -111,6 +111,35 @@ def test_chat_completions_plain_seeded_and_streamed(server, client):
     whole = client.chat.completions.create(model="r", messages=messages, max_tokens=8, seed=7, temperature=1.0)
     assert "".join(pieces) == whole.choices[0].message.content
     assert reasons == [whole.choices[0].finish_reason]
+
+
+def test_a_streamed_completion_equals_the_plain_one(client):
+    kw = dict(model="r", prompt=["reverse: cat>", "reverse: dog>"], max_tokens=12, n=2, seed=3, temperature=1.0, stop=["a>"])
+    plain = client.completions.create(**kw)
+    texts, reasons = {}, {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    assert [texts[c.index] for c in plain.choices] == [c.text for c in plain.choices]
+    assert [reasons[c.index] for c in plain.choices] == [c.finish_reason for c in plain.choices]
+
+
+def test_streaming_is_live_while_the_sample_runs(server, client):
+    # a long sample: its first chunk arrives while it is still running, so cancelling then finds
+    # it (a stream sent after the sample ended would find nothing to cancel)
+    stream = client.completions.create(model="r", prompt="reverse: cat>", max_tokens=1000 - 20, temperature=1.0, seed=1, stream=True)
+    chunks = iter(stream)
+    first = next(chunks)
+    assert first.choices[0].text or first.choices[0].finish_reason is None
+    cancelled = server.native("/v1/cancel", {})["cancelled"]
+    assert len(cancelled) == 1, cancelled
+    with pytest.raises(openai.APIError, match="nterrupted"):
+        for _ in chunks:
+            pass
+    # and the run is unchanged: the server keeps serving
+    assert client.completions.create(model="r", prompt="reverse: dog>", max_tokens=2).choices[0].finish_reason == "length"
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, client):

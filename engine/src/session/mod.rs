@@ -7,7 +7,7 @@ mod optim_step;
 mod sample;
 
 pub use save_state::{checkpoint_training_config, read_adapter_config, read_manifest, Loaded, Manifest, FORMAT, FORMAT_VERSION};
-pub use sample::MAX_SAMPLES;
+pub use sample::{Picked, MAX_SAMPLES};
 
 use crate::error::{EngineError, Result};
 use crate::model::{Model, NamedParams};

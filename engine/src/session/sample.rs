@@ -130,6 +130,9 @@ fn greedy_picks(logits: &Tensor) -> Result<Vec<(u32, f32)>> {
     Ok(ids.into_iter().map(|i| i as u32).zip(logprobs).collect())
 }
 
+/// One sequence's new token in a step: (sequence, token, logprob).
+pub type Picked = (usize, u32, f32);
+
 impl TrainingSession {
     /// Generates `num_samples` continuations of `prompt` with the run's current weights (or the
     /// base model's). `detokenize` turns generated ids into text for stop strings; `cancelled`
@@ -140,9 +143,22 @@ impl TrainingSession {
         detokenize: &(dyn Fn(&[u32]) -> String + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<SampleOutput> {
+        self.sample_streaming(input, detokenize, cancelled, &|_| {})
+    }
+
+    /// [`sample`](Self::sample), reporting each step's new tokens as they are picked:
+    /// `on_tokens` gets `(sequence, token, logprob)` for every sequence still going (a live
+    /// stream sends them on while the rest is sampled).
+    pub fn sample_streaming(
+        &self,
+        input: &SampleInput,
+        detokenize: &(dyn Fn(&[u32]) -> String + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
+        on_tokens: &(dyn Fn(&[Picked]) + Sync),
+    ) -> Result<SampleOutput> {
         // Decoding is a long chain of small ops; run it on a pool thread so each parallel
         // kernel splits work with a warm sibling instead of waking the pool from outside.
-        rayon::scope(|_| self.sample_in_pool(input, detokenize, cancelled)).map_err(crate::recompute::classify)
+        rayon::scope(|_| self.sample_in_pool(input, detokenize, cancelled, on_tokens)).map_err(crate::recompute::classify)
     }
 
     fn sample_in_pool(
@@ -150,6 +166,7 @@ impl TrainingSession {
         input: &SampleInput,
         detokenize: &(dyn Fn(&[u32]) -> String + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
+        on_tokens: &(dyn Fn(&[Picked]) + Sync),
     ) -> Result<SampleOutput> {
         let cfg = &self.base.config;
         let p = &input.sampling_params;
@@ -219,6 +236,8 @@ impl TrainingSession {
                 Last::Picked(picked) => active.iter().map(|&i| picked[i]).collect(),
             };
             let mut next: Vec<u32> = seqs.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
+            let picked: Vec<Picked> = active.iter().zip(&picks).map(|(&i, &(tok, lp))| (i, tok, lp)).collect();
+            on_tokens(&picked);
             for (&i, (tok, logprob)) in active.iter().zip(picks) {
                 let seq = &mut seqs[i];
                 seq.tokens.push(tok);
