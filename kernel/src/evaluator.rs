@@ -34,6 +34,9 @@ enum Req {
     Quit(mpsc::Sender<()>),
 }
 
+/// How long the evaluator's queue stays empty before it warms rust-analyzer up.
+const WARM_WHEN_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Where the child's output goes: one callback per stdout / stderr line.
 pub type LineSink = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -72,7 +75,9 @@ pub fn prelude_code(prelude_dir: &std::path::Path) -> String {
         "use std::result::Result;".to_string(),
         "hearth::install_panic_hook();".to_string(),
         "hearth::install_error_watch();".to_string(),
-        "let session = hearth::Session::connect_for_cells();".to_string(),
+        // typed, so evcxr takes the type as written instead of having rust-analyzer infer it
+        // (which resolves the hearth crate and its dependencies: about 3 s on 2 cores)
+        "let session: hearth::Session = hearth::Session::connect_for_cells();".to_string(),
     ]
     .join("\n")
 }
@@ -358,7 +363,28 @@ impl Evaluator {
                     *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
                     cv.notify_all();
                 }
-                for req in rx {
+                // rust-analyzer resolves the crates a cell uses the first time it must infer a
+                // variable's type (about 4 s on 2 cores); the first time the queue is idle, a
+                // completion request does it, so the first `let` a user types is not the slow one
+                let mut warmed = false;
+                loop {
+                    let req = if warmed {
+                        match rx.recv() {
+                            Ok(r) => r,
+                            Err(_) => break,
+                        }
+                    } else {
+                        match rx.recv_timeout(WARM_WHEN_IDLE) {
+                            Ok(r) => r,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                let probe = "let hearth_warm_up = session.run_name(); hearth_warm_up.";
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.completions(probe, probe.len())));
+                                warmed = true;
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    };
                     match req {
                         Req::Eval(code, reply) => {
                             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.execute(&code)));

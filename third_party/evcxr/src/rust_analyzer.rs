@@ -161,10 +161,12 @@ impl RustAnalyzer {
                     let Some(body) = function.body() else {
                         continue;
                     };
-                    let module = sema
-                        .scope(function.syntax())
-                        .map(|scope| scope.module())
-                        .unwrap();
+                    // hearth: resolved only when a type must be inferred (see HEARTH_PATCHES.md)
+                    let module = || {
+                        sema.scope(function.syntax())
+                            .map(|scope| scope.module())
+                            .unwrap()
+                    };
                     for statement in body.statements() {
                         if let ast::Stmt::LetStmt(let_stmt) = statement
                             && let Some(pat) = let_stmt.pat()
@@ -172,7 +174,7 @@ impl RustAnalyzer {
                                 &pat,
                                 &sema,
                                 let_stmt.ty(),
-                                module,
+                                &module,
                                 &mut result,
                             )
                         {
@@ -188,7 +190,7 @@ impl RustAnalyzer {
                                         &sub_pat,
                                         &sema,
                                         None,
-                                        module,
+                                        &module,
                                         &mut result,
                                     );
                                 }
@@ -414,19 +416,27 @@ fn add_variable_for_pattern(
     pat: &ast::Pat,
     sema: &ra_hir::Semantics<ra_ide::RootDatabase>,
     explicit_type: Option<ast::Type>,
-    module: ra_hir::Module,
+    module: &dyn Fn() -> ra_hir::Module,
     result: &mut HashMap<String, VariableInfo>,
 ) -> bool {
     use ra_ap_syntax::ast::HasName;
     if let ast::Pat::IdentPat(ident_pat) = pat
         && let Some(name) = ident_pat.name()
     {
-        let type_name = get_type_name(
-            explicit_type,
-            sema.type_of_pat(pat).map(|info| info.original()),
-            sema,
-            module,
-        );
+        // hearth: an explicit type is taken as written, without inferring the body (which
+        // makes rust-analyzer resolve every crate the cell uses)
+        let written = explicit_type
+            .map(|t| t.syntax().text().to_string())
+            .filter(|t| is_type_valid(t));
+        let type_name = match written {
+            Some(t) => TypeName::Named(t),
+            None => get_type_name(
+                None,
+                sema.type_of_pat(pat).map(|info| info.original()),
+                sema,
+                module(),
+            ),
+        };
         result.insert(
             name.text().to_string(),
             VariableInfo {
