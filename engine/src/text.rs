@@ -205,10 +205,9 @@ fn python_json(value: &MjValue, out: &mut String) -> std::result::Result<(), min
     Ok(())
 }
 
-/// The few `strftime` codes chat templates use (%Y %m %d %B %b %H %M), in UTC.
-fn strftime_utc(fmt: &str, secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    // civil-from-days (Howard Hinnant)
+/// The date (year, month 1-12, day 1-31) of a day counted from 1970-01-01 (Howard Hinnant's
+/// civil-from-days).
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -217,7 +216,12 @@ fn strftime_utc(fmt: &str, secs: u64) -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The few `strftime` codes chat templates use (%Y %m %d %B %b %H %M), in UTC.
+fn strftime_utc(fmt: &str, secs: u64) -> String {
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     let month = MONTHS[(m - 1) as usize];
     let (h, min) = ((secs / 3600) % 24, (secs / 60) % 60);

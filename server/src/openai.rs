@@ -324,12 +324,11 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
                 json!({"tokens": pieces, "token_logprobs": seq.logprobs, "top_logprobs": Value::Null, "text_offset": offsets})
             });
             let choice = json!({"index": pi * n + si, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(&seq.stop_reason)});
-            choices.push((choice, seq.tokens.clone()));
+            choices.push(choice);
         }
     }
     let usage = json!({"prompt_tokens": prompt_total, "completion_tokens": completion_total, "total_tokens": prompt_total + completion_total});
     let model = req.common.model.clone();
-    let choices: Vec<Value> = choices.into_iter().map(|(c, _)| c).collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model, "choices": choices, "usage": usage}))
         .into_response())
 }
@@ -429,14 +428,9 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
                 .collect();
             json!({"content": content})
         });
-        choices.push((i, content, logprobs, finish_reason(&seq.stop_reason), seq.tokens.clone()));
+        choices.push(json!({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
+                            "finish_reason": finish_reason(&seq.stop_reason)}));
     }
-    let choices: Vec<Value> = choices
-        .into_iter()
-        .map(|(i, content, logprobs, reason, _)| {
-            json!({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs, "finish_reason": reason})
-        })
-        .collect();
     let usage = json!({"prompt_tokens": prompt_len, "completion_tokens": completion_total, "total_tokens": prompt_len + completion_total});
     Ok(Json(json!({"id": id, "object": "chat.completion", "created": unix_now(), "model": model, "choices": choices, "usage": usage}))
         .into_response())

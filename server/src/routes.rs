@@ -79,15 +79,20 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection
     parse(body)
 }
 
-/// Parses a JSON body, mapping every failure to a clear 4xx.
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|e| {
+/// A body's bytes, or a clear 4xx: 413 over `--max-body-bytes`, 400 otherwise.
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is larger than --max-body-bytes")
         } else {
             ApiError::invalid(format!("request body: {e}"))
         }
-    })?;
+    })
+}
+
+/// Parses a JSON body, mapping every failure to a clear 4xx.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body_bytes(body)?;
     let text = if bytes.is_empty() { &b"{}"[..] } else { &bytes[..] };
     // serde_path_to_error names the field: "request body: sampling_params.max_tokens: invalid value…"
     let mut de = serde_json::Deserializer::from_slice(text);

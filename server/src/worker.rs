@@ -388,6 +388,27 @@ fn detokenizer(shared: &Shared) -> impl Fn(&[u32]) -> String + Sync + '_ {
     }
 }
 
+/// Adds run `run_id` with the session `make` builds (called only once the name is known free).
+fn create_run(
+    shared: &Shared,
+    runs: &mut BTreeMap<String, Run>,
+    run_id: &str,
+    make: impl FnOnce() -> hearth_engine::Result<TrainingSession>,
+) -> Result<Value, ApiError> {
+    let base_key = shared.base_key();
+    check_name("run", run_id)?;
+    if runs.contains_key(run_id) || shared.registry.has_run(base_key, run_id).map_err(registry_err)? {
+        return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
+    }
+    let mut session = make()?;
+    session.set_recompute(shared.recompute);
+    shared.registry.add_run(base_key, run_id, session.training(), session.step()).map_err(registry_err)?;
+    let run = Run::new(session, None);
+    let info = run.info(run_id);
+    runs.insert(run_id.to_string(), run);
+    json(&info)
+}
+
 fn execute(
     shared: &Shared,
     runs: &mut BTreeMap<String, Run>,
@@ -427,42 +448,15 @@ fn execute(
             };
             return json(&out);
         }
-        Op::CreateRunFrom { source, optimizer } => {
-            check_name("run", run_id)?;
-            if runs.contains_key(run_id) || shared.registry.has_run(&base_key, run_id).map_err(registry_err)? {
-                return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
-            }
-            let mut session = if optimizer {
-                TrainingSession::from_checkpoint(shared.base.clone(), &source)?
-            } else {
-                TrainingSession::from_checkpoint_weights(shared.base.clone(), &source)?
-            };
-            session.set_recompute(shared.recompute);
-            let step = session.step();
-            shared.registry.add_run(&base_key, run_id, session.training(), step).map_err(registry_err)?;
-            let run = Run::new(session, None);
-            let info = run.info(run_id);
-            runs.insert(run_id.to_string(), run);
-            return json(&info);
+        Op::CreateRun(req) => return create_run(shared, runs, run_id, || TrainingSession::new(shared.base.clone(), req.training)),
+        Op::CreateRunFrom { source, optimizer: true } => return create_run(shared, runs, run_id, || TrainingSession::from_checkpoint(shared.base.clone(), &source)),
+        Op::CreateRunFrom { source, optimizer: false } => {
+            return create_run(shared, runs, run_id, || TrainingSession::from_checkpoint_weights(shared.base.clone(), &source))
         }
         _ => {}
     }
-    if let Op::CreateRun(req) = op {
-        check_name("run", run_id)?;
-        if runs.contains_key(run_id) || shared.registry.has_run(&base_key, run_id).map_err(registry_err)? {
-            return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
-        }
-        let mut session = TrainingSession::new(shared.base.clone(), req.training)?;
-        session.set_recompute(shared.recompute);
-        shared.registry.add_run(&base_key, run_id, session.training(), 0).map_err(registry_err)?;
-        let run = Run::new(session, None);
-        let info = run.info(run_id);
-        runs.insert(run_id.to_string(), run);
-        return json(&info);
-    }
     let run = runs.get_mut(run_id).ok_or_else(|| ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs")))?;
     match op {
-        Op::CreateRun(_) => Err(ApiError::invalid("unreachable")),
         Op::Forward(input) => json(&run.session.forward(&input)?),
         Op::ForwardBackward(input) => {
             let t0 = std::time::Instant::now();
@@ -509,7 +503,8 @@ fn execute(
             samplers.insert(sampler.clone(), Some(run.session.snapshot()?));
             json(&serde_json::json!({"sampler": sampler, "step": run.session.step()}))
         }
-        Op::CreateSampler(_) | Op::SamplerSample(_) | Op::CreateRunFrom { .. } => Err(ApiError::invalid("unreachable")),
+        // handled above
+        Op::CreateRun(_) | Op::CreateRunFrom { .. } | Op::CreateSampler(_) | Op::SamplerSample(_) => Err(ApiError::invalid("unreachable")),
         Op::SaveState(req) => {
             check_name("name", &req.name)?;
             if req.name.starts_with("autosave-") {

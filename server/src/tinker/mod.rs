@@ -66,8 +66,12 @@ enum Fut {
 
 impl Fut {
     fn failed(e: &ApiError) -> Self {
-        let category = if e.status.is_client_error() { "user" } else { "server" };
-        Fut::Failed { error: e.message.clone(), category }
+        Fut::failed_with(e.status.as_u16(), e.message.clone())
+    }
+
+    /// A failure as Tinker reports it: `user` for a 4xx, `server` otherwise.
+    fn failed_with(status: u16, error: String) -> Self {
+        Fut::Failed { error, category: if (400..500).contains(&status) { "user" } else { "server" } }
     }
 }
 
@@ -87,7 +91,6 @@ struct Sampler {
 /// The protocol's state: sessions, models' order, futures, samplers.
 #[derive(Default)]
 pub struct Tinker {
-    sessions: Mutex<HashMap<String, u64>>,
     models: Mutex<HashMap<String, Arc<ModelQueue>>>,
     futures: Mutex<HashMap<String, watch::Receiver<Fut>>>,
     samplers: Mutex<HashMap<String, Sampler>>,
@@ -176,12 +179,29 @@ fn body<T: serde::de::DeserializeOwned>(b: Result<Bytes, BytesRejection>) -> Res
 
 // ---- ids ----
 
+/// A session id of ours: letters and digits.
+fn is_session(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// A session id, or a clear 400.
+fn check_session(s: &str) -> Result<(), ApiError> {
+    if is_session(s) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("session_id {s:?}: not a session of this server")))
+    }
+}
+
+/// Session and number of a model id's two halves (`S` and `N` of `S:train:N` or `S-train-N`).
+fn model_parts((sess, n): (&str, &str)) -> bool {
+    is_session(sess) && !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+}
+
 /// The hearth run a Tinker model id names.
 fn run_of(model_id: &str) -> Result<String, ApiError> {
     let run = match model_id.split_once(":train:") {
-        Some((sess, n)) if !sess.is_empty() && sess.chars().all(|c| c.is_ascii_alphanumeric()) && !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => {
-            format!("{sess}-train-{n}")
-        }
+        Some((sess, n)) if model_parts((sess, n)) => format!("{sess}-train-{n}"),
         Some(_) => return Err(ApiError::invalid(format!("model_id {model_id:?}: expected <session>:train:<n>"))),
         None => model_id.to_string(),
     };
@@ -192,9 +212,7 @@ fn run_of(model_id: &str) -> Result<String, ApiError> {
 /// The Tinker model id of a hearth run.
 fn model_of(run: &str) -> String {
     match run.rsplit_once("-train-") {
-        Some((sess, n)) if !sess.is_empty() && sess.chars().all(|c| c.is_ascii_alphanumeric()) && !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => {
-            format!("{sess}:train:{n}")
-        }
+        Some((sess, n)) if model_parts((sess, n)) => format!("{sess}:train:{n}"),
         _ => run.to_string(),
     }
 }
@@ -301,23 +319,23 @@ async fn capabilities(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({"supported_models": [{"model_name": model_name(&app), "max_context_length": ctx, "trainable": true, "sampleable": true}]}))
 }
 
-async fn create_session(State(app): State<Arc<App>>) -> Json<Value> {
+async fn create_session() -> Json<Value> {
     let id = format!("s{:08x}", hearth_engine::rng::Rng::new(crate::worker::now_ms() ^ u64::from(std::process::id())).next_u64() as u32);
-    lock(&app.tinker.sessions).insert(id.clone(), crate::worker::now_ms());
     Json(json!({"session_id": id, "type": "create_session"}))
 }
 
+/// A heartbeat's body: the session id must be there (nothing else is kept of a session).
 #[derive(Deserialize)]
 struct SessionId {
+    #[expect(dead_code, reason = "parsed only to require it")]
     session_id: String,
 }
 
-async fn heartbeat(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
-    let req: SessionId = match body(b) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
-    lock(&app.tinker.sessions).insert(req.session_id, crate::worker::now_ms());
+async fn heartbeat(b: Result<Bytes, BytesRejection>) -> Response {
+    // sessions hold no state here: a heartbeat only has to be well formed
+    if let Err(e) = body::<SessionId>(b) {
+        return err(e);
+    }
     Json(json!({"type": "session_heartbeat"})).into_response()
 }
 
@@ -357,8 +375,7 @@ async fn finish_jobs(jobs: Result<Jobs, ApiError>, tx: watch::Sender<Fut>) {
         match state {
             Ok(RequestState::Done { result }) => results.push(result),
             Ok(RequestState::Failed { status, error }) => {
-                let category = if (400..500).contains(&status) { "user" } else { "server" };
-                tx.send_replace(Fut::Failed { error: error.message, category });
+                tx.send_replace(Fut::failed_with(status, error.message));
                 return;
             }
             _ => {
@@ -464,25 +481,31 @@ async fn retrieve_future(State(app): State<Arc<App>>, b: Result<Bytes, BytesReje
 
 // ---- training ----
 
+/// Tinker's LoRA config; a field left out takes the SDK's default.
 #[derive(Deserialize)]
+#[serde(default)]
 struct LoraCfg {
-    #[serde(default = "rank32")]
     rank: usize,
     seed: Option<u64>,
-    #[serde(default = "yes")]
     train_mlp: bool,
-    #[serde(default = "yes")]
     train_attn: bool,
-    #[serde(default = "yes")]
     train_unembed: bool,
 }
 
-fn rank32() -> usize {
-    32
+impl Default for LoraCfg {
+    fn default() -> Self {
+        Self { rank: 32, seed: None, train_mlp: true, train_attn: true, train_unembed: true }
+    }
 }
 
-fn yes() -> bool {
-    true
+/// Tinker's `train_mlp`, `train_attn`, `train_unembed` of a hearth adapter (`lora_of`'s inverse).
+fn train_flags(l: &LoraConfig) -> (bool, bool, bool) {
+    let has = |ms: &[TargetModule]| l.target_modules.iter().any(|m| ms.contains(m));
+    (
+        has(&[TargetModule::GateProj, TargetModule::UpProj, TargetModule::DownProj]),
+        has(&[TargetModule::QProj, TargetModule::KProj, TargetModule::VProj, TargetModule::OProj]),
+        has(&[TargetModule::LmHead]),
+    )
 }
 
 #[derive(Deserialize)]
@@ -532,9 +555,7 @@ async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
     let run = || -> Result<Value, ApiError> {
         let req: CreateModel = body(b)?;
         check_base(&app, &req.base_model)?;
-        if !req.session_id.chars().all(|c| c.is_ascii_alphanumeric()) || req.session_id.is_empty() {
-            return Err(ApiError::invalid(format!("session_id {:?}: not a session of this server", req.session_id)));
-        }
+        check_session(&req.session_id)?;
         // `user_metadata={"hearth_run": "main"}` drives an existing run (one made in a Rust cell)
         if let Some(existing) = req.user_metadata.as_ref().and_then(|m| m.get("hearth_run")) {
             let run = known_run(&app, existing)?;
@@ -546,7 +567,7 @@ async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
             return Ok(json!({"request_id": id, "model_id": model_id}));
         }
         let model_id = format!("{}:train:{}", req.session_id, req.model_seq_id);
-        let lora = req.lora_config.unwrap_or(LoraCfg { rank: 32, seed: None, train_mlp: true, train_attn: true, train_unembed: true });
+        let lora = req.lora_config.unwrap_or_default();
         let training = lora_of(&lora)?;
         let name = run_of(&model_id)?;
         let op = Op::CreateRun(CreateRunRequest { name: Some(name.clone()), training });
@@ -576,15 +597,9 @@ fn model_info(app: &App, model_id: &str) -> Result<Value, ApiError> {
     let info = run_info(app, &run).ok_or_else(|| ApiError::not_found(format!("unknown model_id {model_id:?}")))?;
     let name = model_name(app);
     let tokenizer = tokenizer_dir(app)?;
-    let (is_lora, rank, mlp, attn, unembed) = match &info.training {
-        TrainingConfig::Lora(l) => (
-            true,
-            Some(l.rank),
-            l.target_modules.iter().any(|m| matches!(m, TargetModule::GateProj | TargetModule::UpProj | TargetModule::DownProj)),
-            l.target_modules.iter().any(|m| matches!(m, TargetModule::QProj | TargetModule::KProj | TargetModule::VProj | TargetModule::OProj)),
-            l.target_modules.contains(&TargetModule::LmHead),
-        ),
-        TrainingConfig::Full => (false, None, true, true, true),
+    let (is_lora, rank, (mlp, attn, unembed)) = match &info.training {
+        TrainingConfig::Lora(l) => (true, Some(l.rank), train_flags(l)),
+        TrainingConfig::Full => (false, None, (true, true, true)),
     };
     Ok(json!({
         "type": "get_info",
@@ -721,21 +736,12 @@ fn fb_output(out: &ForwardBackwardOutput) -> Vec<u8> {
 
 async fn forward_backward(State(app): State<Arc<App>>, headers: HeaderMap, b: Result<Bytes, BytesRejection>) -> Response {
     let run = || -> Result<Value, ApiError> {
-        let bytes = b.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is larger than --max-body-bytes")
-            } else {
-                ApiError::invalid(format!("request body: {e}"))
-            }
-        })?;
+        let bytes = crate::routes::body_bytes(b)?;
         if headers.get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity") {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_input", "Content-Encoding: this server reads uncompressed protobuf (client/config says proto_compress_fwdbwd: false)"));
         }
         let req = proto::ForwardBackwardRequest::decode(&bytes[..]).map_err(|e| ApiError::invalid(format!("forward_backward: not a tinker_public.ForwardBackwardRequest protobuf: {e}")))?;
-        let run = run_of(&req.model_id)?;
-        if run_info(&app, &run).is_none() {
-            return Err(ApiError::not_found(format!("unknown model_id {:?}", req.model_id)));
-        }
+        let run = known_run(&app, &req.model_id)?;
         // a bad datum fails the future (its seq_id is used: the SDK has counted it)
         let input = fb_input(&req);
         let forward_only = req.forward_only;
@@ -928,9 +934,7 @@ async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
             }
             // a new model made from the checkpoint
             (None, _, Some(session), Some(n)) => {
-                if session.is_empty() || !session.chars().all(|c| c.is_ascii_alphanumeric()) {
-                    return Err(ApiError::invalid(format!("session_id {session:?}: not a session of this server")));
-                }
+                check_session(&session)?;
                 let dir = checkpoint_dir(&app, &req.path)?;
                 let model_id = format!("{session}:train:{n}");
                 let name = run_of(&model_id)?;
@@ -977,9 +981,7 @@ struct CreateSampling {
 async fn create_sampling_session(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
     let prepare = || -> Result<(String, Sampler, Op), ApiError> {
         let req: CreateSampling = body(b)?;
-        if req.session_id.is_empty() || !req.session_id.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(ApiError::invalid(format!("session_id {:?}: not a session of this server", req.session_id)));
-        }
+        check_session(&req.session_id)?;
         let id = format!("{}:sample:{}", req.session_id, req.sampling_session_seq_id);
         let (source, model_path) = match (req.model_path, req.base_model) {
             (Some(p), _) => (Some(checkpoint_dir(&app, &p)?), Some(p)),
@@ -1163,16 +1165,7 @@ async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) 
 fn iso_time(secs: f64) -> String {
     let s = secs.max(0.0) as i64;
     let (days, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
-    // civil from days (Howard Hinnant's algorithm)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = hearth_engine::text::civil_from_days(days);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
@@ -1299,14 +1292,11 @@ async fn weights_info(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
         let dir = checkpoint_dir(&app, &req.tinker_path)?;
         let training = hearth_engine::session::checkpoint_training_config(&dir)?;
         Ok(match training {
-            TrainingConfig::Lora(l) => json!({
-                "base_model": model_name(&app),
-                "is_lora": true,
-                "lora_rank": l.rank,
-                "train_mlp": l.target_modules.iter().any(|m| matches!(m, TargetModule::GateProj | TargetModule::UpProj | TargetModule::DownProj)),
-                "train_attn": l.target_modules.iter().any(|m| matches!(m, TargetModule::QProj | TargetModule::KProj | TargetModule::VProj | TargetModule::OProj)),
-                "train_unembed": l.target_modules.contains(&TargetModule::LmHead),
-            }),
+            TrainingConfig::Lora(l) => {
+                let (mlp, attn, unembed) = train_flags(&l);
+                json!({"base_model": model_name(&app), "is_lora": true, "lora_rank": l.rank,
+                       "train_mlp": mlp, "train_attn": attn, "train_unembed": unembed})
+            }
             TrainingConfig::Full => json!({"base_model": model_name(&app), "is_lora": false}),
         })
     };
