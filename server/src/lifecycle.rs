@@ -148,7 +148,7 @@ pub struct App {
     pub idle_timeout: AtomicU64,
     model_loads: u64,
     shutdown_tx: watch::Sender<Option<String>>,
-    /// Tinker protocol state (sessions, futures, samplers).
+    /// Tinker protocol state (models' order, futures, samplers).
     pub tinker: crate::tinker::Tinker,
 }
 

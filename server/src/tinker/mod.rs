@@ -88,7 +88,7 @@ struct Sampler {
     model_path: Option<String>,
 }
 
-/// The protocol's state: sessions, models' order, futures, samplers.
+/// The protocol's state: models' order, futures, samplers (a session is only an id).
 #[derive(Default)]
 pub struct Tinker {
     models: Mutex<HashMap<String, Arc<ModelQueue>>>,
