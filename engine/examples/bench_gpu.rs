@@ -132,6 +132,8 @@ fn random_base(shape: &str, device: &Device, dtype: DType) -> Result<BaseModel> 
         fingerprint: format!("bench-{shape}"),
         text: None,
         gguf: None,
+        quantized: HashMap::new(),
+        quantize: None,
     })
 }
 

@@ -1,6 +1,8 @@
 //! Training-step benchmark: forward + backward + AdamW on the `smollm2-135m-shape` preset with
 //! LoRA r=16 on all seven projections, f32, batch 1 × T tokens (`--seq-len`, `--recompute
-//! auto|on|off`). Prints one JSON line.
+//! auto|on|off`, `--fused on|off`: the fused CPU kernels of `hearth_engine::fused`, `--base f32|q8|q4`:
+//! the base dense or quantized at load (QLoRA), `--model PATH` instead of the preset, `--lr`).
+//! Prints one JSON line, with the loss of every step and the base weights' bytes.
 //!
 //! Run through `bench/train_step.sh`, which also runs the PyTorch + PEFT reference
 //! (`bench/ref_train_step.py`) in the same run and prints the ratio. Threads come from
@@ -30,29 +32,56 @@ fn main() -> Result<()> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("hearth"));
     let dir = Preset::Smollm2_135mShape.ensure(&home.join("models"))?;
-    let base = Arc::new(BaseModel::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)?);
+    let args: Vec<String> = std::env::args().collect();
+    let quantize = match args.iter().position(|a| a == "--base") {
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some("f32") => None,
+            Some(q) => Some(hearth_engine::quant::Quantize::parse(q).context("--base: f32, q8 or q4")?),
+            None => anyhow::bail!("--base: f32, q8 or q4"),
+        },
+        None => None,
+    };
+    // --model PATH: a model folder or .gguf file instead of the random-init preset
+    let path = match args.iter().position(|a| a == "--model") {
+        Some(i) => std::path::PathBuf::from(args.get(i + 1).context("--model needs a path")?),
+        None => dir,
+    };
+    let base = Arc::new(BaseModel::load_quantized(&path, &candle_core::Device::Cpu, candle_core::DType::F32, quantize)?);
     let lora = LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() };
     let mut session = TrainingSession::new(base.clone(), TrainingConfig::Lora(lora))?;
-    let args: Vec<String> = std::env::args().collect();
     let recompute = match args.iter().position(|a| a == "--recompute") {
         Some(i) => hearth_engine::recompute::Recompute::parse(args.get(i + 1).map_or("", String::as_str)).context("--recompute: auto, on or off")?,
         None => hearth_engine::recompute::Recompute::Auto,
     };
     session.set_recompute(recompute);
+    let fused = match args.iter().position(|a| a == "--fused") {
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some("on") => true,
+            Some("off") => false,
+            _ => anyhow::bail!("--fused: on or off"),
+        },
+        None => true,
+    };
+    hearth_engine::fused::set_enabled(fused);
     let mut rng = Rng::new(1);
     let vocab = base.config.vocab_size as u64;
     let tokens: Vec<u32> = (0..=seq_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
     let datum = Datum::new(tokens[..seq_len].to_vec(), LossFnInputs::cross_entropy(tokens[1..].to_vec(), vec![1.0; seq_len]));
     let input = ForwardBackwardInput { data: vec![datum], loss_fn: LossFn::CrossEntropy };
-    let adam = AdamParams::default();
+    let adam = match args.iter().position(|a| a == "--lr") {
+        Some(i) => AdamParams { learning_rate: args.get(i + 1).context("--lr needs a number")?.parse().context("--lr needs a number")?, ..AdamParams::default() },
+        None => AdamParams::default(),
+    };
     let mut times = Vec::with_capacity(steps);
+    let mut losses = Vec::with_capacity(warmup + steps);
     for i in 0..warmup + steps {
         let t = Instant::now();
-        session.forward_backward(&input)?;
+        let out = session.forward_backward(&input)?;
         session.optim_step(&adam)?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
         }
+        losses.push(out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN));
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
@@ -63,7 +92,9 @@ fn main() -> Result<()> {
         serde_json::json!({
             "impl": "hearth", "candle": "0.11.1", "threads": threads, "seq_len": seq_len, "steps": steps,
             "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "peak_rss_gb": hearth_engine::device::peak_bytes(&candle_core::Device::Cpu).map_or(f64::NAN, |b| b as f64 / 1e9),
-            "recompute": recompute.applies(session.model(), 1, seq_len),
+            "recompute": recompute.applies(session.model(), 1, seq_len), "fused": fused,
+            "base": quantize.map_or("f32", |q| q.name()), "weight_gb": base.weight_bytes() as f64 / 1e9,
+            "losses": losses,
         })
     );
     Ok(())

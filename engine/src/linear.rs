@@ -2,6 +2,7 @@
 
 use crate::error::Result;
 use crate::ops::{add_const, frozen_matmul, mul_const};
+use crate::quant::QWeight;
 use candle_core::{DType, Tensor, Var, D};
 
 /// A weight that is either frozen (no gradient) or trained.
@@ -11,14 +12,45 @@ pub enum Weight {
     Frozen(Tensor),
     /// Trained weight (full fine-tuning).
     Trainable(Var),
+    /// Base weight held as quantized blocks (QLoRA), dequantized into a temporary whenever a
+    /// product needs it; never receives a gradient.
+    Quantized(QWeight),
 }
 
 impl Weight {
     /// `x @ selfᵀ`: x (…, in), self (out, in) → (…, out); a frozen weight gets no gradient.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Weight::Frozen(w) if crate::fused::applies(x) && w.dtype() == x.dtype() => crate::fused::linear(x, self, None),
+            Weight::Quantized(_) if crate::fused::applies(x) => crate::fused::linear(x, self, None),
             Weight::Frozen(w) => frozen_matmul(x, w),
+            // elsewhere than the fused CPU path the dequantized copy lives until backward
+            Weight::Quantized(q) => frozen_matmul(x, &q.dequantize(x.dtype())?),
             Weight::Trainable(w) => Ok(x.broadcast_matmul(&w.as_tensor().t()?)?),
+        }
+    }
+
+    /// The value of a frozen weight as `dtype`: the tensor itself (shared) or, for quantized
+    /// blocks, a dequantized temporary.
+    pub fn frozen_value(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Weight::Frozen(t) => Ok(t.to_dtype(dtype)?),
+            Weight::Quantized(q) => q.dequantize(dtype),
+            Weight::Trainable(v) => Ok(v.as_detached_tensor().to_dtype(dtype)?),
+        }
+    }
+
+    /// Whether this weight stays fixed during training (frozen or quantized).
+    pub fn is_frozen(&self) -> bool {
+        !matches!(self, Weight::Trainable(_))
+    }
+
+    /// Its shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Weight::Quantized(q) => vec![q.dims2().0, q.dims2().1],
+            Weight::Frozen(t) => t.dims().to_vec(),
+            Weight::Trainable(v) => v.dims().to_vec(),
         }
     }
 
@@ -27,14 +59,17 @@ impl Weight {
         match self {
             Weight::Frozen(t) => Weight::Frozen(t.clone()),
             Weight::Trainable(v) => Weight::Frozen(v.as_detached_tensor()),
+            Weight::Quantized(q) => Weight::Quantized(q.clone()),
         }
     }
 
-    /// The current value.
-    pub fn tensor(&self) -> &Tensor {
+    /// The current value of a dense weight; `None` for quantized blocks (see
+    /// [`Weight::frozen_value`]).
+    pub fn tensor(&self) -> Option<&Tensor> {
         match self {
-            Weight::Frozen(t) => t,
-            Weight::Trainable(v) => v.as_tensor(),
+            Weight::Frozen(t) => Some(t),
+            Weight::Trainable(v) => Some(v.as_tensor()),
+            Weight::Quantized(_) => None,
         }
     }
 }
@@ -80,7 +115,7 @@ impl Linear {
         if let Weight::Frozen(w) = &self.weight {
             let bias = match &self.bias {
                 Some(Weight::Frozen(b)) => Some(Some(b)),
-                Some(Weight::Trainable(_)) => None,
+                Some(Weight::Trainable(_) | Weight::Quantized(_)) => None,
                 None => Some(None),
             };
             if let Some(bias) = bias {
@@ -94,25 +129,40 @@ impl Linear {
                 }
             }
         }
+        let dense_fits = self.weight.tensor().is_none_or(|w| w.dtype() == x.dtype());
+        if self.weight.is_frozen() && crate::fused::applies(x) && dense_fits {
+            let lora = self.lora.as_ref().filter(|l| l.a.dtype() == x.dtype()).map(|l| (&l.a, &l.b, l.scale));
+            if lora.is_some() || self.lora.is_none() {
+                let y = crate::fused::linear(x, &self.weight, lora)?;
+                return match &self.bias {
+                    Some(Weight::Frozen(b)) => add_const(&y, b),
+                    Some(b @ Weight::Quantized(_)) => add_const(&y, &b.frozen_value(y.dtype())?),
+                    Some(Weight::Trainable(b)) => Ok(y.broadcast_add(b.as_tensor())?),
+                    None => Ok(y),
+                };
+            }
+        }
         let mut y = self.weight.matmul_t(x)?;
         match &self.bias {
             Some(Weight::Frozen(b)) => y = add_const(&y, b)?,
+            Some(b @ Weight::Quantized(_)) => y = add_const(&y, &b.frozen_value(y.dtype())?)?,
             Some(Weight::Trainable(b)) => y = y.broadcast_add(b.as_tensor())?,
             None => {}
         }
         if let Some(lora) = &self.lora {
             let dt = lora.a.dtype();
             let x = x.to_dtype(dt)?;
+            // the scale goes on the r-wide x·Aᵀ, not on the out-wide product (one pass less)
             let xab = if lora.a.is_variable() {
-                let xa = x.broadcast_matmul(&lora.a.t()?)?; // (…, in) -> (…, r)
+                let xa = (x.broadcast_matmul(&lora.a.t()?)? * lora.scale)?; // (…, in) -> (…, r)
                 xa.broadcast_matmul(&lora.b.t()?)? // (…, r) -> (…, out)
             } else {
                 // inference copy: nothing to differentiate, and the few-rows kernel applies
-                frozen_matmul(&frozen_matmul(&x, &lora.a)?, &lora.b)?
+                frozen_matmul(&(frozen_matmul(&x, &lora.a)? * lora.scale)?, &lora.b)?
             };
             // PEFT adds the f32 LoRA term to the base output in f32, then rounds once.
             let out_dtype = y.dtype();
-            y = (y.to_dtype(dt)? + (xab * lora.scale)?)?.to_dtype(out_dtype)?;
+            y = (y.to_dtype(dt)? + xab)?.to_dtype(out_dtype)?;
         }
         Ok(y)
     }
@@ -128,7 +178,10 @@ impl Linear {
 
     /// (out, in).
     pub fn dims(&self) -> Result<(usize, usize)> {
-        Ok(self.weight.tensor().dims2()?)
+        match self.weight.dims()[..] {
+            [out, inp] => Ok((out, inp)),
+            ref d => Err(crate::error::EngineError::Weights(format!("a projection weight has shape {d:?}"))),
+        }
     }
 }
 
@@ -149,6 +202,11 @@ impl RmsNorm {
 
     /// x (…, C) → (…, C), computed in f32 or wider.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Weight::Frozen(w) = &self.weight {
+            if crate::fused::applies(x) {
+                return crate::fused::rms_norm(x, w, self.eps);
+            }
+        }
         let dtype = x.dtype();
         let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
         let xf = x.to_dtype(wide)?;
@@ -157,6 +215,7 @@ impl RmsNorm {
         match &self.weight {
             Weight::Frozen(w) => mul_const(&normed, w),
             Weight::Trainable(w) => Ok(normed.broadcast_mul(w.as_tensor())?),
+            Weight::Quantized(q) => mul_const(&normed, &q.dequantize(dtype)?),
         }
     }
 }

@@ -33,8 +33,13 @@ impl LossTerms {
 
 /// Computes the loss terms from logits (B, T, V).
 pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerms> {
-    let logp = log_softmax_last_dim(&logits.to_dtype(wide(logits.dtype()))?)?; // (B,T,V), f32 for a bf16 model
-    let target_logprobs = logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?; // (B,T,1) -> (B,T)
+    let logits = logits.to_dtype(wide(logits.dtype()))?; // f32 for a bf16 model
+    let target_logprobs = if crate::fused::applies(&logits) {
+        crate::fused::target_logprobs(&logits, &batch.targets)? // (B,T,V) -> (B,T), no log-softmax copy
+    } else {
+        let logp = log_softmax_last_dim(&logits)?; // (B,T,V)
+        logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)? // (B,T,1) -> (B,T)
+    };
     let per_token = match loss {
         LossFn::CrossEntropy => mul_const(&target_logprobs, &batch.weights)?.neg()?,
         LossFn::ImportanceSampling => {

@@ -14,6 +14,7 @@
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, Lora, RmsNorm, Weight};
+use crate::quant::QWeight;
 use crate::ops::{add_const, mul_const};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -115,6 +116,18 @@ impl Rotary {
         Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?))
     }
 
+    /// Moves x (B, T, N, D) to heads, (B, N, T, D), rotated for positions start..start+T: one
+    /// fused pass on the CPU ([`crate::fused::rotary_to_heads`]), a transpose and
+    /// [`Rotary::apply`] elsewhere.
+    pub fn apply_to_heads(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        if crate::fused::applies(x) {
+            let (_b, t, _n, _d) = x.dims4()?;
+            let (cos, sin) = self.rows(start, t)?;
+            return crate::fused::rotary_to_heads(x, &cos, &sin);
+        }
+        self.apply(&x.transpose(1, 2)?.contiguous()?, start)
+    }
+
     /// Rotates x (B, N, T, D) for positions start..start+T (`rotate_half` convention).
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let (_b, _n, t, d) = x.dims4()?;
@@ -140,9 +153,10 @@ pub struct Mlp {
 impl Mlp {
     /// x (B, T, C) → (B, T, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?; // (B, T, F)
+        let gate = self.gate_proj.forward(x)?; // (B, T, F)
         let up = self.up_proj.forward(x)?; // (B, T, F)
-        self.down_proj.forward(&(gate * up)?)
+        let act = if crate::fused::applies(&gate) { crate::fused::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
+        self.down_proj.forward(&act)
     }
 }
 
@@ -216,8 +230,8 @@ impl Attention {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&kk)?),
             _ => (q, kk),
         };
-        let q = rotary.apply(&q.transpose(1, 2)?.contiguous()?, start)?; // (B,T,H,D) -> (B,H,T,D)
-        let kk = rotary.apply(&kk.transpose(1, 2)?.contiguous()?, start)?; // (B,T,K,D) -> (B,K,T,D)
+        let q = rotary.apply_to_heads(&q, start)?; // (B,T,H,D) -> (B,H,T,D)
+        let kk = rotary.apply_to_heads(&kk, start)?; // (B,T,K,D) -> (B,K,T,D)
         let v = v.transpose(1, 2)?.contiguous()?; // (B,T,K,D) -> (B,K,T,D)
         Ok((q, kk, v))
     }
@@ -239,6 +253,10 @@ impl Attention {
     /// One chunk: q (B, H, L, D) at positions first..first+L, k and v (B, K, first+L, D) →
     /// (B, H, L, D).
     pub fn attend(&self, q: &Tensor, kk: &Tensor, v: &Tensor, attn: &AttnSpec, first: usize) -> Result<Tensor> {
+        if crate::fused::applies(q) && kk.dtype() == q.dtype() {
+            // one op, softmax in place, only the output and a log-sum-exp per row kept
+            return crate::fused::attention(q, kk, v, first, attn.window);
+        }
         let (b, h, len, d) = q.dims4()?;
         let (k, keys) = (self.num_kv_heads, kk.dim(2)?);
         // Grouped-query attention without copying keys: heads are ordered kv-head-major, so the
@@ -399,6 +417,8 @@ pub type NamedParams = Vec<(String, Var)>;
 /// fresh variables.
 struct Builder<'a> {
     weights: &'a HashMap<String, Tensor>,
+    quantized: &'a HashMap<String, QWeight>,
+    device: Device,
     training: &'a TrainingConfig,
     rng: Rng,
     params: NamedParams,
@@ -413,6 +433,18 @@ impl Builder<'_> {
     }
 
     fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
+        if let Some(q) = self.quantized.get(name) {
+            let (r, c) = q.dims2();
+            if [r, c] != shape {
+                return Err(EngineError::Weights(format!("tensor `{name}` has shape {:?}, expected {shape:?}", [r, c])));
+            }
+            return match self.training {
+                TrainingConfig::Full => Err(EngineError::Weights(
+                    "full fine-tuning needs a dense base, and this one is quantized: load it without quantization, or train LoRA".into(),
+                )),
+                TrainingConfig::Lora(_) => Ok(Weight::Quantized(q.clone())),
+            };
+        }
         let t = self.base(name)?;
         if t.dims() != shape {
             return Err(EngineError::Weights(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims())));
@@ -438,8 +470,7 @@ impl Builder<'_> {
     }
 
     fn lora(&mut self, prefix: &str, out: usize, inp: usize, cfg: &LoraConfig) -> Result<Lora> {
-        // (a tied lm_head has no weight of its own: the embeddings' device is everyone's)
-        let device = self.base("model.embed_tokens.weight")?.device().clone();
+        let device = self.device.clone();
         let r = cfg.rank;
         // PEFT: kaiming_uniform_(a=√5) → U(-1/√in, 1/√in); B = 0.
         let bound = 1.0 / (inp as f64).sqrt();
@@ -465,6 +496,17 @@ impl Model {
         weights: &HashMap<String, Tensor>,
         training: &TrainingConfig,
     ) -> Result<(Self, NamedParams)> {
+        Self::new_quantized(config, weights, &HashMap::new(), training)
+    }
+
+    /// [`Model::new`] over a base whose 2-D weights may be held as quantized blocks
+    /// (`quantized`, by checkpoint name, not in `weights`).
+    pub fn new_quantized(
+        config: &ModelConfig,
+        weights: &HashMap<String, Tensor>,
+        quantized: &HashMap<String, QWeight>,
+        training: &TrainingConfig,
+    ) -> Result<(Self, NamedParams)> {
         let cfg = config;
         if let TrainingConfig::Lora(l) = training {
             if l.rank == 0 {
@@ -479,16 +521,19 @@ impl Model {
             }
         }
         let embed_name = "model.embed_tokens.weight";
-        let embed = weights
+        // the device and dtype of a dense tensor (the norms always are)
+        let norm_name = "model.norm.weight";
+        let dense = weights
             .get(embed_name)
-            .ok_or_else(|| EngineError::Weights(format!("tensor `{embed_name}` is missing from the checkpoint")))?;
-        let (device, dtype) = (embed.device().clone(), embed.dtype());
+            .or_else(|| weights.get(norm_name))
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{norm_name}` is missing from the checkpoint")))?;
+        let (device, dtype) = (dense.device().clone(), dense.dtype());
         let lora_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
         let seed = match training {
             TrainingConfig::Lora(l) => l.seed,
             TrainingConfig::Full => 0,
         };
-        let mut bld = Builder { weights, training, rng: Rng::new(seed), params: Vec::new(), lora_dtype };
+        let mut bld = Builder { weights, quantized, device: device.clone(), training, rng: Rng::new(seed), params: Vec::new(), lora_dtype };
         let (c, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         let (h, k, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let embed_tokens = bld.weight(embed_name, &[cfg.vocab_size, c])?;
@@ -550,6 +595,16 @@ impl Model {
         }
     }
 
+    /// The dtype activations run in (the base's).
+    pub fn dtype(&self) -> DType {
+        self.rotary.dtype
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.rotary.device
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -591,8 +646,12 @@ impl Model {
     /// Token ids (B, T) → embeddings (B, T, C).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let emb = self.embed_tokens.tensor();
-        Ok(emb.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?) // (B·T,C) -> (B,T,C)
+        let rows = match (&self.embed_tokens, self.embed_tokens.tensor()) {
+            (_, Some(emb)) => emb.index_select(&ids.flatten_all()?, 0)?,
+            (Weight::Quantized(q), None) => q.rows(&ids.flatten_all()?, self.dtype())?, // only the rows used are dequantized
+            (_, None) => return Err(EngineError::Weights("embedding table missing".into())),
+        };
+        Ok(rows.reshape((b, t, self.config.hidden_size))?) // (B·T,C) -> (B,T,C)
     }
 
     /// Final norm and output projection: hidden states (B, T, C) → logits (B, T, V).

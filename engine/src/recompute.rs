@@ -101,7 +101,7 @@ pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
         return activation_bytes(model, b, t);
     }
     let c = model.config();
-    let dt = model.embed_tokens.tensor().dtype().size_in_bytes() as u64;
+    let dt = model.dtype().size_in_bytes() as u64;
     let tokens = (b * t) as u64;
     let kept = (2 * c.num_hidden_layers as u64 + 1) * tokens * c.hidden_size as u64 * dt;
     let layer = tokens * (16 * c.hidden_size + 6 * c.intermediate_size) as u64 * 4;
@@ -110,7 +110,7 @@ pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
 }
 
 fn free_memory(model: &Model) -> Option<u64> {
-    crate::device::available_memory(model.embed_tokens.tensor().device())
+    crate::device::available_memory(model.device())
 }
 
 /// Refuses a step that would not fit in `free` bytes (when that is known).
@@ -208,7 +208,7 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
         let (x, y) = xs.pop().zip(ys.pop()).ok_or_else(|| EngineError::Weights("recompute: layer inputs out of step".into()))?;
         g = layer_backward(layer, &x, &y, &g, rotary, &attn, &mut acc)?;
     }
-    if model.embed_tokens.tensor().is_variable() {
+    if !model.embed_tokens.is_frozen() {
         let x0 = model.embed(&batch.ids)?;
         acc.add(&mul_const(&x0, &g)?.sum_all()?.backward()?)?;
     }

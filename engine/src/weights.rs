@@ -104,6 +104,11 @@ pub struct BaseModel {
     /// Set when the model came from a GGUF file: the Hugging Face files it stands for and the
     /// metadata that GGUF exports carry over.
     pub gguf: Option<crate::gguf::GgufOrigin>,
+    /// The 2-D weights held as quantized blocks (QLoRA, [`BaseModel::load_quantized`]); they are
+    /// not in `weights`. Empty for a dense base.
+    pub quantized: HashMap<String, crate::quant::QWeight>,
+    /// How the base was quantized at load (`None`: dense).
+    pub quantize: Option<crate::quant::Quantize>,
 }
 
 impl BaseModel {
@@ -116,26 +121,66 @@ impl BaseModel {
 
     /// [`BaseModel::load`] against an explicit memory budget in bytes (`None`: no check).
     pub fn load_within(path: &Path, device: &Device, dtype: DType, budget: Option<u64>) -> Result<Self> {
+        Self::load_within_quantized(path, device, dtype, budget, None)
+    }
+
+    /// [`BaseModel::load`] with the 2-D weights kept as quantized blocks (QLoRA): a GGUF file's
+    /// own blocks where it stores them quantized, else quantized at load to `quantize`. LoRA
+    /// runs train on it as on a dense base; full fine-tuning refuses it. The fingerprint is the
+    /// dense weights' (a GGUF file's blocks dequantize to the values its dense load has), so
+    /// adapters move between a quantized and a dense load of the same model.
+    pub fn load_quantized(path: &Path, device: &Device, dtype: DType, quantize: Option<crate::quant::Quantize>) -> Result<Self> {
+        Self::load_within_quantized(path, device, dtype, available_memory(device), quantize)
+    }
+
+    fn load_within_quantized(path: &Path, device: &Device, dtype: DType, budget: Option<u64>, quantize: Option<crate::quant::Quantize>) -> Result<Self> {
         if crate::gguf::is_gguf(path) || (path.is_file() && path.extension().is_some_and(|e| e == "gguf")) {
-            return Self::load_gguf(path, device, dtype, budget);
+            return Self::load_gguf(path, device, dtype, budget, quantize);
         }
         let dir = path;
         let config = ModelConfig::from_dir(dir)?;
         check_fits(dir, estimate_bytes(dir, dtype)?, dtype, budget)?;
-        let weights = load_dir(dir, device, dtype)?;
-        let fingerprint = fingerprint(&weights)?;
+        let mut weights = load_dir(dir, device, dtype)?;
+        let fingerprint = fingerprint(&weights, &HashMap::new())?;
+        let mut quantized = HashMap::new();
+        if let Some(kind) = quantize {
+            let names: Vec<String> = weights.iter().filter(|(n, t)| crate::quant::quantizable(n, t.dims())).map(|(n, _)| n.clone()).collect();
+            for name in names {
+                if let Some(t) = weights.remove(&name) {
+                    quantized.insert(name.clone(), crate::quant::QWeight::quantize(&name, &t, kind)?);
+                }
+            }
+        }
         let text = if dir.join("tokenizer.json").is_file() { Some(crate::text::TextModel::from_dir(dir)?) } else { None };
-        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint, text, gguf: None })
+        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint, text, gguf: None, quantized, quantize })
+    }
+
+    /// Bytes the base weights take on the device: dense tensors plus quantized blocks.
+    pub fn weight_bytes(&self) -> u64 {
+        let dense: u64 = self.weights.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum();
+        dense + self.quantized.values().map(|q| q.bytes() as u64).sum::<u64>()
+    }
+
+    /// A base weight's value as `dtype`, dense or dequantized (a temporary); `None` if absent.
+    pub fn weight_value(&self, name: &str) -> Result<Option<Tensor>> {
+        match (self.weights.get(name), self.quantized.get(name)) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(q)) => Ok(Some(q.dequantize(self.dtype)?)),
+            (None, None) => Ok(None),
+        }
     }
 
     /// A GGUF file: header, tokenizer and every tensor's place checked before any is read, then
     /// each tensor dequantized to `dtype`.
-    fn load_gguf(path: &Path, device: &Device, dtype: DType, budget: Option<u64>) -> Result<Self> {
+    fn load_gguf(path: &Path, device: &Device, dtype: DType, budget: Option<u64>, quantize: Option<crate::quant::Quantize>) -> Result<Self> {
         let plan = crate::gguf::plan(path)?;
         check_fits(path, plan.bytes(dtype), dtype, budget)?;
         let text = crate::text::TextModel::from_json(&plan.origin.tokenizer_json, &plan.origin.tokenizer_config_json, path)?;
-        let weights = crate::gguf::load(&plan, device, dtype)?;
-        let fingerprint = fingerprint(&weights)?;
+        let (weights, quantized) = match quantize {
+            None => (crate::gguf::load(&plan, device, dtype)?, HashMap::new()),
+            Some(kind) => crate::gguf::load_quantized(&plan, device, dtype, kind)?,
+        };
+        let fingerprint = fingerprint(&weights, &quantized)?;
         Ok(Self {
             config: plan.config,
             weights,
@@ -145,6 +190,8 @@ impl BaseModel {
             fingerprint,
             text: Some(text),
             gguf: Some(plan.origin),
+            quantized,
+            quantize,
         })
     }
 }
@@ -170,17 +217,22 @@ fn check_fits(path: &Path, need: u64, dtype: DType, budget: Option<u64>) -> Resu
 
 /// FNV-1a over every tensor's name, shape and first and last 64 values as bf16 (so the
 /// same weights loaded as f32 or bf16, on any device, give the same string). Cheap for any size.
-pub fn fingerprint(weights: &HashMap<String, Tensor>) -> Result<String> {
+/// Quantized weights take part dequantized, one at a time.
+pub fn fingerprint(weights: &HashMap<String, Tensor>, quantized: &HashMap<String, crate::quant::QWeight>) -> Result<String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
             h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
         }
     };
-    let mut names: Vec<&String> = weights.keys().collect();
+    let mut names: Vec<&String> = weights.keys().chain(quantized.keys()).collect();
     names.sort();
     for name in names {
-        let t = &weights[name];
+        let t = match (weights.get(name), quantized.get(name)) {
+            (Some(t), _) => t.clone(),
+            (None, Some(q)) => q.dequantize(DType::F32)?,
+            (None, None) => continue,
+        };
         eat(name.as_bytes());
         for d in t.dims() {
             eat(&(*d as u64).to_le_bytes());

@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use hearth_api::{AdamParams, CheckpointKind, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, SampleInput, SamplingParams, TargetModule, TrainingConfig};
+use hearth_engine::quant::Quantize;
 use hearth_engine::gguf::file::{GgufFile, MetaValue};
 use hearth_engine::{BaseModel, EngineError, TrainingSession};
 use serde_json::{json, Value};
@@ -89,6 +90,48 @@ fn the_real_model_knows_the_capital_of_france() {
     let answer = text.decode(&out, true).unwrap();
     eprintln!("The capital of France is{answer}");
     assert!(answer.contains("Paris"), "greedy continuation: {answer:?}");
+}
+
+/// QLoRA on the real model: loaded quantized, the file's Q4_1 blocks stay resident (a fifth of
+/// the f32 bytes) and give the dense load's logits (they dequantize to the same values); LoRA
+/// trains on them with the dense base's losses; full fine-tuning is refused.
+#[test]
+fn the_real_model_trains_on_its_own_quantized_blocks() {
+    let dense = smollm2();
+    let q = Arc::new(BaseModel::load_quantized(&smollm2_path(), &Device::Cpu, DType::F32, Some(Quantize::Q8)).unwrap());
+    assert_eq!(q.fingerprint, dense.fingerprint);
+    assert_eq!(q.quantized.len(), 30 * 7 + 1, "every projection and the embedding table stay quantized");
+    // the file's own blocks (projections Q4_1, embeddings Q8_0), not requantized to the q8 asked for
+    use candle_core::quantized::GgmlDType;
+    for (name, w) in &q.quantized {
+        let want = if name == "model.embed_tokens.weight" { GgmlDType::Q8_0 } else { GgmlDType::Q4_1 };
+        assert_eq!(w.ggml_dtype(), want, "{name}");
+    }
+    let ratio = q.weight_bytes() as f64 / dense.weight_bytes() as f64;
+    eprintln!("weights: dense {:.1} MB, quantized {:.1} MB ({ratio:.3})", dense.weight_bytes() as f64 / 1e6, q.weight_bytes() as f64 / 1e6);
+    assert!(ratio < 0.2, "{ratio}");
+    let text = dense.text.as_ref().unwrap();
+    let ids = text.encode("The capital of France is Paris, and the capital of Italy is Rome.", false).unwrap();
+    let n = ids.len() - 1;
+    let datum = Datum::new(ids[..n].to_vec(), LossFnInputs::cross_entropy(ids[1..].to_vec(), vec![1.0; n]));
+    let mut losses = Vec::new();
+    for base in [&dense, &q] {
+        let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+        let mut curve = Vec::new();
+        for _ in 0..3 {
+            let out = s.forward_backward(&ForwardBackwardInput { data: vec![datum.clone()], loss_fn: LossFn::CrossEntropy }).unwrap();
+            s.optim_step(&AdamParams { learning_rate: 1e-3, ..AdamParams::default() }).unwrap();
+            curve.push(out.metrics["loss:sum"]);
+        }
+        losses.push(curve);
+    }
+    eprintln!("losses: dense {:?} quantized {:?}", losses[0], losses[1]);
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!((a - b).abs() < 1e-4 * a.abs(), "dense {a} vs quantized {b}");
+    }
+    assert!(losses[1][2] < losses[1][0], "training on the quantized base lowers the loss: {:?}", losses[1]);
+    let err = TrainingSession::new(q, TrainingConfig::Full).unwrap_err().to_string();
+    assert!(err.contains("full fine-tuning needs a dense base"), "{err}");
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

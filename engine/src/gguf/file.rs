@@ -378,6 +378,25 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// Reads one tensor's blocks as they are stored (on the CPU, in Hugging Face shape), with
+    /// its rows reordered by `row_order` (destination row i takes stored row `row_order[i]`).
+    pub fn read_blocks(&self, file: &mut std::fs::File, info: &TensorInfo, row_order: Option<&[usize]>) -> Result<candle_core::quantized::QTensor> {
+        let bad = |reason: String| EngineError::Gguf { path: self.path.clone(), reason };
+        let mut raw = vec![0u8; info.byte_len() as usize];
+        file.seek(SeekFrom::Start(self.data_start + info.offset)).map_err(EngineError::io("reading", &self.path))?;
+        file.read_exact(&mut raw).map_err(|e| bad(format!("reading tensor `{}`: {e}", info.name)))?;
+        if let Some(order) = row_order {
+            let row = raw.len() / order.len().max(1);
+            let mut permuted = vec![0u8; raw.len()];
+            for (dst, &src) in order.iter().enumerate() {
+                permuted[dst * row..(dst + 1) * row].copy_from_slice(&raw[src * row..(src + 1) * row]);
+            }
+            raw = permuted;
+        }
+        candle_core::quantized::ggml_file::qtensor_from_ggml(info.dtype, &raw, info.shape(), &candle_core::Device::Cpu)
+            .map_err(|e| bad(format!("tensor `{}`: {e}", info.name)))
+    }
+
     /// Reads one tensor and dequantizes it to f32 on the CPU, in Hugging Face shape.
     pub fn read_f32(&self, file: &mut std::fs::File, info: &TensorInfo) -> Result<candle_core::Tensor> {
         let bad = |reason: String| EngineError::Gguf { path: self.path.clone(), reason };

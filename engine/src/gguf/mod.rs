@@ -350,6 +350,54 @@ pub fn llama3_factors(scaling: &RopeScaling, theta: f64, head_dim: usize) -> Vec
         .collect()
 }
 
+/// Loads a planned GGUF model like [`load`], except that with `quantize` every 2-D weight stays
+/// quantized: as the file's blocks where the file stores it quantized (rows reordered for q/k
+/// like the dense path), quantized to `quantize`'s blocks where it stores it as floats.
+/// Returns the dense tensors and the quantized ones.
+pub fn load_quantized(plan: &Plan, device: &Device, dtype: DType, quantize: crate::quant::Quantize) -> Result<(HashMap<String, Tensor>, HashMap<String, crate::quant::QWeight>)> {
+    use candle_core::quantized::GgmlDType;
+    let path = &plan.file.path;
+    let mut reader = std::fs::File::open(path).map_err(EngineError::io("reading", path))?;
+    let permute = permutes_qk(&plan.origin.arch);
+    let cfg = &plan.config;
+    let (mut dense, mut quant) = (HashMap::new(), HashMap::new());
+    for (hf, info) in &plan.names {
+        let heads = if permute && hf.contains(".self_attn.q_proj.") {
+            Some(cfg.num_attention_heads)
+        } else if permute && hf.contains(".self_attn.k_proj.") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        };
+        let stored_quantized = !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if crate::quant::quantizable(hf, &info.shape()) && stored_quantized {
+            let order = match heads {
+                Some(h) => {
+                    let rows = info.shape()[0];
+                    let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?;
+                    Some(permute_rows(&idx, h, true)?.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect::<Vec<_>>())
+                }
+                None => None,
+            };
+            let q = plan.file.read_blocks(&mut reader, info, order.as_deref())?;
+            let q = if device.is_cpu() { q } else { candle_core::quantized::QTensor::quantize_onto(&q.dequantize(&Device::Cpu)?, q.dtype(), device)? };
+            quant.insert(hf.clone(), crate::quant::QWeight::from_qtensor(q)?);
+            continue;
+        }
+        let mut t = plan.file.read_f32(&mut reader, info)?;
+        if let Some(h) = heads {
+            t = permute_rows(&t, h, true)?;
+        }
+        let t = t.to_dtype(dtype)?.to_device(device)?;
+        if crate::quant::quantizable(hf, t.dims()) {
+            quant.insert(hf.clone(), crate::quant::QWeight::quantize(hf, &t, quantize)?);
+        } else {
+            dense.insert(hf.clone(), t);
+        }
+    }
+    Ok((dense, quant))
+}
+
 /// Loads a planned GGUF model: every tensor dequantized, q/k permuted back where llama.cpp
 /// permuted them, as `dtype` on `device`, under Hugging Face names.
 pub fn load(plan: &Plan, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {

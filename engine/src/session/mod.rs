@@ -39,7 +39,7 @@ pub struct TrainingSession {
 impl TrainingSession {
     /// A new run on `base`: LoRA adapters (B = 0) or a trainable copy of every weight.
     pub fn new(base: Arc<BaseModel>, training: TrainingConfig) -> Result<Self> {
-        let (model, params) = Model::new(&base.config, &base.weights, &training)?;
+        let (model, params) = Model::new_quantized(&base.config, &base.weights, &base.quantized, &training)?;
         let seed = match &training {
             TrainingConfig::Lora(l) => l.seed,
             TrainingConfig::Full => 0,

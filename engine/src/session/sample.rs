@@ -181,7 +181,7 @@ impl TrainingSession {
         }
         let model = if input.base_model_only {
             let frozen = TrainingConfig::Lora(LoraConfig { target_modules: Vec::new(), ..LoraConfig::default() });
-            Model::new(cfg, &self.base.weights, &frozen)?.0
+            Model::new_quantized(cfg, &self.base.weights, &self.base.quantized, &frozen)?.0
         } else {
             self.model.detached()
         };

@@ -259,7 +259,7 @@ impl TrainingSession {
                     // LoRA on a tied lm_head: the merged model gets an lm_head of its own
                     let tied_head = prefix == "lm_head" && self.base.config.tie_word_embeddings;
                     let w_source = if tied_head { "model.embed_tokens.weight" } else { w_name.as_str() };
-                    let w = self.base.weights.get(w_source).ok_or_else(|| EngineError::Weights(format!("`{w_source}` is missing")))?;
+                    let w = self.base.weight_value(w_source)?.ok_or_else(|| EngineError::Weights(format!("`{w_source}` is missing")))?;
                     let delta = (b.matmul(a)? * scale)?; // (out, r) @ (r, in) -> (out, in)
                     let merged = (w.to_dtype(delta.dtype())? + delta)?.to_dtype(self.base.dtype)?;
                     out.insert(w_name, merged);
@@ -268,6 +268,12 @@ impl TrainingSession {
         }
         for (name, t) in &self.base.weights {
             out.entry(name.clone()).or_insert_with(|| t.clone());
+        }
+        // a quantized base merges into its dequantized values
+        for (name, q) in &self.base.quantized {
+            if !out.contains_key(name) {
+                out.insert(name.clone(), q.dequantize(self.base.dtype)?);
+            }
         }
         Ok(out)
     }

@@ -1,0 +1,250 @@
+//! Causal (optionally sliding-window) grouped-query attention in one CPU op, with the
+//! flash-attention backward: the forward keeps only the output and one log-sum-exp per query row;
+//! the backward recomputes the probabilities block by block. No (B, H, T, S) tensor outlives a
+//! call, and blocks above the diagonal are never computed.
+
+use super::{mm, same, storage, Mat, Real};
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Query rows per block: a block computes scores only for the keys its last row may see.
+const BLOCK: usize = 64;
+
+/// softmax(q·kᵀ/√D + mask)·v for q (B, H, L, D) at positions first..first+L over k, v
+/// (B, K, S, D) (H a multiple of K; query head h reads kv head h / (H/K)) → (B, H, L, D). Query
+/// position p sees key j when j ≤ p and, with a window w, p − j < w.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, first: usize, window: Option<usize>) -> Result<Tensor> {
+    let (b, h, l, d) = q.dims4()?;
+    let (kb, kh, s, kd) = k.dims4()?;
+    if kb != b || kd != d || k.dims() != v.dims() || kh == 0 || h % kh != 0 || first + l > s {
+        return Err(candle_core::Error::Msg(format!(
+            "attention: q {:?}, k {:?}, v {:?} and {first} earlier positions do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        ))
+        .into());
+    }
+    let op = Attention { first, window, scale: 1.0 / (d as f64).sqrt(), lse: Mutex::new(None) };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+struct Attention {
+    first: usize,
+    window: Option<usize>,
+    scale: f64,
+    /// One log-sum-exp per query row (B·H·L), from the forward pass, for the backward.
+    lse: Mutex<Option<Vec<f64>>>,
+}
+
+/// Sizes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    h: usize,
+    kh: usize,
+    l: usize,
+    s: usize,
+    d: usize,
+}
+
+impl Attention {
+    /// The keys query row `i` may see: kmin..=kmax.
+    fn visible(&self, i: usize) -> (usize, usize) {
+        let p = self.first + i;
+        (self.window.map_or(0, |w| (p + 1).saturating_sub(w)), p)
+    }
+
+    /// Keys a block of rows i0..i0+lb reads: [lo, hi).
+    fn block_keys(&self, i0: usize, lb: usize) -> (usize, usize) {
+        (self.visible(i0).0, self.visible(i0 + lb - 1).1 + 1)
+    }
+
+    /// Scores of rows i0..i0+lb over keys lo..hi into `sc` (lb × (hi−lo)), masked with −∞.
+    #[allow(clippy::too_many_arguments)]
+    fn scores<T: Real>(&self, sc: &mut [T], q: &[T], k: &[T], i0: usize, lb: usize, lo: usize, hi: usize, d: usize) {
+        let nk = hi - lo;
+        mm(lb, nk, d, sc, Mat::rows(&q[i0 * d..], d), Mat::t(&k[lo * d..], d), false, T::from_f64(self.scale));
+        for r in 0..lb {
+            let (a, b) = self.visible(i0 + r);
+            let row = &mut sc[r * nk..(r + 1) * nk];
+            for (j, x) in row.iter_mut().enumerate() {
+                let key = lo + j;
+                if key < a || key > b {
+                    *x = T::NEG_INFINITY;
+                }
+            }
+        }
+    }
+
+    /// One (b, h): writes y (L × D) and the rows' log-sum-exp.
+    fn forward_head<T: Real>(&self, y: &mut [T], lse: &mut [f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
+        let Dims { l, d, .. } = dm;
+        let mut sc = Vec::new();
+        for i0 in (0..l).step_by(BLOCK) {
+            let lb = BLOCK.min(l - i0);
+            let (lo, hi) = self.block_keys(i0, lb);
+            let nk = hi - lo;
+            sc.resize(lb * nk, T::ZERO);
+            self.scores(&mut sc, q, k, i0, lb, lo, hi, d);
+            for r in 0..lb {
+                let row = &mut sc[r * nk..(r + 1) * nk];
+                let max = row.iter().fold(T::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+                let mut sum = 0f64;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += x.to_f64();
+                }
+                let inv = T::from_f64(1.0 / sum);
+                for x in row.iter_mut() {
+                    *x = *x * inv;
+                }
+                lse[i0 + r] = max.to_f64() + sum.ln();
+            }
+            mm(lb, d, nk, &mut y[i0 * d..(i0 + lb) * d], Mat::rows(&sc, nk), Mat::rows(&v[lo * d..], d), false, T::ONE);
+        }
+    }
+
+    /// One (b, h): dQ (L × D) into `dq`, and this head's share of dK, dV (S × D each).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_head<T: Real>(&self, dq: &mut [T], dk: &mut [T], dv: &mut [T], g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
+        let Dims { l, d, .. } = dm;
+        let scale = T::from_f64(self.scale);
+        let (mut p, mut dp) = (Vec::new(), Vec::new());
+        for i0 in (0..l).step_by(BLOCK) {
+            let lb = BLOCK.min(l - i0);
+            let (lo, hi) = self.block_keys(i0, lb);
+            let nk = hi - lo;
+            p.resize(lb * nk, T::ZERO);
+            dp.resize(lb * nk, T::ZERO);
+            // P = exp(scores − lse), 0 where masked
+            self.scores(&mut p, q, k, i0, lb, lo, hi, d);
+            for r in 0..lb {
+                let m = T::from_f64(lse[i0 + r]);
+                for x in p[r * nk..(r + 1) * nk].iter_mut() {
+                    *x = (*x - m).exp();
+                }
+            }
+            let gb = &g[i0 * d..(i0 + lb) * d];
+            // dV += Pᵀ·dY
+            mm(nk, d, lb, &mut dv[lo * d..hi * d], Mat::t(&p, nk), Mat::rows(gb, d), true, T::ONE);
+            // dP = dY·Vᵀ
+            mm(lb, nk, d, &mut dp, Mat::rows(gb, d), Mat::t(&v[lo * d..], d), false, T::ONE);
+            // dS = P ∘ (dP − rowsum(dY ∘ Y)), kept in dp
+            for r in 0..lb {
+                let row = (i0 + r) * d..(i0 + r + 1) * d;
+                let di: T = g[row.clone()].iter().zip(&y[row]).map(|(&a, &b)| a * b).sum();
+                for (x, &pv) in dp[r * nk..(r + 1) * nk].iter_mut().zip(&p[r * nk..(r + 1) * nk]) {
+                    *x = pv * (*x - di);
+                }
+            }
+            // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
+            mm(lb, d, nk, &mut dq[i0 * d..(i0 + lb) * d], Mat::rows(&dp, nk), Mat::rows(&k[lo * d..], d), false, scale);
+            mm(nk, d, lb, &mut dk[lo * d..hi * d], Mat::t(&dp, nk), Mat::rows(&q[i0 * d..], d), true, scale);
+        }
+    }
+
+    fn dims(ql: &Layout, kl: &Layout) -> candle_core::Result<(usize, Dims)> {
+        let (b, h, l, d) = ql.shape().dims4()?;
+        let (_, kh, s, _) = kl.shape().dims4()?;
+        Ok((b, Dims { h, kh, l, s, d }))
+    }
+
+    fn run_forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], b: usize, dm: Dims) -> (Vec<T>, Vec<f64>) {
+        let Dims { h, kh, l, s, d } = dm;
+        let n = h / kh;
+        let mut y = vec![T::ZERO; b * h * l * d];
+        let mut lse = vec![0f64; b * h * l];
+        y.par_chunks_mut(l * d).zip(lse.par_chunks_mut(l)).enumerate().for_each(|(bh, (y, lse))| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kv = (bi * kh + hi / n) * s * d;
+            self.forward_head(y, lse, &q[bh * l * d..(bh + 1) * l * d], &k[kv..kv + s * d], &v[kv..kv + s * d], dm);
+        });
+        (y, lse)
+    }
+
+    /// (dq, dk, dv) stacked into one buffer: B·H·L·D, then B·K·S·D twice.
+    #[allow(clippy::too_many_arguments)]
+    fn run_backward<T: Real>(&self, g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], b: usize, dm: Dims) -> Vec<T> {
+        let Dims { h, kh, l, s, d } = dm;
+        let n = h / kh;
+        // per query head: dQ and its own dK, dV partials; then summed over the heads of a group
+        let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let kv = (bi * kh + hi / n) * s * d;
+                let (mut dq, mut dk, mut dv) = (vec![T::ZERO; l * d], vec![T::ZERO; s * d], vec![T::ZERO; s * d]);
+                let head = bh * l * d..(bh + 1) * l * d;
+                self.backward_head(&mut dq, &mut dk, &mut dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm);
+                (dq, dk, dv)
+            })
+            .collect();
+        let (nq, nkv) = (b * h * l * d, b * kh * s * d);
+        let mut out = vec![T::ZERO; nq + 2 * nkv];
+        for (bh, (dq, dk, dv)) in parts.iter().enumerate() {
+            let (bi, hi) = (bh / h, bh % h);
+            out[bh * l * d..(bh + 1) * l * d].copy_from_slice(dq);
+            let kv = (bi * kh + hi / n) * s * d;
+            for (o, &x) in out[nq + kv..nq + kv + s * d].iter_mut().zip(dk) {
+                *o += x;
+            }
+            for (o, &x) in out[nq + nkv + kv..nq + nkv + kv + s * d].iter_mut().zip(dv) {
+                *o += x;
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, ql: &Layout, k: &CpuStorage, kl: &Layout, v: &CpuStorage, vl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, dm) = Self::dims(ql, kl)?;
+        let (y, lse) = both!(self.name(), q, ql, |q, T| {
+            let (k, v) = (same::<T>(k, kl, self.name())?, same::<T>(v, vl, self.name())?);
+            let (y, lse) = self.run_forward::<T>(q, k, v, b, dm);
+            (storage(y), lse)
+        });
+        if let Ok(mut slot) = self.lse.lock() {
+            *slot = Some(lse);
+        }
+        Ok((y, ql.shape().clone()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().ok().and_then(|s| s.clone()).ok_or_else(|| candle_core::Error::Msg("fused-attention: backward before forward".into()))?;
+        let (b, h, l, d) = q.dims4()?;
+        let (_, kh, s, _) = k.dims4()?;
+        let dm = Dims { h, kh, l, s, d };
+        let (q, k, v, res, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, res.contiguous()?, g.contiguous()?);
+        macro_rules! go {
+            ($t:ty) => {
+                super::with_cpu::<$t, _>(&g, "fused-attention", |g| {
+                    super::with_cpu::<$t, _>(&res, "fused-attention", |y| {
+                        super::with_cpu::<$t, _>(&q, "fused-attention", |qs| {
+                            super::with_cpu::<$t, _>(&k, "fused-attention", |ks| {
+                                super::with_cpu::<$t, _>(&v, "fused-attention", |vs| Ok(self.run_backward::<$t>(g, y, &lse, qs, ks, vs, b, dm)))
+                            })
+                        })
+                    })
+                })?
+            };
+        }
+        let dev = q.device().clone();
+        let (nq, nkv) = (b * h * l * d, b * kh * s * d);
+        let all = match q.dtype() {
+            DType::F32 => Tensor::from_vec(go!(f32), nq + 2 * nkv, &dev)?,
+            DType::F64 => Tensor::from_vec(go!(f64), nq + 2 * nkv, &dev)?,
+            dt => candle_core::bail!("fused-attention: {dt:?} is not fused"),
+        };
+        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = all.narrow(0, nq, nkv)?.reshape(k.shape())?;
+        let dv = all.narrow(0, nq + nkv, nkv)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}

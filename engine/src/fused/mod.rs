@@ -1,0 +1,948 @@
+//! Fused CPU kernels with a hand-written backward: RMSNorm, rotary (with the head transpose),
+//! SwiGLU and the target log-probabilities of a log-softmax over the vocabulary.
+//!
+//! Composed from candle ops, each of these is several passes over memory, and every
+//! intermediate stays alive until the backward pass (an RMSNorm keeps five tensors the size of
+//! its input; the log-softmax three (B, T, V) copies). Here each is one custom op that keeps
+//! only its input, and whose backward is a second custom op (run without a graph) that computes
+//! the input gradient in one pass. Rows are split over rayon's pool.
+//!
+//! Only CPU tensors in f32 or f64 take these paths ([`applies`]); every other device or dtype
+//! (CUDA, Metal, bf16) uses the composed candle ops at the call sites, which keep working
+//! everywhere. [`set_enabled`] switches the fused paths off process-wide (tests compare both,
+//! `bench_train --fused off` measures the difference). Each op is checked against finite
+//! differences in f64 and against its composed form in this module's tests; the golden and
+//! gradient suites run the whole model through them.
+
+use crate::error::Result;
+use crate::linear::Weight;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused CPU paths on or off for the whole process (on by default).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused CPU paths are on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether a fused kernel can take `t`: on the CPU, in f32 or f64, and switched on.
+pub fn applies(t: &Tensor) -> bool {
+    enabled() && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The float types the kernels are written for.
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + std::iter::Sum
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+        }
+    };
+}
+real!(f32);
+real!(f64);
+
+/// Rows at least this long are split one per task; shorter ones are grouped.
+const MIN_TASK: usize = 1 << 14;
+
+/// Rows of `len` values grouped so that one rayon task handles at least [`MIN_TASK`] values.
+fn rows_per_task(len: usize) -> usize {
+    MIN_TASK.div_ceil(len.max(1))
+}
+
+/// The contiguous slice behind a layout, or an error naming the op.
+pub(crate) fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
+
+macro_rules! both {
+    ($op:expr, $s:expr, $l:expr, |$v:ident, $ty:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                type $ty = f32;
+                let $v = $crate::fused::slice(v, $l, $op)?;
+                $body
+            }
+            CpuStorage::F64(v) => {
+                type $ty = f64;
+                let $v = $crate::fused::slice(v, $l, $op)?;
+                $body
+            }
+            _ => candle_core::bail!("{}: only f32 and f64 are fused", $op),
+        }
+    };
+}
+
+/// A second operand of the same dtype as the first, as a slice.
+pub(crate) fn same<'a, T: 'static>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    let any: &dyn std::any::Any = match s {
+        CpuStorage::F32(v) => v,
+        CpuStorage::F64(v) => v,
+        _ => candle_core::bail!("{op}: only f32 and f64 are fused"),
+    };
+    match any.downcast_ref::<Vec<T>>() {
+        Some(v) => slice(v, l, op),
+        None => candle_core::bail!("{op}: operands differ in dtype"),
+    }
+}
+
+/// A CPU tensor's storage as a slice of `T` (made contiguous first).
+pub(crate) fn with_cpu<T: 'static, R>(t: &Tensor, op: &str, f: impl FnOnce(&[T]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else { candle_core::bail!("{op}: a constant is not on the cpu") };
+    f(same::<T>(s, l, op)?)
+}
+
+pub(crate) fn storage<T: 'static>(v: Vec<T>) -> CpuStorage {
+    let any: Box<dyn std::any::Any> = Box::new(v);
+    match any.downcast::<Vec<f32>>() {
+        Ok(v) => CpuStorage::F32(*v),
+        Err(any) => match any.downcast::<Vec<f64>>() {
+            Ok(v) => CpuStorage::F64(*v),
+            Err(_) => CpuStorage::F32(Vec::new()),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `x / sqrt(mean(x²) + eps) * w` over the last dim, for a frozen weight `w` (C).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(RmsNorm { w: w.to_dtype(x.dtype())?.contiguous()?, eps })?)
+}
+
+struct RmsNorm {
+    w: Tensor,
+    eps: f64,
+}
+
+fn rms<T: Real>(row: &[T], eps: f64) -> T {
+    let ss: T = row.iter().map(|&v| v * v).sum();
+    (ss / T::from_f64(row.len() as f64) + T::from_f64(eps)).sqrt()
+}
+
+fn rms_norm_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let c = w.len();
+    let mut out = vec![T::ZERO; x.len()];
+    out.par_chunks_mut(c * rows_per_task(c)).zip(x.par_chunks(c * rows_per_task(c))).for_each(|(o, x)| {
+        for (o, x) in o.chunks_mut(c).zip(x.chunks(c)) {
+            let r = rms(x, eps);
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = x / r * w;
+            }
+        }
+    });
+    out
+}
+
+/// dx = (g·w − x̂ · mean(g·w·x̂)) / rms, x̂ = x / rms.
+fn rms_norm_bwd<T: Real>(g: &[T], x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let c = w.len();
+    let mut out = vec![T::ZERO; x.len()];
+    let n = c * rows_per_task(c);
+    out.par_chunks_mut(n).zip(g.par_chunks(n).zip(x.par_chunks(n))).for_each(|(o, (g, x))| {
+        for ((o, g), x) in o.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c)) {
+            let r = rms(x, eps);
+            let dot: T = g.iter().zip(x).zip(w).map(|((&g, &x), &w)| g * w * x).sum();
+            let k = dot / (r * r * T::from_f64(c as f64));
+            for (((o, &g), &x), &w) in o.iter_mut().zip(g).zip(x).zip(w) {
+                *o = (g * w - x * k) / r;
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = self.w.elem_count();
+        if l.dims().last() != Some(&c) {
+            candle_core::bail!("fused-rms-norm: last dim is not {c}")
+        }
+        let out = both!(self.name(), s, l, |x, T| storage(with_cpu::<T, _>(&self.w, self.name(), |w| Ok(rms_norm_fwd(x, w, self.eps)))?));
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op2_no_bwd(x, &RmsNormBwd { w: self.w.clone(), eps: self.eps })?))
+    }
+}
+
+struct RmsNormBwd {
+    w: Tensor,
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = both!(self.name(), g, gl, |g, T| {
+            let x = same::<T>(x, xl, self.name())?;
+            storage(with_cpu::<T, _>(&self.w, self.name(), |w| Ok(rms_norm_bwd(g, x, w, self.eps)))?)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(gate) * up`, both (…, F).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
+}
+
+struct SwiGlu;
+
+fn sigmoid<T: Real>(x: T) -> T {
+    T::ONE / (T::ONE + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if gl.shape() != ul.shape() {
+            candle_core::bail!("fused-swiglu: gate {:?} and up {:?} differ", gl.shape(), ul.shape())
+        }
+        let out = both!(self.name(), g, gl, |g, T| {
+            let u = same::<T>(u, ul, self.name())?;
+            let mut out = vec![T::ZERO; g.len()];
+            out.par_chunks_mut(MIN_TASK).zip(g.par_chunks(MIN_TASK).zip(u.par_chunks(MIN_TASK))).for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    // silu as candle computes it: x / (1 + e^-x)
+                    *o = g / (T::ONE + (-g).exp()) * u;
+                }
+            });
+            storage(out)
+        });
+        Ok((out, gl.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // one pass writes both gradients side by side: (2, N)
+        let both = g.contiguous()?.apply_op3_no_bwd(gate, up, &SwiGluBwd)?;
+        let shape = gate.shape();
+        Ok((Some(both.get(0)?.reshape(shape)?), Some(both.get(1)?.reshape(shape)?)))
+    }
+}
+
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        gate: &CpuStorage,
+        gatel: &Layout,
+        up: &CpuStorage,
+        upl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = gl.shape().elem_count();
+        let out = both!(self.name(), g, gl, |g, T| {
+            let (x, u) = (same::<T>(gate, gatel, self.name())?, same::<T>(up, upl, self.name())?);
+            let mut out = vec![T::ZERO; 2 * n];
+            let (dg, du) = out.split_at_mut(n);
+            dg.par_chunks_mut(MIN_TASK)
+                .zip(du.par_chunks_mut(MIN_TASK))
+                .zip(g.par_chunks(MIN_TASK).zip(x.par_chunks(MIN_TASK).zip(u.par_chunks(MIN_TASK))))
+                .for_each(|((dg, du), (g, (x, u)))| {
+                    for i in 0..g.len() {
+                        let s = sigmoid(x[i]);
+                        let silu = x[i] * s;
+                        dg[i] = g[i] * u[i] * s * (T::ONE + x[i] * (T::ONE - s));
+                        du[i] = g[i] * silu;
+                    }
+                });
+            storage(out)
+        });
+        Ok((out, Shape::from((2, n))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary
+
+/// Rotary embedding (`rotate_half` convention) fused with the head transpose: x (B, T, N, D)
+/// → (B, N, T, D), rotated by `cos`, `sin` (T, D).
+pub fn rotary_to_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    Ok(x.contiguous()?.apply_op1(Rotary { cos: cos.to_dtype(dtype)?.contiguous()?, sin: sin.to_dtype(dtype)?.contiguous()? })?)
+}
+
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// A rotary kernel on one row: (out, in, cos, sin).
+type RowFn<T> = fn(&mut [T], &[T], &[T], &[T]);
+
+/// y = x·cos + rotate_half(x)·sin on one (D) row, rotate_half(x) = (−x₂, x₁).
+fn rotate_row<T: Real>(y: &mut [T], x: &[T], cos: &[T], sin: &[T]) {
+    let h = x.len() / 2;
+    for i in 0..h {
+        y[i] = x[i] * cos[i] - x[i + h] * sin[i];
+        y[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
+    }
+}
+
+/// The transpose of [`rotate_row`]: dx = g·cos + (g₂·sin₂, −g₁·sin₁).
+fn unrotate_row<T: Real>(dx: &mut [T], g: &[T], cos: &[T], sin: &[T]) {
+    let h = g.len() / 2;
+    for i in 0..h {
+        dx[i] = g[i] * cos[i] + g[i + h] * sin[i + h];
+        dx[i + h] = g[i + h] * cos[i + h] - g[i] * sin[i];
+    }
+}
+
+impl Rotary {
+    /// Applies `row(out_row, in_row, cos_row, sin_row)` to every (b, t, n) row of D values.
+    /// `to_heads`: x is (B, T, N, D) and the output (B, N, T, D); otherwise the other way round.
+    fn map<T: Real>(&self, x: &[T], dims: (usize, usize, usize, usize), to_heads: bool, row: RowFn<T>) -> candle_core::Result<Vec<T>> {
+        let (_b, t, n, d) = dims;
+        with_cpu::<T, _>(&self.cos, "fused-rotary", |cos| {
+            with_cpu::<T, _>(&self.sin, "fused-rotary", |sin| {
+                if cos.len() != t * d || sin.len() != t * d {
+                    candle_core::bail!("fused-rotary: tables are not ({t}, {d})")
+                }
+                let mut out = vec![T::ZERO; x.len()];
+                // one task per output block of N·D (to_heads: T·D) values, written in order
+                let block = if to_heads { t * d } else { n * d };
+                out.par_chunks_mut(block).enumerate().for_each(|(i, o)| {
+                    let (bi, j) = if to_heads { (i / n, i % n) } else { (i / t, i % t) };
+                    for (k, o) in o.chunks_mut(d).enumerate() {
+                        // to_heads: j is the head, k the position; otherwise j the position, k the head
+                        let (ti, ni) = if to_heads { (k, j) } else { (j, k) };
+                        let src = if to_heads { ((bi * t + ti) * n + ni) * d } else { ((bi * n + ni) * t + ti) * d };
+                        let tab = ti * d..(ti + 1) * d;
+                        row(o, &x[src..src + d], &cos[tab.clone()], &sin[tab]);
+                    }
+                });
+                Ok(out)
+            })
+        })
+    }
+}
+
+impl CustomOp1 for Rotary {
+    fn name(&self) -> &'static str {
+        "fused-rotary"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, n, d) = l.shape().dims4()?;
+        if d % 2 != 0 {
+            candle_core::bail!("fused-rotary: head dim {d} is odd")
+        }
+        let out = both!(self.name(), s, l, |x, T| storage(self.map::<T>(x, (b, t, n, d), true, rotate_row::<T>)?));
+        Ok((out, Shape::from((b, n, t, d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&RotaryBwd { cos: self.cos.clone(), sin: self.sin.clone() })?))
+    }
+}
+
+struct RotaryBwd {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl CustomOp1 for RotaryBwd {
+    fn name(&self) -> &'static str {
+        "fused-rotary-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, n, t, d) = l.shape().dims4()?;
+        let rot = Rotary { cos: self.cos.clone(), sin: self.sin.clone() };
+        let out = both!(self.name(), s, l, |g, T| storage(rot.map::<T>(g, (b, t, n, d), false, unrotate_row::<T>)?));
+        Ok((out, Shape::from((b, t, n, d))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log-softmax + gather
+
+/// log softmax(logits)[target] for every row: logits (…, V), targets (…) u32 → (…), without
+/// materialising the log-softmax. The backward writes the (…, V) gradient once.
+pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    Ok(logits.contiguous()?.apply_op1(TargetLogprobs { targets: std::sync::Arc::new(targets) })?)
+}
+
+struct TargetLogprobs {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+/// log Σ exp(row), the sum accumulated in f64: a vocabulary of 50k–150k terms summed in f32
+/// loses about 1e-5 of a loss (measured against PyTorch on SmolLM2's 49152 tokens).
+fn logsumexp<T: Real>(row: &[T]) -> T {
+    let max = row.iter().fold(T::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if max == T::NEG_INFINITY {
+        return max;
+    }
+    let s: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
+    T::from_f64(max.to_f64() + s.ln())
+}
+
+impl TargetLogprobs {
+    fn check(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
+        let dims = l.dims();
+        let v = *dims.last().ok_or_else(|| candle_core::Error::Msg("fused-target-logprobs: scalar logits".into()))?;
+        let rows = l.shape().elem_count() / v.max(1);
+        if rows != self.targets.len() {
+            candle_core::bail!("fused-target-logprobs: {rows} rows of logits, {} targets", self.targets.len())
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("fused-target-logprobs: target {t} is outside the vocabulary of {v}")
+        }
+        Ok((rows, v))
+    }
+}
+
+impl CustomOp1 for TargetLogprobs {
+    fn name(&self) -> &'static str {
+        "fused-target-logprobs"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_rows, v) = self.check(l)?;
+        let out = both!(self.name(), s, l, |x, T| {
+            let out: Vec<T> = x.par_chunks(v).zip(self.targets.par_iter()).map(|(row, &t)| row[t as usize] - logsumexp(row)).collect();
+            storage(out)
+        });
+        let dims = l.dims();
+        Ok((out, Shape::from(&dims[..dims.len() - 1])))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op2_no_bwd(x, &TargetLogprobsBwd { targets: self.targets.clone() })?))
+    }
+}
+
+struct TargetLogprobsBwd {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+impl CustomOp2 for TargetLogprobsBwd {
+    fn name(&self) -> &'static str {
+        "fused-target-logprobs-bwd"
+    }
+
+    /// dlogits = g · (onehot(target) − softmax(logits)).
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_rows, v) = TargetLogprobs { targets: self.targets.clone() }.check(xl)?;
+        let out = both!(self.name(), g, gl, |g, T| {
+            let x = same::<T>(x, xl, self.name())?;
+            let mut out = vec![T::ZERO; x.len()];
+            out.par_chunks_mut(v).zip(x.par_chunks(v)).zip(g.par_iter().zip(self.targets.par_iter())).for_each(|((o, row), (&g, &t))| {
+                let lse = logsumexp(row);
+                for (o, &x) in o.iter_mut().zip(row) {
+                    *o = -g * (x - lse).exp();
+                }
+                o[t as usize] += g;
+            });
+            storage(out)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear with LoRA
+
+/// Output elements × depth below which a matmul runs on one thread: splitting it costs more
+/// than it saves (measured: a 256×576×576 product ran slower on two threads through gemm's
+/// own splitting, and the LoRA products 3× slower).
+const PAR_MIN_WORK: usize = 1 << 22;
+
+/// A matrix operand of [`mm`]: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: a Mat is a read-only view of a slice that outlives every task reading it (each call
+// of `mm` borrows the slices for its whole duration).
+unsafe impl<T> Send for Mat<T> {}
+unsafe impl<T> Sync for Mat<T> {}
+
+impl<T> Mat<T> {
+    /// A row-major (rows, cols) slice.
+    pub(crate) fn rows(v: &[T], cols: usize) -> Self {
+        Mat { ptr: v.as_ptr(), rs: cols as isize, cs: 1 }
+    }
+
+    /// The transpose of a row-major (rows, cols) slice: (cols, rows).
+    pub(crate) fn t(v: &[T], cols: usize) -> Self {
+        Mat { ptr: v.as_ptr(), rs: 1, cs: cols as isize }
+    }
+}
+
+/// dst (m, n) row-major = beta · lhs (m, k) · rhs (k, n), added to dst when `acc`. Rows are split
+/// evenly over rayon's threads, each running gemm on one thread, when the product is large
+/// enough; gemm's own splitting of a 256-row product scales poorly.
+#[allow(clippy::too_many_arguments)] // gemm's own interface, reduced to what the kernels use
+pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
+    debug_assert_eq!(dst.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // inside a rayon task (the attention kernel's heads) the caller already runs in parallel
+    let outside_pool = rayon::current_thread_index().is_none();
+    let threads = if outside_pool && m * n * k >= PAR_MIN_WORK { rayon::current_num_threads().min(m) } else { 1 };
+    let rows = m.div_ceil(threads.max(1));
+    let run = |r0: usize, d: &mut [T]| {
+        let (lhs, rhs) = (lhs, rhs); // captured whole (Send), not field by field
+        let mr = d.len() / n;
+        // SAFETY: d holds mr rows of n values; lhs rows r0..r0+mr and rhs (k, n) lie inside the
+        // slices the views were made from (the callers check every shape first).
+        unsafe {
+            gemm::gemm(
+                mr,
+                n,
+                k,
+                d.as_mut_ptr(),
+                1,
+                n as isize,
+                acc,
+                lhs.ptr.offset(r0 as isize * lhs.rs),
+                lhs.cs,
+                lhs.rs,
+                rhs.ptr,
+                rhs.cs,
+                rhs.rs,
+                T::ONE,
+                beta,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if threads <= 1 {
+        run(0, dst);
+    } else {
+        dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, d)| run(i * rows, d));
+    }
+}
+
+/// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` for a frozen weight W (out, in) and, with `lora`, a LoRA pair
+/// A (r, in), B (out, r): x (…, in) → (…, out). The LoRA term is accumulated into the base
+/// product (no (…, out) temporaries); on backward the input gradient `g·W + scale·(g·B)·A` is
+/// accumulated the same way, and A and B get theirs (W gets none).
+///
+/// `w` is a frozen weight, dense or quantized; the op holds it as it is, so quantized blocks are
+/// dequantized into a temporary for the forward product and again for the backward one.
+pub fn linear(x: &Tensor, w: &Weight, lora: Option<(&Tensor, &Tensor, f64)>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let [out, inp] = w.dims()[..] else { return Err(candle_core::Error::Msg(format!("linear: weight of shape {:?}", w.dims())).into()) };
+    if x.dims().last() != Some(&inp) {
+        return Err(candle_core::Error::Msg(format!("linear: input has {:?} features, weight expects {inp}", x.dims().last())).into());
+    }
+    if !w.is_frozen() {
+        return Err(candle_core::Error::Msg("linear: the fused product is for frozen weights".into()).into());
+    }
+    let w = match w {
+        Weight::Frozen(t) => Weight::Frozen(t.contiguous()?),
+        other => other.clone(),
+    };
+    match lora {
+        None => Ok(x.apply_op1(FusedLinear { w, scale: 0.0 })?),
+        Some((a, b, scale)) => {
+            let r = a.dim(0)?;
+            if a.dims() != [r, inp] || b.dims() != [out, r] {
+                return Err(candle_core::Error::Msg(format!("linear: LoRA A {:?} and B {:?} do not fit a ({out}, {inp}) weight", a.dims(), b.dims())).into());
+            }
+            Ok(x.apply_op3(&a.contiguous()?, &b.contiguous()?, FusedLinear { w, scale })?)
+        }
+    }
+}
+
+struct FusedLinear {
+    w: Weight,
+    scale: f64,
+}
+
+impl FusedLinear {
+    /// (rows, in, out) for an input layout.
+    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (out, inp) = self.out_in()?;
+        if l.dims().last() != Some(&inp) {
+            candle_core::bail!("fused-linear: input has {:?} features, weight expects {inp}", l.dims().last())
+        }
+        Ok((l.shape().elem_count() / inp.max(1), inp, out))
+    }
+
+    fn out_in(&self) -> candle_core::Result<(usize, usize)> {
+        match self.w.dims()[..] {
+            [out, inp] => Ok((out, inp)),
+            ref d => candle_core::bail!("fused-linear: weight of shape {d:?}"),
+        }
+    }
+
+    /// The weight's value as T (dequantized when quantized).
+    fn weight<T: Real>(&self) -> candle_core::Result<Tensor> {
+        let dtype = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>() { DType::F64 } else { DType::F32 };
+        self.w.frozen_value(dtype).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn out_shape(l: &Layout, out: usize) -> Shape {
+        let mut d = l.dims().to_vec();
+        if let Some(last) = d.last_mut() {
+            *last = out;
+        }
+        Shape::from(d)
+    }
+
+    /// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ).
+    fn forward<T: Real>(&self, x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<Vec<T>> {
+        with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
+            let mut y = vec![T::ZERO; m * out];
+            mm(m, out, inp, &mut y, Mat::rows(x, inp), Mat::t(w, inp), false, T::ONE);
+            if let Some((a, b)) = ab {
+                let r = a.len() / inp;
+                let mut xa = vec![T::ZERO; m * r];
+                mm(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, T::from_f64(self.scale));
+                mm(m, out, r, &mut y, Mat::rows(&xa, r), Mat::t(b, r), true, T::ONE);
+            }
+            Ok(y)
+        })
+    }
+
+    /// (dx, dA, dB) for the upstream gradient g (m, out).
+    #[allow(clippy::type_complexity)]
+    fn backward<T: Real>(&self, g: &[T], x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<(Vec<T>, Option<(Vec<T>, Vec<T>)>)> {
+        with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
+            let mut dx = vec![T::ZERO; m * inp];
+            mm(m, inp, out, &mut dx, Mat::rows(g, out), Mat::rows(w, inp), false, T::ONE);
+            let Some((a, b)) = ab else { return Ok((dx, None)) };
+            let r = a.len() / inp;
+            let s = T::from_f64(self.scale);
+            // xa = s·x·Aᵀ (m, r), recomputed: m·in·r, small next to the base product
+            let mut xa = vec![T::ZERO; m * r];
+            mm(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, s);
+            // dB = gᵀ·xa (out, r)
+            let mut db = vec![T::ZERO; out * r];
+            mm(out, r, m, &mut db, Mat::t(g, out), Mat::rows(&xa, r), false, T::ONE);
+            // dxa = s·g·B (m, r)
+            let mut dxa = vec![T::ZERO; m * r];
+            mm(m, r, out, &mut dxa, Mat::rows(g, out), Mat::rows(b, r), false, s);
+            // dA = dxaᵀ·x (r, in)
+            let mut da = vec![T::ZERO; r * inp];
+            mm(r, inp, m, &mut da, Mat::t(&dxa, r), Mat::rows(x, inp), false, T::ONE);
+            // dx += dxa·A
+            mm(m, inp, r, &mut dx, Mat::rows(&dxa, r), Mat::rows(a, inp), true, T::ONE);
+            Ok((dx, Some((da, db))))
+        })
+    }
+}
+
+impl CustomOp1 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, inp, out) = self.dims(l)?;
+        let y = both!(CustomOp1::name(self), s, l, |x, T| storage(self.forward::<T>(x, m, inp, out, None)?));
+        Ok((y, Self::out_shape(l, out)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (dx, _) = self.grads(x, g, None)?;
+        Ok(Some(dx))
+    }
+}
+
+impl CustomOp3 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "fused-linear-lora"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, inp, out) = self.dims(l)?;
+        let y = both!(CustomOp3::name(self), s, l, |x, T| {
+            let (a, b) = (same::<T>(a, al, "fused-linear-lora")?, same::<T>(b, bl, "fused-linear-lora")?);
+            storage(self.forward::<T>(x, m, inp, out, Some((a, b)))?)
+        });
+        Ok((y, Self::out_shape(l, out)))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dab) = self.grads(x, g, Some((a, b)))?;
+        let (da, db) = match dab {
+            Some((da, db)) => (Some(da), Some(db)),
+            None => (None, None),
+        };
+        Ok((Some(dx), da, db))
+    }
+}
+
+impl FusedLinear {
+    /// The gradients as tensors: dx shaped like x, dA like A, dB like B.
+    fn grads(&self, x: &Tensor, g: &Tensor, ab: Option<(&Tensor, &Tensor)>) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (x, g) = (x.contiguous()?, g.contiguous()?);
+        let (out, inp) = self.out_in()?;
+        let m = x.elem_count() / inp.max(1);
+        let dev = x.device().clone();
+        macro_rules! go {
+            ($t:ty) => {{
+                with_cpu::<$t, _>(&g, "fused-linear", |gs| {
+                    with_cpu::<$t, _>(&x, "fused-linear", |xs| {
+                        let (dx, dab) = match ab {
+                            None => self.backward::<$t>(gs, xs, m, inp, out, None)?,
+                            Some((a, b)) => with_cpu::<$t, _>(a, "fused-linear", |a_| {
+                                with_cpu::<$t, _>(b, "fused-linear", |b_| self.backward::<$t>(gs, xs, m, inp, out, Some((a_, b_))))
+                            })?,
+                        };
+                        let dx = Tensor::from_vec(dx, x.shape(), &dev)?;
+                        let dab = match (dab, ab) {
+                            (Some((da, db)), Some((a, b))) => Some((Tensor::from_vec(da, a.shape(), &dev)?, Tensor::from_vec(db, b.shape(), &dev)?)),
+                            _ => None,
+                        };
+                        Ok((dx, dab))
+                    })
+                })
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => go!(f32),
+            DType::F64 => go!(f64),
+            dt => candle_core::bail!("fused-linear: {dt:?} is not fused"),
+        }
+    }
+}
+
+mod attention;
+
+pub use attention::attention;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(rng.uniform_vec(n, -2.0, 2.0), shape, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
+    }
+
+    /// Checks `f`'s gradient against central finite differences in f64 at every input element,
+    /// with a random linear functional of the output as the loss, and against the composed form.
+    fn check(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, composed: impl Fn(&[Tensor]) -> Tensor) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = fused(&ts);
+        let want = composed(&ts);
+        assert_eq!(out.dims(), want.dims());
+        let diff = (&out - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "fused and composed forward differ by {diff}");
+        let probe = randn(out.dims(), 99);
+        let loss = |ts: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor| (f(ts) * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let composed_grads = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let g: Vec<f64> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let gc: Vec<f64> = composed_grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+            for j in 0..base.len() {
+                let at = |e: f64| {
+                    let mut x = base.clone();
+                    x[j] += e;
+                    let mut ts = inputs.to_vec();
+                    ts[i] = Tensor::from_vec(x, inputs[i].dims(), &Device::Cpu).unwrap();
+                    loss(&ts, &fused)
+                };
+                let eps = 1e-6;
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                assert!((fd - g[j]).abs() <= 1e-6 * (1.0 + fd.abs()), "input {i}[{j}]: fused grad {} vs finite difference {fd}", g[j]);
+                assert!((gc[j] - g[j]).abs() <= 1e-10 * (1.0 + g[j].abs()), "input {i}[{j}]: fused grad {} vs composed {}", g[j], gc[j]);
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_finite_differences_and_the_composed_norm() {
+        let w = randn(&[8], 2);
+        check(&[randn(&[2, 3, 8], 1)], |t| rms_norm(&t[0], &w, 1e-5).unwrap(), |t| {
+            let rms = (t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap();
+            t[0].broadcast_div(&rms).unwrap().broadcast_mul(&w).unwrap()
+        });
+    }
+
+    #[test]
+    fn swiglu_matches_finite_differences_and_silu_times_up() {
+        check(&[randn(&[2, 3, 5], 3), randn(&[2, 3, 5], 4)], |t| swiglu(&t[0], &t[1]).unwrap(), |t| (t[0].silu().unwrap() * &t[1]).unwrap());
+    }
+
+    #[test]
+    fn rotary_matches_finite_differences_and_rotate_half_after_the_transpose() {
+        let (t, d) = (3, 6);
+        let (cos, sin) = (randn(&[t, d], 5), randn(&[t, d], 6));
+        check(&[randn(&[2, t, 2, d], 7)], |x| rotary_to_heads(&x[0], &cos, &sin).unwrap(), |x| {
+            let x = x[0].transpose(1, 2).unwrap().contiguous().unwrap();
+            let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
+            let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
+            let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+            (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
+        });
+    }
+
+    #[test]
+    fn target_logprobs_match_finite_differences_and_log_softmax_gather() {
+        let targets = Tensor::new(&[[3u32, 0, 6], [1, 6, 2]], &Device::Cpu).unwrap();
+        check(&[randn(&[2, 3, 7], 8)], |x| target_logprobs(&x[0], &targets).unwrap(), |x| {
+            let logp = candle_nn_free_log_softmax(&x[0]);
+            logp.gather(&targets.unsqueeze(D::Minus1).unwrap(), D::Minus1).unwrap().squeeze(D::Minus1).unwrap()
+        });
+    }
+
+    fn candle_nn_free_log_softmax(x: &Tensor) -> Tensor {
+        crate::model::log_softmax_last_dim(x).unwrap()
+    }
+
+    #[test]
+    fn linear_with_lora_matches_finite_differences_and_the_composed_products() {
+        let (m, inp, out, r) = (5, 7, 6, 3);
+        let w = randn(&[out, inp], 10);
+        check(&[randn(&[1, m, inp], 11), randn(&[r, inp], 12), randn(&[out, r], 13)], |t| linear(&t[0], &Weight::Frozen(w.clone()), Some((&t[1], &t[2], 0.7))).unwrap(), |t| {
+            let base = t[0].broadcast_matmul(&w.t().unwrap()).unwrap();
+            let lora = t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap().broadcast_matmul(&t[2].t().unwrap()).unwrap();
+            (base + (lora * 0.7).unwrap()).unwrap()
+        });
+        check(&[randn(&[2, m, inp], 14)], |t| linear(&t[0], &Weight::Frozen(w.clone()), None).unwrap(), |t| t[0].broadcast_matmul(&w.t().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn linear_splits_large_products_over_threads_without_changing_them() {
+        // 300 rows × 200 × 100: above PAR_MIN_WORK, so rows go to separate gemm calls
+        let (x, w) = (randn(&[300, 200], 15).to_dtype(DType::F32).unwrap(), randn(&[100, 200], 16).to_dtype(DType::F32).unwrap());
+        let got = linear(&x, &Weight::Frozen(w.clone()), None).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-3, "{diff}");
+    }
+
+    /// The composed reference: scores, additive mask, softmax, GQA by repeating kv heads.
+    fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, first: usize, window: Option<usize>) -> Tensor {
+        let (_b, h, l, d) = q.dims4().unwrap();
+        let (_, kh, s, _) = k.dims4().unwrap();
+        let rep = |t: &Tensor| {
+            let parts: Vec<Tensor> = (0..h).map(|i| t.narrow(1, i / (h / kh), 1).unwrap()).collect();
+            Tensor::cat(&parts, 1).unwrap()
+        };
+        let (k, v) = (rep(k), rep(v));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let mut mask = vec![0f64; l * s];
+        for i in 0..l {
+            for j in 0..s {
+                let p = first + i;
+                if j > p || window.is_some_and(|w| p - j >= w) {
+                    mask[i * s + j] = f64::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (l, s), &Device::Cpu).unwrap();
+        let probs = crate::model::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+        probs.matmul(&v).unwrap()
+    }
+
+    #[test]
+    fn attention_matches_finite_differences_and_the_composed_softmax() {
+        for (l, s, window) in [(5, 7, None), (5, 7, Some(3)), (70, 70, None), (70, 70, Some(20))] {
+            let first = s - l;
+            let big = l > 64; // two query blocks; only the forward and composed gradients (FD would take long)
+            let (q, k, v) = (randn(&[1, 4, l, 4], 20), randn(&[1, 2, s, 4], 21), randn(&[1, 2, s, 4], 22));
+            if big {
+                let (vars, ts): (Vec<Var>, Vec<Tensor>) = [&q, &k, &v].iter().map(|t| { let v = Var::from_tensor(t).unwrap(); let t = v.as_tensor().clone(); (v, t) }).unzip();
+                let got = attention(&ts[0], &ts[1], &ts[2], first, window).unwrap();
+                let want = attention_composed(&ts[0], &ts[1], &ts[2], first, window);
+                let probe = randn(got.dims(), 23);
+                let g1 = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!((&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
+                for v in &vars {
+                    let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                    assert!(d < 1e-10, "l={l} window={window:?}: gradients differ by {d}");
+                }
+                continue;
+            }
+            check(&[q, k, v], |t| attention(&t[0], &t[1], &t[2], first, window).unwrap(), |t| attention_composed(&t[0], &t[1], &t[2], first, window));
+        }
+    }
+
+    #[test]
+    fn target_logprobs_refuse_a_target_outside_the_vocabulary() {
+        let err = target_logprobs(&randn(&[1, 2, 4], 1), &Tensor::new(&[[1u32, 4]], &Device::Cpu).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+}
