@@ -2,19 +2,61 @@
 # Training-step benchmark: hearth vs PyTorch + PEFT on the same machine, in the same run.
 # smollm2-135m-shape, T=256, LoRA r=16 on all seven projections, f32, 2 threads (override with
 # THREADS=N). Installs the reference into bench/.venv on first use (about 5 GB from PyPI).
+# Extra arguments go to both sides (--seq-len N, --steps N, --warmup N) or to hearth only
+# (--recompute auto|on|off, --fused on|off).
+#
+#   bench/train_step.sh --bases    QLoRA: hearth alone with an f32, 8-bit and 4-bit base at
+#                                  T=1024 (SEQ_LEN=N to change) with recompute on (so the base's
+#                                  weights are what differs): tokens/s, peak memory and the base
+#                                  weights' bytes; then a 50-step loss curve (T=128, AdamW's
+#                                  default lr 1e-4, the same data) per base and the final losses'
+#                                  distance to f32's. Extra arguments go to every run (--lr 1e-3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
-source bench/reference.sh
 cargo build --release -q -p hearth-engine --example bench_train
-hearth=$(RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS ./target/release/examples/bench_train "$@")
+bench=./target/release/examples/bench_train
+if [ "${1:-}" = "--bases" ]; then
+  shift
+  seq=${SEQ_LEN:-1024}
+  for base in f32 q8 q4; do
+    RAYON_NUM_THREADS=$THREADS $bench --seq-len "$seq" --warmup 1 --steps 3 --recompute on --base $base "$@" > "target/bench-base-$base.json"
+  done
+  for base in f32 q8 q4; do
+    RAYON_NUM_THREADS=$THREADS $bench --seq-len 128 --warmup 0 --steps 50 --base $base "$@" > "target/bench-curve-$base.json"
+  done
+  python3 - <<'PY'
+import json
+speed = {b: json.load(open(f"target/bench-base-{b}.json")) for b in ("f32", "q8", "q4")}
+curve = {b: json.load(open(f"target/bench-curve-{b}.json")) for b in ("f32", "q8", "q4")}
+f32 = speed["f32"]
+for b, d in speed.items():
+    print(f"{b:>3} base, T={d['seq_len']}, recompute {'on' if d['recompute'] else 'off'}: {d['tokens_per_s']:.1f} tok/s, "
+          f"peak {d['peak_rss_gb']:.2f} GB, weights {d['weight_gb']:.3f} GB ({d['weight_gb'] / f32['weight_gb']:.3f} of f32)")
+ref = curve["f32"]["losses"]
+for b, d in curve.items():
+    l = d["losses"]
+    print(f"{b:>3} base, 50 steps at T=128: loss {l[0]:.2f} -> {l[-1]:.2f}, final vs f32 {100 * (l[-1] - ref[-1]) / ref[-1]:+.2f}%")
+PY
+  exit 0
+fi
+source bench/reference.sh
+hearth=$(RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS $bench "$@")
 echo "$hearth"
-ref=$(OMP_NUM_THREADS=$THREADS bench/.venv/bin/python bench/ref_train_step.py --threads "$THREADS" "$@")
+# hearth-only flags do not go to the reference
+ref_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --recompute|--fused|--base|--model|--lr) shift 2 ;;
+    *) ref_args+=("$1"); shift ;;
+  esac
+done
+ref=$(OMP_NUM_THREADS=$THREADS bench/.venv/bin/python bench/ref_train_step.py --threads "$THREADS" "${ref_args[@]}")
 echo "$ref"
 python3 - "$hearth" "$ref" <<'PY'
 import json, sys
 h, r = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"hearth {h['tokens_per_s']:.1f} tok/s, peak {h['peak_rss_gb']:.2f} GB | "
+print(f"hearth {h['tokens_per_s']:.1f} tok/s, peak {h['peak_rss_gb']:.2f} GB (recompute {'on' if h['recompute'] else 'off'}) | "
       f"pytorch+peft {r['tokens_per_s']:.1f} tok/s, peak {r['peak_rss_gb']:.2f} GB | "
       f"ratio (hearth/pytorch) tokens/s {h['tokens_per_s']/r['tokens_per_s']:.2f}, memory {h['peak_rss_gb']/r['peak_rss_gb']:.2f}")
 PY

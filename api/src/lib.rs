@@ -642,6 +642,9 @@ pub struct ServerInfo {
     pub device: String,
     /// Base weights' dtype.
     pub dtype: String,
+    /// `q8` or `q4` when the base's 2-D weights are held quantized (`--quantize`, QLoRA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
     /// Times this server process loaded the base model (1: restarts of clients never reload it).
     pub model_loads: u64,
     /// Seconds since the server started.

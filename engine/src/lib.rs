@@ -4,7 +4,9 @@
 //! candle ops, LoRA adapters on any of its seven projections ([`linear`]), Tinker's losses
 //! ([`loss`]), AdamW with torch semantics ([`optim`]), and a [`TrainingSession`] that exposes
 //! `forward`, `forward_backward` and `optim_step` over the [`hearth_api`] data types. Models come
-//! from a local Hugging Face folder ([`weights`]), a GGUF file ([`gguf`]) or a generated [`preset`].
+//! from a local Hugging Face folder ([`weights`]), a GGUF file ([`gguf`]) or a generated [`preset`],
+//! dense or with a quantized frozen base ([`quant`], QLoRA). On the CPU the step runs through
+//! fused kernels with hand-written backward passes ([`fused`]).
 //!
 //! This crate knows nothing of HTTP, async runtimes or front-ends.
 //!

@@ -4,6 +4,9 @@
 //! `modeling_qwen2.py`, `modeling_qwen3.py`; candle-transformers `models/llama.rs`. Unlike
 //! candle-transformers, nothing here uses candle's fused softmax / rms_norm / rope kernels (their
 //! backward is missing and gradients vanish silently), and logits come back for every position.
+//! On the CPU in f32/f64 the hand-written kernels of [`crate::fused`] (each with its own
+//! backward) stand in for the composed norm, rotary, attention, SwiGLU, projections and loss;
+//! the composed forms below run everywhere else and are those kernels' reference.
 //!
 //! Legend: B batch, T time (padded length), C hidden_size, H query heads, K key/value heads,
 //! D head_dim, F intermediate_size, V vocab_size, r LoRA rank.

@@ -48,23 +48,31 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<HashMap<Str
     Ok(out)
 }
 
+/// Opens a safetensors file and reads its JSON header: the open file, the header's length (data
+/// starts 8 bytes after it) and the header.
+fn read_header(file: &Path) -> Result<(std::fs::File, u64, serde_json::Value)> {
+    use std::io::Read;
+    let bad = |reason: String| EngineError::Weights(format!("{}: {reason}", file.display()));
+    let mut f = std::fs::File::open(file).map_err(EngineError::io("reading", file))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("no safetensors header: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!("header of {len} bytes: not a safetensors file")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("truncated header: {e}")))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+    Ok((f, len, header))
+}
+
 /// Bytes the weights of a model folder take once loaded as `dtype`, read from the safetensors
 /// headers alone (nothing is loaded).
 pub fn estimate_bytes(dir: &Path, dtype: DType) -> Result<u64> {
-    use std::io::Read;
     let mut total = 0u64;
     for file in safetensors_files(dir)? {
         let bad = |reason: String| EngineError::Weights(format!("{}: {reason}", file.display()));
-        let mut f = std::fs::File::open(&file).map_err(EngineError::io("reading", &file))?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).map_err(|e| bad(format!("no safetensors header: {e}")))?;
-        let len = u64::from_le_bytes(len);
-        if len > 100 << 20 {
-            return Err(bad(format!("header of {len} bytes: not a safetensors file")));
-        }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header).map_err(|e| bad(format!("truncated header: {e}")))?;
-        let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+        let (_, _, header) = read_header(&file)?;
         for (name, info) in header.as_object().into_iter().flatten() {
             if name == "__metadata__" {
                 continue;
@@ -75,6 +83,52 @@ pub fn estimate_bytes(dir: &Path, dtype: DType) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Reads a model folder's tensors one at a time with plain reads (no memory map, so nothing of
+/// the file stays resident) and hands each, as `dtype` on `device`, to `f`: a quantized load
+/// keeps only the blocks, never the whole dense model.
+pub fn for_each_tensor(dir: &Path, device: &Device, dtype: DType, mut f: impl FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    for file in safetensors_files(dir)? {
+        let bad = |reason: String| EngineError::Weights(format!("{}: {reason}", file.display()));
+        let (mut fh, len, header) = read_header(&file)?;
+        for (name, info) in header.as_object().into_iter().flatten() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let shape: Vec<usize> = info
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .ok_or_else(|| bad(format!("`{name}` has no shape")))?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad(format!("`{name}` has a bad shape"))))
+                .collect::<Result<_>>()?;
+            let stored = match info.get("dtype").and_then(|d| d.as_str()) {
+                Some("F32") => DType::F32,
+                Some("F16") => DType::F16,
+                Some("BF16") => DType::BF16,
+                Some("F64") => DType::F64,
+                other => return Err(bad(format!("`{name}` has dtype {other:?}, not F32, F16, BF16 or F64"))),
+            };
+            let offsets = info.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(|| bad(format!("`{name}` has no data_offsets")))?;
+            let (start, end) = match offsets.as_slice() {
+                [a, b] => (a.as_u64().unwrap_or(u64::MAX), b.as_u64().unwrap_or(0)),
+                _ => return Err(bad(format!("`{name}` has bad data_offsets"))),
+            };
+            let want = shape.iter().product::<usize>() as u64 * stored.size_in_bytes() as u64;
+            if end < start || end - start != want {
+                return Err(bad(format!("`{name}`: data_offsets {start}..{end} do not hold {want} bytes")));
+            }
+            let mut raw = vec![0u8; want as usize];
+            fh.seek(SeekFrom::Start(8 + len + start)).map_err(EngineError::io("reading", &file))?;
+            fh.read_exact(&mut raw).map_err(|e| bad(format!("reading `{name}`: {e}")))?;
+            let t = Tensor::from_raw_buffer(&raw, stored, &shape, &Device::Cpu)?;
+            drop(raw);
+            f(name.clone(), t.to_dtype(dtype)?.to_device(device)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Memory the process can still use on `device`: `MemAvailable` on Linux CPUs, the driver's free
@@ -140,17 +194,27 @@ impl BaseModel {
         let dir = path;
         let config = ModelConfig::from_dir(dir)?;
         check_fits(dir, estimate_bytes(dir, dtype)?, dtype, budget)?;
-        let mut weights = load_dir(dir, device, dtype)?;
-        let fingerprint = fingerprint(&weights, &HashMap::new())?;
-        let mut quantized = HashMap::new();
-        if let Some(kind) = quantize {
-            let names: Vec<String> = weights.iter().filter(|(n, t)| crate::quant::quantizable(n, t.dims())).map(|(n, _)| n.clone()).collect();
-            for name in names {
-                if let Some(t) = weights.remove(&name) {
-                    quantized.insert(name.clone(), crate::quant::QWeight::quantize(&name, &t, kind)?);
-                }
+        let (weights, quantized, fingerprint) = match quantize {
+            None => {
+                let weights = load_dir(dir, device, dtype)?;
+                let fingerprint = fingerprint(&weights, &HashMap::new())?;
+                (weights, HashMap::new(), fingerprint)
             }
-        }
+            Some(kind) => {
+                // one tensor at a time: its fingerprint part from the dense values, then blocks
+                let (mut weights, mut quantized, mut parts) = (HashMap::new(), HashMap::new(), Fingerprint::default());
+                for_each_tensor(dir, device, dtype, |name, t| {
+                    parts.add(&name, &t)?;
+                    if crate::quant::quantizable(&name, t.dims()) {
+                        quantized.insert(name.clone(), crate::quant::QWeight::quantize(&name, &t, kind)?);
+                    } else {
+                        weights.insert(name, t);
+                    }
+                    Ok(())
+                })?;
+                (weights, quantized, parts.finish())
+            }
+        };
         let text = if dir.join("tokenizer.json").is_file() { Some(crate::text::TextModel::from_dir(dir)?) } else { None };
         Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint, text, gguf: None, quantized, quantize })
     }
@@ -219,32 +283,49 @@ fn check_fits(path: &Path, need: u64, dtype: DType, budget: Option<u64>) -> Resu
 /// same weights loaded as f32 or bf16, on any device, give the same string). Cheap for any size.
 /// Quantized weights take part dequantized, one at a time.
 pub fn fingerprint(weights: &HashMap<String, Tensor>, quantized: &HashMap<String, crate::quant::QWeight>) -> Result<String> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    let mut parts = Fingerprint::default();
+    for (name, t) in weights {
+        parts.add(name, t)?;
+    }
+    for (name, q) in quantized {
+        if !weights.contains_key(name) {
+            parts.add(name, &q.dequantize(DType::F32)?)?;
         }
-    };
-    let mut names: Vec<&String> = weights.keys().chain(quantized.keys()).collect();
-    names.sort();
-    for name in names {
-        let t = match (weights.get(name), quantized.get(name)) {
-            (Some(t), _) => t.clone(),
-            (None, Some(q)) => q.dequantize(DType::F32)?,
-            (None, None) => continue,
-        };
-        eat(name.as_bytes());
+    }
+    Ok(parts.finish())
+}
+
+/// What [`fingerprint`] hashes, gathered tensor by tensor (in any order) as a model loads.
+#[derive(Debug, Default)]
+pub struct Fingerprint(std::collections::BTreeMap<String, Vec<u8>>);
+
+impl Fingerprint {
+    /// Adds a tensor: its name, shape and first and last 64 values as bf16.
+    pub fn add(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let mut bytes = name.as_bytes().to_vec();
         for d in t.dims() {
-            eat(&(*d as u64).to_le_bytes());
+            bytes.extend_from_slice(&(*d as u64).to_le_bytes());
         }
         let flat = t.flatten_all()?;
         let n = flat.elem_count();
         let ends = [flat.narrow(0, 0, n.min(64))?, flat.narrow(0, n - n.min(64), n.min(64))?];
         for part in ends {
             for v in part.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
-                eat(&((v.to_bits() >> 16) as u16).to_le_bytes());
+                bytes.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
             }
         }
+        self.0.insert(name.to_string(), bytes);
+        Ok(())
     }
-    Ok(format!("{h:016x}"))
+
+    /// FNV-1a over the tensors in name order.
+    pub fn finish(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for bytes in self.0.values() {
+            for &b in bytes {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        format!("{h:016x}")
+    }
 }

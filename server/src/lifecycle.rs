@@ -8,6 +8,7 @@ use crate::worker::{self, now_ms, Shared};
 use axum::http::StatusCode;
 use candle_core::{DType, Device};
 use hearth_api::{CostInfo, ResumedRun, ServerInfo, SessionFile};
+use hearth_engine::quant::Quantize;
 use hearth_engine::recompute::Recompute;
 use hearth_engine::hub::{self, HubOptions};
 use hearth_engine::preset::Preset;
@@ -164,6 +165,7 @@ impl App {
             num_parameters: base.config.num_parameters(),
             device: self.device.clone(),
             dtype: self.dtype.clone(),
+            quantize: self.shared.base.quantize.map(|q| q.name().to_string()),
             model_loads: self.model_loads,
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory_bytes: worker::rss_bytes(),
@@ -256,9 +258,13 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     let dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
     let recompute = Recompute::parse(&opts.recompute)
         .ok_or_else(|| ServerError::Config(format!("--recompute {}: expected auto, on or off", opts.recompute)))?;
+    let quantize = match opts.quantize.as_deref() {
+        None => None,
+        Some(q) => Some(Quantize::parse(q).ok_or_else(|| ServerError::Config(format!("--quantize {q}: expected q8 or q4")))?),
+    };
     let dir = model_dir(&opts.model, &home)?;
-    log::info!("loading {} from {} ({dtype:?} on {})", opts.model, dir.display(), opts.device);
-    let base = Arc::new(BaseModel::load(&dir, &device, dtype)?);
+    log::info!("loading {} from {} ({dtype:?} on {}{})", opts.model, dir.display(), opts.device, quantize.map_or(String::new(), |q| format!(", quantized {}", q.name())));
+    let base = Arc::new(BaseModel::load_quantized(&dir, &device, dtype, quantize)?);
     let registry = Registry::open(&home.join("registry.sqlite"))?;
     worker::clean_temporaries(&home);
     let token = load_token(opts.token_file.as_deref())?;

@@ -43,6 +43,13 @@ pub struct Options {
     #[arg(long)]
     pub dtype: Option<String>,
 
+    /// Keep the base's 2-D weights (projections, embeddings) as quantized blocks, dequantized per
+    /// layer when used (QLoRA): `q8` (8-bit blocks) or `q4` (4-bit). A GGUF file's own quantized
+    /// blocks are kept as they are. LoRA trains on it as on a dense base; full fine-tuning is
+    /// refused. Default: dense.
+    #[arg(long)]
+    pub quantize: Option<String>,
+
     /// Activation recompute in training steps: `on` keeps only each layer's input and recomputes
     /// the rest on backward (same gradients, about a third more compute, a fraction of the
     /// memory: long contexts fit), `off` keeps everything, `auto` turns it on when a step's

@@ -209,7 +209,7 @@ fn the_idle_timeout_set_at_run_time_stops_the_server_and_the_next_one_resumes() 
 }
 
 #[test]
-fn recompute_on_trains_like_recompute_off_and_a_bad_value_is_refused_before_loading() {
+fn recompute_on_and_a_quantized_base_train_like_the_default_and_bad_values_are_refused_before_loading() {
     let with = |name: &str, flag: &str| {
         let h = home(name);
         let s = Server::start(&h, &["--autosave-every", "0", "--idle-timeout", "0", "--recompute", flag]);
@@ -221,6 +221,23 @@ fn recompute_on_trains_like_recompute_off_and_a_bad_value_is_refused_before_load
     for (a, b) in off.iter().zip(&on) {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "losses with recompute off {off:?} and on {on:?}");
     }
+    // QLoRA: an 8-bit base trains along the dense one's curve, and says so in /v1/info
+    let h = home("quantize-q8");
+    let s = Server::start(&h, &["--autosave-every", "0", "--idle-timeout", "0", "--quantize", "q8"]);
+    let (_, info) = s.get("/v1/info");
+    assert_eq!(info["quantize"], "q8", "{info}");
+    s.ok("/v1/runs", &json!({"name": "r"}));
+    let q8: Vec<f64> = (0..4).map(|i| train_step(&s, "r", i).0).collect();
+    for (a, b) in off.iter().zip(&q8) {
+        assert!((a - b).abs() <= 0.02 * off[0].abs(), "losses dense {off:?} and 8-bit {q8:?}");
+    }
+    drop(s);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-server"))
+        .args(["--home", home("quantize-bad").to_str().unwrap(), "--quantize", "q3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--quantize q3: expected q8 or q4"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-server"))
         .args(["--home", home("recompute-bad").to_str().unwrap(), "--recompute", "sometimes"])
         .output()
