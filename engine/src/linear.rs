@@ -129,27 +129,18 @@ impl Linear {
                 }
             }
         }
+        // the fused CPU product takes a frozen weight of x's dtype and a LoRA pair of the same
         let dense_fits = self.weight.tensor().is_none_or(|w| w.dtype() == x.dtype());
-        if self.weight.is_frozen() && crate::fused::applies(x) && dense_fits {
-            let lora = self.lora.as_ref().filter(|l| l.a.dtype() == x.dtype()).map(|l| (&l.a, &l.b, l.scale));
-            if lora.is_some() || self.lora.is_none() {
-                let y = crate::fused::linear(x, &self.weight, lora)?;
-                return match &self.bias {
-                    Some(Weight::Frozen(b)) => add_const(&y, b),
-                    Some(b @ Weight::Quantized(_)) => add_const(&y, &b.frozen_value(y.dtype())?),
-                    Some(Weight::Trainable(b)) => Ok(y.broadcast_add(b.as_tensor())?),
-                    None => Ok(y),
-                };
-            }
-        }
-        let mut y = self.weight.matmul_t(x)?;
+        let fused_lora = self.lora.as_ref().filter(|l| l.a.dtype() == x.dtype()).map(|l| (&l.a, &l.b, l.scale));
+        let fused = self.weight.is_frozen() && crate::fused::applies(x) && dense_fits && (fused_lora.is_some() || self.lora.is_none());
+        let mut y = if fused { crate::fused::linear(x, &self.weight, fused_lora)? } else { self.weight.matmul_t(x)? };
         match &self.bias {
             Some(Weight::Frozen(b)) => y = add_const(&y, b)?,
             Some(b @ Weight::Quantized(_)) => y = add_const(&y, &b.frozen_value(y.dtype())?)?,
             Some(Weight::Trainable(b)) => y = y.broadcast_add(b.as_tensor())?,
             None => {}
         }
-        if let Some(lora) = &self.lora {
+        if let (Some(lora), false) = (&self.lora, fused) {
             let dt = lora.a.dtype();
             let x = x.to_dtype(dt)?;
             // the scale goes on the r-wide x·Aᵀ, not on the out-wide product (one pass less)

@@ -240,10 +240,7 @@ impl BaseModel {
         let plan = crate::gguf::plan(path)?;
         check_fits(path, plan.bytes(dtype), dtype, budget)?;
         let text = crate::text::TextModel::from_json(&plan.origin.tokenizer_json, &plan.origin.tokenizer_config_json, path)?;
-        let (weights, quantized) = match quantize {
-            None => (crate::gguf::load(&plan, device, dtype)?, HashMap::new()),
-            Some(kind) => crate::gguf::load_quantized(&plan, device, dtype, kind)?,
-        };
+        let (weights, quantized) = crate::gguf::load_quantized(&plan, device, dtype, quantize)?;
         let fingerprint = fingerprint(&weights, &quantized)?;
         Ok(Self {
             config: plan.config,

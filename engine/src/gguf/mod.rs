@@ -350,17 +350,23 @@ pub fn llama3_factors(scaling: &RopeScaling, theta: f64, head_dim: usize) -> Vec
         .collect()
 }
 
-/// Loads a planned GGUF model like [`load`], except that with `quantize` every 2-D weight stays
-/// quantized: as the file's blocks where the file stores it quantized (rows reordered for q/k
-/// like the dense path), quantized to `quantize`'s blocks where it stores it as floats.
-/// Returns the dense tensors and the quantized ones.
-pub fn load_quantized(plan: &Plan, device: &Device, dtype: DType, quantize: crate::quant::Quantize) -> Result<(HashMap<String, Tensor>, HashMap<String, crate::quant::QWeight>)> {
+/// Loads a planned GGUF model: every tensor dequantized, q/k permuted back where llama.cpp
+/// permuted them, as `dtype` on `device`, under Hugging Face names.
+pub fn load(plan: &Plan, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    Ok(load_quantized(plan, device, dtype, None)?.0)
+}
+
+/// [`load`], except that with `quantize` every 2-D weight stays quantized: as the file's blocks
+/// where the file stores it quantized (rows reordered for q/k like the dense path), quantized to
+/// `quantize`'s blocks where it stores it as floats. Returns the dense tensors and the quantized
+/// ones (none without `quantize`).
+pub fn load_quantized(plan: &Plan, device: &Device, dtype: DType, quantize: Option<crate::quant::Quantize>) -> Result<(HashMap<String, Tensor>, HashMap<String, crate::quant::QWeight>)> {
     use candle_core::quantized::GgmlDType;
     let path = &plan.file.path;
     let mut reader = std::fs::File::open(path).map_err(EngineError::io("reading", path))?;
     let permute = permutes_qk(&plan.origin.arch);
     let cfg = &plan.config;
-    let (mut dense, mut quant) = (HashMap::new(), HashMap::new());
+    let (mut dense, mut quant) = (HashMap::with_capacity(plan.names.len()), HashMap::new());
     for (hf, info) in &plan.names {
         let heads = if permute && hf.contains(".self_attn.q_proj.") {
             Some(cfg.num_attention_heads)
@@ -369,8 +375,9 @@ pub fn load_quantized(plan: &Plan, device: &Device, dtype: DType, quantize: crat
         } else {
             None
         };
+        let quantizable = quantize.is_some() && crate::quant::quantizable(hf, &info.shape());
         let stored_quantized = !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if crate::quant::quantizable(hf, &info.shape()) && stored_quantized {
+        if quantizable && stored_quantized {
             let order = match heads {
                 Some(h) => {
                     let rows = info.shape()[0];
@@ -389,33 +396,16 @@ pub fn load_quantized(plan: &Plan, device: &Device, dtype: DType, quantize: crat
             t = permute_rows(&t, h, true)?;
         }
         let t = t.to_dtype(dtype)?.to_device(device)?;
-        if crate::quant::quantizable(hf, t.dims()) {
-            quant.insert(hf.clone(), crate::quant::QWeight::quantize(hf, &t, quantize)?);
-        } else {
-            dense.insert(hf.clone(), t);
+        match quantize {
+            Some(kind) if quantizable => {
+                quant.insert(hf.clone(), crate::quant::QWeight::quantize(hf, &t, kind)?);
+            }
+            _ => {
+                dense.insert(hf.clone(), t);
+            }
         }
     }
     Ok((dense, quant))
-}
-
-/// Loads a planned GGUF model: every tensor dequantized, q/k permuted back where llama.cpp
-/// permuted them, as `dtype` on `device`, under Hugging Face names.
-pub fn load(plan: &Plan, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let path = &plan.file.path;
-    let mut reader = std::fs::File::open(path).map_err(EngineError::io("reading", path))?;
-    let permute = permutes_qk(&plan.origin.arch);
-    let cfg = &plan.config;
-    let mut out = HashMap::with_capacity(plan.names.len());
-    for (hf, info) in &plan.names {
-        let mut t = plan.file.read_f32(&mut reader, info)?;
-        if permute && hf.contains(".self_attn.q_proj.") {
-            t = permute_rows(&t, cfg.num_attention_heads, true)?;
-        } else if permute && hf.contains(".self_attn.k_proj.") {
-            t = permute_rows(&t, cfg.num_key_value_heads, true)?;
-        }
-        out.insert(hf.clone(), t.to_dtype(dtype)?.to_device(device)?);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
