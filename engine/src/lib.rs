@@ -32,7 +32,6 @@
 //! # }
 //! ```
 
-pub mod alloc;
 pub mod batch;
 pub mod config;
 pub mod device;
@@ -48,6 +47,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod preset;
+pub mod process;
 pub mod quant;
 pub mod recompute;
 pub mod rng;
