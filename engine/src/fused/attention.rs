@@ -90,12 +90,9 @@ impl Attention {
             self.scores(&mut sc, q, k, i0, lb, lo, hi, d);
             for r in 0..lb {
                 let row = &mut sc[r * nk..(r + 1) * nk];
-                let max = row.iter().fold(T::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-                let mut sum = 0f64;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += x.to_f64();
-                }
+                let max = T::max_of(row);
+                T::exp_shifted(row, max);
+                let sum = T::sum_f64(row);
                 let inv = T::from_f64(1.0 / sum);
                 for x in row.iter_mut() {
                     *x = *x * inv;
@@ -121,10 +118,7 @@ impl Attention {
             // P = exp(scores − lse), 0 where masked
             self.scores(&mut p, q, k, i0, lb, lo, hi, d);
             for r in 0..lb {
-                let m = T::from_f64(lse[i0 + r]);
-                for x in p[r * nk..(r + 1) * nk].iter_mut() {
-                    *x = (*x - m).exp();
-                }
+                T::exp_shifted(&mut p[r * nk..(r + 1) * nk], T::from_f64(lse[i0 + r]));
             }
             let gb = &g[i0 * d..(i0 + lb) * d];
             // dV += Pᵀ·dY
