@@ -3,7 +3,8 @@
 # smollm2-135m-shape, T=256, LoRA r=16 on all seven projections, f32, 2 threads (override with
 # THREADS=N). Installs the reference into bench/.venv on first use (about 5 GB from PyPI).
 # Extra arguments go to both sides (--seq-len N, --steps N, --warmup N) or to hearth only
-# (--recompute auto|on|off, --fused on|off).
+# (--recompute auto|on|off, --fused on|off). ROUNDS=N repeats the pair N times and prints the
+# median ratios.
 #
 #   bench/train_step.sh --bases    QLoRA: hearth alone with an f32, 8-bit and 4-bit base at
 #                                  T=1024 (SEQ_LEN=N to change) with recompute on (so the base's
@@ -41,22 +42,35 @@ PY
   exit 0
 fi
 source bench/reference.sh
-hearth=$(RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS $bench "$@")
-echo "$hearth"
 # hearth-only flags do not go to the reference
 ref_args=()
+args=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
     --recompute|--fused|--base|--model|--lr) shift 2 ;;
     *) ref_args+=("$1"); shift ;;
   esac
 done
-ref=$(OMP_NUM_THREADS=$THREADS bench/.venv/bin/python bench/ref_train_step.py --threads "$THREADS" "${ref_args[@]}")
-echo "$ref"
-python3 - "$hearth" "$ref" <<'PY'
-import json, sys
-h, r = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"hearth {h['tokens_per_s']:.1f} tok/s, peak {h['peak_rss_gb']:.2f} GB (recompute {'on' if h['recompute'] else 'off'}) | "
-      f"pytorch+peft {r['tokens_per_s']:.1f} tok/s, peak {r['peak_rss_gb']:.2f} GB | "
-      f"ratio (hearth/pytorch) tokens/s {h['tokens_per_s']/r['tokens_per_s']:.2f}, memory {h['peak_rss_gb']/r['peak_rss_gb']:.2f}")
+# ROUNDS=N runs the pair N times, alternating, and adds the median ratios (a shared machine's
+# speed drifts within minutes; the ratio of neighbouring runs drifts less)
+rounds=${ROUNDS:-1}
+results=()
+for _ in $(seq "$rounds"); do
+  hearth=$(RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS $bench "${args[@]}")
+  ref=$(OMP_NUM_THREADS=$THREADS bench/.venv/bin/python bench/ref_train_step.py --threads "$THREADS" "${ref_args[@]}")
+  [ "$rounds" = 1 ] && { echo "$hearth"; echo "$ref"; }
+  results+=("$hearth" "$ref")
+done
+python3 - "${results[@]}" <<'PY'
+import json, statistics, sys
+runs = [json.loads(a) for a in sys.argv[1:]]
+speed, mem = [], []
+for h, r in zip(runs[0::2], runs[1::2]):
+    speed.append(h['tokens_per_s'] / r['tokens_per_s'])
+    mem.append(h['peak_rss_gb'] / r['peak_rss_gb'])
+    print(f"hearth {h['tokens_per_s']:.1f} tok/s, peak {h['peak_rss_gb']:.2f} GB (recompute {'on' if h['recompute'] else 'off'}) | "
+          f"pytorch+peft {r['tokens_per_s']:.1f} tok/s, peak {r['peak_rss_gb']:.2f} GB | "
+          f"ratio (hearth/pytorch) tokens/s {speed[-1]:.2f}, memory {mem[-1]:.2f}")
+if len(speed) > 1:
+    print(f"median of {len(speed)} rounds (threads {runs[0]['threads']}): ratio tokens/s {statistics.median(speed):.2f}, memory {statistics.median(mem):.2f}")
 PY
