@@ -1,10 +1,10 @@
 //! Process-wide tuning for programs that host the engine: [`tune`] once at start, before any
 //! other thread exists.
 
-/// Everything below, in one call.
+/// Tunes the process: [`keep_freed_memory`]. (candle's element-wise ops need nothing here: the
+/// vendored candle splits them over rayon's pool, see `third_party/candle-core/HEARTH_PATCHES.md`.)
 pub fn tune() {
     keep_freed_memory();
-    one_thread_for_candle_elementwise_ops();
 }
 
 /// Keeps freed memory in the process for reuse (Linux with glibc; a no-op elsewhere).
@@ -26,21 +26,5 @@ pub fn keep_freed_memory() {
             // thread (the server's engine thread) faulted its memory in again every step.
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
-    }
-}
-
-/// Runs candle's own element-wise CPU ops (adds, scalings, casts over 64k elements) on the
-/// calling thread, unless `CANDLE_NUM_THREADS` is set.
-///
-/// candle splits them over a pool of its own (`candle-bp-*`), beside rayon's, whose threads spin
-/// for 25 000 iterations after every op before they sleep: on a core that rayon's workers need
-/// for the matrix products. These ops are memory-bound and a small part of a step; the fused
-/// kernels and the products split over rayon. Measured on the training benchmark at 2 threads
-/// (`bench_train`, T=256): 95–102 → 111–127 tokens/s (the pool's spinning thread took 9% of
-/// the samples in `perf`).
-pub fn one_thread_for_candle_elementwise_ops() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // candle reads it once, when its pool first starts (the first large element-wise op)
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }

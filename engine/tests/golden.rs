@@ -117,12 +117,14 @@ const F32: Tol = Tol { logits: 1e-4, loss: 1e-4, grads: 1e-4, trajectory: 1e-3, 
 /// in f32), but not always to the same neighbour; one ulp (2^-8 relative) taken differently
 /// early on grows through the layers. Measured worst cases over the four models (hearth against
 /// PyTorch bf16): logits 1.7e-2, loss and logprobs 3.0e-2, CE/IS gradients 4.3e-2, trajectory
-/// losses and grad norms 3.5e-2; PyTorch's own bf16 against its f32 differs by more (logits
-/// 2.7e-2, gradients 7.6e-2). Not compared: PPO's gradients (a ratio within an ulp of a clip
+/// losses and grad norms 3.5e-2 (5.5e-2 on an AVX2-only CPU, where the bf16 products round in
+/// another order: qwen3's importance-sampling grad norm after two AdamW steps, the same figure
+/// before and after any change to hearth's kernels); PyTorch's own bf16 against its f32 differs
+/// by more (logits 2.7e-2, gradients 7.6e-2). Not compared: PPO's gradients (a ratio within an ulp of a clip
 /// bound flips between clipped and not: 0.5 relative) and the weights after AdamW steps (the
 /// first step moves every element by ±lr whatever its gradient's size, so a near-zero gradient
 /// whose sign differs moves it the other way: 0.25 relative).
-const BF16: Tol = Tol { logits: 3e-2, loss: 5e-2, grads: 6e-2, trajectory: 5e-2, discontinuous: false };
+const BF16: Tol = Tol { logits: 3e-2, loss: 5e-2, grads: 6e-2, trajectory: 7e-2, discontinuous: false };
 
 impl Fixture {
     fn session(&self) -> TrainingSession {

@@ -364,6 +364,22 @@ pub fn unary_map_vec<T: Copy, U: Copy, F: FnMut(T) -> U, FV: FnMut(&[T], &mut [U
 
 // Below this many logical elements the barrier-pool split costs more than it saves.
 const PAR_ELEMWISE_MIN: usize = 64 * 1024;
+
+/// hearth's patch: units `0..n_units` split over rayon's pool (a few ranges per thread), where
+/// candle used its barrier pool. That pool's workers spin for 25 000 iterations after every op
+/// before they park, on the cores that rayon's workers (hearth's matrix products and fused
+/// kernels) need next; hearth keeps the barrier pool for its decode kernels only.
+fn elementwise_chunked<F: Fn(std::ops::Range<usize>) + Sync>(n_units: usize, f: F) {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || n_units <= 1 {
+        return f(0..n_units);
+    }
+    let per = n_units.div_ceil(threads * 4).max(1);
+    (0..n_units.div_ceil(per))
+        .into_par_iter()
+        .for_each(|c| f(c * per..n_units.min((c + 1) * per)));
+}
 // Per-unit span: big enough to amortize dispatch, small enough to balance.
 const PAR_ELEMWISE_CHUNK: usize = 16 * 1024;
 
@@ -384,7 +400,7 @@ pub fn unary_map_vec_par<
             let mut ys: Vec<U> = Vec::with_capacity(len);
             let ys_ptr = ys.as_mut_ptr() as usize;
             let n_units = len.div_ceil(PAR_ELEMWISE_CHUNK);
-            crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+            elementwise_chunked(n_units, |range| {
                 let ys_ptr = ys_ptr as *mut U;
                 for unit in range {
                     let lo = unit * PAR_ELEMWISE_CHUNK;
@@ -429,7 +445,7 @@ pub fn binary_map_vec_par<
     let mut ys: Vec<T> = Vec::with_capacity(el_count);
     let ys_ptr = ys.as_mut_ptr() as usize;
     let n_units = el_count.div_ceil(PAR_ELEMWISE_CHUNK);
-    crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+    elementwise_chunked(n_units, |range| {
         let ys_ptr = ys_ptr as *mut T;
         for unit in range {
             let mut dst_offset = unit * PAR_ELEMWISE_CHUNK;
