@@ -316,7 +316,7 @@ fn parity(a: &Args) -> Result<Value> {
 }
 
 fn main() -> Result<()> {
-    hearth_engine::process::tune();
+    hearth_engine::alloc::keep_freed_memory();
     let args = Args(std::env::args().skip(1).collect());
     let result = match args.0.first().map(String::as_str) {
         Some("config") => shape_json(args.req("--shape")?),

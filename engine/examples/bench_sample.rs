@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn main() -> Result<()> {
-    hearth_engine::process::tune();
+    hearth_engine::alloc::keep_freed_memory();
     let home = std::env::var_os("HEARTH_HOME")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("hearth"));

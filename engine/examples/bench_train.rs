@@ -26,7 +26,7 @@ fn arg(name: &str, default: usize) -> Result<usize> {
 }
 
 fn main() -> Result<()> {
-    hearth_engine::process::tune();
+    hearth_engine::alloc::keep_freed_memory();
     let (seq_len, warmup, steps) = (arg("--seq-len", 256)?, arg("--warmup", 2)?, arg("--steps", 5)?);
     let home = std::env::var_os("HEARTH_HOME")
         .map(std::path::PathBuf::from)

@@ -50,7 +50,7 @@ fn greedy(session: &TrainingSession, prompt: &str, max: usize) -> Result<String>
 }
 
 fn main() -> Result<()> {
-    hearth_engine::process::tune();
+    hearth_engine::alloc::keep_freed_memory();
     let home = std::env::var_os("HEARTH_HOME")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("hearth"));

@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod alloc;
 pub mod batch;
 pub mod config;
 pub mod device;
@@ -47,7 +48,6 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod preset;
-pub mod process;
 pub mod quant;
 pub mod recompute;
 pub mod rng;

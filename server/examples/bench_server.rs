@@ -18,7 +18,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    hearth_engine::process::tune();
+    hearth_engine::alloc::keep_freed_memory();
     let home = std::env::temp_dir().join(format!("hearth-bench-server-{}", std::process::id()));
     let model = Preset::Smollm2_135mShape.name();
     let opts = hearth_server::options::Options::parse_from([

@@ -50,7 +50,7 @@ impl log::Log for StderrLog {
 /// The server's command line: parse `args` (the first is the program name), serve until
 /// shutdown, return the exit code. The `hearth-server` binary and `hearth serve` both run this.
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
-    hearth_engine::process::tune();
+    hearth_engine::alloc::keep_freed_memory();
     let level = std::env::var("HEARTH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Info);
     let _ = log::set_boxed_logger(Box::new(StderrLog(level))).map(|()| log::set_max_level(level));
     let opts = match options::Options::try_parse_from(args) {

@@ -1,18 +1,12 @@
-//! Process-wide tuning for programs that host the engine: [`tune`] once at start, before any
-//! other thread exists.
-
-/// Tunes the process: [`keep_freed_memory`]. (candle's element-wise ops need nothing here: the
-/// vendored candle splits them over rayon's pool, see `third_party/candle-core/HEARTH_PATCHES.md`.)
-pub fn tune() {
-    keep_freed_memory();
-}
+//! Allocator tuning for processes that host the engine.
+//!
+//! glibc's malloc serves large tensors (over 32 MiB by default, or less after its dynamic
+//! threshold adapts) with `mmap` and returns them with `munmap`, so every training step faults
+//! and zeroes its activation memory again: a third of a CPU step on the SmolLM2-135M shape went to
+//! `clear_page`. Binaries that host a warm model call [`keep_freed_memory`] once at start.
 
 /// Keeps freed memory in the process for reuse (Linux with glibc; a no-op elsewhere).
-///
-/// glibc's malloc serves large tensors (over 32 MiB by default, or less after its dynamic
-/// threshold adapts) with `mmap` and returns them with `munmap`, so every training step faults
-/// and zeroes its activation memory again: a third of a CPU step on the SmolLM2-135M shape went to
-/// `clear_page`. Measured on the training benchmark: 85 → 130 tokens/s, peak memory 2.64 → 2.69 GB.
+/// Measured on the training benchmark: 85 → 130 tokens/s, peak memory 2.64 → 2.69 GB.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
