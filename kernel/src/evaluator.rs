@@ -504,8 +504,14 @@ impl Evaluator {
 mod tests {
     use super::*;
 
+    /// A flock belongs to the open file, which a child shares from fork until its exec closes the
+    /// close-on-exec descriptors: a process spawned by one test while the other drops a slot's lock
+    /// holds that lock a moment longer (the slot test then took slot-2 in CI). The two take turns.
+    static FORKS_AND_LOCKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn sweeping_removes_the_folders_of_processes_that_are_gone() {
+        let _turn = FORKS_AND_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
         let root = std::env::temp_dir().join(format!("hearth-sweep-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let mut done = std::process::Command::new("true").spawn().unwrap();
@@ -522,6 +528,7 @@ mod tests {
 
     #[test]
     fn a_build_slot_is_held_by_one_owner_and_free_again_when_dropped() {
+        let _turn = FORKS_AND_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
         let root = std::env::temp_dir().join(format!("hearth-slot-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let (a, lock_a) = lock_free_slot(&root).unwrap();
