@@ -557,9 +557,11 @@ impl CustomOp2 for TargetLogprobsBwd {
 // Linear with LoRA
 
 /// Output elements × depth below which a matmul runs on one thread: splitting it costs more
-/// than it saves (measured: a 256×576×576 product ran slower on two threads through gemm's
-/// own splitting, and the LoRA products 3× slower).
-const PAR_MIN_WORK: usize = 1 << 22;
+/// than it saves (measured: gemm's own splitting of a 256×576×576 product ran slower on two
+/// threads and of the LoRA products 3× slower; with the split below, LoRA's rank-wide products
+/// gain on two threads, and left on the calling thread they were 4% of a two-thread step while
+/// the other core waited).
+const PAR_MIN_WORK: usize = 1 << 19;
 
 /// A matrix operand of [`mm`]: its first element and its row and column strides.
 #[derive(Clone, Copy)]
@@ -586,9 +588,10 @@ impl<T> Mat<T> {
     }
 }
 
-/// dst (m, n) row-major = beta · lhs (m, k) · rhs (k, n), added to dst when `acc`. Columns are
-/// split evenly over rayon's threads, each running gemm on one thread, when the product is large
-/// enough; gemm's own splitting of a 256-row product scales poorly.
+/// dst (m, n) row-major = beta · lhs (m, k) · rhs (k, n), added to dst when `acc`. Large enough
+/// products are split over rayon's threads, each running gemm on one thread (gemm's own splitting
+/// of a 256-row product scales poorly): by columns, or by rows when the output is too narrow to
+/// split (LoRA's rank-wide products).
 #[allow(clippy::too_many_arguments)] // gemm's own interface, reduced to what the kernels use
 pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
     debug_assert_eq!(dst.len(), m * n);
@@ -597,29 +600,41 @@ pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
     }
     // inside a rayon task (the attention kernel's heads) the caller already runs in parallel
     let outside_pool = rayon::current_thread_index().is_none();
-    let threads = if outside_pool && m * n * k >= PAR_MIN_WORK { rayon::current_num_threads().min(n.div_ceil(16)) } else { 1 };
+    let threads = if outside_pool && m * n * k >= PAR_MIN_WORK { rayon::current_num_threads() } else { 1 };
     // Split the output's columns, not its rows: gemm packs the operand that is not
     // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
     // (measured: packing took as long as the products on two threads). By columns each thread
-    // reads and packs only its slice of the weight. Slices are multiples of 16 columns.
-    let cols = n.div_ceil(threads.max(1)).next_multiple_of(16).min(n);
+    // reads and packs only its slice of the weight. Slices are multiples of 16 columns. An output
+    // narrower than 32 columns a thread (x·Aᵀ, gᵀ·xa, g·B: r columns) is split by rows instead:
+    // there the packed operand is the small A or B.
+    let by_rows = threads > 1 && n < 32 * threads && m >= 64 * threads;
+    let (tasks, step) = if by_rows {
+        let rows = m.div_ceil(threads).next_multiple_of(16).min(m);
+        (m.div_ceil(rows), rows)
+    } else {
+        let cols = n.div_ceil(threads.min(n.div_ceil(16))).next_multiple_of(16).min(n);
+        (n.div_ceil(cols), cols)
+    };
     let dst_ptr = Mat { ptr: dst.as_mut_ptr() as *const T, rs: n as isize, cs: 1 };
-    let run = |c0: usize| {
+    let run = |task: usize| {
         let (lhs, rhs, dst_ptr) = (lhs, rhs, dst_ptr); // captured whole (Send), not field by field
-        let nc = cols.min(n - c0);
-        // SAFETY: columns c0..c0+nc of dst (m × n, row-major) are written by this task alone;
-        // lhs (m, k) and rhs columns c0..c0+nc lie inside the slices the views were made from
-        // (the callers check every shape first), and dst outlives the tasks (joined below).
+        let i0 = task * step;
+        // this task's block of dst: rows r0.., columns c0.. (nr × nc)
+        let (r0, nr, c0, nc) = if by_rows { (i0, step.min(m - i0), 0, n) } else { (0, m, i0, step.min(n - i0)) };
+        // SAFETY: that block of dst (m × n, row-major) is written by this task alone; lhs rows
+        // r0..r0+nr (k columns) and rhs columns c0..c0+nc (k rows) lie inside the slices the
+        // views were made from (the callers check every shape first), and dst outlives the tasks
+        // (joined below).
         unsafe {
             gemm::gemm(
-                m,
+                nr,
                 nc,
                 k,
-                (dst_ptr.ptr as *mut T).add(c0),
+                (dst_ptr.ptr as *mut T).add(r0 * n + c0),
                 1,
                 n as isize,
                 acc,
-                lhs.ptr,
+                lhs.ptr.offset(r0 as isize * lhs.rs),
                 lhs.cs,
                 lhs.rs,
                 rhs.ptr.offset(c0 as isize * rhs.cs),
@@ -634,10 +649,10 @@ pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
             )
         }
     };
-    if threads <= 1 {
+    if tasks <= 1 {
         run(0);
     } else {
-        (0..n).step_by(cols).collect::<Vec<_>>().into_par_iter().for_each(run);
+        (0..tasks).into_par_iter().for_each(run);
     }
 }
 
