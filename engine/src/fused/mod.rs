@@ -601,6 +601,12 @@ pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
     // inside a rayon task (the attention kernel's heads) the caller already runs in parallel
     let outside_pool = rayon::current_thread_index().is_none();
     let threads = if outside_pool && m * n * k >= PAR_MIN_WORK { rayon::current_num_threads() } else { 1 };
+    mm_split(threads, m, n, k, dst, lhs, rhs, acc, beta);
+}
+
+/// [`mm`] split for `threads` threads (tasks on rayon's pool; 1 runs on the calling thread).
+#[allow(clippy::too_many_arguments)] // mm's, and the thread count
+fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
     // Split the output's columns, not its rows: gemm packs the operand that is not
     // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
     // (measured: packing took as long as the products on two threads). By columns each thread
@@ -1007,5 +1013,32 @@ mod tests {
     fn target_logprobs_refuse_a_target_outside_the_vocabulary() {
         let err = target_logprobs(&randn(&[1, 2, 4], 1), &Tensor::new(&[[1u32, 4]], &Device::Cpu).unwrap()).unwrap_err();
         assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+
+    /// Every way `mm` splits a product (one task; by columns; by rows for a narrow output), with a
+    /// short last slice (3 threads), against a plain product in f64, with a transposed operand,
+    /// beta and accumulation.
+    #[test]
+    fn split_products_match_a_plain_product() {
+        let value = |i: usize, salt: usize| ((i * 7 + salt * 13) % 23) as f64 / 23.0 - 0.5;
+        // (m, n, k): LoRA's x·Aᵀ (narrow: by rows), its dA (short: by columns), a base product,
+        // one too small to split
+        for (m, n, k) in [(256, 16, 576), (16, 576, 256), (256, 576, 64), (96, 5, 7)] {
+            let lhs_t: Vec<f64> = (0..m * k).map(|i| value(i, 1)).collect(); // stored (k, m)
+            let rhs: Vec<f64> = (0..k * n).map(|i| value(i, 2)).collect(); // stored (k, n)
+            let start: Vec<f64> = (0..m * n).map(|i| value(i, 3)).collect();
+            let mut want = start.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] += 0.5 * (0..k).map(|p| lhs_t[p * m + i] * rhs[p * n + j]).sum::<f64>();
+                }
+            }
+            for threads in [1, 2, 3] {
+                let mut got = start.clone();
+                mm_split(threads, m, n, k, &mut got, Mat::t(&lhs_t, m), Mat::rows(&rhs, n), true, 0.5);
+                let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max);
+                assert!(worst < 1e-9, "{m}×{n}×{k} on {threads} threads: off by {worst}");
+            }
+        }
     }
 }
