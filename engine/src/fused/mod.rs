@@ -611,8 +611,9 @@ fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T]
     // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
     // (measured: packing took as long as the products on two threads). By columns each thread
     // reads and packs only its slice of the weight. Slices are multiples of 16 columns. An output
-    // narrower than 32 columns a thread (x·Aᵀ, gᵀ·xa, g·B: r columns) is split by rows instead:
-    // there the packed operand is the small A or B.
+    // narrower than 32 columns a thread (x·Aᵀ, gᵀ·xa, g·B: r columns) is split by rows instead,
+    // when each thread gets at least 64 (gemm's AVX-512 row tile): there the packed operand is
+    // the small A or B.
     let by_rows = threads > 1 && n < 32 * threads && m >= 64 * threads;
     let (tasks, step) = if by_rows {
         let rows = m.div_ceil(threads).next_multiple_of(16).min(m);
@@ -953,7 +954,8 @@ mod tests {
 
     #[test]
     fn linear_splits_large_products_over_threads_without_changing_them() {
-        // 300 rows × 200 × 100: above PAR_MIN_WORK, so rows go to separate gemm calls
+        // 300 rows × 200 × 100: above PAR_MIN_WORK, so on more than one thread its columns go to
+        // separate gemm calls (every split, at a fixed thread count: split_products_match_a_plain_product)
         let (x, w) = (randn(&[300, 200], 15).to_dtype(DType::F32).unwrap(), randn(&[100, 200], 16).to_dtype(DType::F32).unwrap());
         let got = linear(&x, &Weight::Frozen(w.clone()), None).unwrap();
         let want = x.matmul(&w.t().unwrap()).unwrap();
