@@ -73,25 +73,30 @@ fn main() -> Result<()> {
         None => AdamParams::default(),
     };
     let mut times = Vec::with_capacity(steps);
+    let mut optim_times = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(warmup + steps);
     for i in 0..warmup + steps {
         let t = Instant::now();
         let out = session.forward_backward(&input)?;
+        let o = Instant::now();
         session.optim_step(&adam)?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
+            optim_times.push(o.elapsed().as_secs_f64());
         }
         losses.push(out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN));
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    optim_times.sort_by(f64::total_cmp);
+    let optim_median = optim_times[optim_times.len() / 2];
     let total: f64 = times.iter().sum();
     let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
     println!(
         "{}",
         serde_json::json!({
             "impl": "hearth", "candle": "0.11.1", "threads": threads, "seq_len": seq_len, "steps": steps,
-            "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "peak_rss_gb": hearth_engine::device::peak_bytes(&candle_core::Device::Cpu).map_or(f64::NAN, |b| b as f64 / 1e9),
+            "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "optim_s_median": optim_median, "peak_rss_gb": hearth_engine::device::peak_bytes(&candle_core::Device::Cpu).map_or(f64::NAN, |b| b as f64 / 1e9),
             "recompute": recompute.applies(session.model(), 1, seq_len), "fused": fused,
             "base": quantize.map_or("f32", |q| q.name()), "weight_gb": base.weight_bytes() as f64 / 1e9,
             "losses": losses,

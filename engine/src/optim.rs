@@ -6,6 +6,7 @@
 use crate::error::{EngineError, Result};
 use candle_core::{DType, Tensor, Var};
 use hearth_api::{AdamParams, OptimStepOutput};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// First and second moments of one parameter.
@@ -49,22 +50,102 @@ pub fn validate(p: &AdamParams) -> Result<()> {
 
 /// Global L2 norm of all gradients, accumulated in f64.
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
-    let mut sq = 0.0;
-    for g in grads.values() {
-        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    }
-    Ok(sq.sqrt())
+    global_norm_with(grads, grads.values().all(|g| g.dtype() == DType::F32 && crate::fused::applies(g)))
+}
+
+/// [`global_norm`], `fused`: each gradient's squares summed in one pass (f32 on the CPU).
+fn global_norm_with(grads: &BTreeMap<String, Tensor>, fused: bool) -> Result<f64> {
+    let squares: Vec<f64> = if fused {
+        // one pass per gradient, the gradients split over the pool (each a short serial op
+        // composed: a conversion, a square and a sum, on the thread that runs the step)
+        grads.values().collect::<Vec<_>>().par_iter().map(|g| crate::fused::with_cpu::<f32, _>(g, "global-norm", |g| Ok(g.iter().map(|&x| f64::from(x) * f64::from(x)).sum()))).collect::<candle_core::Result<_>>()?
+    } else {
+        grads.values().map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()).collect::<candle_core::Result<_>>()?
+    };
+    Ok(squares.iter().sum::<f64>().sqrt())
+}
+
+/// The constants of one AdamW step, in the precision of the f32 ops that use them.
+#[derive(Clone, Copy)]
+struct Coefs {
+    /// The clipping factor, when below 1.
+    clip: Option<f32>,
+    /// 1 − β₁.
+    keep1: f32,
+    /// β₂.
+    beta2: f32,
+    /// 1 − β₂.
+    keep2: f32,
+    /// 1 / √(1 − β₂ᵗ).
+    inv_bias2: f32,
+    eps: f32,
+    /// 1 − lr · weight_decay.
+    decay: f32,
+    /// lr / (1 − β₁ᵗ).
+    step_size: f32,
+}
+
+/// One parameter's update in a single pass (f32 on the CPU): the new value and moments, from the
+/// same f32 operations in the same order as the composed candle ops of [`AdamW::step`] (each
+/// scalar product of those is an affine op computing `x · c + 0` in f32), so both give the same
+/// bits.
+fn fused_update(param: &Tensor, g: &Tensor, moments: Option<&Moments>, c: Coefs) -> Result<(Tensor, Moments)> {
+    use crate::fused::with_cpu;
+    let op = "adamw";
+    let n = param.elem_count();
+    let (mut p1, mut m1, mut v1) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut run = |p: &[f32], g: &[f32], m: Option<&[f32]>, v: Option<&[f32]>| {
+        for i in 0..n {
+            let g = match c.clip {
+                Some(clip) => g[i] * clip,
+                None => g[i],
+            };
+            let (m0, v0) = (m.map_or(0.0, |m| m[i]), v.map_or(0.0, |v| v[i]));
+            let m = m0 + (g - m0) * c.keep1;
+            let v = v0 * c.beta2 + g * g * c.keep2;
+            let denom = v.sqrt() * c.inv_bias2 + c.eps;
+            p1[i] = p[i] * c.decay - m / denom * c.step_size;
+            (m1[i], v1[i]) = (m, v);
+        }
+    };
+    with_cpu::<f32, _>(param, op, |p| {
+        with_cpu::<f32, _>(g, op, |g| match moments {
+            Some(mo) => with_cpu::<f32, _>(&mo.m, op, |m| {
+                with_cpu::<f32, _>(&mo.v, op, |v| {
+                    run(p, g, Some(m), Some(v));
+                    Ok(())
+                })
+            }),
+            None => {
+                run(p, g, None, None);
+                Ok(())
+            }
+        })
+    })?;
+    let (shape, dev) = (param.shape(), param.device());
+    let moments = Moments { m: Tensor::from_vec(m1, shape, dev)?, v: Tensor::from_vec(v1, shape, dev)? };
+    Ok((Tensor::from_vec(p1, shape, dev)?, moments))
 }
 
 impl AdamW {
     /// Applies one step to `params` using `grads` (same names); parameters without a gradient
     /// are skipped, as in torch. Validates first; on error nothing changes.
     pub fn step(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, p: &AdamParams) -> Result<OptimStepOutput> {
+        let fused = params.iter().filter_map(|(name, var)| Some((name, var, grads.get(name)?))).all(|(name, var, g)| {
+            let m = self.moments.get(name);
+            [var.as_tensor(), g].into_iter().chain(m.into_iter().flat_map(|m| [&m.m, &m.v])).all(|t| t.dtype() == DType::F32 && crate::fused::applies(t))
+        });
+        self.step_with(params, grads, p, fused)
+    }
+
+    /// [`AdamW::step`], each parameter's update in one fused pass (f32 on the CPU) or composed
+    /// from candle ops (everywhere). Both give the same bits.
+    fn step_with(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, p: &AdamParams, fused: bool) -> Result<OptimStepOutput> {
         validate(p)?;
         if grads.is_empty() {
             return Err(EngineError::NoGradients);
         }
-        let grad_norm = global_norm(grads)?;
+        let grad_norm = global_norm_with(grads, fused)?;
         if !grad_norm.is_finite() {
             return Err(EngineError::NonFiniteLoss { op: "optim_step", value: grad_norm });
         }
@@ -75,28 +156,91 @@ impl AdamW {
         let bias2_sqrt = (1.0 - p.beta2.powi(step as i32)).sqrt();
         let step_size = p.learning_rate / bias1;
         // Compute every update first, then commit, so a failure midway changes nothing.
-        let mut updates = Vec::with_capacity(grads.len());
-        for (name, var) in params {
-            let Some(g) = grads.get(name) else { continue };
-            let dtype = var.dtype();
-            let g = if clip < 1.0 { (g * clip)? } else { g.clone() }.to_dtype(DType::F32)?;
-            let (m, v) = match self.moments.get(name) {
-                Some(mo) => (mo.m.clone(), mo.v.clone()),
-                None => (g.zeros_like()?, g.zeros_like()?),
+        let with_grads = || params.iter().filter_map(|(name, var)| Some((name, var, grads.get(name)?)));
+        let updates: Vec<(&String, &Var, Tensor, Moments)> = if fused {
+            let c = Coefs {
+                clip: (clip < 1.0).then_some(clip as f32),
+                keep1: (1.0 - p.beta1) as f32,
+                beta2: p.beta2 as f32,
+                keep2: (1.0 - p.beta2) as f32,
+                inv_bias2: (1.0 / bias2_sqrt) as f32,
+                eps: p.eps as f32,
+                decay: (1.0 - p.learning_rate * p.weight_decay) as f32,
+                step_size: step_size as f32,
             };
-            let m = (&m + ((&g - &m)? * (1.0 - p.beta1))?)?; // torch: exp_avg.lerp_(grad, 1 - beta1)
-            let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let denom = ((v.sqrt()? / bias2_sqrt)? + p.eps)?;
-            let param = var.as_tensor().to_dtype(DType::F32)?;
-            let param = (param * (1.0 - p.learning_rate * p.weight_decay))?;
-            let param = (param - ((&m / &denom)? * step_size)?)?.to_dtype(dtype)?;
-            updates.push((name.clone(), var, param, Moments { m, v }));
-        }
+            // each parameter one task on the pool (composed, hundreds of short serial ops each
+            // on the thread that runs the step)
+            let work: Vec<_> = with_grads().collect();
+            work.into_par_iter()
+                .map(|(name, var, g)| fused_update(var.as_tensor(), g, self.moments.get(name), c).map(|(param, m)| (name, var, param, m)))
+                .collect::<Result<_>>()?
+        } else {
+            with_grads()
+                .map(|(name, var, g)| {
+                    let dtype = var.dtype();
+                    let g = if clip < 1.0 { (g * clip)? } else { g.clone() }.to_dtype(DType::F32)?;
+                    let (m, v) = match self.moments.get(name) {
+                        Some(mo) => (mo.m.clone(), mo.v.clone()),
+                        None => (g.zeros_like()?, g.zeros_like()?),
+                    };
+                    let m = (&m + ((&g - &m)? * (1.0 - p.beta1))?)?; // torch: exp_avg.lerp_(grad, 1 - beta1)
+                    let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+                    let denom = ((v.sqrt()? / bias2_sqrt)? + p.eps)?;
+                    let param = var.as_tensor().to_dtype(DType::F32)?;
+                    let param = (param * (1.0 - p.learning_rate * p.weight_decay))?;
+                    let param = (param - ((&m / &denom)? * step_size)?)?.to_dtype(dtype)?;
+                    Ok((name, var, param, Moments { m, v }))
+                })
+                .collect::<Result<_>>()?
+        };
         for (name, var, param, moments) in updates {
             var.set(&param)?;
-            self.moments.insert(name, moments);
+            self.moments.insert(name.clone(), moments);
         }
         self.step = step;
         Ok(OptimStepOutput { step, learning_rate: p.learning_rate, grad_norm })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    }
+
+    /// Three steps, the fused pass against the composed ops: the same bits in the parameters,
+    /// both moments and the gradient norm; with and without clipping and weight decay, and one
+    /// parameter without a gradient (skipped by both).
+    #[test]
+    fn the_fused_step_gives_the_composed_steps_bits() {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(7);
+        let mut values = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| ((rng.next_u64() % 20001) as f32 / 10000.0 - 1.0) * scale).collect() };
+        let shapes: [&[usize]; 3] = [&[16, 40], &[72, 16], &[5]];
+        let start: Vec<Tensor> = shapes.iter().map(|s| Tensor::from_vec(values(s.iter().product(), 1.0), *s, &dev).unwrap()).collect();
+        for (clip, wd) in [(0.0, 0.0), (0.5, 0.1), (1e6, 0.01)] {
+            let p = AdamParams { learning_rate: 1e-2, grad_clip_norm: clip, weight_decay: wd, ..AdamParams::default() };
+            let make = || start.iter().enumerate().map(|(i, t)| (format!("p{i}"), Var::from_tensor(t).unwrap())).collect::<Vec<_>>();
+            let (fused, composed) = (make(), make());
+            let (mut fo, mut co) = (AdamW::default(), AdamW::default());
+            for _ in 0..3 {
+                let grads: BTreeMap<String, Tensor> =
+                    shapes[..2].iter().enumerate().map(|(i, s)| (format!("p{i}"), Tensor::from_vec(values(s.iter().product(), 3.0), *s, &dev).unwrap())).collect();
+                let a = fo.step_with(&fused, &grads, &p, true).unwrap();
+                let b = co.step_with(&composed, &grads, &p, false).unwrap();
+                assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits(), "grad norm, clip {clip}");
+                for ((name, f), (_, c)) in fused.iter().zip(&composed) {
+                    assert_eq!(bits(f.as_tensor()), bits(c.as_tensor()), "{name}, clip {clip}, wd {wd}");
+                }
+                for (name, m) in &fo.moments {
+                    assert_eq!((bits(&m.m), bits(&m.v)), (bits(&co.moments[name].m), bits(&co.moments[name].v)), "moments of {name}");
+                }
+            }
+            assert_eq!(bits(fused[2].1.as_tensor()), bits(&start[2]), "a parameter without a gradient stays");
+            assert_eq!(fo.moments.len(), 2);
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! the backward recomputes the probabilities block by block. No (B, H, T, S) tensor outlives a
 //! call, and blocks above the diagonal are never computed.
 
-use super::{mm, same, storage, Mat, Real};
+use super::{as_task, mm, same, storage, Mat, Real};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -153,7 +153,7 @@ impl Attention {
         y.par_chunks_mut(l * d).zip(lse.par_chunks_mut(l)).enumerate().for_each(|(bh, (y, lse))| {
             let (bi, hi) = (bh / h, bh % h);
             let kv = (bi * kh + hi / n) * s * d;
-            self.forward_head(y, lse, &q[bh * l * d..(bh + 1) * l * d], &k[kv..kv + s * d], &v[kv..kv + s * d], dm);
+            as_task(|| self.forward_head(y, lse, &q[bh * l * d..(bh + 1) * l * d], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
         });
         (y, lse)
     }
@@ -171,7 +171,7 @@ impl Attention {
                 let kv = (bi * kh + hi / n) * s * d;
                 let (mut dq, mut dk, mut dv) = (vec![T::ZERO; l * d], vec![T::ZERO; s * d], vec![T::ZERO; s * d]);
                 let head = bh * l * d..(bh + 1) * l * d;
-                self.backward_head(&mut dq, &mut dk, &mut dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm);
+                as_task(|| self.backward_head(&mut dq, &mut dk, &mut dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
                 (dq, dk, dv)
             })
             .collect();

@@ -563,6 +563,34 @@ impl CustomOp2 for TargetLogprobsBwd {
 /// the other core waited).
 const PAR_MIN_WORK: usize = 1 << 19;
 
+thread_local! {
+    /// Set while this thread runs one of a kernel's parallel tasks ([`as_task`]): the products
+    /// it calls then run on it alone.
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as one of a kernel's parallel tasks: [`mm`] inside it does not split again. (A
+/// check for "on a pool thread" cannot tell these apart from the step itself, which runs on a
+/// pool thread too.)
+pub(crate) fn as_task<R>(f: impl FnOnce() -> R) -> R {
+    let outer = IN_TASK.replace(true);
+    let r = f();
+    IN_TASK.set(outer);
+    r
+}
+
+/// Runs `f` on a thread of rayon's pool (unless already on one), so that the parallel kernels it
+/// calls share work with the pool's other threads directly: called from outside, each of the
+/// step's thousands of short parallel regions would wake the pool, put the calling thread to sleep
+/// and wake it again at the end.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// A matrix operand of [`mm`]: its first element and its row and column strides.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<T> {
@@ -598,9 +626,9 @@ pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
     if m == 0 || n == 0 {
         return;
     }
-    // inside a rayon task (the attention kernel's heads) the caller already runs in parallel
-    let outside_pool = rayon::current_thread_index().is_none();
-    let threads = if outside_pool && m * n * k >= PAR_MIN_WORK { rayon::current_num_threads() } else { 1 };
+    // inside one of a kernel's own tasks (the attention kernel's heads) the caller already runs
+    // in parallel; elsewhere, on a pool thread (the step runs on one, see `in_pool`) or not
+    let threads = if !IN_TASK.get() && m * n * k >= PAR_MIN_WORK { rayon::current_num_threads() } else { 1 };
     mm_split(threads, m, n, k, dst, lhs, rhs, acc, beta);
 }
 

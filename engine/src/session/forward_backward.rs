@@ -19,6 +19,10 @@ impl TrainingSession {
     /// Loss and per-datum target logprobs without gradients. Changes nothing. Records no graph
     /// and computes the loss in chunks of positions (see [`crate::recompute`]).
     pub fn forward(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
+        crate::fused::in_pool(|| self.forward_here(input))
+    }
+
+    fn forward_here(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
         let batch = self.batch(input)?;
         let (terms, _) = recompute::run(&self.model, &batch, &input.loss_fn, None).map_err(recompute::classify)?;
         output(&batch, &terms, &input.loss_fn)
@@ -28,6 +32,10 @@ impl TrainingSession {
     /// A non-finite loss accumulates nothing and is an error. Activations are recomputed when
     /// [`TrainingSession::recompute`] says so for this batch's size.
     pub fn forward_backward(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
+        crate::fused::in_pool(|| self.forward_backward_here(input))
+    }
+
+    fn forward_backward_here(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
         let batch = self.batch(input)?;
         let (b, t) = batch.ids.dims2()?;
         let recomputed = self.recompute.plan(&self.model, b, t)?;
