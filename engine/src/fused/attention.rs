@@ -39,6 +39,9 @@ struct Attention {
     lse: Mutex<Option<Vec<f64>>>,
 }
 
+/// One backward task's dQ (L × D, its blocks' rows) and dK, dV partials (S × D each).
+type Part<T> = (Vec<T>, Vec<T>, Vec<T>);
+
 /// Sizes of one call.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -78,38 +81,34 @@ impl Attention {
         }
     }
 
-    /// One (b, h): writes y (L × D) and the rows' log-sum-exp.
-    fn forward_head<T: Real>(&self, y: &mut [T], lse: &mut [f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
-        let Dims { l, d, .. } = dm;
-        let mut sc = Vec::new();
-        for i0 in (0..l).step_by(BLOCK) {
-            let lb = BLOCK.min(l - i0);
-            let (lo, hi) = self.block_keys(i0, lb);
-            let nk = hi - lo;
-            sc.resize(lb * nk, T::ZERO);
-            self.scores(&mut sc, q, k, i0, lb, lo, hi, d);
-            for r in 0..lb {
-                let row = &mut sc[r * nk..(r + 1) * nk];
-                let max = T::max_of(row);
-                T::exp_shifted(row, max);
-                let sum = T::sum_f64(row);
-                let inv = T::from_f64(1.0 / sum);
-                for x in row.iter_mut() {
-                    *x = *x * inv;
-                }
-                lse[i0 + r] = max.to_f64() + sum.ln();
+    /// Rows i0..i0+lb of one (b, h): writes their y (lb × D) and log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_block<T: Real>(&self, y: &mut [T], lse: &mut [f64], q: &[T], k: &[T], v: &[T], i0: usize, lb: usize, d: usize) {
+        let (lo, hi) = self.block_keys(i0, lb);
+        let nk = hi - lo;
+        let mut sc = vec![T::ZERO; lb * nk];
+        self.scores(&mut sc, q, k, i0, lb, lo, hi, d);
+        for (r, row) in sc.chunks_mut(nk).enumerate() {
+            let max = T::max_of(row);
+            T::exp_shifted(row, max);
+            let sum = T::sum_f64(row);
+            let inv = T::from_f64(1.0 / sum);
+            for x in row.iter_mut() {
+                *x = *x * inv;
             }
-            mm(lb, d, nk, &mut y[i0 * d..(i0 + lb) * d], Mat::rows(&sc, nk), Mat::rows(&v[lo * d..], d), false, T::ONE);
+            lse[r] = max.to_f64() + sum.ln();
         }
+        mm(lb, d, nk, y, Mat::rows(&sc, nk), Mat::rows(&v[lo * d..], d), false, T::ONE);
     }
 
-    /// One (b, h): dQ (L × D) into `dq`, and this head's share of dK, dV (S × D each).
+    /// The query blocks `blocks` (first rows) of one (b, h): their rows of dQ (L × D) into `dq`,
+    /// and their share of dK, dV (S × D each).
     #[allow(clippy::too_many_arguments)]
-    fn backward_head<T: Real>(&self, dq: &mut [T], dk: &mut [T], dv: &mut [T], g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
+    fn backward_blocks<T: Real>(&self, blocks: &[usize], dq: &mut [T], dk: &mut [T], dv: &mut [T], g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
         let Dims { l, d, .. } = dm;
         let scale = T::from_f64(self.scale);
         let (mut p, mut dp) = (Vec::new(), Vec::new());
-        for i0 in (0..l).step_by(BLOCK) {
+        for &i0 in blocks {
             let lb = BLOCK.min(l - i0);
             let (lo, hi) = self.block_keys(i0, lb);
             let nk = hi - lo;
@@ -150,12 +149,43 @@ impl Attention {
         let n = h / kh;
         let mut y = vec![T::ZERO; b * h * l * d];
         let mut lse = vec![0f64; b * h * l];
+        // one task per (b, h) and block of query rows: blocks are independent in the forward
+        // pass, and later blocks see more keys, so many uneven tasks balance where the heads
+        // alone (9 on 2 threads) did not
         y.par_chunks_mut(l * d).zip(lse.par_chunks_mut(l)).enumerate().for_each(|(bh, (y, lse))| {
             let (bi, hi) = (bh / h, bh % h);
             let kv = (bi * kh + hi / n) * s * d;
-            as_task(|| self.forward_head(y, lse, &q[bh * l * d..(bh + 1) * l * d], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
+            let (q, k, v) = (&q[bh * l * d..(bh + 1) * l * d], &k[kv..kv + s * d], &v[kv..kv + s * d]);
+            y.par_chunks_mut(BLOCK * d).zip(lse.par_chunks_mut(BLOCK)).enumerate().for_each(|(blk, (y, lse))| {
+                as_task(|| self.forward_block(y, lse, q, k, v, blk * BLOCK, lse.len(), d));
+            });
         });
         (y, lse)
+    }
+
+    /// The query blocks (first rows) split into groups of about equal work (rows × keys read),
+    /// enough groups that B·H·groups tasks keep `threads` busy to the end.
+    fn block_groups(&self, l: usize, heads: usize, threads: usize) -> Vec<Vec<usize>> {
+        let blocks: Vec<usize> = (0..l).step_by(BLOCK).collect();
+        let want = if threads > 1 { (8 * threads).div_ceil(heads) } else { 1 };
+        let n = want.clamp(1, blocks.len().max(1));
+        let work = |&i0: &usize| {
+            let lb = BLOCK.min(l - i0);
+            let (lo, hi) = self.block_keys(i0, lb);
+            lb * (hi - lo)
+        };
+        let mut by_work = blocks.clone();
+        by_work.sort_by_key(|b| std::cmp::Reverse(work(b)));
+        let mut groups = vec![(0usize, Vec::new()); n];
+        for b in by_work {
+            let Some(g) = groups.iter_mut().min_by_key(|g| g.0) else { break };
+            g.0 += work(&b);
+            g.1.push(b);
+        }
+        groups.into_iter().map(|(_, mut g)| {
+            g.sort_unstable();
+            g
+        }).filter(|g| !g.is_empty()).collect()
     }
 
     /// (dq, dk, dv) stacked into one buffer: B·H·L·D, then B·K·S·D twice.
@@ -163,31 +193,46 @@ impl Attention {
     fn run_backward<T: Real>(&self, g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], b: usize, dm: Dims) -> Vec<T> {
         let Dims { h, kh, l, s, d } = dm;
         let n = h / kh;
-        // per query head: dQ and its own dK, dV partials; then summed over the heads of a group
-        let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..b * h)
+        // dK and dV sum over query blocks, so the backward pass cannot split a head by blocks
+        // without partial sums: one task per (b, h) and group of blocks, each with its own
+        // dQ rows and dK, dV partials, summed below
+        let groups = self.block_groups(l, b * h, rayon::current_num_threads());
+        let ng = groups.len();
+        let parts: Vec<Part<T>> = (0..b * h * ng)
             .into_par_iter()
-            .map(|bh| {
+            .map(|unit| {
+                let (bh, gi) = (unit / ng, unit % ng);
                 let (bi, hi) = (bh / h, bh % h);
                 let kv = (bi * kh + hi / n) * s * d;
                 let (mut dq, mut dk, mut dv) = (vec![T::ZERO; l * d], vec![T::ZERO; s * d], vec![T::ZERO; s * d]);
                 let head = bh * l * d..(bh + 1) * l * d;
-                as_task(|| self.backward_head(&mut dq, &mut dk, &mut dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
+                as_task(|| self.backward_blocks(&groups[gi], &mut dq, &mut dk, &mut dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
                 (dq, dk, dv)
             })
             .collect();
         let (nq, nkv) = (b * h * l * d, b * kh * s * d);
         let mut out = vec![T::ZERO; nq + 2 * nkv];
-        for (bh, (dq, dk, dv)) in parts.iter().enumerate() {
-            let (bi, hi) = (bh / h, bh % h);
-            out[bh * l * d..(bh + 1) * l * d].copy_from_slice(dq);
-            let kv = (bi * kh + hi / n) * s * d;
-            for (o, &x) in out[nq + kv..nq + kv + s * d].iter_mut().zip(dk) {
-                *o += x;
+        let (dq, rest) = out.split_at_mut(nq);
+        let (dk, dv) = rest.split_at_mut(nkv);
+        // dQ of (b, h): its groups' rows; dK, dV of (b, kv head): every group of its n heads
+        dq.par_chunks_mut(l * d).enumerate().for_each(|(bh, out)| {
+            for (part, ..) in &parts[bh * ng..(bh + 1) * ng] {
+                for (o, &x) in out.iter_mut().zip(part) {
+                    *o += x;
+                }
             }
-            for (o, &x) in out[nq + nkv + kv..nq + nkv + kv + s * d].iter_mut().zip(dv) {
-                *o += x;
+        });
+        let sum_kv = |out: &mut [T], bk: usize, pick: &(dyn Fn(&Part<T>) -> &[T] + Sync)| {
+            let (bi, ki) = (bk / kh, bk % kh);
+            let first = bi * h + ki * n; // heads ki·n.. read kv head ki
+            for part in &parts[first * ng..(first + n) * ng] {
+                for (o, &x) in out.iter_mut().zip(pick(part)) {
+                    *o += x;
+                }
             }
-        }
+        };
+        dk.par_chunks_mut(s * d).enumerate().for_each(|(bk, out)| sum_kv(out, bk, &|p| &p.1));
+        dv.par_chunks_mut(s * d).enumerate().for_each(|(bk, out)| sum_kv(out, bk, &|p| &p.2));
         out
     }
 }

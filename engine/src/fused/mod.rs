@@ -1017,11 +1017,16 @@ mod tests {
 
     #[test]
     fn attention_matches_finite_differences_and_the_composed_softmax() {
-        for (l, s, window) in [(5, 7, None), (5, 7, Some(3)), (70, 70, None), (70, 70, Some(20))] {
+        // the pool's size sets how the backward pass groups query blocks (1 thread: one group
+        // per head; 2 threads, 4 heads and 6 blocks: 4 groups, two of them with two blocks)
+        let pools: Vec<rayon::ThreadPool> = [1, 2].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
+        let cases = [(5, 7, None), (5, 7, Some(3)), (70, 70, None), (70, 70, Some(20)), (330, 340, None), (330, 330, Some(100))];
+        for (pool, (l, s, window)) in pools.iter().flat_map(|p| cases.iter().map(move |c| (p, *c))) {
             let first = s - l;
-            let big = l > 64; // two query blocks; only the forward and composed gradients (FD would take long)
+            let big = l > 64; // several query blocks; only the forward and composed gradients (FD would take long)
             let (q, k, v) = (randn(&[1, 4, l, 4], 20), randn(&[1, 2, s, 4], 21), randn(&[1, 2, s, 4], 22));
             if big {
+                pool.install(|| {
                 let (vars, ts): (Vec<Var>, Vec<Tensor>) = [&q, &k, &v].iter().map(|t| { let v = Var::from_tensor(t).unwrap(); let t = v.as_tensor().clone(); (v, t) }).unzip();
                 let got = attention(&ts[0], &ts[1], &ts[2], first, window).unwrap();
                 let want = attention_composed(&ts[0], &ts[1], &ts[2], first, window);
@@ -1031,8 +1036,9 @@ mod tests {
                 assert!((&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
                 for v in &vars {
                     let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-                    assert!(d < 1e-10, "l={l} window={window:?}: gradients differ by {d}");
+                    assert!(d < 1e-10, "l={l} window={window:?} on {} threads: gradients differ by {d}", pool.current_num_threads());
                 }
+                });
                 continue;
             }
             check(&[q, k, v], |t| attention(&t[0], &t[1], &t[2], first, window).unwrap(), |t| attention_composed(&t[0], &t[1], &t[2], first, window));
