@@ -50,7 +50,12 @@ pub fn validate(p: &AdamParams) -> Result<()> {
 
 /// Global L2 norm of all gradients, accumulated in f64.
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
-    global_norm_with(grads, grads.values().all(|g| g.dtype() == DType::F32 && crate::fused::applies(g)))
+    global_norm_with(grads, grads.values().all(fusable))
+}
+
+/// Whether the fused passes below take `t`: f32 on the CPU, fused kernels on.
+fn fusable(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && crate::fused::applies(t)
 }
 
 /// [`global_norm`], `fused`: each gradient's squares summed in one pass (f32 on the CPU).
@@ -133,7 +138,7 @@ impl AdamW {
     pub fn step(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, p: &AdamParams) -> Result<OptimStepOutput> {
         let fused = params.iter().filter_map(|(name, var)| Some((name, var, grads.get(name)?))).all(|(name, var, g)| {
             let m = self.moments.get(name);
-            [var.as_tensor(), g].into_iter().chain(m.into_iter().flat_map(|m| [&m.m, &m.v])).all(|t| t.dtype() == DType::F32 && crate::fused::applies(t))
+            [var.as_tensor(), g].into_iter().chain(m.into_iter().flat_map(|m| [&m.m, &m.v])).all(fusable)
         });
         self.step_with(params, grads, p, fused)
     }

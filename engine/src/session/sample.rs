@@ -158,7 +158,7 @@ impl TrainingSession {
     ) -> Result<SampleOutput> {
         // Decoding is a long chain of small ops; run it on a pool thread so each parallel
         // kernel splits work with a warm sibling instead of waking the pool from outside.
-        rayon::scope(|_| self.sample_in_pool(input, detokenize, cancelled, on_tokens)).map_err(crate::recompute::classify)
+        crate::fused::in_pool(|| self.sample_in_pool(input, detokenize, cancelled, on_tokens)).map_err(crate::recompute::classify)
     }
 
     fn sample_in_pool(
