@@ -12,6 +12,12 @@
 #                                  weights' bytes; then a 50-step loss curve (T=128, AdamW's
 #                                  default lr 1e-4, the same data) per base and the final losses'
 #                                  distance to f32's. Extra arguments go to every run (--lr 1e-3).
+#   bench/train_step.sh --scaling  hearth alone, 1 thread against THREADS: each run alternates
+#                                  its steps between a 1-thread and a THREADS-thread pool
+#                                  (bench_train --pools), 10 steps each, ROUNDS runs (default 3);
+#                                  prints tokens/s per pool and the median ratio of neighbouring
+#                                  steps (a shared machine's speed drifts within minutes). Extra
+#                                  arguments go to every run (--seq-len 512, --recompute on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
@@ -38,6 +44,23 @@ ref = curve["f32"]["losses"]
 for b, d in curve.items():
     l = d["losses"]
     print(f"{b:>3} base, 50 steps at T=128: loss {l[0]:.2f} -> {l[-1]:.2f}, final vs f32 {100 * (l[-1] - ref[-1]) / ref[-1]:+.2f}%")
+PY
+  exit 0
+fi
+if [ "${1:-}" = "--scaling" ]; then
+  shift
+  runs=()
+  for _ in $(seq "${ROUNDS:-3}"); do
+    runs+=("$($bench "$@" --pools "1,$THREADS" --steps 10 --warmup 1)")
+  done
+  python3 - "${runs[@]}" <<'PY'
+import json, statistics, sys
+runs = [json.loads(a)["pools"] for a in sys.argv[1:]]
+n = runs[0][1]["threads"]
+for i, (one, many) in enumerate(runs):
+    print(f"round {i + 1}: 1 thread {one['tokens_per_s']:.1f} tok/s, {n} threads {many['tokens_per_s']:.1f} tok/s, "
+          f"1 -> {n} threads {many['speedup_over_first_median']:.2f}x (median of the step pairs)")
+print(f"median of {len(runs)} rounds: 1 -> {n} threads {statistics.median(r[1]['speedup_over_first_median'] for r in runs):.2f}x")
 PY
   exit 0
 fi

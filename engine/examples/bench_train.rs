@@ -4,6 +4,11 @@
 //! the base dense or quantized at load (QLoRA), `--model PATH` instead of the preset, `--lr`).
 //! Prints one JSON line, with the loss of every step and the base weights' bytes.
 //!
+//! `--pools 1,2`: every step runs once on a rayon pool of each size, in turn (the order flips
+//! each step), and the line adds each pool's tokens/s and the median over steps of the step-time
+//! ratio of the first pool to each other one: thread scaling measured a second apart rather than
+//! a run apart (a shared machine's speed drifts within minutes).
+//!
 //! Run through `bench/train_step.sh`, which also runs the PyTorch + PEFT reference
 //! (`bench/ref_train_step.py`) in the same run and prints the ratio. Threads come from
 //! `RAYON_NUM_THREADS` (candle's CPU backend and gemm use rayon's pool).
@@ -23,6 +28,11 @@ fn arg(name: &str, default: usize) -> Result<usize> {
         Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{name} needs a number")),
         None => Ok(default),
     }
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn main() -> Result<()> {
@@ -72,34 +82,71 @@ fn main() -> Result<()> {
         Some(i) => AdamParams { learning_rate: args.get(i + 1).context("--lr needs a number")?.parse().context("--lr needs a number")?, ..AdamParams::default() },
         None => AdamParams::default(),
     };
+    let pools: Vec<usize> = match args.iter().position(|a| a == "--pools") {
+        Some(i) => args
+            .get(i + 1)
+            .context("--pools needs thread counts: 1,2")?
+            .split(',')
+            .map(|n| n.parse::<usize>().ok().filter(|&n| n > 0).context("--pools: thread counts such as 1,2"))
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    let pools: Vec<rayon::ThreadPool> = pools.iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build()).collect::<Result<_, _>>()?;
     let mut times = Vec::with_capacity(steps);
     let mut optim_times = Vec::with_capacity(steps);
+    let mut pool_times = vec![Vec::with_capacity(steps); pools.len()];
     let mut losses = Vec::with_capacity(warmup + steps);
-    for i in 0..warmup + steps {
+    let step = |session: &mut TrainingSession| -> Result<(f64, f64, f64)> {
         let t = Instant::now();
         let out = session.forward_backward(&input)?;
         let o = Instant::now();
         session.optim_step(&adam)?;
-        if i >= warmup {
-            times.push(t.elapsed().as_secs_f64());
-            optim_times.push(o.elapsed().as_secs_f64());
+        Ok((t.elapsed().as_secs_f64(), o.elapsed().as_secs_f64(), out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN)))
+    };
+    for i in 0..warmup + steps {
+        if pools.is_empty() {
+            let (s, o, loss) = step(&mut session)?;
+            if i >= warmup {
+                times.push(s);
+                optim_times.push(o);
+            }
+            losses.push(loss);
+            continue;
         }
-        losses.push(out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN));
+        let order: Vec<usize> = if i % 2 == 0 { (0..pools.len()).collect() } else { (0..pools.len()).rev().collect() };
+        for p in order {
+            let (s, o, loss) = pools[p].install(|| step(&mut session))?;
+            if i >= warmup {
+                pool_times[p].push(s);
+                times.push(s);
+                optim_times.push(o);
+            }
+            losses.push(loss);
+        }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    optim_times.sort_by(f64::total_cmp);
-    let optim_median = optim_times[optim_times.len() / 2];
+    let pool_report: Vec<serde_json::Value> = pools
+        .iter()
+        .zip(&pool_times)
+        .map(|(pool, t)| {
+            let ratios: Vec<f64> = pool_times[0].iter().zip(t).map(|(a, b)| a / b).collect();
+            serde_json::json!({
+                "threads": pool.current_num_threads(), "tokens_per_s": (seq_len * t.len()) as f64 / t.iter().sum::<f64>(),
+                "step_s_median": median_of(t.clone()), "speedup_over_first_median": median_of(ratios),
+            })
+        })
+        .collect();
+    let median = median_of(times.clone());
+    let optim_median = median_of(optim_times);
     let total: f64 = times.iter().sum();
     let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
     println!(
         "{}",
         serde_json::json!({
             "impl": "hearth", "candle": "0.11.1", "threads": threads, "seq_len": seq_len, "steps": steps,
-            "tokens_per_s": (seq_len * steps) as f64 / total, "step_s_median": median, "optim_s_median": optim_median, "peak_rss_gb": hearth_engine::device::peak_bytes(&candle_core::Device::Cpu).map_or(f64::NAN, |b| b as f64 / 1e9),
+            "tokens_per_s": (seq_len * times.len()) as f64 / total, "step_s_median": median, "optim_s_median": optim_median, "peak_rss_gb": hearth_engine::device::peak_bytes(&candle_core::Device::Cpu).map_or(f64::NAN, |b| b as f64 / 1e9),
             "recompute": recompute.applies(session.model(), 1, seq_len), "fused": fused,
             "base": quantize.map_or("f32", |q| q.name()), "weight_gb": base.weight_bytes() as f64 / 1e9,
-            "losses": losses,
+            "losses": losses, "pools": pool_report,
         })
     );
     Ok(())

@@ -616,6 +616,17 @@ impl<T> Mat<T> {
     }
 }
 
+/// The threads a product of `work` = output elements × depth is split over: rayon's, or 1 inside
+/// one of a kernel's own tasks (the attention kernel's heads: the caller already runs in
+/// parallel) and below [`PAR_MIN_WORK`].
+fn threads_for(work: usize) -> usize {
+    if !IN_TASK.get() && work >= PAR_MIN_WORK {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
 /// dst (m, n) row-major = beta · lhs (m, k) · rhs (k, n), added to dst when `acc`. Large enough
 /// products are split over rayon's threads, each running gemm on one thread (gemm's own splitting
 /// of a 256-row product scales poorly): by columns, or by rows when the output is too narrow to
@@ -626,10 +637,87 @@ pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
     if m == 0 || n == 0 {
         return;
     }
-    // inside one of a kernel's own tasks (the attention kernel's heads) the caller already runs
-    // in parallel; elsewhere, on a pool thread (the step runs on one, see `in_pool`) or not
-    let threads = if !IN_TASK.get() && m * n * k >= PAR_MIN_WORK { rayon::current_num_threads() } else { 1 };
-    mm_split(threads, m, n, k, dst, lhs, rhs, acc, beta);
+    mm_split(threads_for(m * n * k), m, n, k, dst, lhs, rhs, acc, beta);
+}
+
+/// [`mm`] on the calling thread alone.
+#[allow(clippy::too_many_arguments)] // mm's
+fn mm_here<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
+    debug_assert_eq!(dst.len(), m * n);
+    if m > 0 && n > 0 {
+        mm_split(1, m, n, k, dst, lhs, rhs, acc, beta);
+    }
+}
+
+/// A row-major (rows, n) output written by several tasks, each its own block.
+#[derive(Clone, Copy)]
+struct Out<T> {
+    ptr: *mut T,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint blocks of the slice an Out is made from, which outlives them (each
+// caller joins its tasks before returning the slice).
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
+
+impl<T: Real> Out<T> {
+    fn new(v: &mut [T], n: usize) -> Self {
+        Out { ptr: v.as_mut_ptr(), n }
+    }
+
+    /// Block rows r0..r0+nr, columns c0..c0+nc of this output = beta · lhs rows r0.. (k columns)
+    /// · rhs columns c0.. (k rows), added to it when `acc`; gemm on the calling thread.
+    ///
+    /// # Safety
+    /// The block lies inside the output and no other task touches it meanwhile; lhs rows
+    /// r0..r0+nr and rhs columns c0..c0+nc lie inside the slices the views were made from.
+    #[allow(clippy::too_many_arguments)] // a block and gemm's operands
+    unsafe fn gemm(self, r0: usize, nr: usize, c0: usize, nc: usize, k: usize, lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
+        if nr == 0 || nc == 0 {
+            return;
+        }
+        // SAFETY: the caller's contract
+        unsafe {
+            gemm::gemm(
+                nr,
+                nc,
+                k,
+                self.ptr.add(r0 * self.n + c0),
+                1,
+                self.n as isize,
+                acc,
+                lhs.ptr.offset(r0 as isize * lhs.rs),
+                lhs.cs,
+                lhs.rs,
+                rhs.ptr.offset(c0 as isize * rhs.cs),
+                rhs.cs,
+                rhs.rs,
+                T::ONE,
+                beta,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    }
+}
+
+/// Splits n output columns into tasks for `threads` threads: (tasks, columns a task), slices of a
+/// multiple of 16 columns (the last may be narrower).
+fn column_tasks(threads: usize, n: usize) -> (usize, usize) {
+    let cols = n.div_ceil(threads.min(n.div_ceil(16)).max(1)).next_multiple_of(16).min(n).max(1);
+    (n.div_ceil(cols), cols)
+}
+
+/// Runs `f(task)` for every task: on rayon's pool when more than one, else on the calling thread.
+fn run_tasks(tasks: usize, f: impl Fn(usize) + Sync + Send) {
+    if tasks <= 1 {
+        (0..tasks).for_each(f);
+    } else {
+        (0..tasks).into_par_iter().for_each(f);
+    }
 }
 
 /// [`mm`] split for `threads` threads (tasks on rayon's pool; 1 runs on the calling thread).
@@ -647,48 +735,21 @@ fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T]
         let rows = m.div_ceil(threads).next_multiple_of(16).min(m);
         (m.div_ceil(rows), rows)
     } else {
-        let cols = n.div_ceil(threads.min(n.div_ceil(16))).next_multiple_of(16).min(n);
-        (n.div_ceil(cols), cols)
+        column_tasks(threads, n)
     };
-    let dst_ptr = Mat { ptr: dst.as_mut_ptr() as *const T, rs: n as isize, cs: 1 };
-    let run = |task: usize| {
-        let (lhs, rhs, dst_ptr) = (lhs, rhs, dst_ptr); // captured whole (Send), not field by field
+    let out = Out::new(dst, n);
+    run_tasks(tasks, |task| {
         let i0 = task * step;
-        // this task's block of dst: rows r0.., columns c0.. (nr × nc)
-        let (r0, nr, c0, nc) = if by_rows { (i0, step.min(m - i0), 0, n) } else { (0, m, i0, step.min(n - i0)) };
-        // SAFETY: that block of dst (m × n, row-major) is written by this task alone; lhs rows
-        // r0..r0+nr (k columns) and rhs columns c0..c0+nc (k rows) lie inside the slices the
-        // views were made from (the callers check every shape first), and dst outlives the tasks
-        // (joined below).
+        // SAFETY: this task's block (rows r0.., columns c0..) is its own; the callers check every
+        // shape first, and dst outlives the tasks (joined by run_tasks)
         unsafe {
-            gemm::gemm(
-                nr,
-                nc,
-                k,
-                (dst_ptr.ptr as *mut T).add(r0 * n + c0),
-                1,
-                n as isize,
-                acc,
-                lhs.ptr.offset(r0 as isize * lhs.rs),
-                lhs.cs,
-                lhs.rs,
-                rhs.ptr.offset(c0 as isize * rhs.cs),
-                rhs.cs,
-                rhs.rs,
-                T::ONE,
-                beta,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
+            if by_rows {
+                out.gemm(i0, step.min(m - i0), 0, n, k, lhs, rhs, acc, beta)
+            } else {
+                out.gemm(0, m, i0, step.min(n - i0), k, lhs, rhs, acc, beta)
+            }
         }
-    };
-    if tasks <= 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    });
 }
 
 /// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` for a frozen weight W (out, in) and, with `lora`, a LoRA pair
@@ -712,13 +773,13 @@ pub fn linear(x: &Tensor, w: &Weight, lora: Option<(&Tensor, &Tensor, f64)>) -> 
         other => other.clone(),
     };
     match lora {
-        None => Ok(x.apply_op1(FusedLinear { w, scale: 0.0 })?),
+        None => Ok(x.apply_op1(FusedLinear { w, scale: 0.0, xa: Mutex::new(None) })?),
         Some((a, b, scale)) => {
             let r = a.dim(0)?;
             if a.dims() != [r, inp] || b.dims() != [out, r] {
                 return Err(candle_core::Error::Msg(format!("linear: LoRA A {:?} and B {:?} do not fit a ({out}, {inp}) weight", a.dims(), b.dims())).into());
             }
-            Ok(x.apply_op3(&a.contiguous()?, &b.contiguous()?, FusedLinear { w, scale })?)
+            Ok(x.apply_op3(&a.contiguous()?, &b.contiguous()?, FusedLinear { w, scale, xa: Mutex::new(None) })?)
         }
     }
 }
@@ -726,6 +787,9 @@ pub fn linear(x: &Tensor, w: &Weight, lora: Option<(&Tensor, &Tensor, f64)>) -> 
 struct FusedLinear {
     w: Weight,
     scale: f64,
+    /// `scale · x · Aᵀ` (m, r) as a `Vec<T>`, kept by the forward pass for the backward one
+    /// (r/in of x's size: 16 KB a projection at T=256, r=16).
+    xa: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 impl FusedLinear {
@@ -759,44 +823,85 @@ impl FusedLinear {
         Shape::from(d)
     }
 
-    /// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ).
+    /// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ), in one parallel region: xa = s·x·Aᵀ first, on the calling
+    /// thread (split, its m × r × in product gained nothing on two threads: the tasks' gemm
+    /// set-up outweighed the halves), then each task writes its columns of y, the base product
+    /// and its slice of xa·Bᵀ added while they are in cache.
     fn forward<T: Real>(&self, x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<Vec<T>> {
         with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
             let mut y = vec![T::ZERO; m * out];
-            mm(m, out, inp, &mut y, Mat::rows(x, inp), Mat::t(w, inp), false, T::ONE);
-            if let Some((a, b)) = ab {
-                let r = a.len() / inp;
-                let mut xa = vec![T::ZERO; m * r];
-                mm(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, T::from_f64(self.scale));
-                mm(m, out, r, &mut y, Mat::rows(&xa, r), Mat::t(b, r), true, T::ONE);
-            }
+            let Some((a, b)) = ab else {
+                mm(m, out, inp, &mut y, Mat::rows(x, inp), Mat::t(w, inp), false, T::ONE);
+                return Ok(y);
+            };
+            let r = a.len() / inp;
+            let mut xa = vec![T::ZERO; m * r];
+            mm_here(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, T::from_f64(self.scale));
+            let (tasks, step) = column_tasks(threads_for(m * out * inp), out);
+            let ys = Out::new(&mut y, out);
+            let (xm, wm, xam, bm) = (Mat::rows(x, inp), Mat::t(w, inp), Mat::rows(&xa, r), Mat::t(b, r));
+            run_tasks(tasks, |task| {
+                let (c0, nc) = (task * step, step.min(out - task * step));
+                // SAFETY: columns c0..c0+nc of y are this task's; x (m, in), W (out, in), xa (m, r)
+                // and B (out, r) have the shapes the views say (checked by the op's callers)
+                unsafe {
+                    ys.gemm(0, m, c0, nc, inp, xm, wm, false, T::ONE);
+                    ys.gemm(0, m, c0, nc, r, xam, bm, true, T::ONE);
+                }
+            });
+            *self.xa.lock().map_err(|_| candle_core::Error::Msg("fused-linear: poisoned".into()))? = Some(Box::new(xa));
             Ok(y)
         })
     }
 
-    /// (dx, dA, dB) for the upstream gradient g (m, out).
+    /// (dx, dA, dB) for the upstream gradient g (m, out), in two parallel regions: dxa = s·g·B
+    /// split by rows, then each task writes its columns of dx = g·W + dxa·A and of dA = dxaᵀ·x,
+    /// and its rows of dB = gᵀ·xa. (Six regions before, each ending on its slower half, one of
+    /// them recomputing xa.)
     #[allow(clippy::type_complexity)]
     fn backward<T: Real>(&self, g: &[T], x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<(Vec<T>, Option<(Vec<T>, Vec<T>)>)> {
         with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
             let mut dx = vec![T::ZERO; m * inp];
-            mm(m, inp, out, &mut dx, Mat::rows(g, out), Mat::rows(w, inp), false, T::ONE);
-            let Some((a, b)) = ab else { return Ok((dx, None)) };
+            let Some((a, b)) = ab else {
+                mm(m, inp, out, &mut dx, Mat::rows(g, out), Mat::rows(w, inp), false, T::ONE);
+                return Ok((dx, None));
+            };
             let r = a.len() / inp;
             let s = T::from_f64(self.scale);
-            // xa = s·x·Aᵀ (m, r), recomputed: m·in·r, small next to the base product
-            let mut xa = vec![T::ZERO; m * r];
-            mm(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, s);
-            // dB = gᵀ·xa (out, r)
-            let mut db = vec![T::ZERO; out * r];
-            mm(out, r, m, &mut db, Mat::t(g, out), Mat::rows(&xa, r), false, T::ONE);
-            // dxa = s·g·B (m, r)
+            // xa = s·x·Aᵀ (m, r), from the forward pass (recomputed if it is not there)
+            let kept = self.xa.lock().map_err(|_| candle_core::Error::Msg("fused-linear: poisoned".into()))?.take();
+            let xa = match kept.map(|k| k.downcast::<Vec<T>>()) {
+                Some(Ok(xa)) if xa.len() == m * r => *xa,
+                _ => {
+                    let mut xa = vec![T::ZERO; m * r];
+                    mm_here(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, s);
+                    xa
+                }
+            };
+            let threads = threads_for(m * inp * out);
+            // dxa = s·g·B (m, r): split by rows (each task reads its rows of g)
             let mut dxa = vec![T::ZERO; m * r];
             mm(m, r, out, &mut dxa, Mat::rows(g, out), Mat::rows(b, r), false, s);
-            // dA = dxaᵀ·x (r, in)
-            let mut da = vec![T::ZERO; r * inp];
-            mm(r, inp, m, &mut da, Mat::t(&dxa, r), Mat::rows(x, inp), false, T::ONE);
-            // dx += dxa·A
-            mm(m, inp, r, &mut dx, Mat::rows(&dxa, r), Mat::rows(a, inp), true, T::ONE);
+            let (mut da, mut db) = (vec![T::ZERO; r * inp], vec![T::ZERO; out * r]);
+            let (tasks, step) = column_tasks(threads, inp);
+            // dB = gᵀ·xa (out, r) needs no dxa: its rows are split over the same tasks
+            let db_rows = out.div_ceil(tasks).next_multiple_of(16);
+            let (dxs, das, dbs) = (Out::new(&mut dx, inp), Out::new(&mut da, inp), Out::new(&mut db, r));
+            let (gm, wm, dxam, am, dxatm, xm) = (Mat::rows(g, out), Mat::rows(w, inp), Mat::rows(&dxa, r), Mat::rows(a, inp), Mat::t(&dxa, r), Mat::rows(x, inp));
+            let (gtm, xam) = (Mat::t(g, out), Mat::rows(&xa, r));
+            run_tasks(tasks, |task| {
+                let (c0, nc) = (task * step, step.min(inp - task * step));
+                let o0 = (task * db_rows).min(out);
+                // SAFETY: columns c0..c0+nc of dx and of dA and rows o0.. of dB are this task's;
+                // g (m, out), W (out, in), dxa (m, r), A (r, in), x (m, in) and xa (m, r) have
+                // the shapes the views say
+                unsafe {
+                    dxs.gemm(0, m, c0, nc, out, gm, wm, false, T::ONE);
+                    dxs.gemm(0, m, c0, nc, r, dxam, am, true, T::ONE);
+                    das.gemm(0, r, c0, nc, m, dxatm, xm, false, T::ONE);
+                    dbs.gemm(o0, db_rows.min(out - o0), 0, r, m, gtm, xam, false, T::ONE);
+                }
+            });
             Ok((dx, Some((da, db))))
         })
     }
@@ -989,6 +1094,45 @@ mod tests {
         let want = x.matmul(&w.t().unwrap()).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-3, "{diff}");
+    }
+
+    /// LoRA's products in the fused linear on pools of 1, 2 and 3 threads (shapes above
+    /// PAR_MIN_WORK, so split: 2 or 3 column tasks for y and dx, a short last one, dB's rows split
+    /// with them, dxa's rows split), against the composed products in f64; then the backward pass
+    /// of an op whose forward pass never ran (x·Aᵀ recomputed instead of kept).
+    #[test]
+    fn linear_with_lora_splits_over_threads_without_changing_the_gradients() {
+        let (m, inp, out, r, scale) = (70, 100, 90, 4, 0.7);
+        let (x, a, b, w) = (randn(&[1, m, inp], 30), randn(&[r, inp], 31), randn(&[out, r], 32), randn(&[out, inp], 33));
+        let probe = randn(&[1, m, out], 34);
+        let composed = |x: &Tensor, a: &Tensor, b: &Tensor| {
+            let lora = x.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&b.t().unwrap()).unwrap();
+            (x.broadcast_matmul(&w.t().unwrap()).unwrap() + (lora * scale).unwrap()).unwrap()
+        };
+        let grads = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+            let vars: Vec<Var> = [&x, &a, &b].iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let y = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
+            let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut all = vec![y];
+            all.extend(vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+            all
+        };
+        let want = grads(&composed);
+        let close = |got: &[Tensor], what: &str| {
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let d = (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(d < 1e-10, "{what}: output {i} (y, dx, dA, dB) differs by {d}");
+            }
+        };
+        for n in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+            let got = pool.install(|| grads(&|x, a, b| linear(x, &Weight::Frozen(w.clone()), Some((a, b, scale))).unwrap()));
+            close(&got, &format!("{n} threads"));
+        }
+        let op = FusedLinear { w: Weight::Frozen(w.clone()), scale, xa: Mutex::new(None) };
+        let (dx, dab) = op.grads(&x, &probe, Some((&a, &b))).unwrap();
+        let (da, db) = dab.unwrap();
+        close(&[want[0].clone(), dx, da, db], "backward without a forward pass");
     }
 
     /// The composed reference: scores, additive mask, softmax, GQA by repeating kv heads.
