@@ -40,7 +40,7 @@ struct Attention {
 }
 
 /// One backward task's dQ (L × D, its blocks' rows) and dK, dV partials (S × D each).
-type Part<T> = (Vec<T>, Vec<T>, Vec<T>);
+type Part<'a, T> = (&'a [T], &'a [T], &'a [T]);
 
 /// Sizes of one call.
 #[derive(Clone, Copy)]
@@ -83,11 +83,13 @@ impl Attention {
 
     /// Rows i0..i0+lb of one (b, h): writes their y (lb × D) and log-sum-exp.
     #[allow(clippy::too_many_arguments)]
-    fn forward_block<T: Real>(&self, y: &mut [T], lse: &mut [f64], q: &[T], k: &[T], v: &[T], i0: usize, lb: usize, d: usize) {
+    /// `sc` is scratch for the block's scores (a task's, reused across its blocks).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_block<T: Real>(&self, sc: &mut Vec<T>, y: &mut [T], lse: &mut [f64], q: &[T], k: &[T], v: &[T], i0: usize, lb: usize, d: usize) {
         let (lo, hi) = self.block_keys(i0, lb);
         let nk = hi - lo;
-        let mut sc = vec![T::ZERO; lb * nk];
-        self.scores(&mut sc, q, k, i0, lb, lo, hi, d);
+        sc.resize(lb * nk, T::ZERO); // every element is written below
+        self.scores(sc, q, k, i0, lb, lo, hi, d);
         for (r, row) in sc.chunks_mut(nk).enumerate() {
             let max = T::max_of(row);
             T::exp_shifted(row, max);
@@ -98,16 +100,15 @@ impl Attention {
             }
             lse[r] = max.to_f64() + sum.ln();
         }
-        mm(lb, d, nk, y, Mat::rows(&sc, nk), Mat::rows(&v[lo * d..], d), false, T::ONE);
+        mm(lb, d, nk, y, Mat::rows(sc, nk), Mat::rows(&v[lo * d..], d), false, T::ONE);
     }
 
     /// The query blocks `blocks` (first rows) of one (b, h): their rows of dQ (L × D) into `dq`,
-    /// and their share of dK, dV (S × D each).
+    /// and their share of dK, dV (S × D each). `p`, `dp` are scratch (a task's, reused).
     #[allow(clippy::too_many_arguments)]
-    fn backward_blocks<T: Real>(&self, blocks: &[usize], dq: &mut [T], dk: &mut [T], dv: &mut [T], g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
+    fn backward_blocks<T: Real>(&self, (p, dp): &mut (Vec<T>, Vec<T>), blocks: &[usize], dq: &mut [T], dk: &mut [T], dv: &mut [T], g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
         let Dims { l, d, .. } = dm;
         let scale = T::from_f64(self.scale);
-        let (mut p, mut dp) = (Vec::new(), Vec::new());
         for &i0 in blocks {
             let lb = BLOCK.min(l - i0);
             let (lo, hi) = self.block_keys(i0, lb);
@@ -115,15 +116,15 @@ impl Attention {
             p.resize(lb * nk, T::ZERO);
             dp.resize(lb * nk, T::ZERO);
             // P = exp(scores − lse), 0 where masked
-            self.scores(&mut p, q, k, i0, lb, lo, hi, d);
+            self.scores(p, q, k, i0, lb, lo, hi, d);
             for r in 0..lb {
                 T::exp_shifted(&mut p[r * nk..(r + 1) * nk], T::from_f64(lse[i0 + r]));
             }
             let gb = &g[i0 * d..(i0 + lb) * d];
             // dV += Pᵀ·dY
-            mm(nk, d, lb, &mut dv[lo * d..hi * d], Mat::t(&p, nk), Mat::rows(gb, d), true, T::ONE);
+            mm(nk, d, lb, &mut dv[lo * d..hi * d], Mat::t(p, nk), Mat::rows(gb, d), true, T::ONE);
             // dP = dY·Vᵀ
-            mm(lb, nk, d, &mut dp, Mat::rows(gb, d), Mat::t(&v[lo * d..], d), false, T::ONE);
+            mm(lb, nk, d, dp, Mat::rows(gb, d), Mat::t(&v[lo * d..], d), false, T::ONE);
             // dS = P ∘ (dP − rowsum(dY ∘ Y)), kept in dp
             for r in 0..lb {
                 let row = (i0 + r) * d..(i0 + r + 1) * d;
@@ -133,8 +134,8 @@ impl Attention {
                 }
             }
             // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
-            mm(lb, d, nk, &mut dq[i0 * d..(i0 + lb) * d], Mat::rows(&dp, nk), Mat::rows(&k[lo * d..], d), false, scale);
-            mm(nk, d, lb, &mut dk[lo * d..hi * d], Mat::t(&dp, nk), Mat::rows(&q[i0 * d..], d), true, scale);
+            mm(lb, d, nk, &mut dq[i0 * d..(i0 + lb) * d], Mat::rows(dp, nk), Mat::rows(&k[lo * d..], d), false, scale);
+            mm(nk, d, lb, &mut dk[lo * d..hi * d], Mat::t(dp, nk), Mat::rows(&q[i0 * d..], d), true, scale);
         }
     }
 
@@ -156,8 +157,8 @@ impl Attention {
             let (bi, hi) = (bh / h, bh % h);
             let kv = (bi * kh + hi / n) * s * d;
             let (q, k, v) = (&q[bh * l * d..(bh + 1) * l * d], &k[kv..kv + s * d], &v[kv..kv + s * d]);
-            y.par_chunks_mut(BLOCK * d).zip(lse.par_chunks_mut(BLOCK)).enumerate().for_each(|(blk, (y, lse))| {
-                as_task(|| self.forward_block(y, lse, q, k, v, blk * BLOCK, lse.len(), d));
+            y.par_chunks_mut(BLOCK * d).zip(lse.par_chunks_mut(BLOCK)).enumerate().for_each_init(Vec::new, |sc, (blk, (y, lse))| {
+                as_task(|| self.forward_block(sc, y, lse, q, k, v, blk * BLOCK, lse.len(), d));
             });
         });
         (y, lse)
@@ -198,15 +199,27 @@ impl Attention {
         // dQ rows and dK, dV partials, summed below
         let groups = self.block_groups(l, b * h, rayon::current_num_threads());
         let ng = groups.len();
-        let parts: Vec<Part<T>> = (0..b * h * ng)
-            .into_par_iter()
-            .map(|unit| {
+        // the tasks' partials in one buffer, allocated here (tasks allocating their own at the
+        // same moment waited on the allocator's lock), and each task's scratch reused
+        let per = l * d + 2 * s * d;
+        let mut buf = vec![T::ZERO; b * h * ng * per];
+        buf.par_chunks_mut(per).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |scratch, (unit, part)| {
                 let (bh, gi) = (unit / ng, unit % ng);
                 let (bi, hi) = (bh / h, bh % h);
                 let kv = (bi * kh + hi / n) * s * d;
-                let (mut dq, mut dk, mut dv) = (vec![T::ZERO; l * d], vec![T::ZERO; s * d], vec![T::ZERO; s * d]);
+                let (dq, dkv) = part.split_at_mut(l * d);
+                let (dk, dv) = dkv.split_at_mut(s * d);
                 let head = bh * l * d..(bh + 1) * l * d;
-                as_task(|| self.backward_blocks(&groups[gi], &mut dq, &mut dk, &mut dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
+                as_task(|| self.backward_blocks(scratch, &groups[gi], dq, dk, dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
+            },
+        );
+        let parts: Vec<Part<T>> = buf
+            .chunks(per)
+            .map(|part| {
+                let (dq, dkv) = part.split_at(l * d);
+                let (dk, dv) = dkv.split_at(s * d);
                 (dq, dk, dv)
             })
             .collect();
@@ -216,13 +229,13 @@ impl Attention {
         let (dk, dv) = rest.split_at_mut(nkv);
         // dQ of (b, h): its groups' rows; dK, dV of (b, kv head): every group of its n heads
         dq.par_chunks_mut(l * d).enumerate().for_each(|(bh, out)| {
-            for (part, ..) in &parts[bh * ng..(bh + 1) * ng] {
+            for &(part, ..) in &parts[bh * ng..(bh + 1) * ng] {
                 for (o, &x) in out.iter_mut().zip(part) {
                     *o += x;
                 }
             }
         });
-        let sum_kv = |out: &mut [T], bk: usize, pick: &(dyn Fn(&Part<T>) -> &[T] + Sync)| {
+        let sum_kv = |out: &mut [T], bk: usize, pick: &(dyn for<'a> Fn(&Part<'a, T>) -> &'a [T] + Sync)| {
             let (bi, ki) = (bk / kh, bk % kh);
             let first = bi * h + ki * n; // heads ki·n.. read kv head ki
             for part in &parts[first * ng..(first + n) * ng] {
@@ -231,8 +244,8 @@ impl Attention {
                 }
             }
         };
-        dk.par_chunks_mut(s * d).enumerate().for_each(|(bk, out)| sum_kv(out, bk, &|p| &p.1));
-        dv.par_chunks_mut(s * d).enumerate().for_each(|(bk, out)| sum_kv(out, bk, &|p| &p.2));
+        dk.par_chunks_mut(s * d).enumerate().for_each(|(bk, out)| sum_kv(out, bk, &|p| p.1));
+        dv.par_chunks_mut(s * d).enumerate().for_each(|(bk, out)| sum_kv(out, bk, &|p| p.2));
         out
     }
 }
