@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::linear::Weight;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -649,6 +649,11 @@ fn mm_here<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rh
     }
 }
 
+/// [`FusedLinear`]'s xa: not computed yet, being computed, done.
+const XA_TODO: u8 = 0;
+const XA_BUSY: u8 = 1;
+const XA_DONE: u8 = 2;
+
 /// A row-major (rows, n) output written by several tasks, each its own block.
 #[derive(Clone, Copy)]
 struct Out<T> {
@@ -823,10 +828,11 @@ impl FusedLinear {
         Shape::from(d)
     }
 
-    /// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ), in one parallel region: xa = s·x·Aᵀ first, on the calling
-    /// thread (split, its m × r × in product gained nothing on two threads: the tasks' gemm
-    /// set-up outweighed the halves), then each task writes its columns of y, the base product
-    /// and its slice of xa·Bᵀ added while they are in cache.
+    /// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ), in one parallel region: each task writes its columns of y, the
+    /// base product and then its slice of xa·Bᵀ while they are in cache. xa = s·x·Aᵀ is one
+    /// unsplit product (split by rows, its m × r × in product gained nothing on two threads: the
+    /// tasks' gemm set-up outweighed the halves), computed by the first task while the others
+    /// run their base products.
     fn forward<T: Real>(&self, x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<Vec<T>> {
         with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
             let mut y = vec![T::ZERO; m * out];
@@ -836,18 +842,47 @@ impl FusedLinear {
             };
             let r = a.len() / inp;
             let mut xa = vec![T::ZERO; m * r];
-            mm_here(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, T::from_f64(self.scale));
             let (tasks, step) = column_tasks(threads_for(m * out * inp), out);
-            let ys = Out::new(&mut y, out);
-            let (xm, wm, xam, bm) = (Mat::rows(x, inp), Mat::t(w, inp), Mat::rows(&xa, r), Mat::t(b, r));
-            run_tasks(tasks, |task| {
-                let (c0, nc) = (task * step, step.min(out - task * step));
-                // SAFETY: columns c0..c0+nc of y are this task's; x (m, in), W (out, in), xa (m, r)
-                // and B (out, r) have the shapes the views say (checked by the op's callers)
-                unsafe {
-                    ys.gemm(0, m, c0, nc, inp, xm, wm, false, T::ONE);
-                    ys.gemm(0, m, c0, nc, r, xam, bm, true, T::ONE);
+            // The first task computes xa before its columns, the others after theirs, so xa
+            // overlaps their base products; the first task has 16 columns fewer for it (xa is
+            // about 16 columns' work at r = 16), the last 16 more.
+            let shift = if tasks > 1 && step > 32 { 16 } else { 0 };
+            let cols = |task: usize| {
+                let c0 = if task == 0 { 0 } else { task * step - shift };
+                let c1 = if task + 1 == tasks { out } else { (task + 1) * step - shift };
+                (c0, c1 - c0)
+            };
+            let xa_state = AtomicU8::new(XA_TODO);
+            let (ys, xas) = (Out::new(&mut y, out), Out::new(&mut xa, r));
+            let (xm, wm, am, bm) = (Mat::rows(x, inp), Mat::t(w, inp), Mat::t(a, inp), Mat::t(b, r));
+            let xam = Mat { ptr: xas.ptr as *const T, rs: r as isize, cs: 1 };
+            let scale = T::from_f64(self.scale);
+            // xa is computed once, by whichever task gets here first; the others wait for it
+            // (it is being computed on a running thread, which waits on nothing)
+            let xa_ready = || match xa_state.compare_exchange(XA_TODO, XA_BUSY, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // SAFETY: xa (m, r) is written by the one task that claimed it, and read by
+                    // the others only after XA_DONE is published; x and A have the views' shapes
+                    unsafe { xas.gemm(0, m, 0, r, inp, xm, am, false, scale) };
+                    xa_state.store(XA_DONE, Ordering::Release);
                 }
+                Err(_) => {
+                    while xa_state.load(Ordering::Acquire) != XA_DONE {
+                        std::thread::yield_now();
+                    }
+                }
+            };
+            run_tasks(tasks, |task| {
+                let (c0, nc) = cols(task);
+                if task == 0 {
+                    xa_ready();
+                }
+                // SAFETY: columns c0..c0+nc of y are this task's; x (m, in), W (out, in), xa (m, r,
+                // complete once xa_ready returns) and B (out, r) have the shapes the views say
+                // (checked by the op's callers)
+                unsafe { ys.gemm(0, m, c0, nc, inp, xm, wm, false, T::ONE) };
+                xa_ready();
+                unsafe { ys.gemm(0, m, c0, nc, r, xam, bm, true, T::ONE) };
             });
             *self.xa.lock().map_err(|_| candle_core::Error::Msg("fused-linear: poisoned".into()))? = Some(Box::new(xa));
             Ok(y)
