@@ -732,7 +732,7 @@ fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T]
     // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
     // (measured: packing took as long as the products on two threads). By columns each thread
     // reads and packs only its slice of the weight. Slices are multiples of 16 columns. An output
-    // narrower than 32 columns a thread (x·Aᵀ, gᵀ·xa, g·B: r columns) is split by rows instead,
+    // narrower than 32 columns a thread (LoRA's g·B in the backward pass: r columns) is split by rows instead,
     // when each thread gets at least 64 (gemm's AVX-512 row tile): there the packed operand is
     // the small A or B.
     let by_rows = threads > 1 && n < 32 * threads && m >= 64 * threads;
