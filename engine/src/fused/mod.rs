@@ -732,9 +732,9 @@ fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T]
     // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
     // (measured: packing took as long as the products on two threads). By columns each thread
     // reads and packs only its slice of the weight. Slices are multiples of 16 columns. An output
-    // narrower than 32 columns a thread (LoRA's g·B in the backward pass: r columns) is split by rows instead,
-    // when each thread gets at least 64 (gemm's AVX-512 row tile): there the packed operand is
-    // the small A or B.
+    // narrower than 32 columns a thread (LoRA's g·B in the backward pass: r columns) is split by
+    // rows instead, when each thread gets at least 64 (gemm's AVX-512 row tile): there the
+    // packed operand is the small B.
     let by_rows = threads > 1 && n < 32 * threads && m >= 64 * threads;
     let (tasks, step) = if by_rows {
         let rows = m.div_ceil(threads).next_multiple_of(16).min(m);
