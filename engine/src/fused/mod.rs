@@ -640,15 +640,6 @@ pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
     mm_split(threads_for(m * n * k), m, n, k, dst, lhs, rhs, acc, beta);
 }
 
-/// [`mm`] on the calling thread alone.
-#[allow(clippy::too_many_arguments)] // mm's
-fn mm_here<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
-    debug_assert_eq!(dst.len(), m * n);
-    if m > 0 && n > 0 {
-        mm_split(1, m, n, k, dst, lhs, rhs, acc, beta);
-    }
-}
-
 /// [`FusedLinear`]'s xa: not computed yet, being computed, done.
 const XA_TODO: u8 = 0;
 const XA_BUSY: u8 = 1;
@@ -909,7 +900,7 @@ impl FusedLinear {
                 Some(Ok(xa)) if xa.len() == m * r => *xa,
                 _ => {
                     let mut xa = vec![T::ZERO; m * r];
-                    mm_here(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, s);
+                    mm(m, r, inp, &mut xa, Mat::rows(x, inp), Mat::t(a, inp), false, s);
                     xa
                 }
             };
