@@ -78,6 +78,13 @@ fn greedy(session: &TrainingSession, prompt: &[u32], n: usize) -> Vec<u32> {
     session.sample(&input, &detok, &|| false).unwrap().sequences[0].tokens.clone()
 }
 
+/// The log-probability the session gives the last token of `seq` after the ones before it.
+fn last_logprob(session: &TrainingSession, seq: &[u32]) -> f32 {
+    let input = SampleInput { prompt: seq.to_vec(), prompt_logprobs: true, sampling_params: SamplingParams { max_tokens: 1, temperature: 0.0, ..SamplingParams::default() }, ..SampleInput::default() };
+    let out = session.sample(&input, &|_: &[u32]| String::new(), &|| false).unwrap();
+    out.prompt_logprobs.and_then(|p| p.last().copied().flatten()).unwrap()
+}
+
 #[test]
 fn the_real_model_knows_the_capital_of_france() {
     let base = smollm2();
@@ -477,7 +484,20 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
             assert_eq!(ours, theirs, "llama.cpp's greedy output on the F16 export differs from hearth's");
         } else {
             assert!(theirs.iter().all(|t| t.len() == 20), "llama.cpp did not generate from the Q8_0 export");
-            assert!(theirs.iter().zip(&ours).all(|(t, o)| t[..4] == o[..4]), "the Q8_0 export's first tokens differ from the F16's");
+            // Q8_0's rounding may flip a near-tie: the first 4 tokens agree with the F16's, or
+            // where they first differ the F16 model's log-probabilities of the two tokens are
+            // within 1 nat (a broken export's tokens are many nats down)
+            for (i, (t, o)) in theirs.iter().zip(&ours).enumerate() {
+                if let Some(j) = (0..4).find(|&j| t[j] != o[j]) {
+                    let lp = |token: u32| {
+                        let seq = [&prompts[i][..], &o[..j], &[token]].concat();
+                        last_logprob(&from_file, &seq)
+                    };
+                    let (best, q8) = (lp(o[j]), lp(t[j]));
+                    eprintln!("prompt {i}: token {j} differs: F16's log-probability of its own {best:.3}, of the Q8_0's {q8:.3}");
+                    assert!(best - q8 < 1.0, "the Q8_0 export's token {j} on prompt {i} is {:.2} nats below the F16's", best - q8);
+                }
+            }
         }
     }
     let same = ours.iter().zip(&trained).filter(|(a, b)| a == b).count();

@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::linear::Weight;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -640,10 +640,44 @@ pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
     mm_split(threads_for(m * n * k), m, n, k, dst, lhs, rhs, acc, beta);
 }
 
-/// [`FusedLinear`]'s xa: not computed yet, being computed, done.
-const XA_TODO: u8 = 0;
-const XA_BUSY: u8 = 1;
-const XA_DONE: u8 = 2;
+/// A product that one task of a parallel region computes for all of them (LoRA's xa and dxa,
+/// dB): claimed by whichever task gets to it first; a task that needs it finished waits for the
+/// one computing it (a running thread, which waits on nothing).
+struct OneJob(AtomicU8);
+
+impl OneJob {
+    const TODO: u8 = 0;
+    const BUSY: u8 = 1;
+    const DONE: u8 = 2;
+
+    fn new() -> Self {
+        OneJob(AtomicU8::new(Self::TODO))
+    }
+
+    /// Runs `f` unless a task has claimed it already; true when this call ran it.
+    fn try_run(&self, f: impl FnOnce()) -> bool {
+        let claimed = self.0.compare_exchange(Self::TODO, Self::BUSY, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if claimed {
+            f();
+            self.0.store(Self::DONE, Ordering::Release);
+        }
+        claimed
+    }
+
+    /// Returns once `f` has run (here, or on the task that claimed it).
+    fn run_or_wait(&self, f: impl FnOnce()) {
+        if !self.try_run(f) {
+            while self.0.load(Ordering::Acquire) != Self::DONE {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Guided slices of a split product are at least this many columns wide: each slice is a gemm
+/// call of its own (its set-up, its pass over the whole m × k left operand). Measured on the
+/// training step at 2 threads: 32, 64 and 96 within the noise of each other; 16 slower.
+const MIN_COLUMNS: usize = 64;
 
 /// A row-major (rows, n) output written by several tasks, each its own block.
 #[derive(Clone, Copy)]
@@ -700,11 +734,38 @@ impl<T: Real> Out<T> {
     }
 }
 
-/// Splits n output columns into tasks for `threads` threads: (tasks, columns a task), slices of a
-/// multiple of 16 columns (the last may be narrower).
-fn column_tasks(threads: usize, n: usize) -> (usize, usize) {
-    let cols = n.div_ceil(threads.min(n.div_ceil(16)).max(1)).next_multiple_of(16).min(n).max(1);
-    (n.div_ceil(cols), cols)
+/// Runs `f(c0, nc)` over slices c0..c0+nc that together cover 0..n once, on `threads` of
+/// rayon's threads that claim slices as they go (guided scheduling): a claim takes a share of
+/// what is left, rem / (2 · threads) rounded up to 16 and at least `min` (or n / (2 · threads)
+/// when that is less, so every thread gets two slices of a narrow output), so the slices shrink
+/// toward the end and the threads finish together whatever slows one of them: a static split
+/// in halves left one thread idle at the end of most regions, and the more so when another
+/// process took time from one core. One thread runs all of 0..n as one slice.
+fn claim_columns(threads: usize, n: usize, min: usize, f: impl Fn(usize, usize) + Sync + Send) {
+    let min = min.min(n / (2 * threads).max(1)).max(16).next_multiple_of(16);
+    if threads <= 1 || n <= min {
+        if n > 0 {
+            f(0, n);
+        }
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    let claim = || {
+        let mut c0 = next.load(Ordering::Relaxed);
+        loop {
+            let rem = n.checked_sub(c0).filter(|&r| r > 0)?;
+            let nc = (rem / (2 * threads)).next_multiple_of(16).max(min).min(rem);
+            match next.compare_exchange_weak(c0, c0 + nc, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some((c0, nc)),
+                Err(now) => c0 = now,
+            }
+        }
+    };
+    (0..threads).into_par_iter().for_each(|_| {
+        while let Some((c0, nc)) = claim() {
+            f(c0, nc)
+        }
+    });
 }
 
 /// Runs `f(task)` for every task: on rayon's pool when more than one, else on the calling thread.
@@ -727,25 +788,20 @@ fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T]
     // rows instead, when each thread gets at least 64 (gemm's AVX-512 row tile): there the
     // packed operand is the small B.
     let by_rows = threads > 1 && n < 32 * threads && m >= 64 * threads;
-    let (tasks, step) = if by_rows {
-        let rows = m.div_ceil(threads).next_multiple_of(16).min(m);
-        (m.div_ceil(rows), rows)
-    } else {
-        column_tasks(threads, n)
-    };
     let out = Out::new(dst, n);
-    run_tasks(tasks, |task| {
-        let i0 = task * step;
-        // SAFETY: this task's block (rows r0.., columns c0..) is its own; the callers check every
-        // shape first, and dst outlives the tasks (joined by run_tasks)
-        unsafe {
-            if by_rows {
-                out.gemm(i0, step.min(m - i0), 0, n, k, lhs, rhs, acc, beta)
-            } else {
-                out.gemm(0, m, i0, step.min(n - i0), k, lhs, rhs, acc, beta)
-            }
-        }
-    });
+    if by_rows {
+        let step = m.div_ceil(threads).next_multiple_of(16).min(m);
+        let tasks = m.div_ceil(step);
+        run_tasks(tasks, |task| {
+            let i0 = task * step;
+            // SAFETY: this task's rows are its own; the callers check every shape first, and dst
+            // outlives the tasks (joined by run_tasks)
+            unsafe { out.gemm(i0, step.min(m - i0), 0, n, k, lhs, rhs, acc, beta) }
+        });
+    } else {
+        // SAFETY: each slice's columns are claimed once; shapes and lifetime as above
+        claim_columns(threads, n, MIN_COLUMNS, |c0, nc| unsafe { out.gemm(0, m, c0, nc, k, lhs, rhs, acc, beta) });
+    }
 }
 
 /// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` for a frozen weight W (out, in) and, with `lora`, a LoRA pair
@@ -819,11 +875,11 @@ impl FusedLinear {
         Shape::from(d)
     }
 
-    /// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ), in one parallel region: each task writes its columns of y, the
-    /// base product and then its slice of xa·Bᵀ while they are in cache. xa = s·x·Aᵀ is one
-    /// unsplit product (split by rows, its m × r × in product gained nothing on two threads: the
-    /// tasks' gemm set-up outweighed the halves), computed by the first task while the others
-    /// run their base products.
+    /// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ), in one parallel region: each slice of columns claimed (see
+    /// [`claim_columns`]) gets the base product and then its slice of xa·Bᵀ while they are in
+    /// cache. xa = s·x·Aᵀ is one unsplit product (split by rows, its m × r × in product gained
+    /// nothing on two threads: the tasks' gemm set-up outweighed the halves), computed by the
+    /// first slice claimed while the other threads run their base products.
     fn forward<T: Real>(&self, x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<Vec<T>> {
         with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
             let mut y = vec![T::ZERO; m * out];
@@ -833,46 +889,22 @@ impl FusedLinear {
             };
             let r = a.len() / inp;
             let mut xa = vec![T::ZERO; m * r];
-            let (tasks, step) = column_tasks(threads_for(m * out * inp), out);
-            // The first task computes xa before its columns, the others after theirs, so xa
-            // overlaps their base products; the first task has 16 columns fewer for it (xa is
-            // about 16 columns' work at r = 16), the last 16 more.
-            let shift = if tasks > 1 && step > 32 { 16 } else { 0 };
-            let cols = |task: usize| {
-                let c0 = if task == 0 { 0 } else { task * step - shift };
-                let c1 = if task + 1 == tasks { out } else { (task + 1) * step - shift };
-                (c0, c1 - c0)
-            };
-            let xa_state = AtomicU8::new(XA_TODO);
             let (ys, xas) = (Out::new(&mut y, out), Out::new(&mut xa, r));
             let (xm, wm, am, bm) = (Mat::rows(x, inp), Mat::t(w, inp), Mat::t(a, inp), Mat::t(b, r));
             let xam = Mat { ptr: xas.ptr as *const T, rs: r as isize, cs: 1 };
             let scale = T::from_f64(self.scale);
-            // xa is computed once, by whichever task gets here first; the others wait for it
-            // (it is being computed on a running thread, which waits on nothing)
-            let xa_ready = || match xa_state.compare_exchange(XA_TODO, XA_BUSY, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    // SAFETY: xa (m, r) is written by the one task that claimed it, and read by
-                    // the others only after XA_DONE is published; x and A have the views' shapes
-                    unsafe { xas.gemm(0, m, 0, r, inp, xm, am, false, scale) };
-                    xa_state.store(XA_DONE, Ordering::Release);
-                }
-                Err(_) => {
-                    while xa_state.load(Ordering::Acquire) != XA_DONE {
-                        std::thread::yield_now();
-                    }
-                }
-            };
-            run_tasks(tasks, |task| {
-                let (c0, nc) = cols(task);
-                if task == 0 {
-                    xa_ready();
-                }
-                // SAFETY: columns c0..c0+nc of y are this task's; x (m, in), W (out, in), xa (m, r,
-                // complete once xa_ready returns) and B (out, r) have the shapes the views say
-                // (checked by the op's callers)
+            let xa_job = OneJob::new();
+            // SAFETY: xa (m, r) is written by the one task that claims the job, and read by the
+            // others only once it is done; x and A have the views' shapes
+            let xa_compute = || unsafe { xas.gemm(0, m, 0, r, inp, xm, am, false, scale) };
+            claim_columns(threads_for(m * out * inp), out, MIN_COLUMNS, |c0, nc| {
+                // the first slice claimed computes xa first; the others' base products overlap it
+                xa_job.try_run(xa_compute);
+                // SAFETY: columns c0..c0+nc of y are this slice's; x (m, in), W (out, in), xa (m,
+                // r, complete once run_or_wait returns) and B (out, r) have the shapes the views
+                // say (checked by the op's callers)
                 unsafe { ys.gemm(0, m, c0, nc, inp, xm, wm, false, T::ONE) };
-                xa_ready();
+                xa_job.run_or_wait(xa_compute);
                 unsafe { ys.gemm(0, m, c0, nc, r, xam, bm, true, T::ONE) };
             });
             *self.xa.lock().map_err(|_| candle_core::Error::Msg("fused-linear: poisoned".into()))? = Some(Box::new(xa));
@@ -880,10 +912,11 @@ impl FusedLinear {
         })
     }
 
-    /// (dx, dA, dB) for the upstream gradient g (m, out), in two parallel regions: dxa = s·g·B
-    /// split by rows, then each task writes its columns of dx = g·W + dxa·A and of dA = dxaᵀ·x,
-    /// and its rows of dB = gᵀ·xa. (Six regions before, each ending on its slower half, one of
-    /// them recomputing xa.)
+    /// (dx, dA, dB) for the upstream gradient g (m, out), in one parallel region: each slice of
+    /// columns claimed writes its columns of dx = g·W + dxa·A and of dA = dxaᵀ·x; dxa = s·g·B
+    /// (which they all need) and dB = gᵀ·xa are one product each, computed by the first two
+    /// slices claimed before their columns. (Six regions once, each ending on its slower half,
+    /// one of them recomputing xa.)
     #[allow(clippy::type_complexity)]
     fn backward<T: Real>(&self, g: &[T], x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<(Vec<T>, Option<(Vec<T>, Vec<T>)>)> {
         with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
@@ -904,30 +937,34 @@ impl FusedLinear {
                     xa
                 }
             };
-            let threads = threads_for(m * inp * out);
-            // dxa = s·g·B (m, r): split by rows (each task reads its rows of g)
-            let mut dxa = vec![T::ZERO; m * r];
-            mm(m, r, out, &mut dxa, Mat::rows(g, out), Mat::rows(b, r), false, s);
-            let (mut da, mut db) = (vec![T::ZERO; r * inp], vec![T::ZERO; out * r]);
-            let (tasks, step) = column_tasks(threads, inp);
-            // dB = gᵀ·xa (out, r) needs no dxa: its rows are split over the same tasks
-            let db_rows = out.div_ceil(tasks).next_multiple_of(16);
-            let (dxs, das, dbs) = (Out::new(&mut dx, inp), Out::new(&mut da, inp), Out::new(&mut db, r));
-            let (gm, wm, dxam, am, dxatm, xm) = (Mat::rows(g, out), Mat::rows(w, inp), Mat::rows(&dxa, r), Mat::rows(a, inp), Mat::t(&dxa, r), Mat::rows(x, inp));
+            let (mut dxa, mut da, mut db) = (vec![T::ZERO; m * r], vec![T::ZERO; r * inp], vec![T::ZERO; out * r]);
+            let (dxs, dxas, das, dbs) = (Out::new(&mut dx, inp), Out::new(&mut dxa, r), Out::new(&mut da, inp), Out::new(&mut db, r));
+            let dxa_ptr = dxas.ptr as *const T;
+            let (gm, wm, bm, am, xm) = (Mat::rows(g, out), Mat::rows(w, inp), Mat::rows(b, r), Mat::rows(a, inp), Mat::rows(x, inp));
+            let (dxam, dxatm) = (Mat { ptr: dxa_ptr, rs: r as isize, cs: 1 }, Mat { ptr: dxa_ptr, rs: 1, cs: r as isize });
             let (gtm, xam) = (Mat::t(g, out), Mat::rows(&xa, r));
-            run_tasks(tasks, |task| {
-                let (c0, nc) = (task * step, step.min(inp - task * step));
-                let o0 = (task * db_rows).min(out);
-                // SAFETY: columns c0..c0+nc of dx and of dA and rows o0.. of dB are this task's;
-                // g (m, out), W (out, in), dxa (m, r), A (r, in), x (m, in) and xa (m, r) have
-                // the shapes the views say
+            let (dxa_job, db_job) = (OneJob::new(), OneJob::new());
+            // SAFETY: dxa (m, r) and dB (out, r) are each written by the one task that claims
+            // their job, and dxa is read only once its job is done; g (m, out), B (out, r) and xa
+            // (m, r) have the shapes the views say
+            let dxa_compute = || unsafe { dxas.gemm(0, m, 0, r, out, gm, bm, false, s) };
+            let db_compute = || unsafe { dbs.gemm(0, out, 0, r, m, gtm, xam, false, T::ONE) };
+            claim_columns(threads_for(m * inp * out), inp, MIN_COLUMNS, |c0, nc| {
+                // dxa (needed by every slice) and dB (by none) go to the first slices claimed
+                if !dxa_job.try_run(dxa_compute) {
+                    db_job.try_run(db_compute);
+                }
+                // SAFETY: columns c0..c0+nc of dx and of dA are this slice's; W (out, in), A (r,
+                // in) and x (m, in) have the shapes the views say, dxa is complete once
+                // run_or_wait returns
+                unsafe { dxs.gemm(0, m, c0, nc, out, gm, wm, false, T::ONE) };
+                dxa_job.run_or_wait(dxa_compute);
                 unsafe {
-                    dxs.gemm(0, m, c0, nc, out, gm, wm, false, T::ONE);
                     dxs.gemm(0, m, c0, nc, r, dxam, am, true, T::ONE);
                     das.gemm(0, r, c0, nc, m, dxatm, xm, false, T::ONE);
-                    dbs.gemm(o0, db_rows.min(out - o0), 0, r, m, gtm, xam, false, T::ONE);
                 }
             });
+            db_job.try_run(db_compute);
             Ok((dx, Some((da, db))))
         })
     }
@@ -1123,9 +1160,10 @@ mod tests {
     }
 
     /// LoRA's products in the fused linear on pools of 1, 2 and 3 threads (shapes above
-    /// PAR_MIN_WORK, so split: 2 or 3 column tasks for y and dx, a short last one, dB's rows split
-    /// with them, dxa's rows split), against the composed products in f64; then the backward pass
-    /// of an op whose forward pass never ran (x·Aᵀ recomputed instead of kept).
+    /// PAR_MIN_WORK, so split: 4 to 6 column slices claimed for y and for dx, a short last one;
+    /// xa, dxa and dB each computed by one slice, dB by the second claimed or, on one thread,
+    /// after the region), against the composed products in f64; then the backward pass of an op
+    /// whose forward pass never ran (x·Aᵀ recomputed instead of kept).
     #[test]
     fn linear_with_lora_splits_over_threads_without_changing_the_gradients() {
         let (m, inp, out, r, scale) = (70, 100, 90, 4, 0.7);
