@@ -16,8 +16,12 @@
 #                                  its steps between a 1-thread and a THREADS-thread pool
 #                                  (bench_train --pools), 10 steps each, ROUNDS runs (default 3);
 #                                  prints tokens/s per pool and the median ratio of neighbouring
-#                                  steps (a shared machine's speed drifts within minutes). Extra
-#                                  arguments go to every run (--seq-len 512, --recompute on).
+#                                  steps (a shared machine's speed drifts within minutes). Each
+#                                  round also measures what the machine allows: THREADS separate
+#                                  1-thread processes at once against one alone, right after (their
+#                                  summed tokens/s over the lone one's: no shared data, no
+#                                  synchronisation, only the cores' shared cache, memory and
+#                                  clocks). Extra arguments go to every run (--seq-len 512).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
@@ -50,17 +54,32 @@ fi
 if [ "${1:-}" = "--scaling" ]; then
   shift
   runs=()
-  for _ in $(seq "${ROUNDS:-3}"); do
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  for r in $(seq "${ROUNDS:-3}"); do
     runs+=("$($bench "$@" --pools "1,$THREADS" --steps 10 --warmup 1)")
+    RAYON_NUM_THREADS=1 $bench "$@" --steps 10 --warmup 1 > "$tmp/alone-$r.json"
+    for i in $(seq "$THREADS"); do
+      RAYON_NUM_THREADS=1 $bench "$@" --steps 10 --warmup 1 > "$tmp/at-once-$r-$i.json" &
+    done
+    wait
   done
-  python3 - "${runs[@]}" <<'PY'
-import json, statistics, sys
-runs = [json.loads(a)["pools"] for a in sys.argv[1:]]
+  python3 - "$tmp" "${runs[@]}" <<'PY'
+import glob, json, statistics, sys
+tmp, runs = sys.argv[1], [json.loads(a)["pools"] for a in sys.argv[2:]]
+tps = lambda f: json.load(open(f))["tokens_per_s"]
 n = runs[0][1]["threads"]
+ours, machine = [], []
 for i, (one, many) in enumerate(runs):
+    alone = tps(f"{tmp}/alone-{i + 1}.json")
+    at_once = [tps(f) for f in sorted(glob.glob(f"{tmp}/at-once-{i + 1}-*.json"))]
+    ours.append(many["speedup_over_first_median"])
+    machine.append(sum(at_once) / alone)
     print(f"round {i + 1}: 1 thread {one['tokens_per_s']:.1f} tok/s, {n} threads {many['tokens_per_s']:.1f} tok/s, "
-          f"1 -> {n} threads {many['speedup_over_first_median']:.2f}x (median of the step pairs)")
-print(f"median of {len(runs)} rounds: 1 -> {n} threads {statistics.median(r[1]['speedup_over_first_median'] for r in runs):.2f}x")
+          f"1 -> {n} threads {ours[-1]:.2f}x (median of the step pairs); "
+          f"{n} 1-thread processes at once {' + '.join(f'{t:.1f}' for t in at_once)} tok/s against {alone:.1f} alone: {machine[-1]:.2f}x")
+print(f"median of {len(runs)} rounds: 1 -> {n} threads {statistics.median(ours):.2f}x; "
+      f"{n} separate processes {statistics.median(machine):.2f}x (what the machine allows)")
 PY
   exit 0
 fi
