@@ -629,8 +629,9 @@ fn threads_for(work: usize) -> usize {
 
 /// dst (m, n) row-major = beta · lhs (m, k) · rhs (k, n), added to dst when `acc`. Large enough
 /// products are split over rayon's threads, each running gemm on one thread (gemm's own splitting
-/// of a 256-row product scales poorly): by columns, or by rows when the output is too narrow to
-/// split (LoRA's rank-wide products).
+/// of a 256-row product scales poorly): by columns, in slices the threads claim as they go
+/// ([`claim_columns`]), or by rows when the output is too narrow to split (LoRA's rank-wide
+/// products).
 #[allow(clippy::too_many_arguments)] // gemm's own interface, reduced to what the kernels use
 pub(crate) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
     debug_assert_eq!(dst.len(), m * n);
@@ -784,9 +785,9 @@ fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T]
     // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
     // (measured: packing took as long as the products on two threads). By columns each thread
     // reads and packs only its slice of the weight. Slices are multiples of 16 columns. An output
-    // narrower than 32 columns a thread (LoRA's g·B in the backward pass: r columns) is split by
-    // rows instead, when each thread gets at least 64 (gemm's AVX-512 row tile): there the
-    // packed operand is the small B.
+    // narrower than 32 columns a thread (LoRA's x·Aᵀ when the backward pass computes it again:
+    // r columns) is split by rows instead, when each thread gets at least 64 (gemm's AVX-512 row
+    // tile): there the packed operand is the small A.
     let by_rows = threads > 1 && n < 32 * threads && m >= 64 * threads;
     let out = Out::new(dst, n);
     if by_rows {
