@@ -697,6 +697,16 @@ impl<T: Real> Out<T> {
         Out { ptr: v.as_mut_ptr(), n }
     }
 
+    /// This output as an operand, like [`Mat::rows`] (to be read only once it is written).
+    fn rows(self) -> Mat<T> {
+        Mat { ptr: self.ptr.cast_const(), rs: self.n as isize, cs: 1 }
+    }
+
+    /// Its transpose, like [`Mat::t`] (to be read only once it is written).
+    fn t(self) -> Mat<T> {
+        Mat { ptr: self.ptr.cast_const(), rs: 1, cs: self.n as isize }
+    }
+
     /// Block rows r0..r0+nr, columns c0..c0+nc of this output = beta · lhs rows r0.. (k columns)
     /// · rhs columns c0.. (k rows), added to it when `acc`; gemm on the calling thread.
     ///
@@ -892,7 +902,7 @@ impl FusedLinear {
             let mut xa = vec![T::ZERO; m * r];
             let (ys, xas) = (Out::new(&mut y, out), Out::new(&mut xa, r));
             let (xm, wm, am, bm) = (Mat::rows(x, inp), Mat::t(w, inp), Mat::t(a, inp), Mat::t(b, r));
-            let xam = Mat { ptr: xas.ptr as *const T, rs: r as isize, cs: 1 };
+            let xam = xas.rows();
             let scale = T::from_f64(self.scale);
             let xa_job = OneJob::new();
             // SAFETY: xa (m, r) is written by the one task that claims the job, and read by the
@@ -940,9 +950,8 @@ impl FusedLinear {
             };
             let (mut dxa, mut da, mut db) = (vec![T::ZERO; m * r], vec![T::ZERO; r * inp], vec![T::ZERO; out * r]);
             let (dxs, dxas, das, dbs) = (Out::new(&mut dx, inp), Out::new(&mut dxa, r), Out::new(&mut da, inp), Out::new(&mut db, r));
-            let dxa_ptr = dxas.ptr as *const T;
             let (gm, wm, bm, am, xm) = (Mat::rows(g, out), Mat::rows(w, inp), Mat::rows(b, r), Mat::rows(a, inp), Mat::rows(x, inp));
-            let (dxam, dxatm) = (Mat { ptr: dxa_ptr, rs: r as isize, cs: 1 }, Mat { ptr: dxa_ptr, rs: 1, cs: r as isize });
+            let (dxam, dxatm) = (dxas.rows(), dxas.t());
             let (gtm, xam) = (Mat::t(g, out), Mat::rows(&xa, r));
             let (dxa_job, db_job) = (OneJob::new(), OneJob::new());
             // SAFETY: dxa (m, r) and dB (out, r) are each written by the one task that claims
