@@ -683,6 +683,10 @@ pub struct ResumedRun {
     pub step: u64,
     /// The checkpoint it came from.
     pub checkpoint: String,
+    /// Steps the run had taken that no checkpoint holds, first and last (the previous server
+    /// was killed, or could not save them on the way out); they are lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_steps: Option<[u64; 2]>,
 }
 
 /// Body of `save_state`.

@@ -168,8 +168,25 @@ impl EngineError {
         )
     }
 
+    /// True when a file operation failed because the disk (or the user's quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, EngineError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> EngineError {
         let path = path.into();
         move |source| EngineError::Io { op, path, source }
     }
+}
+
+/// The I/O error somewhere in `e`'s chain of sources (a copy: the chain is borrowed).
+pub(crate) fn io_error_in(e: &(dyn std::error::Error + 'static)) -> Option<std::io::Error> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io.raw_os_error().map_or_else(|| std::io::Error::new(io.kind(), io.to_string()), std::io::Error::from_raw_os_error));
+        }
+        cur = err.source();
+    }
+    None
 }

@@ -27,13 +27,17 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// The largest learning rate taken: AdamW moves each weight by about the learning rate a step,
+/// so far beyond this the weights overflow the forward pass (1e30 makes every output NaN).
+pub const MAX_LEARNING_RATE: f64 = 10.0;
+
 /// Checks every field of `p` before anything is touched.
 pub fn validate(p: &AdamParams) -> Result<()> {
     let bad = |field: &'static str, value: f64, reason: &'static str| {
         Err(EngineError::InvalidParam { field, value: value.to_string(), reason })
     };
-    if !(p.learning_rate.is_finite() && p.learning_rate >= 0.0) {
-        return bad("learning_rate", p.learning_rate, "must be finite and non-negative");
+    if !(p.learning_rate.is_finite() && (0.0..=MAX_LEARNING_RATE).contains(&p.learning_rate)) {
+        return bad("learning_rate", p.learning_rate, "must be between 0 and 10 (an AdamW step moves each weight by about the learning rate)");
     }
     for (field, beta) in [("beta1", p.beta1), ("beta2", p.beta2)] {
         if !(0.0..1.0).contains(&beta) {
@@ -99,6 +103,7 @@ fn fused_update(param: &Tensor, g: &Tensor, moments: Option<&Moments>, c: Coefs)
     let op = "adamw";
     let n = param.elem_count();
     let (mut p1, mut m1, mut v1) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut finite = true;
     let mut run = |p: &[f32], g: &[f32], m: Option<&[f32]>, v: Option<&[f32]>| {
         for i in 0..n {
             let g = match c.clip {
@@ -111,6 +116,8 @@ fn fused_update(param: &Tensor, g: &Tensor, moments: Option<&Moments>, c: Coefs)
             let denom = v.sqrt() * c.inv_bias2 + c.eps;
             p1[i] = p[i] * c.decay - m / denom * c.step_size;
             (m1[i], v1[i]) = (m, v);
+            // x - x is 0 for a finite x and NaN otherwise: one test covers all three
+            finite &= (p1[i] - p1[i]) + (m - m) + (v - v) == 0.0;
         }
     };
     with_cpu::<f32, _>(param, op, |p| {
@@ -127,9 +134,38 @@ fn fused_update(param: &Tensor, g: &Tensor, moments: Option<&Moments>, c: Coefs)
             }
         })
     })?;
+    if !finite {
+        return Err(non_finite_update());
+    }
     let (shape, dev) = (param.shape(), param.device());
     let moments = Moments { m: Tensor::from_vec(m1, shape, dev)?, v: Tensor::from_vec(v1, shape, dev)? };
     Ok((Tensor::from_vec(p1, shape, dev)?, moments))
+}
+
+/// The refusal of a step whose update would leave a weight or a moment NaN or infinite (a finite
+/// but huge learning rate, say): every update is computed before any is applied, so nothing
+/// changes.
+fn non_finite_update() -> EngineError {
+    EngineError::InvalidParam {
+        field: "learning_rate",
+        value: "this step".into(),
+        reason: "the update would make weights or optimizer moments NaN or infinite; nothing was changed (lower the learning rate, or clip gradients)",
+    }
+}
+
+/// True when every element of the composed update's tensors is finite: Σ (x − x) is 0 for finite
+/// values and NaN otherwise, summed on the device so the check costs one transfer.
+fn all_finite(tensors: &[&Tensor]) -> Result<bool> {
+    let mut total: Option<Tensor> = None;
+    for t in tensors {
+        let t = t.to_dtype(DType::F32)?;
+        let s = (&t - &t)?.sum_all()?;
+        total = Some(match total {
+            Some(acc) => (acc + s)?,
+            None => s,
+        });
+    }
+    Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f32>())? == 0.0)
 }
 
 impl AdamW {
@@ -198,6 +234,12 @@ impl AdamW {
                 })
                 .collect::<Result<_>>()?
         };
+        if !fused {
+            let all: Vec<&Tensor> = updates.iter().flat_map(|(_, _, param, m)| [param, &m.m, &m.v]).collect();
+            if !all_finite(&all)? {
+                return Err(non_finite_update());
+            }
+        }
         for (name, var, param, moments) in updates {
             var.set(&param)?;
             self.moments.insert(name.clone(), moments);
@@ -246,6 +288,35 @@ mod tests {
             }
             assert_eq!(bits(fused[2].1.as_tensor()), bits(&start[2]), "a parameter without a gradient stays");
             assert_eq!(fo.moments.len(), 2);
+        }
+    }
+
+    /// A finite but huge learning rate would turn every weight into NaN: the step is refused and
+    /// changes nothing (weights, moments, step counter), in the fused pass and the composed ops.
+    #[test]
+    fn a_step_that_would_make_weights_non_finite_is_refused_and_changes_nothing() {
+        let dev = Device::Cpu;
+        let start = Tensor::from_vec((0..64).map(|i| i as f32 / 64.0 - 0.5).collect::<Vec<f32>>(), (8, 8), &dev).unwrap();
+        let grads: BTreeMap<String, Tensor> = [("w".to_string(), Tensor::from_vec((0..64).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<f32>>(), (8, 8), &dev).unwrap())].into();
+        for fused in [true, false] {
+            let params = vec![("w".to_string(), Var::from_tensor(&start).unwrap())];
+            let mut opt = AdamW::default();
+            opt.step_with(&params, &grads, &AdamParams { learning_rate: 1e-2, ..AdamParams::default() }, fused).unwrap();
+            let (before, moments) = (bits(params[0].1.as_tensor()), (bits(&opt.moments["w"].m), bits(&opt.moments["w"].v)));
+            // 1e30 is refused by name; lr · weight_decay past f32's range makes the decayed weights
+            // infinite, which only the update's own check sees
+            let huge_lr = AdamParams { learning_rate: 1e30, ..AdamParams::default() };
+            let huge_decay = AdamParams { learning_rate: 1.0, weight_decay: 1e300, ..AdamParams::default() };
+            for (p, says) in [(huge_lr, "between 0 and 10"), (huge_decay, "NaN or infinite")] {
+                let e = opt.step_with(&params, &grads, &p, fused).unwrap_err();
+                assert!(e.to_string().contains(says), "fused {fused}: {e}");
+                assert!(e.is_user_error());
+                assert_eq!(bits(params[0].1.as_tensor()), before, "fused {fused}: the weights changed");
+                assert_eq!((bits(&opt.moments["w"].m), bits(&opt.moments["w"].v)), moments, "fused {fused}: the moments changed");
+                assert_eq!(opt.step, 1);
+            }
+            opt.step_with(&params, &grads, &AdamParams { learning_rate: 1e-2, ..AdamParams::default() }, fused).unwrap();
+            assert_eq!(opt.step, 2, "a sane step still works afterwards");
         }
     }
 }

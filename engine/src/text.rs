@@ -97,6 +97,22 @@ impl TextModel {
         self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| EngineError::Weights(format!("tokenizer: {e}")))
     }
 
+    /// The bytes one token stands for. A token can hold part of a character (byte-level BPE
+    /// splits an emoji over several tokens), which its decoded text shows only as U+FFFD: those
+    /// come from the token's own string, GPT-2's byte-level alphabet or a `<0xHH>` byte fallback.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let text = self.decode(&[id], false).ok()?;
+        if !text.contains('\u{FFFD}') {
+            return Some(text.into_bytes());
+        }
+        let piece = self.tokenizer.id_to_token(id)?;
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+            return u8::from_str_radix(hex, 16).ok().map(|b| vec![b]);
+        }
+        let alphabet = crate::tokenizer::bytes_to_unicode();
+        piece.chars().map(|c| alphabet.iter().position(|&a| a == c).and_then(|b| u8::try_from(b).ok())).collect()
+    }
+
     /// Ids the tokenizer knows (including added tokens).
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
@@ -259,5 +275,19 @@ mod tests {
         // 2026-11-23 09:05 UTC
         assert_eq!(strftime_utc("%d %B %Y %H:%M (%b/%m)", 1_795_424_700), "23 November 2026 09:05 (Nov/11)");
         assert_eq!(strftime_utc("%Y-%m-%d", 951_782_400), "2000-02-29");
+    }
+
+    /// A token holding part of a character gives its own byte, not U+FFFD's three; whole
+    /// characters and special tokens give their UTF-8.
+    #[test]
+    fn token_bytes_of_a_partial_character_are_its_own() {
+        let t = TextModel::from_json(&crate::tokenizer::ByteTokenizer.to_hf_json(), &Value::Null, Path::new("byte tokenizer")).unwrap();
+        let ids = t.encode("é!", false).unwrap();
+        assert_eq!(ids, vec![0xC3, 0xA9, u32::from(b'!')]);
+        assert_eq!(t.decode(&ids[..1], false).unwrap(), "\u{FFFD}");
+        assert_eq!(t.token_bytes(0xC3), Some(vec![0xC3]));
+        assert_eq!(t.token_bytes(0xA9), Some(vec![0xA9]));
+        assert_eq!(t.token_bytes(u32::from(b' ')), Some(vec![b' ']));
+        assert_eq!(t.token_bytes(256), Some(t.decode(&[256], false).unwrap().into_bytes()));
     }
 }

@@ -70,7 +70,7 @@ impl ByteTokenizer {
 }
 
 /// GPT-2's reversible byte → printable-character map (index = byte).
-fn bytes_to_unicode() -> Vec<char> {
+pub(crate) fn bytes_to_unicode() -> Vec<char> {
     let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
     let mut next = 256u32;
     (0u32..256)

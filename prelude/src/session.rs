@@ -306,7 +306,14 @@ impl Session {
             std::thread::sleep(Duration::from_millis(50));
         }
         let info: ServerInfo = self.get("/v1/info")?;
-        let restored: Vec<String> = info.resumed.iter().map(|r| format!("run {} at step {}", r.run, r.step)).collect();
+        let restored: Vec<String> = info
+            .resumed
+            .iter()
+            .map(|r| match r.lost_steps {
+                Some([first, last]) => format!("run {} at step {} (steps {first} to {last} were never saved and are lost)", r.run, r.step),
+                None => format!("run {} at step {}", r.run, r.step),
+            })
+            .collect();
         let what = if restored.is_empty() { "no runs to restore".to_string() } else { format!("restored {}", restored.join(", ")) };
         let _ = writeln!(std::io::stderr(), "hearth: started the session server ({model}); {what} ({:.1} s)", t0.elapsed().as_secs_f64());
         Ok(())

@@ -172,7 +172,8 @@ impl TrainingSession {
         let p = &input.sampling_params;
         validate(p, input.num_samples)?;
         check_tokens(&input.prompt, "prompt", cfg.vocab_size, cfg.max_position_embeddings)?;
-        if input.prompt.len() + p.max_tokens > cfg.max_position_embeddings {
+        // checked: a max_tokens near usize::MAX must not wrap past the context check
+        if input.prompt.len().checked_add(p.max_tokens).is_none_or(|end| end > cfg.max_position_embeddings) {
             return Err(EngineError::InvalidParam {
                 field: "max_tokens",
                 value: p.max_tokens.to_string(),

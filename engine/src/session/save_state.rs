@@ -79,7 +79,11 @@ fn bad(dir: &Path, reason: impl Into<String>) -> EngineError {
 }
 
 fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
+    // a failed write (a full disk) is the machine's fault, not the caller's: keep it an I/O error
+    candle_core::safetensors::save(tensors, path).map_err(|e| match crate::error::io_error_in(&e) {
+        Some(source) => EngineError::Io { op: "writing", path: path.to_path_buf(), source },
+        None => EngineError::Weights(format!("{}: {e}", path.display())),
+    })?;
     sync_file(path)
 }
 
