@@ -29,6 +29,9 @@ pub enum ServerError {
     /// A bad option.
     #[error("{0}")]
     Config(String),
+    /// The server stopped, but some runs could not be saved (their unsaved steps are lost).
+    #[error("stopped with unsaved runs: {0}")]
+    Unsaved(String),
 }
 
 impl ServerError {
@@ -83,6 +86,10 @@ impl From<EngineError> for ApiError {
             EngineError::Interrupted => Self::new(StatusCode::CONFLICT, "interrupted", message),
             EngineError::Checkpoint { .. } => Self::new(StatusCode::BAD_REQUEST, "bad_checkpoint", message),
             EngineError::OutOfMemory(_) => Self::new(StatusCode::INSUFFICIENT_STORAGE, "out_of_memory", message),
+            // the machine's faults, never the caller's: a full disk, any other file error
+            ref e if e.is_disk_full() => Self::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", format!("{message}; free some space and retry")),
+            EngineError::Io { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", message),
+            EngineError::Candle(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "device_error", message),
             e if e.is_user_error() => Self::invalid(message),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
         }

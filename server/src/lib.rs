@@ -3,6 +3,7 @@
 //! - [`options`]: the command line; [`run`] starts everything.
 //! - [`worker`]: the engine thread that owns every run and executes operations in submission
 //!   order; HTTP handlers submit jobs and wait on (or poll) them.
+//! - [`limits`]: what one request may cost, checked before any work or allocation.
 //! - [`routes`]: the `/v1` API, bearer-token auth, body limits, JSON errors.
 //! - [`openai`]: OpenAI-compatible sampling (`/v1/completions`, `/v1/chat/completions`).
 //! - [`tinker`]: Tinker's wire protocol under `/api/v1`, for the official `tinker` SDK.
@@ -18,6 +19,7 @@
 
 pub mod error;
 pub mod lifecycle;
+pub mod limits;
 pub mod openai;
 pub mod options;
 pub mod registry;

@@ -2,6 +2,7 @@
 //! the idle timer, cost accounting, and saving every run on the way out.
 
 use crate::error::{ApiError, ServerError};
+use crate::limits::Limits;
 use crate::options::Options;
 use crate::registry::Registry;
 use crate::worker::{self, now_ms, Shared};
@@ -149,9 +150,17 @@ pub struct App {
     pub idle_timeout: AtomicU64,
     model_loads: u64,
     shutdown_tx: watch::Sender<Option<String>>,
+    /// Runs the shutdown's save could not save (the exit code and session file say so).
+    unsaved: Mutex<Vec<worker::SaveFailure>>,
     /// Tinker protocol state (models' order, futures, samplers).
     pub tinker: crate::tinker::Tinker,
+    /// `--max-body-bytes`, for a handler that reads its body itself.
+    pub max_body_bytes: usize,
 }
+
+/// How long a client may take to send a request's headers (a half-sent request holds a
+/// connection, and would hold a graceful shutdown, no longer than this).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl App {
     /// `GET /v1/info`.
@@ -198,8 +207,8 @@ impl App {
         if !self.budget_saved.swap(true, Ordering::SeqCst) {
             let shared = self.shared.clone();
             std::thread::spawn(move || {
-                let saved = shared.save_all("budget");
-                log::warn!("budget spent: saved {} run(s)", saved.len());
+                let report = shared.save_all("budget");
+                log::warn!("budget spent: saved {} run(s), {} could not be saved", report.saved.len(), report.failed.len());
             });
         }
         Err(ApiError::new(
@@ -265,6 +274,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     let dir = model_dir(&opts.model, &home)?;
     log::info!("loading {} from {} ({dtype:?} on {}{})", opts.model, dir.display(), opts.device, quantize.map_or(String::new(), |q| format!(", quantized {}", q.name())));
     let base = Arc::new(BaseModel::load_quantized(&dir, &device, dtype, quantize)?);
+    let base_context = base.config.max_position_embeddings;
     let registry = Registry::open(&home.join("registry.sqlite"))?;
     worker::clean_temporaries(&home);
     let token = load_token(opts.token_file.as_deref())?;
@@ -285,6 +295,13 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         keep_autosaves: opts.keep_autosaves,
         recompute,
         tx: Mutex::new(tx),
+        limits: Limits {
+            max_request_tokens: opts.max_request_tokens,
+            max_text_bytes: opts.max_text_bytes,
+            max_samples: opts.max_samples.min(hearth_engine::session::MAX_SAMPLES),
+            max_lora_rank: opts.max_lora_rank,
+            context: base_context,
+        },
     });
     let (runs, resumed) = if resume {
         worker::resume_runs(&shared)?
@@ -295,6 +312,9 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     for r in &resumed {
         log::info!("restored run {} at step {} from {}", r.run, r.step, r.checkpoint);
     }
+    // every run is listed before the first request is answered: a client reconnecting right
+    // after a restart must never see "no such run" for a run being restored
+    worker::publish_runs(&shared, &runs);
     let worker_shared = shared.clone();
     let worker = std::thread::Builder::new()
         .name("hearth-engine".into())
@@ -316,7 +336,9 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         idle_timeout: AtomicU64::new(opts.idle_timeout),
         model_loads: 1,
         shutdown_tx,
-        tinker: crate::tinker::Tinker::default(),
+        unsaved: Mutex::new(Vec::new()),
+        tinker: crate::tinker::Tinker::new(Duration::from_secs(opts.tinker_gap_wait_s)),
+        max_body_bytes: opts.max_body_bytes,
     });
 
     let listener = std::net::TcpListener::bind(&opts.listen).map_err(ServerError::io("binding", &opts.listen))?;
@@ -342,15 +364,31 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         .build()
         .map_err(ServerError::io("starting", "the async runtime"))?;
     let served = runtime.block_on(serve(app.clone(), &opts, listener, shutdown_rx, Ready { url, session_file: session_path.clone() }, on_ready));
+    // handlers still waiting on the worker are dropped, not waited for
+    runtime.shutdown_timeout(Duration::from_secs(1));
 
     // The HTTP side has stopped; stop the engine thread and record the stop.
     let reason = app.shutdown_tx.borrow().clone().unwrap_or_else(|| "server error".into());
     let _ = shared.tx.lock().unwrap_or_else(|p| p.into_inner()).send(worker::Msg::Stop);
     let _ = worker.join();
+    let unsaved = std::mem::take(&mut *app.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
+    let reason = if unsaved.is_empty() {
+        reason
+    } else {
+        let lost: Vec<String> = unsaved
+            .iter()
+            .map(|f| format!("run {} at step {} (last saved: {}): {}", f.run, f.step, f.saved_step.map_or("never".into(), |s| format!("step {s}")), f.error.message))
+            .collect();
+        format!("{reason}; NOT SAVED: {}", lost.join("; "))
+    };
     shared.registry.server_stopped(session.pid, &reason)?;
     write_session_file(&SessionFile { state: "stopped".into(), stop_reason: Some(reason.clone()), ..session }, &session_path)?;
     log::info!("stopped ({reason})");
-    served
+    served?;
+    if !unsaved.is_empty() {
+        return Err(ServerError::Unsaved(reason));
+    }
+    Ok(())
 }
 
 async fn serve(
@@ -394,40 +432,49 @@ async fn serve(
         };
         log::info!("{reason}: saving every run");
         seq_app.shared.shutting_down.store(true, Ordering::SeqCst);
+        // queued requests never start, a running sample stops at its next token: the save
+        // below waits for neither
+        let cancelled = seq_app.shared.cancel_everything();
+        if cancelled > 0 {
+            log::info!("cancelled {cancelled} queued or running request(s)");
+        }
         let shared = seq_app.shared.clone();
         let why = reason.clone();
-        let saved = tokio::task::spawn_blocking(move || shared.save_all(&why)).await.unwrap_or_default();
-        for s in &saved {
+        let report = tokio::task::spawn_blocking(move || shared.save_all(&why)).await.unwrap_or_default();
+        for s in &report.saved {
             log::info!("saved {} at step {}", s.path, s.step);
         }
+        *seq_app.unsaved.lock().unwrap_or_else(|p| p.into_inner()) = report.failed;
         let _ = http_stop_tx.send(true);
     });
 
+    // once every run is saved, open connections (a half-sent request, an unread stream) get a
+    // short grace and are then closed: nothing a client holds keeps the server from exiting
+    let handle = axum_server::Handle::new();
+    let (h, grace) = (handle.clone(), Duration::from_secs(opts.shutdown_grace_s));
     let mut stop = http_stop_rx.clone();
-    let stopped = async move {
+    tokio::spawn(async move {
         let _ = stop.wait_for(|s| *s).await;
-    };
+        h.graceful_shutdown(Some(grace));
+    });
+    let service = router.into_make_service();
+    let serving = ServerError::io("serving", &opts.listen);
     if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
             .await
             .map_err(|e| ServerError::Config(format!("TLS certificate/key: {e}")))?;
-        let handle = axum_server::Handle::new();
-        let h = handle.clone();
-        tokio::spawn(async move {
-            stopped.await;
-            h.graceful_shutdown(Some(Duration::from_secs(5)));
-        });
-        on_ready(&ready);
-        axum_server::from_tcp_rustls(listener, config)
+        let mut server = axum_server::from_tcp_rustls(listener, config)
             .map_err(ServerError::io("listening on", &opts.listen))?
-            .handle(handle)
-            .serve(router.into_make_service())
-            .await
-            .map_err(ServerError::io("serving", &opts.listen))
-    } else {
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(ServerError::io("listening on", &opts.listen))?;
+            .first_request_timeout(HEADER_READ_TIMEOUT)
+            .handle(handle);
+        server.http_builder().http1().header_read_timeout(HEADER_READ_TIMEOUT);
         on_ready(&ready);
-        axum::serve(listener, router).with_graceful_shutdown(stopped).await.map_err(ServerError::io("serving", &opts.listen))
+        server.serve(service).await.map_err(serving)
+    } else {
+        let mut server = axum_server::from_tcp(listener).map_err(ServerError::io("listening on", &opts.listen))?.first_request_timeout(HEADER_READ_TIMEOUT).handle(handle);
+        server.http_builder().http1().header_read_timeout(HEADER_READ_TIMEOUT);
+        on_ready(&ready);
+        server.serve(service).await.map_err(serving)
     }
 }

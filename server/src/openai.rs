@@ -5,9 +5,12 @@
 //! exactly the weights a native `sample` at that point would, and its logprobs are the same.
 //!
 //! Decided here: `n`, `max_tokens` (completions default 16, as OpenAI; chat default: the rest of
-//! the context, at most 1024), `temperature`, `top_p`, `stop`, `seed`; `logprobs` gives each
-//! sampled token's log-probability (alternatives, `top_logprobs`, are not computed: asking for
-//! them is a 400, as is `echo`). A chat completion stops at the end-of-turn text the chat template
+//! the context, at most 1024), `temperature`, `top_p`, `stop`, `seed`; `logprobs` (completions:
+//! 0 or 1; chat: `true`) gives each sampled token's log-probability, and a chat token's `bytes`
+//! are the token's own even when it holds part of a character (alternatives, `top_logprobs` or
+//! completions `logprobs` above 1, are not computed: asking for them is a 400, as is `echo`).
+//! Every request is checked against the server's limits ([`crate::limits`]) before anything is
+//! tokenized, allocated or queued. A chat completion stops at the end-of-turn text the chat template
 //! writes after an assistant message (found by rendering a probe), which is cut from the content.
 //! `stream: true` answers with server-sent events in OpenAI's chunk format while the sample runs:
 //! the engine reports each step's tokens, each choice's text is decoded whole and its new part
@@ -16,7 +19,7 @@
 //! away cancels the sample.
 
 use crate::error::ApiError;
-use crate::routes::{parse_body, text_model, wait_result};
+use crate::routes::{chat_bytes, parse_body, text_model, wait_result, CancelOnDrop};
 use crate::worker::Op;
 use crate::App;
 use axum::body::{Body, Bytes};
@@ -106,10 +109,14 @@ fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
 }
 
 /// Runs one `sample` in `run`'s queue and waits for it; a failure is the native route's answer.
+/// A client that goes away cancels it.
 async fn sample(app: &App, run: &str, input: SampleInput) -> Result<SampleOutput, Response> {
     app.check_budget()?;
-    let (_, rx) = app.shared.submit(run.to_string(), Op::Sample(input))?;
-    let result = wait_result(rx).await?;
+    let (id, rx) = app.shared.submit(run.to_string(), Op::Sample(input))?;
+    let guard = CancelOnDrop::new(app, id);
+    let result = wait_result(rx).await;
+    guard.disarm();
+    let result = result?;
     Ok(serde_json::from_value(result)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("sample result: {e}")))?)
 }
@@ -163,16 +170,10 @@ type Chunker = Box<dyn Fn(usize, Option<&str>, Option<&str>) -> Value + Send>;
 fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token: Option<u32>, role: bool, chunk: Chunker) -> Result<Response, ApiError> {
     app.check_budget()?;
     text_model(&app)?;
-    // what would fail at once fails before the stream starts, as a plain error response
-    let context = app.shared.base.config.max_position_embeddings;
+    // what would fail at once fails before the stream starts (and before anything is allocated
+    // per choice), as the same error response the request unstreamed gets
     for input in &inputs {
-        let max = input.sampling_params.max_tokens;
-        if max == 0 || input.prompt.len() + max > context {
-            return Err(ApiError::invalid(format!(
-                "max_tokens = {max}: expected at least 1, and the prompt ({} tokens) + max_tokens within the model's context ({context})",
-                input.prompt.len()
-            )));
-        }
+        app.shared.limits.check_sample(input)?;
     }
     let (frames, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
@@ -277,15 +278,24 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
     if req.echo {
         return Err(ApiError::invalid("echo: prompt echoing is not supported; use the native sample with prompt_logprobs").into());
     }
+    if let Some(k) = req.logprobs.filter(|&k| k > 1) {
+        return Err(ApiError::invalid(format!(
+            "logprobs = {k}: hearth gives each sampled token's logprob (logprobs: 0 or 1); the most likely alternatives are not computed"
+        ))
+        .into());
+    }
+    let n = req.common.n.unwrap_or(1);
+    app.shared.limits.check_samples(n)?;
     known_run(app, &req.common.model)?;
     let t = text_model(app)?;
     let prompts = req.prompt.into_vec();
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt: must not be empty").into());
     }
+    app.shared.limits.check_text("prompt", prompts.iter().fold(0usize, |b, p| b.saturating_add(p.len())))?;
     let stop: Vec<Stop> = req.common.stop.take_stop();
+    app.shared.limits.check_stops(&stop)?;
     let p = params(&req.common, 16, stop);
-    let n = req.common.n.unwrap_or(1);
     let id = format!("cmpl-{}", unix_now());
     if req.common.stream {
         let inputs = prompts
@@ -300,11 +310,18 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
         });
         return live_stream(app.clone(), req.common.model.clone(), inputs, None, false, chunk).map_err(Response::from);
     }
+    // every prompt is checked before the first is sampled: a bad second prompt changes nothing
+    let inputs = prompts
+        .iter()
+        .map(|prompt| {
+            let input = SampleInput { prompt: t.encode(prompt, true)?, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() };
+            app.shared.limits.check_sample(&input)?;
+            Ok(input)
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let (mut choices, mut prompt_total, mut completion_total) = (Vec::new(), 0, 0);
-    for (pi, prompt) in prompts.iter().enumerate() {
-        let tokens = t.encode(prompt, true).map_err(ApiError::from)?;
-        prompt_total += tokens.len();
-        let input = SampleInput { prompt: tokens, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() };
+    for (pi, input) in inputs.into_iter().enumerate() {
+        prompt_total += input.prompt.len();
         let out = sample(app, &req.common.model, input).await?;
         for (si, seq) in out.sequences.iter().enumerate() {
             completion_total += seq.tokens.len();
@@ -377,11 +394,15 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages: must not be empty").into());
     }
+    let n = req.common.n.unwrap_or(1);
+    app.shared.limits.check_samples(n)?;
+    app.shared.limits.check_text("messages", chat_bytes(&req.messages))?;
     known_run(app, &req.common.model)?;
     let t = text_model(app)?;
     let text = t.render_chat(&req.messages, true).map_err(ApiError::from)?;
     let prompt = t.encode(&text, false).map_err(ApiError::from)?;
     let mut stop = req.common.stop.take_stop();
+    app.shared.limits.check_stops(&stop)?;
     if let Some(end) = end_of_turn(t) {
         stop.push(Stop::Text(end));
     }
@@ -391,7 +412,6 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
     }
     let room = app.shared.base.config.max_position_embeddings.saturating_sub(prompt.len()).clamp(1, 1024);
     let p = params(&req.common, room, stop);
-    let n = req.common.n.unwrap_or(1);
     let prompt_len = prompt.len();
     if req.common.stream {
         let (id, model) = (format!("chatcmpl-{}", unix_now()), req.common.model.clone());
@@ -422,8 +442,10 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
                 .iter()
                 .zip(&seq.logprobs)
                 .map(|(&x, &lp)| {
+                    // a token holding part of a character: its own bytes, not U+FFFD's
                     let s = piece(t, x);
-                    json!({"token": s, "logprob": lp, "bytes": s.as_bytes(), "top_logprobs": []})
+                    let bytes = t.token_bytes(x).unwrap_or_else(|| s.clone().into_bytes());
+                    json!({"token": s, "logprob": lp, "bytes": bytes, "top_logprobs": []})
                 })
                 .collect();
             json!({"content": content})

@@ -83,6 +83,29 @@ pub struct Options {
     #[arg(long, default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
 
+    /// Most tokens one request may carry: a training batch's `model_input`s together, or a
+    /// sampling prompt. A larger batch is refused (413); split it: gradients accumulate.
+    #[arg(long, default_value_t = 32_768)]
+    pub max_request_tokens: usize,
+
+    /// Most bytes of text one request may have tokenized (tokenize, chat rendering, OpenAI
+    /// prompts and messages).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_text_bytes: usize,
+
+    /// Most sequences one sampling request may generate (`n`, `num_samples`; at most 256).
+    #[arg(long, default_value_t = 256)]
+    pub max_samples: usize,
+
+    /// Largest LoRA rank a run may have.
+    #[arg(long, default_value_t = 512)]
+    pub max_lora_rank: usize,
+
+    /// Seconds a shutdown waits for open connections (a half-sent request, an unread stream)
+    /// after every run is saved, before it closes them.
+    #[arg(long, default_value_t = 5)]
+    pub shutdown_grace_s: u64,
+
     /// Price of the device per hour in USD (default: from a table of common GPUs; 0 on the CPU).
     #[arg(long)]
     pub hourly_rate: Option<f64>,
@@ -90,6 +113,11 @@ pub struct Options {
     /// Stop training once this many USD of device time are spent (runs are saved first).
     #[arg(long)]
     pub budget_usd: Option<f64>,
+
+    /// Seconds a Tinker training request waits for an earlier `seq_id` of its model before it
+    /// fails (hidden: tests shorten it).
+    #[arg(long, default_value_t = 60, hide = true)]
+    pub tinker_gap_wait_s: u64,
 }
 
 impl Options {

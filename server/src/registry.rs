@@ -98,6 +98,24 @@ impl Registry {
         self.with(|c| c.query_row("SELECT 1 FROM runs WHERE base = ?1 AND id = ?2", params![base, id], |_| Ok(())).optional().map(|r| r.is_some()))
     }
 
+    /// True when `id` names an active run of this base (not one archived by `--no-resume`).
+    pub fn has_active_run(&self, base: &str, id: &str) -> Result<bool> {
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM runs WHERE base = ?1 AND id = ?2 AND status = 'active'", params![base, id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
+    }
+
+    /// Forgets a run with its checkpoints and metrics (an archived run whose name is reused).
+    pub fn forget_run(&self, base: &str, id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM checkpoints WHERE base = ?1 AND run = ?2", params![base, id])?;
+            c.execute("DELETE FROM metrics WHERE base = ?1 AND run = ?2", params![base, id])?;
+            c.execute("DELETE FROM runs WHERE base = ?1 AND id = ?2", params![base, id]).map(|_| ())
+        })
+    }
+
     /// Every run id of this base ever created (for generating fresh names).
     pub fn run_count(&self, base: &str) -> Result<u64> {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM runs WHERE base = ?1", params![base], |r| r.get::<_, i64>(0)).map(|n| n as u64))

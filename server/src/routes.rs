@@ -46,9 +46,55 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
         // Tinker's wire protocol (server/src/tinker), with its own auth (X-API-Key)
         .merge(crate::tinker::router(app.clone()))
-        .fallback(|| async { ApiError::not_found("no such route; see GET /v1/info and the README for the API") })
+        // plain text: `error_envelope` wraps it in the envelope of the protocol the path belongs to
+        .fallback(|| async { (StatusCode::NOT_FOUND, "no such route; see GET /v1/info and the README for the API") })
+        .method_not_allowed_fallback(|| async { (StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(error_envelope))
         .with_state(app)
+}
+
+/// The largest plain-text error body [`error_envelope`] wraps (axum's rejections are one line).
+const PLAIN_ERROR_BYTES: usize = 4096;
+
+/// Every error answers in its protocol's JSON envelope, also the ones axum writes itself as plain
+/// text (a path or query that does not parse, a wrong method): `{"error": {"kind", "message"}}`,
+/// or Tinker's `{"detail", "kind"}` under `/api/v1`.
+async fn error_envelope(req: Request, next: Next) -> Response {
+    let tinker = req.uri().path().starts_with("/api/");
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, PLAIN_ERROR_BYTES).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    let kind = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_input",
+    };
+    let mut out = if tinker {
+        (status, Json(serde_json::json!({"detail": message, "kind": kind}))).into_response()
+    } else {
+        ApiError::new(status, kind, message).into_response()
+    };
+    // keep what else the response said (Allow on a 405, Retry-After)
+    for (name, value) in parts.headers.iter().filter(|(n, _)| *n != header::CONTENT_TYPE && *n != header::CONTENT_LENGTH) {
+        out.headers_mut().insert(name.clone(), value.clone());
+    }
+    out
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive, as
+/// RFC 9110 says).
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares in time independent of where the first difference is.
@@ -57,12 +103,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
     match given {
         Some(t) if constant_time_eq(t.as_bytes(), app.token.as_bytes()) => {
             app.shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
@@ -131,11 +172,47 @@ fn yes() -> bool {
     true
 }
 
-/// Waits for a request's end and turns it into the operation's response.
-async fn finish(rx: tokio::sync::watch::Receiver<RequestState>) -> Response {
-    match wait_result(rx).await {
+/// Waits for a request's end and turns it into the operation's response; a client that goes
+/// away first cancels it.
+async fn finish(app: &App, id: u64, rx: tokio::sync::watch::Receiver<RequestState>) -> Response {
+    let guard = CancelOnDrop::new(app, id);
+    let answer = match wait_result(rx).await {
         Ok(result) => Json(result).into_response(),
         Err(failed) => failed,
+    };
+    guard.disarm();
+    answer
+}
+
+/// Cancels a request when dropped armed: hyper drops a handler's future when its client closes
+/// the connection, so a blocking call whose client has gone away (a timeout, an interrupted
+/// cell) stops waiting in the queue, and a running `sample` stops at its next token.
+pub(crate) struct CancelOnDrop {
+    shared: Arc<crate::worker::Shared>,
+    id: u64,
+    armed: bool,
+}
+
+impl CancelOnDrop {
+    pub(crate) fn new(app: &App, id: u64) -> Self {
+        Self { shared: app.shared.clone(), id, armed: true }
+    }
+
+    /// The answer was delivered: nothing to cancel.
+    pub(crate) fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(e) = self.shared.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&self.id) {
+                if e.try_cancel() {
+                    log::info!("request {} ({} on run {}): the client went away; cancelled", self.id, e.op, e.run);
+                }
+            }
+        }
     }
 }
 
@@ -164,7 +241,7 @@ async fn submit(app: &App, run: String, op: Op, wait: bool) -> Response {
     let name = op.name();
     match app.shared.submit(run.clone(), op) {
         Err(e) => e.into_response(),
-        Ok((_, rx)) if wait => finish(rx).await,
+        Ok((id, rx)) if wait => finish(app, id, rx).await,
         Ok((id, _)) => (StatusCode::ACCEPTED, Json(RequestStatus { request_id: id, run, op: name.into(), state: RequestState::Queued })).into_response(),
     }
 }
@@ -225,6 +302,7 @@ pub(crate) fn text_model(app: &App) -> Result<&hearth_engine::text::TextModel, A
 async fn tokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let run = || -> Result<Tokens, ApiError> {
         let req: TokenizeRequest = parse(body)?;
+        app.shared.limits.check_text("text", req.text.len())?;
         Ok(Tokens { tokens: text_model(&app)?.encode(&req.text, req.add_special_tokens)? })
     };
     run().map(Json).into_response()
@@ -245,12 +323,18 @@ async fn detokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesReject
 async fn render_chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let run = || -> Result<RenderChatResponse, ApiError> {
         let req: RenderChatRequest = parse(body)?;
+        app.shared.limits.check_text("messages", chat_bytes(&req.messages))?;
         let t = text_model(&app)?;
         let text = t.render_chat(&req.messages, req.add_generation_prompt)?;
         let tokens = t.encode(&text, false)?;
         Ok(RenderChatResponse { text, tokens })
     };
     run().map(Json).into_response()
+}
+
+/// The text of a chat, in bytes (what rendering and tokenizing it costs, before the template).
+pub(crate) fn chat_bytes(messages: &[hearth_api::ChatMessage]) -> usize {
+    messages.iter().fold(0usize, |n, m| n.saturating_add(m.role.len()).saturating_add(m.content.len()))
 }
 
 #[derive(Deserialize)]
@@ -288,21 +372,7 @@ async fn poll(State(app): State<Arc<App>>, Path(id): Path<u64>, Query(q): Query<
 async fn cancel(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
     let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
     let Some(e) = reqs.get(&id) else { return ApiError::not_found(format!("no request {id}")).into_response() };
-    Json(CancelResponse { request_id: id, cancelled: try_cancel(e) }).into_response()
-}
-
-/// Flags a request for cancellation if it will honour it: queued ones never run, a running
-/// `sample` stops between tokens; other running operations finish.
-fn try_cancel(e: &crate::worker::Entry) -> bool {
-    let stoppable = match &*e.state.borrow() {
-        RequestState::Queued => true,
-        RequestState::Running => e.op == "sample",
-        _ => false,
-    };
-    if stoppable {
-        e.cancel.store(true, Ordering::SeqCst);
-    }
-    stoppable
+    Json(CancelResponse { request_id: id, cancelled: e.try_cancel() }).into_response()
 }
 
 /// Cancels every queued request and a running `sample` (a front-end's interrupt).
@@ -310,7 +380,7 @@ async fn cancel_all(State(app): State<Arc<App>>) -> Response {
     let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
     let mut cancelled = Vec::new();
     for (id, e) in reqs.iter() {
-        if try_cancel(e) {
+        if e.try_cancel() {
             cancelled.push(*id);
         }
     }
@@ -321,8 +391,18 @@ async fn cancel_all(State(app): State<Arc<App>>) -> Response {
 /// Saves every run changed since its last checkpoint, without stopping (a kernel shutting down).
 async fn autosave_all(State(app): State<Arc<App>>) -> Response {
     let shared = app.shared.clone();
-    let saved = tokio::task::spawn_blocking(move || shared.save_all("autosave")).await.unwrap_or_default();
-    Json(serde_json::json!({"saved": saved})).into_response()
+    let report = tokio::task::spawn_blocking(move || shared.save_all("autosave")).await.unwrap_or_default();
+    match report.failed.first() {
+        None => Json(serde_json::json!({"saved": report.saved})).into_response(),
+        // a save that failed is the server's fault (a full disk): a 5xx that lists what was saved
+        // and what was not
+        Some(first) => {
+            let status = if first.error.kind == "disk_full" { StatusCode::INSUFFICIENT_STORAGE } else { StatusCode::INTERNAL_SERVER_ERROR };
+            let runs: Vec<&str> = report.failed.iter().map(|f| f.run.as_str()).collect();
+            let error = hearth_api::ErrorBody { kind: first.error.kind.clone(), message: format!("runs {runs:?} could not be saved: {}", first.error.message) };
+            (status, Json(serde_json::json!({"error": error, "saved": report.saved, "failed": report.failed}))).into_response()
+        }
+    }
 }
 
 async fn shutdown(State(app): State<Arc<App>>) -> Response {

@@ -93,6 +93,53 @@ pub struct Entry {
     pub state: watch::Sender<RequestState>,
     /// Set by `cancel`.
     pub cancel: Arc<AtomicBool>,
+    /// Unix millis when it ended (0 while queued or running); its result is kept
+    /// [`KEEP_RESULTS_MS`] after that for a client that polls.
+    pub ended_ms: AtomicU64,
+}
+
+impl Entry {
+    /// Flags the request for cancellation if it will honour it: a queued one never runs, a
+    /// running `sample` stops between tokens; other running operations finish.
+    pub fn try_cancel(&self) -> bool {
+        let stoppable = match &*self.state.borrow() {
+            RequestState::Queued => true,
+            RequestState::Running => self.op == "sample",
+            _ => false,
+        };
+        if stoppable {
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        stoppable
+    }
+}
+
+/// How long a finished request's result stays readable (`GET /v1/requests/{id}`).
+pub const KEEP_RESULTS_MS: u64 = 10 * 60 * 1000;
+
+/// How long the worker waits with nothing to do before it gives freed memory back.
+const IDLE_TRIM: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What saving every run did: the checkpoints written, and the runs that could not be saved.
+#[derive(Debug, Default)]
+pub struct SaveReport {
+    /// Checkpoints written.
+    pub saved: Vec<SaveStateResponse>,
+    /// Runs whose save failed, with the step they had reached (unsaved work).
+    pub failed: Vec<SaveFailure>,
+}
+
+/// A run that could not be saved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SaveFailure {
+    /// The run.
+    pub run: String,
+    /// The step its unsaved state had reached.
+    pub step: u64,
+    /// Its last saved step, if any.
+    pub saved_step: Option<u64>,
+    /// Why (`disk_full`, `io_error`, …) and the message.
+    pub error: hearth_api::ErrorBody,
 }
 
 /// What the worker receives.
@@ -111,7 +158,7 @@ pub enum Msg {
         /// `shutdown`, `idle`, `budget`.
         reason: String,
         /// Where to send the result.
-        reply: mpsc::Sender<Vec<SaveStateResponse>>,
+        reply: mpsc::Sender<SaveReport>,
     },
     /// Exit the thread.
     Stop,
@@ -147,6 +194,8 @@ pub struct Shared {
     pub recompute: Recompute,
     /// The queue into the worker.
     pub tx: Mutex<mpsc::Sender<Msg>>,
+    /// What one request may cost; every submitted operation is checked against it.
+    pub limits: crate::limits::Limits,
 }
 
 /// Unix time in milliseconds.
@@ -194,14 +243,15 @@ impl Shared {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::shutting_down());
         }
+        self.limits.check(&op)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (state, rx) = watch::channel(RequestState::Queued);
         {
             let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            if reqs.len() > 10_000 {
-                reqs.retain(|_, e| matches!(*e.state.borrow(), RequestState::Queued | RequestState::Running));
+            if reqs.len() >= 256 {
+                prune_finished(&mut reqs);
             }
-            reqs.insert(id, Entry { run: run.clone(), op: op.name(), state, cancel: Arc::new(AtomicBool::new(false)) });
+            reqs.insert(id, Entry { run: run.clone(), op: op.name(), state, cancel: Arc::new(AtomicBool::new(false)), ended_ms: AtomicU64::new(0) });
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::Job { id, run, op });
@@ -215,8 +265,18 @@ impl Shared {
     fn set_state(&self, id: u64, state: RequestState) {
         let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = reqs.get(&id) {
+            if matches!(state, RequestState::Done { .. } | RequestState::Failed { .. }) {
+                e.ended_ms.store(now_ms(), Ordering::SeqCst);
+            }
             e.state.send_replace(state);
         }
+    }
+
+    /// Flags every queued request, and every running one that stops between steps (`sample`),
+    /// for cancellation (a shutdown). Returns how many.
+    pub fn cancel_everything(&self) -> usize {
+        let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        reqs.values().filter(|e| e.try_cancel()).count()
     }
 
     fn cancel_flag(&self, id: u64) -> Arc<AtomicBool> {
@@ -224,15 +284,24 @@ impl Shared {
         reqs.get(&id).map(|e| e.cancel.clone()).unwrap_or_default()
     }
 
-    /// Asks the worker to save every run and waits for the list (blocking).
-    pub fn save_all(&self, reason: &str) -> Vec<SaveStateResponse> {
+    /// Asks the worker to save every run and waits for the report (blocking).
+    pub fn save_all(&self, reason: &str) -> SaveReport {
         let (reply, rx) = mpsc::channel();
         let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::SaveAll { reason: reason.into(), reply });
         if sent.is_err() {
-            return Vec::new();
+            return SaveReport::default();
         }
         rx.recv().unwrap_or_default()
     }
+}
+
+/// Forgets finished requests whose result has been readable for [`KEEP_RESULTS_MS`].
+fn prune_finished(reqs: &mut HashMap<u64, Entry>) {
+    let now = now_ms();
+    reqs.retain(|_, e| {
+        let ended = e.ended_ms.load(Ordering::SeqCst);
+        ended == 0 || now.saturating_sub(ended) < KEEP_RESULTS_MS
+    });
 }
 
 /// One run as the worker holds it.
@@ -284,6 +353,7 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<Resume
                 Err(e) => log::warn!("run {}: checkpoint {} unusable ({e}); trying an older one", row.id, ck.path),
             }
         }
+        let reached = row.step;
         let (session, step, from) = match restored {
             Some((s, ck)) => {
                 let step = s.step();
@@ -295,9 +365,15 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<Resume
                 (s, 0, "its config (no checkpoint yet)".to_string())
             }
         };
+        // the registry records every step as it is taken: a run that had gone further than its
+        // newest checkpoint lost those steps (a kill -9, or a save that failed on the way out)
+        let lost_from = (reached > step).then_some(step + 1);
+        if lost_from.is_some() {
+            log::warn!("run {}: steps {} to {reached} were never saved and are lost; it resumes at step {step} from {from}", row.id, step + 1);
+        }
         shared.registry.set_step(&base, &row.id, step)?;
         shared.registry.truncate_metrics(&base, &row.id, step)?;
-        resumed.push(ResumedRun { run: row.id.clone(), step, checkpoint: from });
+        resumed.push(ResumedRun { run: row.id.clone(), step, checkpoint: from, lost_steps: lost_from.map(|f| [f, reached]) });
         runs.insert(row.id.clone(), Run::new(session, Some(step)));
     }
     Ok((runs, resumed))
@@ -323,7 +399,21 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
     // Samplers (Tinker's sampling sessions): frozen weights to sample from, kept in memory only
     // (their source is a checkpoint on disk or a snapshot); `None` samples the base model.
     let mut samplers: HashMap<String, Option<TrainingSession>> = HashMap::new();
-    for msg in rx {
+    let mut trimmed_at = 0;
+    loop {
+        let msg = match rx.recv_timeout(IDLE_TRIM) {
+            Ok(msg) => msg,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // idle: give back what the last requests freed (anything since the last trim)
+                if shared.last_activity_ms.load(Ordering::SeqCst) > trimmed_at {
+                    prune_finished(&mut shared.requests.lock().unwrap_or_else(|p| p.into_inner()));
+                    hearth_engine::alloc::give_back_freed_memory();
+                    trimmed_at = now_ms();
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match msg {
             Msg::Job { id, run, op } => {
                 let cancel = shared.cancel_flag(id);
@@ -349,25 +439,36 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
             }
             Msg::SaveAll { reason, reply } => {
-                let mut saved = Vec::new();
+                let mut report = SaveReport::default();
                 for (id, r) in runs.iter_mut() {
-                    if r.saved_step == Some(r.session.step()) {
+                    if r.saved_step == Some(r.session.step()) && has_state_at(&shared, id, r.session.step()) {
                         continue;
                     }
                     match autosave(&shared, id, r, &reason) {
-                        Ok(s) => saved.push(s),
-                        Err(e) => log::error!("run {id}: saving on {reason} failed: {}", e.message),
+                        Ok(s) => report.saved.push(s),
+                        Err(e) => {
+                            log::error!("run {id}: saving on {reason} failed at step {}: {}", r.session.step(), e.message);
+                            report.failed.push(SaveFailure { run: id.clone(), step: r.session.step(), saved_step: r.saved_step, error: e.body() });
+                        }
                     }
                 }
                 publish_runs(&shared, &runs);
-                let _ = reply.send(saved);
+                let _ = reply.send(report);
             }
             Msg::Stop => break,
         }
     }
 }
 
-fn publish_runs(shared: &Shared, runs: &BTreeMap<String, Run>) {
+/// True when run `run` still has a readable `state` checkpoint at `step` in the registry (one
+/// can be deleted after it was written: the run is then saved again on the way out).
+fn has_state_at(shared: &Shared, run: &str, step: u64) -> bool {
+    let rows = shared.registry.checkpoints(shared.base_key(), run).unwrap_or_default();
+    rows.iter().any(|c| c.kind == "state" && c.step == step && Path::new(&c.path).join("hearth.json").is_file())
+}
+
+/// Publishes the runs' snapshot that `GET /v1/runs`, `/v1/info` and the other protocols read.
+pub fn publish_runs(shared: &Shared, runs: &BTreeMap<String, Run>) {
     let list: Vec<RunInfo> = runs.iter().map(|(id, r)| r.info(id)).collect();
     *shared.runs.lock().unwrap_or_else(|p| p.into_inner()) = list;
 }
@@ -397,11 +498,24 @@ fn create_run(
 ) -> Result<Value, ApiError> {
     let base_key = shared.base_key();
     check_name("run", run_id)?;
-    if runs.contains_key(run_id) || shared.registry.has_run(base_key, run_id).map_err(registry_err)? {
+    if runs.contains_key(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(registry_err)? {
         return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
     }
     let mut session = make()?;
     session.set_recompute(shared.recompute);
+    // an archived run of that name (left by `--no-resume`) is moved aside, files and all, so the
+    // name starts afresh and nothing it saved is lost
+    if shared.registry.has_run(base_key, run_id).map_err(registry_err)? {
+        let old = shared.home.join("runs").join(run_id);
+        let aside = shared.home.join("archive").join(format!("{run_id}-{}", now_ms()));
+        if old.exists() {
+            std::fs::create_dir_all(shared.home.join("archive"))
+                .and_then(|()| std::fs::rename(&old, &aside))
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", format!("moving archived run {run_id:?} aside: {e}")))?;
+            log::info!("archived run {run_id} moved to {} for a new run of that name", aside.display());
+        }
+        shared.registry.forget_run(base_key, run_id).map_err(registry_err)?;
+    }
     shared.registry.add_run(base_key, run_id, session.training(), session.step()).map_err(registry_err)?;
     let run = Run::new(session, None);
     let info = run.info(run_id);
@@ -514,8 +628,7 @@ fn execute(
             json(&out)
         }
         Op::LoadState(req) => {
-            let by_name = shared.checkpoints_dir(run_id).join(&req.source);
-            let path = if check_name("source", &req.source).is_ok() && by_name.is_dir() { by_name } else { PathBuf::from(&req.source) };
+            let path = checkpoint_source(shared, run_id, &req.source)?;
             let loaded = if req.optimizer { run.session.load_state(&path)? } else { run.session.load_weights(&path)? };
             (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
             shared.registry.set_step(&base_key, run_id, loaded.step).map_err(registry_err)?;
@@ -523,6 +636,29 @@ fn execute(
             run.saved_step = None;
             json(&LoadStateResponse { path: path.display().to_string(), kind: loaded.kind, step: loaded.step })
         }
+    }
+}
+
+/// The checkpoint folder `load_state` names: a checkpoint of this run (`NAME`), of another run
+/// (`RUN/NAME`), or the path of a checkpoint folder (one with `hearth.json` or a PEFT
+/// `adapter_config.json`, e.g. an adapter trained in Python). Anything else, a missing folder or
+/// a folder that is not a checkpoint, gets the same answer: the message tells nothing about the
+/// server's other folders.
+fn checkpoint_source(shared: &Shared, run_id: &str, source: &str) -> Result<PathBuf, ApiError> {
+    let by_name = match source.split_once('/') {
+        None if check_name("source", source).is_ok() => Some(shared.checkpoints_dir(run_id).join(source)),
+        Some((run, name)) if check_name("run", run).is_ok() && check_name("source", name).is_ok() => Some(shared.checkpoints_dir(run).join(name)),
+        _ => None,
+    };
+    let is_checkpoint = |p: &Path| p.join("hearth.json").is_file() || p.join("adapter_config.json").is_file();
+    match by_name.filter(|p| is_checkpoint(p)) {
+        Some(p) => Ok(p),
+        None if Path::new(source).is_absolute() && is_checkpoint(Path::new(source)) => Ok(PathBuf::from(source)),
+        None => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_checkpoint",
+            format!("source {source:?}: no such checkpoint; give a checkpoint name of this run, RUN/NAME for another run's, or the absolute path of a checkpoint folder"),
+        )),
     }
 }
 
@@ -561,4 +697,31 @@ fn autosave(shared: &Shared, run_id: &str, run: &mut Run, reason: &str) -> Resul
         let _ = std::fs::remove_dir_all(&old.path);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: RequestState, ended_ms: u64) -> Entry {
+        Entry { run: "r".into(), op: "sample", state: watch::channel(state).0, cancel: Arc::default(), ended_ms: AtomicU64::new(ended_ms) }
+    }
+
+    /// A finished result stays readable for a while, then is forgotten; queued and running
+    /// requests are never forgotten.
+    #[test]
+    fn finished_results_are_kept_for_a_while_not_until_thousands_pile_up() {
+        let now = now_ms();
+        let done = || RequestState::Done { result: Value::Null };
+        let mut reqs: HashMap<u64, Entry> = HashMap::from([
+            (1, entry(done(), now - KEEP_RESULTS_MS - 1)),
+            (2, entry(done(), now - 1000)),
+            (3, entry(RequestState::Queued, 0)),
+            (4, entry(RequestState::Running, 0)),
+        ]);
+        prune_finished(&mut reqs);
+        let mut kept: Vec<u64> = reqs.keys().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![2, 3, 4]);
+    }
 }

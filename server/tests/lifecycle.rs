@@ -18,8 +18,9 @@ fn straight_losses(name: &str, steps: u64) -> Vec<f64> {
 }
 
 fn run_step(s: &Server, run: &str) -> u64 {
-    let (_, runs) = s.get("/v1/runs");
-    runs.as_array().unwrap().iter().find(|r| r["id"] == run).map(|r| r["step"].as_u64().unwrap()).unwrap()
+    let (status, runs) = s.get("/v1/runs");
+    let found = runs.as_array().and_then(|list| list.iter().find(|r| r["id"] == run)).and_then(|r| r["step"].as_u64());
+    found.unwrap_or_else(|| panic!("run {run:?} is not in GET /v1/runs right after the start: status {status}, {runs}"))
 }
 
 /// Every checkpoint the registry lists loads, and the run's recorded step matches the server.

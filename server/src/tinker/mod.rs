@@ -12,21 +12,30 @@
 //! - **Futures**: every operation answers `{request_id}` at once; `retrieve_future` long-polls
 //!   (25 s, then 408 `try_again`) and answers the result, protobuf for `forward_backward` and
 //!   samples (`application/x-protobuf`), or `{error, category}`.
-//! - **Order**: training requests of one model run in `seq_id` order whatever order they arrive
-//!   in (a chunked `forward_backward` sends its first chunk last); a retried `seq_id` gets the
-//!   same future; a `seq_id` already passed is refused; a gap not filled in 60 s fails the
-//!   waiting request and moves on.
+//! - **Order** (`sequencer.rs`): training requests of one model run in `seq_id` order whatever
+//!   order they arrive in (a chunked `forward_backward` sends its first chunk last). Every answer
+//!   uses up its `seq_id`, an error too: a request refused for its body (undecodable, missing a
+//!   field, a `forward_backward` over `--max-body-bytes`) gets its 4xx at once and its `seq_id`,
+//!   read leniently (protobuf fields 1 and 2 from the first bytes, or the JSON's `model_id` and
+//!   `seq_id`), is marked answered, so the next request does not wait for it. A retry with the
+//!   same `seq_id` and the same body gets the same future; another body under a used `seq_id` is
+//!   a 409, as is a `seq_id` already passed; one more than 1024 (`sequencer::WINDOW`) ahead is a
+//!   400 and changes nothing. A gap not filled within the gap wait (`--tinker-gap-wait-s`, 60 s)
+//!   fails the requests waiting behind it, and the order stays at the gap. `asample` with a
+//!   `seq_id` is deduplicated the same way, without one never.
 //! - **Samplers**: a sampling session holds frozen weights (a `sampler_weights` checkpoint, a
 //!   snapshot of a run, or the base model alone) in the worker's memory until the server stops.
 //!
 //! The engine knows nothing of this: every operation is a worker [`Op`] like the native ones.
 
+mod place;
 pub mod proto;
+mod sequencer;
 
 use crate::error::ApiError;
 use crate::worker::{check_name, Op};
 use crate::App;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -38,7 +47,9 @@ use hearth_api::{
     AdamParams, CheckpointKind, CreateRunRequest, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateRequest, LoraConfig,
     LossFnInputs, RequestState, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest, Stop, TargetModule, TrainingConfig,
 };
+use place::{body_key, fb_key, json_request, proto_place, read_body, typed, Place};
 use prost::Message;
+use sequencer::{Admitted, SeqError, Sequencer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -50,10 +61,6 @@ use tokio::sync::watch;
 /// How long `retrieve_future` holds a poll before answering `try_again` (the SDK gives up on
 /// one poll after 45 s).
 const POLL_HOLD: Duration = Duration::from_secs(25);
-/// How long a request waits for an earlier `seq_id` of its model before failing.
-const GAP_WAIT: Duration = Duration::from_secs(60);
-/// How far ahead of the next expected `seq_id` a request may be.
-const SEQ_WINDOW: i64 = 100_000;
 
 /// A future's state.
 #[derive(Clone, Debug)]
@@ -75,12 +82,6 @@ impl Fut {
     }
 }
 
-/// One model's order: the next `seq_id` to run, and the futures given to each `seq_id` seen.
-struct ModelQueue {
-    next: watch::Sender<i64>,
-    seen: Mutex<HashMap<i64, String>>,
-}
-
 /// A sampling session.
 #[derive(Clone)]
 struct Sampler {
@@ -89,12 +90,13 @@ struct Sampler {
 }
 
 /// The protocol's state: models' order, futures, samplers (a session is only an id).
-#[derive(Default)]
 pub struct Tinker {
-    models: Mutex<HashMap<String, Arc<ModelQueue>>>,
+    /// Each model's order; an admitted `seq_id` keeps its future's id.
+    order: Sequencer<String>,
     futures: Mutex<HashMap<String, watch::Receiver<Fut>>>,
     samplers: Mutex<HashMap<String, Sampler>>,
-    samples_seen: Mutex<HashMap<(String, i64), Value>>,
+    /// `asample` answers by sampler and `seq_id`, with their body's key.
+    samples_seen: Mutex<HashMap<(String, i64), (u64, Value)>>,
     next_future: AtomicU64,
 }
 
@@ -103,6 +105,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Tinker {
+    /// The protocol's state, where a training request waits at most `gap_wait` for an earlier
+    /// `seq_id` of its model.
+    pub fn new(gap_wait: Duration) -> Self {
+        Tinker {
+            order: Sequencer::new(gap_wait),
+            futures: Mutex::default(),
+            samplers: Mutex::default(),
+            samples_seen: Mutex::default(),
+            next_future: AtomicU64::new(0),
+        }
+    }
+
     fn new_future(&self) -> (String, watch::Sender<Fut>) {
         let id = format!("req-{}", self.next_future.fetch_add(1, Ordering::SeqCst) + 1);
         let (tx, rx) = watch::channel(Fut::Pending);
@@ -112,13 +126,6 @@ impl Tinker {
         }
         futs.insert(id.clone(), rx);
         (id, tx)
-    }
-
-    fn queue(&self, model_id: &str, first_seq: i64) -> Arc<ModelQueue> {
-        lock(&self.models)
-            .entry(model_id.to_string())
-            .or_insert_with(|| Arc::new(ModelQueue { next: watch::channel(first_seq).0, seen: Mutex::new(HashMap::new()) }))
-            .clone()
     }
 }
 
@@ -160,7 +167,7 @@ fn err(e: ApiError) -> Response {
 
 async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
-    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::routes::bearer_token);
     let given = key.map(|k| k.strip_prefix("tml-").unwrap_or(k)).or(bearer);
     match given {
         Some(t) if crate::routes::constant_time_eq(t.as_bytes(), app.token.as_bytes()) => {
@@ -389,62 +396,63 @@ async fn finish_jobs(jobs: Result<Jobs, ApiError>, tx: watch::Sender<Fut>) {
 }
 
 /// Runs `make` (which submits the worker jobs) at this request's turn in its model's
-/// `seq_id` order; answers the future's id at once. A retried `seq_id` gets its first future.
+/// `seq_id` order; answers the future's id at once. A retry (same `seq_id`, same body `key`)
+/// gets its first future.
 fn ordered(
     app: &Arc<App>,
     model_id: &str,
     seq_id: i64,
+    key: u64,
     make: impl FnOnce(&App) -> Result<Jobs, ApiError> + Send + 'static,
 ) -> Result<String, ApiError> {
-    let queue = app.tinker.queue(model_id, seq_id);
-    let (id, tx) = {
-        let mut seen = lock(&queue.seen);
-        if let Some(id) = seen.get(&seq_id) {
-            return Ok(id.clone());
-        }
-        let next = *queue.next.borrow();
-        if seq_id < next {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "out_of_order",
-                format!("model {model_id}: seq_id {seq_id} was already run; the next expected is {next}"),
-            ));
-        }
-        if seq_id > next + SEQ_WINDOW {
-            return Err(ApiError::invalid(format!("model {model_id}: seq_id {seq_id} is too far ahead of the next expected, {next}")));
-        }
-        let (id, tx) = app.tinker.new_future();
-        seen.insert(seq_id, id.clone());
-        if seen.len() > 4096 {
-            seen.retain(|&s, _| s >= next);
-        }
-        (id, tx)
+    let mut tx = None;
+    let admitted = app.tinker.order.admit(model_id, seq_id, key, || {
+        let (id, t) = app.tinker.new_future();
+        tx = Some(t);
+        id
+    });
+    let (id, ticket) = match admitted.map_err(seq_error)? {
+        Admitted::Again(id) => return Ok(id),
+        Admitted::First(id, ticket) => (id, ticket),
     };
+    let Some(tx) = tx else { return Ok(id) };
     let app = app.clone();
-    let model_id = model_id.to_string();
     tokio::spawn(async move {
-        let mut next = queue.next.subscribe();
-        let turn = tokio::time::timeout(GAP_WAIT, next.wait_for(|&n| n >= seq_id)).await.map(|r| r.map(|n| *n));
-        let jobs = match turn {
-            Ok(Ok(n)) if n == seq_id => {
-                // submitted before the turn passes on: the worker runs jobs in submission order
-                let jobs = make(&app);
-                queue.next.send_modify(|n| *n = (*n).max(seq_id + 1));
-                jobs
-            }
-            Ok(_) => Err(ApiError::invalid(format!("model {model_id}: seq_id {seq_id} was passed over"))),
-            Err(_) => {
-                let waited_for = *queue.next.borrow();
-                queue.next.send_modify(|n| *n = (*n).max(seq_id + 1));
-                Err(ApiError::invalid(format!(
-                    "model {model_id}: seq_id {seq_id} waited {} s for seq_id {waited_for}, which never came; requests of one model run in seq_id order",
-                    GAP_WAIT.as_secs()
-                )))
-            }
+        let jobs = match ticket.turn().await {
+            Ok(()) => make(&app),
+            Err(e) => Err(seq_error(e)),
         };
+        // the turn passes on once the jobs are submitted (the worker runs jobs in submission
+        // order), or at once if it never came
+        drop(ticket);
         finish_jobs(jobs, tx).await;
     });
     Ok(id)
+}
+
+/// An order's refusal as an answer.
+fn seq_error(e: SeqError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        SeqError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "seq_id_conflict", message),
+        SeqError::Passed { .. } | SeqError::Refused { .. } => ApiError::new(StatusCode::CONFLICT, "out_of_order", message),
+        SeqError::TooFar { .. } | SeqError::Gap { .. } => ApiError::invalid(message),
+    }
+}
+
+/// A training request's answer. An error uses up its `seq_id` (of a model that exists), so
+/// that the model's next request does not wait for it; an error of the order itself leaves
+/// the order as it is.
+fn answer(app: &App, place: Option<&Place>, r: Result<Value, ApiError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            if let Some(p) = place.filter(|p| known_run(app, &p.model_id).is_ok()) {
+                app.tinker.order.consume(&p.model_id, p.seq_id);
+            }
+            err(e)
+        }
+    }
 }
 
 /// A future that is not ordered (creation, sampling).
@@ -561,7 +569,7 @@ async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
             let run = known_run(&app, existing)?;
             let model_id = model_of(&run);
             // a new client counts its seq_ids from 1 again
-            lock(&app.tinker.models).insert(model_id.clone(), Arc::new(ModelQueue { next: watch::channel(1).0, seen: Mutex::new(HashMap::new()) }));
+            app.tinker.order.restart(&model_id, 1);
             let (id, tx) = app.tinker.new_future();
             tx.send_replace(Fut::Json(json!({"model_id": model_id, "type": "create_model"})));
             return Ok(json!({"request_id": id, "model_id": model_id}));
@@ -581,7 +589,7 @@ async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
                 Ok(Fut::Json(json!({"model_id": mid, "type": "create_model"})))
             }),
         );
-        app.tinker.queue(&model_id, 1);
+        app.tinker.order.open(&model_id, 1);
         Ok(json!({"request_id": unordered(&app, jobs), "model_id": model_id}))
     };
     run().map(Json).map_or_else(err, IntoResponse::into_response)
@@ -734,18 +742,31 @@ fn fb_output(out: &ForwardBackwardOutput) -> Vec<u8> {
     proto::ForwardBackwardOutput { loss_fn_output_type: "ArrayRecord".into(), loss_fn_outputs: vec![record], metrics }.encode_to_vec()
 }
 
-async fn forward_backward(State(app): State<Arc<App>>, headers: HeaderMap, b: Result<Bytes, BytesRejection>) -> Response {
+async fn forward_backward(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    // read here, not by the `Bytes` extractor: a body over the limit still names its place
+    let (bytes, whole) = match read_body(body, app.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return err(e),
+    };
+    let decoded = whole.then(|| proto::ForwardBackwardRequest::decode(&bytes[..]));
+    let place = match &decoded {
+        Some(Ok(req)) => Some(Place { model_id: req.model_id.clone(), seq_id: i64::from(req.seq_id) }),
+        _ => proto_place(&bytes),
+    };
     let run = || -> Result<Value, ApiError> {
-        let bytes = crate::routes::body_bytes(b)?;
+        let Some(decoded) = decoded else {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is larger than --max-body-bytes"));
+        };
         if headers.get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity") {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_input", "Content-Encoding: this server reads uncompressed protobuf (client/config says proto_compress_fwdbwd: false)"));
         }
-        let req = proto::ForwardBackwardRequest::decode(&bytes[..]).map_err(|e| ApiError::invalid(format!("forward_backward: not a tinker_public.ForwardBackwardRequest protobuf: {e}")))?;
+        let req = decoded.map_err(|e| ApiError::invalid(format!("forward_backward: not a tinker_public.ForwardBackwardRequest protobuf: {e}")))?;
         let run = known_run(&app, &req.model_id)?;
+        let key = fb_key(&req);
         // a bad datum fails the future (its seq_id is used: the SDK has counted it)
         let input = fb_input(&req);
         let forward_only = req.forward_only;
-        let id = ordered(&app, &req.model_id, i64::from(req.seq_id), move |app| {
+        let id = ordered(&app, &req.model_id, i64::from(req.seq_id), key, move |app| {
             let input = input?;
             let op = if forward_only { Op::Forward(input) } else { Op::ForwardBackward(input) };
             submit_jobs(
@@ -759,7 +780,7 @@ async fn forward_backward(State(app): State<Arc<App>>, headers: HeaderMap, b: Re
         })?;
         Ok(json!({"request_id": id, "model_id": req.model_id}))
     };
-    run().map(Json).map_or_else(err, IntoResponse::into_response)
+    answer(&app, place.as_ref(), run())
 }
 
 #[derive(Deserialize)]
@@ -781,8 +802,12 @@ struct AdamIn {
 }
 
 async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+    let (v, key, place) = match json_request("optim_step", b) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
     let run = || -> Result<Value, ApiError> {
-        let req: OptimStep = body(b)?;
+        let req: OptimStep = typed(v)?;
         let run = known_run(&app, &req.model_id)?;
         let params = match (req.adam_params, req.optimizer_params) {
             (Some(a), _) => {
@@ -799,7 +824,7 @@ async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection
             (None, Some(p)) => Err(ApiError::invalid(format!("optimizer_params {}: hearth's optimizer is AdamW (adam_params)", p.get("type").unwrap_or(&Value::Null)))),
             (None, None) => Err(ApiError::invalid("optim_step: adam_params is missing")),
         };
-        let id = ordered(&app, &req.model_id, req.seq_id, move |app| {
+        let id = ordered(&app, &req.model_id, req.seq_id, key, move |app| {
             submit_jobs(
                 app,
                 vec![(run, Op::OptimStep(params?))],
@@ -813,7 +838,7 @@ async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection
         })?;
         Ok(json!({"request_id": id, "model_id": req.model_id}))
     };
-    run().map(Json).map_or_else(err, IntoResponse::into_response)
+    answer(&app, place.as_ref(), run())
 }
 
 /// The run of a model id that exists.
@@ -833,7 +858,7 @@ struct SaveWeights {
     sampling_session_seq_id: Option<u64>,
 }
 
-fn save_op(app: &Arc<App>, req: SaveWeights, kind: CkKind) -> Result<Value, ApiError> {
+fn save_op(app: &Arc<App>, req: SaveWeights, key: u64, kind: CkKind) -> Result<Value, ApiError> {
     let run = known_run(app, &req.model_id)?;
     let model_id = req.model_id.clone();
     let id = match (req.path, kind, req.sampling_session_seq_id) {
@@ -845,7 +870,7 @@ fn save_op(app: &Arc<App>, req: SaveWeights, kind: CkKind) -> Result<Value, ApiE
                     Ok(name)
                 }
             });
-            ordered(app, &req.model_id, req.seq_id, move |app| {
+            ordered(app, &req.model_id, req.seq_id, key, move |app| {
                 let name = named?;
                 let ck = CheckpointKind::from(kind);
                 let tinker_path = format!("tinker://{model_id}/{}/{name}", kind.dir());
@@ -866,7 +891,7 @@ fn save_op(app: &Arc<App>, req: SaveWeights, kind: CkKind) -> Result<Value, ApiE
             let sampler = format!("{session}:sample:{n}");
             let entry = Sampler { base_model: model_name(app), model_path: None };
             let app2 = app.clone();
-            ordered(app, &req.model_id, req.seq_id, move |app| {
+            ordered(app, &req.model_id, req.seq_id, key, move |app| {
                 let s = sampler.clone();
                 submit_jobs(
                     app,
@@ -892,12 +917,20 @@ impl From<CkKind> for CheckpointKind {
     }
 }
 
+/// `save_weights` and `save_weights_for_sampler`.
+fn save(app: &Arc<App>, route: &str, b: Result<Bytes, BytesRejection>, kind: CkKind) -> Response {
+    match json_request(route, b) {
+        Ok((v, key, place)) => answer(app, place.as_ref(), typed(v).and_then(|r| save_op(app, r, key, kind))),
+        Err(e) => err(e),
+    }
+}
+
 async fn save_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
-    body(b).and_then(|r| save_op(&app, r, CkKind::Weights)).map(Json).map_or_else(err, IntoResponse::into_response)
+    save(&app, "save_weights", b, CkKind::Weights)
 }
 
 async fn save_weights_for_sampler(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
-    body(b).and_then(|r| save_op(&app, r, CkKind::Sampler)).map(Json).map_or_else(err, IntoResponse::into_response)
+    save(&app, "save_weights_for_sampler", b, CkKind::Sampler)
 }
 
 #[derive(Deserialize)]
@@ -914,15 +947,19 @@ struct LoadWeights {
 }
 
 async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+    let (v, key, place) = match json_request("load_weights", b) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
     let run = || -> Result<Value, ApiError> {
-        let req: LoadWeights = body(b)?;
+        let req: LoadWeights = typed(v)?;
         match (req.model_id, req.seq_id, req.session_id, req.model_seq_id) {
             // into an existing model, in its order
             (Some(model_id), Some(seq), _, _) => {
                 let run = known_run(&app, &model_id)?;
                 let dir = checkpoint_dir(&app, &req.path);
                 let (path, optimizer) = (req.path.clone(), req.optimizer);
-                let id = ordered(&app, &model_id, seq, move |app| {
+                let id = ordered(&app, &model_id, seq, key, move |app| {
                     let source = dir?.display().to_string();
                     submit_jobs(
                         app,
@@ -959,13 +996,14 @@ async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejecti
                         Ok(Fut::Json(json!({"path": path, "model_id": mid, "type": "load_weights"})))
                     }),
                 );
-                app.tinker.queue(&model_id, 1);
+                app.tinker.order.open(&model_id, 1);
                 Ok(json!({"request_id": unordered(&app, jobs), "model_id": model_id}))
             }
             _ => Err(ApiError::invalid("load_weights: give model_id and seq_id, or session_id and model_seq_id")),
         }
     };
-    run().map(Json).map_or_else(err, IntoResponse::into_response)
+    // a load into an existing model has a place in its order, a new model none
+    answer(&app, place.as_ref(), run())
 }
 
 // ---- sampling ----
@@ -1020,8 +1058,9 @@ async fn get_sampler(State(app): State<Arc<App>>, Path(id): Path<String>) -> Res
 #[derive(Deserialize)]
 struct ASample {
     sampling_session_id: Option<String>,
+    /// Without one a request is never taken for a retry of another.
     #[serde(default)]
-    seq_id: i64,
+    seq_id: Option<i64>,
     #[serde(default = "one")]
     num_samples: usize,
     prompt: PromptIn,
@@ -1112,14 +1151,12 @@ fn sample_output(out: &SampleOutput) -> Vec<u8> {
 
 async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
     let run = || -> Result<Value, ApiError> {
-        let req: ASample = body(b)?;
+        let v: Value = body(b)?;
+        let key = body_key("asample", v.to_string().as_bytes());
+        let req: ASample = typed(v)?;
         let sampler = req.sampling_session_id.clone().ok_or_else(|| ApiError::invalid("asample: sampling_session_id is missing"))?;
         if !lock(&app.tinker.samplers).contains_key(&sampler) {
             return Err(ApiError::not_found(format!("no sampler {sampler:?} (samplers live until the server stops)")));
-        }
-        let key = (sampler.clone(), req.seq_id);
-        if let Some(v) = lock(&app.tinker.samples_seen).get(&key) {
-            return Ok(v.clone());
         }
         if req.topk_prompt_logprobs > 0 || req.topk_sample_logprobs > 0 {
             return Err(ApiError::invalid("topk_prompt_logprobs / topk_sample_logprobs: hearth returns the chosen tokens' logprobs only"));
@@ -1138,6 +1175,20 @@ async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) 
         }
         let params = sampling_of(&app, req.sampling_params.unwrap_or_default())?;
         let input = SampleInput { prompt, num_samples: req.num_samples, sampling_params: params, prompt_logprobs: req.prompt_logprobs, base_model_only: false };
+        // checked and recorded under one lock: two copies of a request make one future
+        let mut seen = lock(&app.tinker.samples_seen);
+        let place = req.seq_id.map(|seq| (sampler.clone(), seq));
+        if let Some(((_, seq), (first_key, first))) = place.as_ref().and_then(|p| Some((p, seen.get(p)?))) {
+            return if *first_key == key {
+                Ok(first.clone())
+            } else {
+                Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "seq_id_conflict",
+                    format!("sampler {sampler}: seq_id {seq} was already used by a different request (a retry must send the same body)"),
+                ))
+            };
+        }
         let jobs = submit_jobs(
             &app,
             vec![(sampler.clone(), Op::SamplerSample(input))],
@@ -1147,13 +1198,15 @@ async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) 
             }),
         );
         let id = unordered(&app, jobs);
-        let ids: Vec<String> = (0..req.num_samples).map(|i| format!("{sampler}:seq:{}:{i}", req.seq_id)).collect();
+        let tag = req.seq_id.map_or_else(|| id.clone(), |seq| seq.to_string());
+        let ids: Vec<String> = (0..req.num_samples).map(|i| format!("{sampler}:seq:{tag}:{i}")).collect();
         let answer = json!({"request_id": id, "sample_sequence_ids": ids});
-        let mut seen = lock(&app.tinker.samples_seen);
-        if seen.len() > 4096 {
-            seen.clear();
+        if let Some(place) = place {
+            if seen.len() > 4096 {
+                seen.clear();
+            }
+            seen.insert(place, (key, answer.clone()));
         }
-        seen.insert(key, answer.clone());
         Ok(answer)
     };
     run().map(Json).map_or_else(err, IntoResponse::into_response)
