@@ -116,8 +116,7 @@ fn fused_update(param: &Tensor, g: &Tensor, moments: Option<&Moments>, c: Coefs)
             let denom = v.sqrt() * c.inv_bias2 + c.eps;
             p1[i] = p[i] * c.decay - m / denom * c.step_size;
             (m1[i], v1[i]) = (m, v);
-            // x - x is 0 for a finite x and NaN otherwise: one test covers all three
-            finite &= (p1[i] - p1[i]) + (m - m) + (v - v) == 0.0;
+            finite &= p1[i].is_finite() && m.is_finite() && v.is_finite();
         }
     };
     with_cpu::<f32, _>(param, op, |p| {
@@ -153,13 +152,13 @@ fn non_finite_update() -> EngineError {
     }
 }
 
-/// True when every element of the composed update's tensors is finite: Σ (x − x) is 0 for finite
-/// values and NaN otherwise, summed on the device so the check costs one transfer.
+/// True when every element of the composed update's tensors is finite: Σ 0·x is 0 for finite
+/// values and NaN otherwise (0·∞ is NaN), summed on the device so the check costs one transfer.
 fn all_finite(tensors: &[&Tensor]) -> Result<bool> {
     let mut total: Option<Tensor> = None;
     for t in tensors {
         let t = t.to_dtype(DType::F32)?;
-        let s = (&t - &t)?.sum_all()?;
+        let s = t.affine(0.0, 0.0)?.sum_all()?;
         total = Some(match total {
             Some(acc) => (acc + s)?,
             None => s,
