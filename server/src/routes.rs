@@ -137,17 +137,20 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
     let text = if bytes.is_empty() { &b"{}"[..] } else { &bytes[..] };
     // serde_path_to_error names the field: "request body: sampling_params.max_tokens: invalid value…"
     let mut de = serde_json::Deserializer::from_slice(text);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            ApiError::invalid(format!("request body: {inner}"))
-        } else {
-            ApiError::invalid(format!("request body: {path}: {inner}"))
-        }
-    })?;
+    let value = serde_path_to_error::deserialize(&mut de).map_err(field_error)?;
     de.end().map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
     Ok(value)
+}
+
+/// A typed parse's failure as a 400 that names the field (`request body: a.b: …`).
+pub(crate) fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if path.is_empty() || path == "." {
+        ApiError::invalid(format!("request body: {inner}"))
+    } else {
+        ApiError::invalid(format!("request body: {path}: {inner}"))
+    }
 }
 
 async fn ping() -> Json<serde_json::Value> {

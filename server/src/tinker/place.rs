@@ -66,15 +66,7 @@ pub(super) fn json_request(route: &str, b: Result<Bytes, BytesRejection>) -> Res
 
 /// A JSON value as a typed request; an error names the field, as a body parsed at once does.
 pub(super) fn typed<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            ApiError::invalid(format!("request body: {inner}"))
-        } else {
-            ApiError::invalid(format!("request body: {path}: {inner}"))
-        }
-    })
+    serde_path_to_error::deserialize(v).map_err(crate::routes::field_error)
 }
 
 /// A body of at most `limit` bytes, and `true`; or, over the limit, its first [`PREFIX`] bytes
