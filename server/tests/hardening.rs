@@ -204,7 +204,7 @@ fn sigterm_cancels_a_running_sample_and_saves() {
     let mut s = Server::start(&h, &["--idle-timeout", "0", "--autosave-every", "0"]);
     s.ok("/v1/runs", &json!({"name": "r"}));
     train_step(&s, "r", 0);
-    let long = json!({"prompt": [104, 105], "num_samples": 64, "sampling_params": {"max_tokens": 1000, "temperature": 1.0, "seed": 1}});
+    let long = json!({"prompt": [104, 105], "num_samples": 128, "sampling_params": {"max_tokens": 1000, "temperature": 1.0, "seed": 1}});
     let (_, queued) = s.post("/v1/runs/r/sample?wait=false", &long);
     let id = queued["request_id"].as_u64().unwrap();
     let t0 = Instant::now();
@@ -259,7 +259,8 @@ fn max_tokens_at_the_top_of_usize_is_refused_in_all_three_protocols() {
 fn a_request_whose_client_went_away_is_cancelled() {
     let s = quiet("client-gone");
     s.ok("/v1/runs", &json!({"name": "r"})); // request 1
-    let long = json!({"model": "r", "messages": [{"role": "user", "content": "hi"}], "n": 32, "max_tokens": 900, "temperature": 1.0});
+    // 128 × 900 tokens: seconds of work on the tiny model, far past the client's patience
+    let long = json!({"model": "r", "messages": [{"role": "user", "content": "hi"}], "n": 128, "max_tokens": 900, "temperature": 1.0});
     let impatient = ureq::AgentBuilder::new().timeout(Duration::from_millis(300)).build();
     let r = impatient.post(&format!("{}/v1/chat/completions", s.url)).set("Authorization", &format!("Bearer {}", s.token)).send_json(long);
     assert!(r.is_err(), "the client gave up");
@@ -269,7 +270,7 @@ fn a_request_whose_client_went_away_is_cancelled() {
     assert_eq!(ended["state"], "failed", "the abandoned sample ran to the end: {ended}");
     assert_eq!(ended["error"]["kind"], "interrupted", "{ended}");
     // and a native blocking call the same
-    let native = json!({"prompt": [104, 105], "num_samples": 32, "sampling_params": {"max_tokens": 900, "temperature": 1.0}});
+    let native = json!({"prompt": [104, 105], "num_samples": 128, "sampling_params": {"max_tokens": 900, "temperature": 1.0}});
     let r = impatient.post(&format!("{}/v1/runs/r/sample", s.url)).set("Authorization", &format!("Bearer {}", s.token)).send_json(native);
     assert!(r.is_err());
     let (_, ended) = s.get("/v1/requests/3?timeout_s=120");
