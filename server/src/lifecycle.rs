@@ -435,8 +435,8 @@ async fn serve(
         // queued requests never start, a running sample stops at its next token: the save
         // below waits for neither
         let cancelled = seq_app.shared.cancel_everything();
-        if cancelled > 0 {
-            log::info!("cancelled {cancelled} queued or running request(s)");
+        if !cancelled.is_empty() {
+            log::info!("cancelled {} queued or running request(s)", cancelled.len());
         }
         let shared = seq_app.shared.clone();
         let why = reason.clone();

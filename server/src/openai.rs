@@ -19,7 +19,7 @@
 //! away cancels the sample.
 
 use crate::error::ApiError;
-use crate::routes::{chat_bytes, parse_body, text_model, wait_result, CancelOnDrop};
+use crate::routes::{chat_bytes, parse_body, text_model, wait_answer};
 use crate::worker::Op;
 use crate::App;
 use axum::body::{Body, Bytes};
@@ -113,10 +113,7 @@ fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
 async fn sample(app: &App, run: &str, input: SampleInput) -> Result<SampleOutput, Response> {
     app.check_budget()?;
     let (id, rx) = app.shared.submit(run.to_string(), Op::Sample(input))?;
-    let guard = CancelOnDrop::new(app, id);
-    let result = wait_result(rx).await;
-    guard.disarm();
-    let result = result?;
+    let result = wait_answer(app, id, rx).await?;
     Ok(serde_json::from_value(result)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("sample result: {e}")))?)
 }
@@ -195,7 +192,7 @@ fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token:
             if role {
                 for i in 0..n {
                     if frames.send(event(&chunk(base + i, None, None))).await.is_err() {
-                        cancel(&app, id);
+                        app.shared.cancel(id);
                         return;
                     }
                 }
@@ -211,7 +208,7 @@ fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token:
                         let delta = &text[sent[i]..upto];
                         sent[i] = upto;
                         if frames.send(event(&chunk(base + i, Some(delta), None))).await.is_err() {
-                            cancel(&app, id); // the client went away
+                            app.shared.cancel(id); // the client went away
                             return;
                         }
                     }
@@ -249,13 +246,6 @@ fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token:
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stream").into_response()))
-}
-
-/// Flags a request for cancellation (a stream's client went away).
-fn cancel(app: &App, id: u64) {
-    if let Some(e) = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
-        e.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 /// `GET /v1/models`: every run, as OpenAI lists models.

@@ -178,45 +178,29 @@ fn yes() -> bool {
 /// Waits for a request's end and turns it into the operation's response; a client that goes
 /// away first cancels it.
 async fn finish(app: &App, id: u64, rx: tokio::sync::watch::Receiver<RequestState>) -> Response {
-    let guard = CancelOnDrop::new(app, id);
-    let answer = match wait_result(rx).await {
+    match wait_answer(app, id, rx).await {
         Ok(result) => Json(result).into_response(),
         Err(failed) => failed,
-    };
-    guard.disarm();
-    answer
-}
-
-/// Cancels a request when dropped armed: hyper drops a handler's future when its client closes
-/// the connection, so a blocking call whose client has gone away (a timeout, an interrupted
-/// cell) stops waiting in the queue, and a running `sample` stops at its next token.
-pub(crate) struct CancelOnDrop {
-    shared: Arc<crate::worker::Shared>,
-    id: u64,
-    armed: bool,
-}
-
-impl CancelOnDrop {
-    pub(crate) fn new(app: &App, id: u64) -> Self {
-        Self { shared: app.shared.clone(), id, armed: true }
-    }
-
-    /// The answer was delivered: nothing to cancel.
-    pub(crate) fn disarm(mut self) {
-        self.armed = false;
     }
 }
 
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            if let Some(e) = self.shared.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&self.id) {
-                if e.try_cancel() {
-                    log::info!("request {} ({} on run {}): the client went away; cancelled", self.id, e.op, e.run);
-                }
+/// [`wait_result`] for a caller that holds the connection: if the handler's future is dropped
+/// first (hyper drops it when the client closes the connection: a timeout, an interrupted cell),
+/// the request is cancelled, so it stops waiting in the queue, and a running `sample` stops at
+/// its next token.
+pub(crate) async fn wait_answer(app: &App, id: u64, rx: tokio::sync::watch::Receiver<RequestState>) -> Result<serde_json::Value, Response> {
+    struct CancelOnDrop<'a>(&'a App, u64);
+    impl Drop for CancelOnDrop<'_> {
+        fn drop(&mut self) {
+            if self.0.shared.cancel(self.1) == Some(true) {
+                log::info!("request {}: the client went away; cancelled", self.1);
             }
         }
     }
+    let guard = CancelOnDrop(app, id);
+    let answer = wait_result(rx).await;
+    std::mem::forget(guard); // answered: nothing to cancel
+    answer
 }
 
 /// Waits for a request's end: the operation's result, or the error response the blocking call
@@ -373,22 +357,15 @@ async fn poll(State(app): State<Arc<App>>, Path(id): Path<u64>, Query(q): Query<
 }
 
 async fn cancel(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
-    let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(e) = reqs.get(&id) else { return ApiError::not_found(format!("no request {id}")).into_response() };
-    Json(CancelResponse { request_id: id, cancelled: e.try_cancel() }).into_response()
+    match app.shared.cancel(id) {
+        Some(cancelled) => Json(CancelResponse { request_id: id, cancelled }).into_response(),
+        None => ApiError::not_found(format!("no request {id}")).into_response(),
+    }
 }
 
 /// Cancels every queued request and a running `sample` (a front-end's interrupt).
 async fn cancel_all(State(app): State<Arc<App>>) -> Response {
-    let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
-    let mut cancelled = Vec::new();
-    for (id, e) in reqs.iter() {
-        if e.try_cancel() {
-            cancelled.push(*id);
-        }
-    }
-    cancelled.sort_unstable();
-    Json(serde_json::json!({"cancelled": cancelled})).into_response()
+    Json(serde_json::json!({"cancelled": app.shared.cancel_everything()})).into_response()
 }
 
 /// Saves every run changed since its last checkpoint, without stopping (a kernel shutting down).

@@ -272,11 +272,19 @@ impl Shared {
         }
     }
 
-    /// Flags every queued request, and every running one that stops between steps (`sample`),
-    /// for cancellation (a shutdown). Returns how many.
-    pub fn cancel_everything(&self) -> usize {
+    /// [`Entry::try_cancel`] on request `id`: whether it will stop, `None` if there is no such
+    /// request.
+    pub fn cancel(&self, id: u64) -> Option<bool> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(Entry::try_cancel)
+    }
+
+    /// [`Entry::try_cancel`] on every request (an interrupt, a shutdown): the ids that will stop,
+    /// in order.
+    pub fn cancel_everything(&self) -> Vec<u64> {
         let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        reqs.values().filter(|e| e.try_cancel()).count()
+        let mut cancelled: Vec<u64> = reqs.iter().filter(|(_, e)| e.try_cancel()).map(|(&id, _)| id).collect();
+        cancelled.sort_unstable();
+        cancelled
     }
 
     fn cancel_flag(&self, id: u64) -> Arc<AtomicBool> {
