@@ -42,11 +42,7 @@ impl Args {
         self.get(name).map_or(Ok(default), |v| v.parse().with_context(|| format!("{name} needs a number")))
     }
     fn device(&self) -> Result<Device> {
-        Ok(match self.get("--device").unwrap_or("cpu") {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::new_cuda(0)?,
-            s => Device::new_cuda(s.strip_prefix("cuda:").context("--device: cpu, cuda or cuda:N")?.parse()?)?,
-        })
+        Ok(hearth_engine::device::open(self.get("--device").unwrap_or("cpu"))?)
     }
     fn dtype(&self, device: &Device) -> Result<DType> {
         Ok(match self.get("--dtype") {
@@ -289,9 +285,22 @@ fn parity(a: &Args) -> Result<Value> {
     let adapter = candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)?;
     session.set_parameters(&adapter)?;
     let input = ForwardBackwardInput { data: seqs.iter().map(|s| ce_datum(s)).collect(), loss_fn: LossFn::CrossEntropy };
-    let out = session.forward_backward(&input)?;
+    // Threads as the server uses them: the model loaded on this thread, the step on another, a
+    // copy of the gradients dropped on a third that made no device call. On a GPU the one
+    // stream of `hearth_engine::device` orders all of it; a race shows up as a parity failure.
+    let (out, logits) = std::thread::scope(|s| {
+        s.spawn(|| -> Result<_> {
+            let out = session.forward_backward(&input)?;
+            let logits = session.logits(&seqs[0][..seqs[0].len() - 1])?;
+            Ok((out, logits))
+        })
+        .join()
+    })
+    .map_err(|_| anyhow::anyhow!("the step's thread panicked"))??;
+    let copy = session.accumulated_grads().clone();
+    std::thread::spawn(move || drop(copy)).join().map_err(|_| anyhow::anyhow!("the dropping thread panicked"))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    tensors.insert("logits.0".into(), session.logits(&seqs[0][..seqs[0].len() - 1])?.to_device(&Device::Cpu)?);
+    tensors.insert("logits.0".into(), logits.to_device(&Device::Cpu)?);
     for (i, o) in out.loss_fn_outputs.iter().enumerate() {
         tensors.insert(format!("logprobs.{i}"), Tensor::new(o.logprobs.as_slice(), &Device::Cpu)?);
     }

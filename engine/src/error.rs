@@ -133,6 +133,14 @@ pub enum EngineError {
     /// The model or batch will not fit in memory.
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+    /// A device cannot be opened (an unknown name, no such GPU, a build without its support).
+    #[error("device {spec}: {reason}")]
+    Device {
+        /// The device as named (`cuda:1`).
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The operation was cancelled; no state changed.
     #[error("interrupted: the operation was cancelled and changed nothing")]
     Interrupted,
@@ -165,6 +173,7 @@ impl EngineError {
                 | EngineError::Candle(_)
                 | EngineError::Interrupted
                 | EngineError::Download(_)
+                | EngineError::Device { .. }
         )
     }
 

@@ -82,16 +82,10 @@ fn load_token(file: Option<&Path>) -> Result<String, ServerError> {
 }
 
 fn parse_device(spec: &str) -> Result<Device, ServerError> {
-    let bad = |e: candle_core::Error| ServerError::Config(format!("--device {spec}: {e}"));
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "metal" => Device::new_metal(0).map_err(bad),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let n = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse::<usize>()).map_err(|_| ServerError::Config(format!("--device {spec}: bad GPU index")))?;
-            Device::new_cuda(n).map_err(bad)
-        }
-        other => Err(ServerError::Config(format!("--device {other}: expected cpu, cuda, cuda:N or metal"))),
-    }
+    hearth_engine::device::open(spec).map_err(|e| match e {
+        hearth_engine::EngineError::Device { spec, reason } => ServerError::Config(format!("--device {spec}: {reason}")),
+        other => ServerError::Config(format!("--device {spec}: {other}")),
+    })
 }
 
 fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType, ServerError> {

@@ -403,6 +403,8 @@ pub fn clean_temporaries(home: &Path) {
 
 /// The worker loop. Runs until [`Msg::Stop`] or the channel closes.
 pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<String, Run>) {
+    // every tensor this thread drops is freed in the device's context
+    hearth_engine::device::bind(&shared.base.device);
     publish_runs(&shared, &runs);
     // Samplers (Tinker's sampling sessions): frozen weights to sample from, kept in memory only
     // (their source is a checkpoint on disk or a snapshot); `None` samples the base model.
@@ -416,6 +418,7 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 if shared.last_activity_ms.load(Ordering::SeqCst) > trimmed_at {
                     prune_finished(&mut shared.requests.lock().unwrap_or_else(|p| p.into_inner()));
                     hearth_engine::alloc::give_back_freed_memory();
+                    hearth_engine::device::give_back_freed_memory(&shared.base.device);
                     trimmed_at = now_ms();
                 }
                 continue;

@@ -591,6 +591,18 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Runs one primitive's work on `device`: on the CPU through [`in_pool`]; on a GPU on the calling
+/// thread, bound to the device's context, so the buffers the work leaves behind are dropped by a
+/// thread that can free them (see [`crate::device`]).
+pub fn in_pool_for<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        in_pool(f)
+    } else {
+        crate::device::bind(device);
+        f()
+    }
+}
+
 /// A matrix operand of [`mm`]: its first element and its row and column strides.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<T> {
