@@ -44,6 +44,7 @@ pub mod hub;
 mod gemv;
 pub mod linear;
 pub mod loss;
+mod lora_ops;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -133,6 +133,12 @@ impl Linear {
         let dense_fits = self.weight.tensor().is_none_or(|w| w.dtype() == x.dtype());
         let fused_lora = self.lora.as_ref().filter(|l| l.a.dtype() == x.dtype()).map(|l| (&l.a, &l.b, l.scale));
         let fused = self.weight.is_frozen() && crate::fused::applies(x) && dense_fits && (fused_lora.is_some() || self.lora.is_none());
+        if let (Some(lora), false) = (&self.lora, fused) {
+            if lora.a.is_variable() {
+                // training: one op that keeps only x, A and B for backward (see crate::lora_ops)
+                return crate::lora_ops::lora_linear(x, &self.weight, self.bias.as_ref(), lora);
+            }
+        }
         let mut y = if fused { crate::fused::linear(x, &self.weight, fused_lora)? } else { self.weight.matmul_t(x)? };
         match &self.bias {
             Some(Weight::Frozen(b)) => y = add_const(&y, b)?,
@@ -141,17 +147,11 @@ impl Linear {
             None => {}
         }
         if let (Some(lora), false) = (&self.lora, fused) {
+            // inference copy: nothing to differentiate, and the few-rows kernel applies; PEFT
+            // adds the f32 LoRA term to the base output in f32, then rounds once
             let dt = lora.a.dtype();
             let x = x.to_dtype(dt)?;
-            // the scale goes on the r-wide x·Aᵀ, not on the out-wide product (one pass less)
-            let xab = if lora.a.is_variable() {
-                let xa = (x.broadcast_matmul(&lora.a.t()?)? * lora.scale)?; // (…, in) -> (…, r)
-                xa.broadcast_matmul(&lora.b.t()?)? // (…, r) -> (…, out)
-            } else {
-                // inference copy: nothing to differentiate, and the few-rows kernel applies
-                frozen_matmul(&(frozen_matmul(&x, &lora.a)? * lora.scale)?, &lora.b)?
-            };
-            // PEFT adds the f32 LoRA term to the base output in f32, then rounds once.
+            let xab = frozen_matmul(&(frozen_matmul(&x, &lora.a)? * lora.scale)?, &lora.b)?; // (…, in) -> (…, r) -> (…, out)
             let out_dtype = y.dtype();
             y = (y.to_dtype(dt)? + xab)?.to_dtype(out_dtype)?;
         }

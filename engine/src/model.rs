@@ -183,13 +183,19 @@ pub struct Attention {
     head_dim: usize,
 }
 
-/// How attention is evaluated: the sliding window (if any) and the query chunk.
-#[derive(Debug, Clone, Copy)]
+/// How attention is evaluated in one forward call: the sliding window (if any), the query chunk,
+/// and the causal mask, built once for the call (see [`AttnSpec::mask`]).
+#[derive(Debug, Clone)]
 pub struct AttnSpec {
     /// A query sees at most this many keys (itself included); `None`: all earlier ones.
     pub window: Option<usize>,
     /// Query rows per chunk (at least 1).
     pub chunk: usize,
+    /// Positions the call's queries end at: no chunk's first query lies past `keys − 1`.
+    keys: usize,
+    /// (X, L, mask): the mask (L, X+L) of L queries at positions X..X+L, X the call's last
+    /// chunk start; every chunk's mask is a view of it.
+    masks: std::sync::OnceLock<(usize, usize, Tensor)>,
 }
 
 impl AttnSpec {
@@ -197,6 +203,31 @@ impl AttnSpec {
     pub fn chunks(&self, t: usize) -> impl Iterator<Item = (usize, usize)> {
         let chunk = self.chunk.max(1);
         (0..t).step_by(chunk).map(move |s| (s, chunk.min(t - s)))
+    }
+
+    /// The additive mask (L, S) of queries at positions first..first+L over keys 0..S (see
+    /// [`causal_mask`]), or `None` when no key needs masking: a single query that sees every key
+    /// (a decode step, unless the sliding window cuts the history).
+    ///
+    /// Whether query p sees key j depends on p − j only, so the mask (L, X+L) of the call's first
+    /// chunk, shifted to the last chunk start X, holds every chunk's mask as a view: chunk
+    /// `first` reads rows 0..L, columns X−first..X+L. It is built at the first call (every layer
+    /// and the backward pass reuse it); a chunk it does not cover gets a mask of its own.
+    pub fn mask(&self, len: usize, first: usize, keys: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        if keys == first + len && len == 1 && self.window.is_none_or(|w| first < w) {
+            return Ok(None);
+        }
+        if self.masks.get().is_none() && keys == first + len {
+            // chunks start at first, first + chunk, …, each before `self.keys`
+            let last = first + (self.keys.max(keys) - 1 - first) / self.chunk.max(1) * self.chunk.max(1);
+            let _ = self.masks.set((last, len, causal_mask(len, last, last + len, self.window, dtype, device)?));
+        }
+        match self.masks.get() {
+            Some((last, rows, m)) if keys == first + len && first <= *last && len <= *rows && m.dtype() == dtype && m.device().same_device(device) => {
+                Ok(Some(m.narrow(0, 0, len)?.narrow(1, last - first, keys)?)) // (L,X+L) -> (len,keys)
+            }
+            _ => Ok(Some(causal_mask(len, first, keys, self.window, dtype, device)?)),
+        }
     }
 }
 
@@ -269,9 +300,12 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&kk.t()?)? * scale)?; // (B,K,n·L,D) @ (B,K,D,S) -> (B,K,n·L,S)
         let scores = scores.reshape((b, k, n, len, keys))?; // the (L,S) mask broadcasts over n
-        let mask = causal_mask(len, first, keys, attn.window, scores.dtype(), scores.device())?; // (L,S)
+        let scores = match attn.mask(len, first, keys, scores.dtype(), scores.device())? {
+            Some(mask) => add_const(&scores, &mask)?, // the (L,S) mask broadcasts
+            None => scores,
+        };
         // softmax in f32 (transformers' eager attention does the same for bf16/f16)
-        let probs = softmax_last_dim(&add_const(&scores, &mask)?.to_dtype(wide(scores.dtype()))?)?.to_dtype(v.dtype())?;
+        let probs = softmax_last_dim(&scores.to_dtype(wide(scores.dtype()))?)?.to_dtype(v.dtype())?;
         let probs = probs.reshape((b, k, n * len, keys))?;
         Ok(probs.matmul(v)?.reshape((b, h, len, d))?) // (B,K,n·L,S) @ (B,K,S,D) -> (B,K,n·L,D) -> (B,H,L,D)
     }
@@ -382,6 +416,8 @@ pub struct Model {
     rotary: Rotary,
     config: ModelConfig,
     chunking: Chunking,
+    /// Bytes of the trained parameters (each step's gradients take as many).
+    trained_bytes: u64,
 }
 
 /// How much one chunk of attention or of the loss holds at once, whatever the context length.
@@ -578,8 +614,9 @@ impl Model {
             TrainingConfig::Lora(l) if l.target_modules.contains(&TargetModule::LmHead) => Some(bld.lora("lm_head", cfg.vocab_size, c, l)?),
             _ => None,
         };
-        let model =
-            Model { embed_tokens, layers, norm, lm_head, head_lora, rotary, config: cfg.clone(), chunking: Chunking::for_device(&device) };
+        let trained_bytes = bld.params.iter().map(|(_, v)| (v.elem_count() * v.dtype().size_in_bytes()) as u64).sum();
+        let chunking = Chunking::for_device(&device);
+        let model = Model { embed_tokens, layers, norm, lm_head, head_lora, rotary, config: cfg.clone(), chunking, trained_bytes };
         Ok((model, bld.params))
     }
 
@@ -595,7 +632,13 @@ impl Model {
             rotary: self.rotary.clone(),
             config: self.config.clone(),
             chunking: self.chunking,
+            trained_bytes: self.trained_bytes,
         }
+    }
+
+    /// Bytes of the parameters being trained: a step's gradients take as many.
+    pub fn trained_bytes(&self) -> u64 {
+        self.trained_bytes
     }
 
     /// The dtype activations run in (the base's).
@@ -617,7 +660,12 @@ impl Model {
     /// one chunk's scores hold at most `chunking.attn_elements` values.
     pub fn attn_spec(&self, b: usize, keys: usize) -> AttnSpec {
         let per_row = b * self.config.num_attention_heads * keys.max(1);
-        AttnSpec { window: self.config.sliding_window, chunk: (self.chunking.attn_elements / per_row).max(1) }
+        AttnSpec {
+            window: self.config.sliding_window,
+            chunk: (self.chunking.attn_elements / per_row).max(1),
+            keys,
+            masks: Default::default(),
+        }
     }
 
     /// How attention and the loss are split into chunks.
@@ -635,15 +683,28 @@ impl Model {
         &self.rotary
     }
 
-    /// Token ids (B, T) u32 → logits (B, T, V) for every position (the training path).
+    /// Token ids (B, T) u32 → logits (B, T, V) for every position.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.forward_from(ids, None, true)
+    }
+
+    /// Token ids (B, T) u32 → hidden states (B, T, C) after the last layer, before the final
+    /// norm and head (the training path applies [`Model::head`] to chunks of positions).
+    pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        self.hidden_from(ids, None)
     }
 
     /// Sampling path: ids (B, T) continue the sequence held in `cache` (appended to it);
     /// logits (B, T, V) for every new position, or (B, 1, V) for the last one only.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, all_positions: bool) -> Result<Tensor> {
         self.forward_from(ids, Some(cache), all_positions)
+    }
+
+    /// [`Model::forward_cached`] up to the last layer: hidden states (B, T, C) before the final
+    /// norm and head, so a caller can apply [`Model::head`] to chunks of positions instead of
+    /// holding (B, T, V) logits at once.
+    pub fn forward_cached_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.hidden_from(ids, Some(cache))
     }
 
     /// Token ids (B, T) → embeddings (B, T, C).
@@ -667,7 +728,14 @@ impl Model {
         }
     }
 
-    fn forward_from(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, all_positions: bool) -> Result<Tensor> {
+    fn forward_from(&self, ids: &Tensor, cache: Option<&mut KvCache>, all_positions: bool) -> Result<Tensor> {
+        let x = self.hidden_from(ids, cache)?;
+        let t = x.dim(1)?;
+        let x = if all_positions { x } else { x.narrow(1, t - 1, 1)? }; // (B,T,C) -> (B,1,C)
+        self.head(&x) // (B,T,C) -> (B,T,V)
+    }
+
+    fn hidden_from(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len);
         let max = self.config.max_position_embeddings;
@@ -691,8 +759,7 @@ impl Model {
         if let Some(c) = cache {
             c.len += t;
         }
-        let x = if all_positions { x } else { x.narrow(1, t - 1, 1)? }; // (B,T,C) -> (B,1,C)
-        self.head(&x) // (B,T,C) -> (B,T,V)
+        Ok(x)
     }
 }
 
@@ -813,5 +880,26 @@ mod tests {
         assert_eq!(c1.to_vec2::<f32>().unwrap(), full_c.narrow(0, 3000, 3).unwrap().to_vec2::<f32>().unwrap());
         assert_eq!(s1.to_vec2::<f32>().unwrap(), full_s.narrow(0, 3000, 3).unwrap().to_vec2::<f32>().unwrap());
         assert_eq!(c0.to_vec2::<f32>().unwrap(), full_c.narrow(0, 0, 5).unwrap().to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn masks_built_once_per_call_equal_each_chunks_own() {
+        let dev = Device::Cpu;
+        let dense = |m: &Tensor| m.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        // (queries after `start` cached positions, chunk, window), every layer asking in turn
+        for (start, t, chunk, window) in [(0, 7, 3, None), (5, 9, 4, Some(3)), (0, 6, 6, Some(4)), (11, 1, 8, None), (11, 1, 8, Some(4)), (2, 1, 8, Some(4))] {
+            let spec = AttnSpec { window, chunk, keys: start + t, masks: Default::default() };
+            for _layer in 0..2 {
+                for (s, len) in spec.chunks(t) {
+                    let (first, keys) = (start + s, start + s + len);
+                    let want = causal_mask(len, first, keys, window, DType::BF16, &dev).unwrap();
+                    match spec.mask(len, first, keys, DType::BF16, &dev).unwrap() {
+                        Some(got) => assert_eq!(dense(&got), dense(&want), "start {start} chunk {s}+{len} window {window:?}"),
+                        None => assert!(dense(&want).iter().flatten().all(|&x| x == 0.0), "a skipped mask hides keys"),
+                    }
+                }
+            }
+            assert!(spec.masks.get().is_none() == (t == 1 && window.is_none_or(|w| start < w)), "built once, or not at all");
+        }
     }
 }

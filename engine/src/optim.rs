@@ -9,13 +9,24 @@ use hearth_api::{AdamParams, OptimStepOutput};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
-/// First and second moments of one parameter.
+/// First and second moments of one parameter, and its f32 master copy when it is held in a
+/// narrower dtype.
 #[derive(Debug, Clone)]
 pub struct Moments {
     /// Exponential average of gradients.
     pub m: Tensor,
     /// Exponential average of squared gradients.
     pub v: Tensor,
+    /// The parameter in f32 when the model holds it in bf16 or f16 (full fine-tuning on a GPU):
+    /// each step updates this copy and rounds it into the parameter, so updates smaller than
+    /// the parameter's precision add up instead of vanishing. `None` for f32 (and f64)
+    /// parameters, whose own value is the master.
+    pub master: Option<Tensor>,
+}
+
+/// Whether a parameter of `dtype` is stepped through an f32 master copy.
+fn needs_master(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// The optimizer state: moments by parameter name and the step counter.
@@ -64,14 +75,26 @@ fn fusable(t: &Tensor) -> bool {
 
 /// [`global_norm`], `fused`: each gradient's squares summed in one pass (f32 on the CPU).
 fn global_norm_with(grads: &BTreeMap<String, Tensor>, fused: bool) -> Result<f64> {
-    let squares: Vec<f64> = if fused {
+    if fused {
         // one pass per gradient, the gradients split over the pool (each a short serial op
         // composed: a conversion, a square and a sum, on the thread that runs the step)
-        grads.values().collect::<Vec<_>>().par_iter().map(|g| crate::fused::with_cpu::<f32, _>(g, "global-norm", |g| Ok(g.iter().map(|&x| f64::from(x) * f64::from(x)).sum()))).collect::<candle_core::Result<_>>()?
-    } else {
-        grads.values().map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()).collect::<candle_core::Result<_>>()?
-    };
-    Ok(squares.iter().sum::<f64>().sqrt())
+        let squares: Vec<f64> = grads
+            .values()
+            .collect::<Vec<_>>()
+            .par_iter()
+            .map(|g| crate::fused::with_cpu::<f32, _>(g, "global-norm", |g| Ok(g.iter().map(|&x| f64::from(x) * f64::from(x)).sum())))
+            .collect::<candle_core::Result<_>>()?;
+        return Ok(squares.iter().sum::<f64>().sqrt());
+    }
+    Ok(norm_on_device(grads)?.to_scalar::<f64>()?)
+}
+
+/// The global norm as a scalar f64 tensor on the gradients' device: the per-gradient sums of
+/// squares are added in the same order as the fused pass adds them, and nothing crosses to
+/// the host.
+fn norm_on_device(grads: &BTreeMap<String, Tensor>) -> Result<Tensor> {
+    let squares: Vec<Tensor> = grads.values().map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1)).collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&squares, 0)?.sum_all()?.sqrt()?)
 }
 
 /// The constants of one AdamW step, in the precision of the f32 ops that use them.
@@ -137,7 +160,7 @@ fn fused_update(param: &Tensor, g: &Tensor, moments: Option<&Moments>, c: Coefs)
         return Err(non_finite_update());
     }
     let (shape, dev) = (param.shape(), param.device());
-    let moments = Moments { m: Tensor::from_vec(m1, shape, dev)?, v: Tensor::from_vec(v1, shape, dev)? };
+    let moments = Moments { m: Tensor::from_vec(m1, shape, dev)?, v: Tensor::from_vec(v1, shape, dev)?, master: None };
     Ok((Tensor::from_vec(p1, shape, dev)?, moments))
 }
 
@@ -152,19 +175,14 @@ fn non_finite_update() -> EngineError {
     }
 }
 
-/// True when every element of the composed update's tensors is finite: Σ 0·x is 0 for finite
-/// values and NaN otherwise (0·∞ is NaN), summed on the device so the check costs one transfer.
-fn all_finite(tensors: &[&Tensor]) -> Result<bool> {
-    let mut total: Option<Tensor> = None;
+/// A scalar f32 tensor that is 0 when every element of `tensors` is finite: Σ 0·x is 0 for
+/// finite values and NaN otherwise (0·∞ is NaN), summed on the device.
+fn non_finite_marker(tensors: &[&Tensor], device: &candle_core::Device) -> Result<Tensor> {
+    let mut total = Tensor::zeros((), DType::F32, device)?;
     for t in tensors {
-        let t = t.to_dtype(DType::F32)?;
-        let s = t.affine(0.0, 0.0)?.sum_all()?;
-        total = Some(match total {
-            Some(acc) => (acc + s)?,
-            None => s,
-        });
+        total = (total + t.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?)?;
     }
-    Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f32>())? == 0.0)
+    Ok(total)
 }
 
 impl AdamW {
@@ -185,6 +203,9 @@ impl AdamW {
         if grads.is_empty() {
             return Err(EngineError::NoGradients);
         }
+        if !fused {
+            return self.step_composed(params, grads, p);
+        }
         let grad_norm = global_norm_with(grads, fused)?;
         if !grad_norm.is_finite() {
             return Err(EngineError::NonFiniteLoss { op: "optim_step", value: grad_norm });
@@ -197,47 +218,83 @@ impl AdamW {
         let step_size = p.learning_rate / bias1;
         // Compute every update first, then commit, so a failure midway changes nothing.
         let with_grads = || params.iter().filter_map(|(name, var)| Some((name, var, grads.get(name)?)));
-        let updates: Vec<(&String, &Var, Tensor, Moments)> = if fused {
-            let c = Coefs {
-                clip: (clip < 1.0).then_some(clip as f32),
-                keep1: (1.0 - p.beta1) as f32,
-                beta2: p.beta2 as f32,
-                keep2: (1.0 - p.beta2) as f32,
-                inv_bias2: (1.0 / bias2_sqrt) as f32,
-                eps: p.eps as f32,
-                decay: (1.0 - p.learning_rate * p.weight_decay) as f32,
-                step_size: step_size as f32,
-            };
-            // each parameter one task on the pool (composed, hundreds of short serial ops each
-            // on the thread that runs the step)
-            let work: Vec<_> = with_grads().collect();
-            work.into_par_iter()
-                .map(|(name, var, g)| fused_update(var.as_tensor(), g, self.moments.get(name), c).map(|(param, m)| (name, var, param, m)))
-                .collect::<Result<_>>()?
-        } else {
-            with_grads()
-                .map(|(name, var, g)| {
-                    let dtype = var.dtype();
-                    let g = if clip < 1.0 { (g * clip)? } else { g.clone() }.to_dtype(DType::F32)?;
-                    let (m, v) = match self.moments.get(name) {
-                        Some(mo) => (mo.m.clone(), mo.v.clone()),
-                        None => (g.zeros_like()?, g.zeros_like()?),
-                    };
-                    let m = (&m + ((&g - &m)? * (1.0 - p.beta1))?)?; // torch: exp_avg.lerp_(grad, 1 - beta1)
-                    let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-                    let denom = ((v.sqrt()? / bias2_sqrt)? + p.eps)?;
-                    let param = var.as_tensor().to_dtype(DType::F32)?;
-                    let param = (param * (1.0 - p.learning_rate * p.weight_decay))?;
-                    let param = (param - ((&m / &denom)? * step_size)?)?.to_dtype(dtype)?;
-                    Ok((name, var, param, Moments { m, v }))
-                })
-                .collect::<Result<_>>()?
+        let c = Coefs {
+            clip: (clip < 1.0).then_some(clip as f32),
+            keep1: (1.0 - p.beta1) as f32,
+            beta2: p.beta2 as f32,
+            keep2: (1.0 - p.beta2) as f32,
+            inv_bias2: (1.0 / bias2_sqrt) as f32,
+            eps: p.eps as f32,
+            decay: (1.0 - p.learning_rate * p.weight_decay) as f32,
+            step_size: step_size as f32,
         };
-        if !fused {
-            let all: Vec<&Tensor> = updates.iter().flat_map(|(_, _, param, m)| [param, &m.m, &m.v]).collect();
-            if !all_finite(&all)? {
-                return Err(non_finite_update());
-            }
+        // each parameter one task on the pool
+        let work: Vec<_> = with_grads().collect();
+        let updates: Vec<(&String, &Var, Tensor, Moments)> = work
+            .into_par_iter()
+            .map(|(name, var, g)| fused_update(var.as_tensor(), g, self.moments.get(name), c).map(|(param, m)| (name, var, param, m)))
+            .collect::<Result<_>>()?;
+        for (name, var, param, moments) in updates {
+            var.set(&param)?;
+            self.moments.insert(name.clone(), moments);
+        }
+        self.step = step;
+        Ok(OptimStepOutput { step, learning_rate: p.learning_rate, grad_norm })
+    }
+
+    /// The step composed from candle ops, for any device and dtype. The norm, the clipping
+    /// factor and every update are computed on the device; one transfer at the end brings the
+    /// norm and the finiteness check to the host (a GPU waits for the step once, not once per
+    /// parameter), and only then is anything applied.
+    fn step_composed(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, p: &AdamParams) -> Result<OptimStepOutput> {
+        let device = grads.values().next().map(|g| g.device().clone()).ok_or(EngineError::NoGradients)?;
+        let norm = norm_on_device(grads)?;
+        // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
+        let clip = if p.grad_clip_norm > 0.0 {
+            let max = Tensor::full(p.grad_clip_norm, (), &device)?;
+            Some(max.div(&(&norm + 1e-6)?)?.minimum(1.0)?.to_dtype(DType::F32)?)
+        } else {
+            None
+        };
+        let step = self.step + 1;
+        let bias1 = 1.0 - p.beta1.powi(step as i32);
+        let bias2_sqrt = (1.0 - p.beta2.powi(step as i32)).sqrt();
+        let step_size = p.learning_rate / bias1;
+        let mut updates = Vec::new();
+        for (name, var) in params {
+            let Some(g) = grads.get(name) else { continue };
+            let dtype = var.dtype();
+            let g = g.to_dtype(DType::F32)?;
+            let g = match &clip {
+                Some(c) => g.broadcast_mul(c)?,
+                None => g,
+            };
+            let previous = self.moments.get(name);
+            let (m, v) = match previous {
+                Some(mo) => (mo.m.clone(), mo.v.clone()),
+                None => (g.zeros_like()?, g.zeros_like()?),
+            };
+            let m = (&m + ((&g - &m)? * (1.0 - p.beta1))?)?; // torch: exp_avg.lerp_(grad, 1 - beta1)
+            let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+            let denom = ((v.sqrt()? / bias2_sqrt)? + p.eps)?;
+            let param = match previous.and_then(|mo| mo.master.clone()) {
+                Some(master) => master,
+                None => var.as_tensor().to_dtype(DType::F32)?,
+            };
+            let param = (param * (1.0 - p.learning_rate * p.weight_decay))?;
+            let param = (param - ((&m / &denom)? * step_size)?)?;
+            let master = needs_master(dtype).then(|| param.clone());
+            updates.push((name, var, param.to_dtype(dtype)?, Moments { m, v, master }));
+        }
+        let all: Vec<&Tensor> = updates.iter().flat_map(|(_, _, param, m)| [param, &m.m, &m.v].into_iter().chain(m.master.as_ref())).collect();
+        let marker = non_finite_marker(&all, &device)?;
+        let answer: Vec<f64> = Tensor::cat(&[norm.reshape(1)?, marker.to_dtype(DType::F64)?.reshape(1)?], 0)?.to_vec1()?;
+        let (grad_norm, finite) = (answer[0], answer[1] == 0.0);
+        if !grad_norm.is_finite() {
+            return Err(EngineError::NonFiniteLoss { op: "optim_step", value: grad_norm });
+        }
+        if !finite {
+            return Err(non_finite_update());
         }
         for (name, var, param, moments) in updates {
             var.set(&param)?;

@@ -67,6 +67,7 @@ impl Recompute {
     /// device's free memory (on the CPU running out of memory kills the process). Reads the
     /// free memory once for both.
     pub fn plan(self, model: &Model, b: usize, t: usize) -> Result<bool> {
+        check_indexable(model, b, t)?;
         let free = free_memory(model);
         let recompute = self.decide(model, b, t, free);
         check_fits(model, b, t, recompute, free)?;
@@ -82,26 +83,61 @@ impl Recompute {
     }
 }
 
-/// A rough estimate of what one step keeps for backward without recompute, all 4 bytes a value.
-/// Composed ops: per layer and token about 16 C-sized and 6 F-sized values and 8 attention rows
-/// per head (scores, their scaled, masked, shifted and exponentiated copies, probabilities), plus
-/// three (B, T, V) copies in the loss; calibrated on the CPU against peak RSS (it errs low by
-/// about a quarter). The fused CPU kernels (`crate::fused`) keep about 10 C- and 3 F-sized
-/// values per layer and token, nothing T-sized, and two (B, T, V) copies (logits, their
-/// gradient); measured on smollm2-135m-shape: 1.3 MB a token against 1.6 estimated.
-pub fn activation_bytes(model: &Model, b: usize, t: usize) -> u64 {
-    let c = model.config();
-    let per_token = if crate::fused::applies_to(model.dtype(), model.device()) {
-        c.num_hidden_layers * (10 * c.hidden_size + 3 * c.intermediate_size) + 2 * c.vocab_size
-    } else {
-        c.num_hidden_layers * (16 * c.hidden_size + 6 * c.intermediate_size + 8 * c.num_attention_heads * t) + 3 * c.vocab_size
-    };
-    (b * t) as u64 * per_token as u64 * 4
+/// Bytes each attention score of a chunk takes at the peak of its backward pass in the composed
+/// ops (the GPU's): the scores, their scaled and masked copies in the model's dtype, the f32
+/// softmax's intermediates and the gradients flowing back through them. Measured on the CPU with
+/// the same ops (engine/tests/memory.rs).
+const SCORE_BYTES: u64 = 54;
+/// Bytes each logit of a head chunk takes while its loss is differentiated (the logits, their f32
+/// log-softmax and its intermediates, their gradient).
+const LOGIT_BYTES: u64 = 28;
+
+/// Elements of one query chunk's attention scores in a pass over `b` sequences of `t` positions.
+fn attention_chunk_elements(model: &Model, b: usize, t: usize) -> u64 {
+    let rows = model.attn_spec(b, t).chunk.min(t);
+    (b * model.config().num_attention_heads * rows * t) as u64
 }
 
-/// A rough estimate of a step's memory beyond the weights: [`activation_bytes`] without
-/// recompute; with it, the kept layer inputs and attention outputs, one layer's graph without
-/// its attention, and one chunk each of attention and of the loss.
+/// Elements of one chunk of the head's logits (at least one position of every sequence).
+fn head_chunk_elements(model: &Model, b: usize, t: usize) -> u64 {
+    let v = model.config().vocab_size;
+    let positions = (model.chunking().head_elements / (b * v).max(1)).clamp(1, t.max(1));
+    (b * positions * v) as u64
+}
+
+/// What one step keeps for backward without recompute: every layer's graph, one chunk of the
+/// head and the new gradients. Composed ops (the GPU's): per layer and token about 16 C-sized and
+/// 6 F-sized values in the model's dtype and 8 f32 values per attention score (scores, their
+/// scaled, masked, shifted and exponentiated copies, probabilities). The fused CPU kernels
+/// (`crate::fused`) keep about 12 C- and 4 F-sized f32 values per layer and token and nothing
+/// T-sized. Both measured on the CPU against a counting allocator (engine/tests/memory.rs).
+pub fn activation_bytes(model: &Model, b: usize, t: usize) -> u64 {
+    let c = model.config();
+    let (l, cw, fw) = (c.num_hidden_layers as u64, c.hidden_size as u64, c.intermediate_size as u64);
+    let per_token = if crate::fused::applies_to(model.dtype(), model.device()) {
+        l * (12 * cw + 4 * fw) * 4
+    } else {
+        let dt = model.dtype().size_in_bytes() as u64;
+        l * ((16 * cw + 6 * fw) * dt + 8 * 4 * c.num_attention_heads as u64 * t as u64)
+    };
+    (b * t) as u64 * per_token + head_chunk_elements(model, b, t) * LOGIT_BYTES + model.trained_bytes()
+}
+
+/// An estimate of a step's memory beyond the weights, which the step's measured peak on the CPU
+/// matches within 15 % (engine/tests/memory.rs). Without recompute, [`activation_bytes`]. With
+/// it: the kept layer inputs and attention outputs (2L + 1 tensors (B, T, C)) and the gradient
+/// of the hidden states, the new gradients, and the largest of the three phases that follow:
+///
+/// - a layer's `o_proj` and MLP differentiated, with its q/k/v graph held: per token about
+///   16 C-, 12 Q-, 13 K- and 12 F-sized values in the model's dtype (the graph's tensors and
+///   their gradients) and 5 C- and 2 F-sized in f32 (the norms', the LoRA terms');
+/// - attention differentiated one query chunk at a time: the q/k/v graph, f32 key and value
+///   gradients, the query gradients (6 C-, 14 Q- and 14 K-sized in the dtype, 2 C-sized in f32),
+///   and one chunk's scores at [`SCORE_BYTES`] each (none on the fused CPU path);
+/// - one chunk of the head at [`LOGIT_BYTES`] a logit.
+///
+/// Q and K are the query and key widths (heads × head_dim); the fused CPU path's layer phase is
+/// about 16 C- and 6 F-sized f32 values per token.
 pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
     if !recompute {
         return activation_bytes(model, b, t);
@@ -109,10 +145,18 @@ pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
     let c = model.config();
     let dt = model.dtype().size_in_bytes() as u64;
     let tokens = (b * t) as u64;
-    let kept = (2 * c.num_hidden_layers as u64 + 1) * tokens * c.hidden_size as u64 * dt;
-    let layer = tokens * (16 * c.hidden_size + 6 * c.intermediate_size) as u64 * 4;
-    let chunks = model.chunking().attn_elements as u64 * 4 * 8 + model.chunking().head_elements as u64 * 4 * 4;
-    kept + layer + chunks
+    let (cw, fw) = (c.hidden_size as u64, c.intermediate_size as u64);
+    let (qw, kw) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
+    let kept = (2 * c.num_hidden_layers as u64 + 2) * tokens * cw * dt;
+    let head = head_chunk_elements(model, b, t) * LOGIT_BYTES;
+    let phase = if crate::fused::applies_to(model.dtype(), model.device()) {
+        (tokens * (16 * cw + 6 * fw) * 4).max(head)
+    } else {
+        let layer = tokens * (dt * (16 * cw + 12 * qw + 13 * kw + 12 * fw) + 4 * (5 * cw + 2 * fw));
+        let attention = tokens * (dt * (6 * cw + 14 * qw + 14 * kw) + 4 * 2 * cw) + attention_chunk_elements(model, b, t) * SCORE_BYTES;
+        layer.max(attention).max(head)
+    };
+    kept + model.trained_bytes() + phase
 }
 
 fn free_memory(model: &Model) -> Option<u64> {
@@ -133,6 +177,44 @@ fn check_fits(model: &Model, b: usize, t: usize, recompute: bool, free: Option<u
         if recompute { "on" } else { "off" },
         free as f64 / 1e9
     )))
+}
+
+/// The most elements one tensor may hold on a GPU: candle's CUDA kernels index elements with
+/// 32-bit integers, so past this a result is silently wrong.
+pub const MAX_GPU_TENSOR_ELEMENTS: u64 = u32::MAX as u64;
+
+/// The largest tensor a pass over `b` sequences of `t` positions makes that chunking does not
+/// split: the layers' activations (B, T, widest projection), one query chunk's attention scores
+/// (at least one row: B·H·T) and one chunk of the head's logits (at least one position: B·V).
+pub fn largest_tensor_elements(config: &crate::config::ModelConfig, chunking: crate::model::Chunking, b: usize, t: usize) -> u64 {
+    let (b, t) = (b as u64, t as u64);
+    let c = config;
+    let widest = [c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim].into_iter().max().unwrap_or(0) as u64;
+    let scores_row = b * c.num_attention_heads as u64 * t;
+    let scores = scores_row.max((chunking.attn_elements as u64 / scores_row.max(1)).max(1).min(t) * scores_row);
+    let head_row = b * c.vocab_size as u64;
+    let head = head_row.max((chunking.head_elements as u64 / head_row.max(1)).clamp(1, t.max(1)) * head_row);
+    (b * t * widest).max(scores).max(head)
+}
+
+/// Refuses, before anything runs, a pass on a GPU whose largest unsplit tensor would pass
+/// [`MAX_GPU_TENSOR_ELEMENTS`] (the CPU indexes with 64 bits and takes any size).
+pub fn check_indexable(model: &Model, b: usize, t: usize) -> Result<()> {
+    if model.device().is_cpu() {
+        return Ok(());
+    }
+    check_elements(largest_tensor_elements(model.config(), model.chunking(), b, t), b, t)
+}
+
+fn check_elements(largest: u64, b: usize, t: usize) -> Result<()> {
+    if largest <= MAX_GPU_TENSOR_ELEMENTS {
+        return Ok(());
+    }
+    Err(EngineError::InvalidParam {
+        field: "data",
+        value: format!("{b} sequence(s) of {t} positions"),
+        reason: "a pass this size makes a tensor of more than 2^32 - 1 elements, past what the GPU kernels can index; send fewer or shorter sequences per call",
+    })
 }
 
 /// Names a device's out-of-memory failure as such (candle reports it as a driver error).
@@ -221,6 +303,19 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
     Ok((terms, acc.grads))
 }
 
+/// The step without recompute: one forward pass through the layers with the whole graph kept,
+/// then the head in chunks of positions (as [`run`] does, so no (B, T, V) logits exist at once),
+/// each chunk's gradient of the hidden states gathered and sent back through the kept graph in
+/// one backward pass.
+pub fn run_whole_graph(model: &Model, batch: &Batch, loss_fn: &LossFn, params: &NamedParams) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
+    let h = model.hidden(&batch.ids)?; // (B,T,C), graph kept
+    let mut acc = Acc { params, grads: BTreeMap::new() };
+    let (terms, g) = head(model, &h.detach(), batch, loss_fn, Some(&mut acc))?;
+    let g = g.ok_or_else(|| EngineError::Weights("no gradient for the hidden states".into()))?;
+    acc.add(&mul_const(&h, &g)?.sum_all()?.backward()?)?;
+    Ok((terms, acc.grads))
+}
+
 /// Final norm, output projection and loss over positions in chunks; with `acc`, each chunk is
 /// differentiated at once and the gradient of `h` comes back.
 fn head(model: &Model, h: &Tensor, batch: &Batch, loss_fn: &LossFn, mut acc: Option<&mut Acc>) -> Result<(LossTerms, Option<Tensor>)> {
@@ -281,8 +376,12 @@ fn layer_backward(
     // attention, one query chunk at a time
     let (b, heads, t, d) = qd.dims4()?;
     let g_y = g_y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?; // (B,T,H·D) -> (B,H,T,D)
-    let g_k = kd.zeros_like()?;
-    let g_v = vd.zeros_like()?;
+    // A key's gradient is a sum of one partial per chunk of later queries: summed in f32 (or
+    // wider) and rounded to the model's dtype once, not at every chunk (a bf16 running sum over
+    // hundreds of chunks loses several percent).
+    let wide = crate::model::wide(kd.dtype());
+    let g_k = Tensor::zeros(kd.shape(), wide, kd.device())?;
+    let g_v = Tensor::zeros(vd.shape(), wide, vd.device())?;
     let mut g_q = Vec::new();
     for (s, len) in attn.chunks(t) {
         let keys = s + len;
@@ -292,13 +391,42 @@ fn layer_backward(
         let yc = att.attend(qc.as_tensor(), kc.as_tensor(), vc.as_tensor(), attn, s)?;
         let store = mul_const(&yc, &g_y.narrow(2, s, len)?.contiguous()?)?.sum_all()?.backward()?;
         g_q.push(grad_of(&store, &qc, "the queries")?);
-        g_k.slice_set(&(g_k.narrow(2, 0, keys)? + grad_of(&store, &kc, "the keys")?)?, 2, 0)?;
-        g_v.slice_set(&(g_v.narrow(2, 0, keys)? + grad_of(&store, &vc, "the values")?)?, 2, 0)?;
+        g_k.slice_set(&(g_k.narrow(2, 0, keys)? + grad_of(&store, &kc, "the keys")?.to_dtype(wide)?)?, 2, 0)?;
+        g_v.slice_set(&(g_v.narrow(2, 0, keys)? + grad_of(&store, &vc, "the values")?.to_dtype(wide)?)?, 2, 0)?;
     }
+    let (g_k, g_v) = (g_k.to_dtype(kd.dtype())?, g_v.to_dtype(vd.dtype())?);
     let g_q = if g_q.len() == 1 { g_q.remove(0) } else { Tensor::cat(&g_q, 2)? };
     // back through the projections
     let total = ((mul_const(&q, &g_q)?.sum_all()? + mul_const(&k, &g_k)?.sum_all()?)? + mul_const(&v, &g_v)?.sum_all()?)?;
     let store = total.backward()?;
     acc.add(&store)?;
     Ok((g_x_residual + grad_of(&store, &xv, "the layer input")?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Chunking;
+
+    /// The llama-3.1-8b shape: eight sequences of 32k positions fit in a call, sixteen do not
+    /// (their MLP activations alone are 16·32768·14336 > 2³² elements); refused with a 4xx that
+    /// says why.
+    #[test]
+    fn passes_past_32_bit_indexing_are_refused_on_a_gpu() {
+        let json = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}"#;
+        let config = crate::config::ModelConfig::from_json(json, "llama-3.1-8b").unwrap();
+        let chunking = Chunking { attn_elements: 1 << 28, head_elements: 1 << 26 };
+        let one = largest_tensor_elements(&config, chunking, 1, 32768);
+        assert_eq!(one, 32768 * 14336);
+        assert!(check_elements(one, 1, 32768).is_ok());
+        assert!(check_elements(largest_tensor_elements(&config, chunking, 8, 32768), 8, 32768).is_ok());
+        let sixteen = largest_tensor_elements(&config, chunking, 16, 32768);
+        let e = check_elements(sixteen, 16, 32768).unwrap_err();
+        assert!(e.is_user_error() && e.to_string().contains("2^32"), "{e}");
+        // a head chunk is at least one position of every sequence: B·V
+        let wide = largest_tensor_elements(&config, Chunking { attn_elements: 1, head_elements: 1 }, 40_000, 1);
+        assert!(wide >= 40_000 * 128_256);
+    }
 }

@@ -3,7 +3,7 @@
 use super::TrainingSession;
 use crate::batch::{self, Batch};
 use crate::error::{EngineError, Result};
-use crate::loss::{self, LossTerms};
+use crate::loss::LossTerms;
 use crate::recompute;
 use candle_core::{DType, Tensor};
 use hearth_api::{ForwardBackwardInput, ForwardBackwardOutput, LossFn, LossFnOutput};
@@ -19,11 +19,13 @@ impl TrainingSession {
     /// Loss and per-datum target logprobs without gradients. Changes nothing. Records no graph
     /// and computes the loss in chunks of positions (see [`crate::recompute`]).
     pub fn forward(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
-        crate::fused::in_pool(|| self.forward_here(input))
+        crate::fused::in_pool_for(&self.base.device, || self.forward_here(input))
     }
 
     fn forward_here(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
         let batch = self.batch(input)?;
+        let (b, t) = batch.ids.dims2()?;
+        recompute::check_indexable(&self.model, b, t)?;
         let (terms, _) = recompute::run(&self.model, &batch, &input.loss_fn, None).map_err(recompute::classify)?;
         output(&batch, &terms, &input.loss_fn)
     }
@@ -32,7 +34,7 @@ impl TrainingSession {
     /// A non-finite loss accumulates nothing and is an error. Activations are recomputed when
     /// [`TrainingSession::recompute`] says so for this batch's size.
     pub fn forward_backward(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
-        crate::fused::in_pool(|| self.forward_backward_here(input))
+        crate::fused::in_pool_for(&self.base.device.clone(), || self.forward_backward_here(input))
     }
 
     fn forward_backward_here(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
@@ -62,17 +64,10 @@ impl TrainingSession {
     /// Loss terms and this batch's gradients by parameter name, recomputed or from the whole graph.
     fn gradients(&self, batch: &Batch, loss_fn: &LossFn, recomputed: bool) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
         if recomputed {
-            return recompute::run(&self.model, batch, loss_fn, Some(&self.params));
+            recompute::run(&self.model, batch, loss_fn, Some(&self.params))
+        } else {
+            recompute::run_whole_graph(&self.model, batch, loss_fn, &self.params)
         }
-        let logits = self.model.forward(&batch.ids)?;
-        let terms = loss::compute(&logits, batch, loss_fn)?;
-        let store = terms.total()?.backward()?;
-        let grads = self
-            .params
-            .iter()
-            .filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
-            .collect();
-        Ok((terms, grads))
     }
 }
 

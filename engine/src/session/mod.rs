@@ -127,10 +127,31 @@ impl TrainingSession {
         Ok(())
     }
 
-    /// Logits (T, V) of one token sequence, for inspection and greedy decoding.
+    /// Logits (T, V) of one token sequence, for inspection and greedy decoding. The head runs
+    /// over chunks of positions (no graph, no second (T, V) copy in the model's dtype); on a GPU
+    /// a result past 2³² − 1 elements is refused ([`crate::recompute::check_indexable`]).
     pub fn logits(&self, tokens: &[u32]) -> Result<Tensor> {
-        crate::batch::check_tokens(tokens, "tokens", self.base.config.vocab_size, self.base.config.max_position_embeddings)?;
-        let ids = Tensor::new(tokens, &self.base.device)?.unsqueeze(0)?;
-        Ok(self.model.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?)
+        let cfg = &self.base.config;
+        crate::batch::check_tokens(tokens, "tokens", cfg.vocab_size, cfg.max_position_embeddings)?;
+        let t = tokens.len();
+        crate::recompute::check_indexable(&self.model, 1, t)?;
+        if !self.base.device.is_cpu() && (t as u64) * (cfg.vocab_size as u64) > crate::recompute::MAX_GPU_TENSOR_ELEMENTS {
+            return Err(EngineError::InvalidParam {
+                field: "tokens",
+                value: format!("{t} positions"),
+                reason: "their logits would pass 2^32 - 1 elements, past what the GPU kernels can index",
+            });
+        }
+        let ids = Tensor::new(tokens, &self.base.device)?.unsqueeze(0)?; // (1,T)
+        crate::fused::in_pool_for(&self.base.device, || {
+            let model = self.model.detached();
+            let h = model.hidden(&ids)?; // (1,T,C)
+            let chunk = (model.chunking().head_elements / cfg.vocab_size.max(1)).clamp(1, t.max(1));
+            let parts = (0..t)
+                .step_by(chunk)
+                .map(|s| Ok(model.head(&h.narrow(1, s, chunk.min(t - s))?)?.squeeze(0)?.to_dtype(DType::F32)?))
+                .collect::<Result<Vec<_>>>()?; // (len,V) each
+            Ok(if parts.len() == 1 { parts.into_iter().next().ok_or(EngineError::EmptyBatch)? } else { Tensor::cat(&parts, 0)? })
+        })
     }
 }

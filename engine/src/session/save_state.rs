@@ -4,7 +4,8 @@
 //! - `adapter`: `adapter_config.json` + `adapter_model.safetensors` in PEFT's layout and key
 //!   names (`PeftModel.from_pretrained` loads it), plus `hearth.json`;
 //! - `state`: the adapter files (or, for full fine-tuning, `model.safetensors`), the AdamW
-//!   moments in `optimizer.safetensors` (`NAME.exp_avg`, `NAME.exp_avg_sq`) and `hearth.json`
+//!   moments in `optimizer.safetensors` (`NAME.exp_avg`, `NAME.exp_avg_sq`, and `NAME.master`,
+//!   the f32 master copy of a bf16/f16 weight under full fine-tuning) and `hearth.json`
 //!   with the step, the sampling RNG, the training config and the format version: loading it
 //!   resumes bit-exactly;
 //! - `merged`: a complete model folder in the base model's layout and dtype (W + alpha/r · B A),
@@ -26,7 +27,7 @@ use crate::gguf::export::GgufType;
 use crate::gguf::file::MetaValue;
 use crate::optim::Moments;
 use crate::rng::Rng;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use hearth_api::{CheckpointKind, LoraConfig, TargetModule, TrainingConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -230,9 +231,12 @@ impl TrainingSession {
             }
             if kind == CheckpointKind::State {
                 let mut moments = HashMap::new();
-                for (name, Moments { m, v }) in &self.optim.moments {
+                for (name, Moments { m, v, master }) in &self.optim.moments {
                     moments.insert(format!("{name}.exp_avg"), m.to_device(&Device::Cpu)?);
                     moments.insert(format!("{name}.exp_avg_sq"), v.to_device(&Device::Cpu)?);
+                    if let Some(master) = master {
+                        moments.insert(format!("{name}.master"), master.to_device(&Device::Cpu)?);
+                    }
                 }
                 save_tensors(&moments, &tmp.join("optimizer.safetensors"))?;
             }
@@ -423,16 +427,23 @@ impl TrainingSession {
                 let mut moments = BTreeMap::new();
                 for (name, dims) in &expected {
                     let (m_t, v_t) = (raw.get(&format!("{name}.exp_avg")), raw.get(&format!("{name}.exp_avg_sq")));
+                    // the f32 master copy of a bf16/f16 weight (absent: it starts from the weight)
+                    let master = raw.get(&format!("{name}.master"));
+                    if master.is_some_and(|t| t.dims() != *dims) {
+                        return Err(bad(dir, format!("optimizer.safetensors has a master copy of the wrong shape for `{name}`")));
+                    }
                     match (m_t, v_t) {
                         (Some(mt), Some(vt)) if mt.dims() == *dims && vt.dims() == *dims => {
                             let dev = &self.base.device;
-                            moments.insert(name.to_string(), Moments { m: mt.to_device(dev)?, v: vt.to_device(dev)? });
+                            let master = master.map(|t| t.to_dtype(DType::F32)?.to_device(dev)).transpose()?;
+                            moments.insert(name.to_string(), Moments { m: mt.to_device(dev)?, v: vt.to_device(dev)?, master });
                         }
                         (None, None) if m.step == 0 => {}
                         _ => return Err(bad(dir, format!("optimizer.safetensors lacks moments of the right shape for `{name}`"))),
                     }
                 }
-                if raw.len() != 2 * moments.len() {
+                let masters = moments.values().filter(|m| m.master.is_some()).count();
+                if raw.len() != 2 * moments.len() + masters {
                     return Err(bad(dir, "optimizer.safetensors has moments for parameters this run does not train"));
                 }
                 (moments, m.step, m.rng.clone())
