@@ -10,9 +10,12 @@ use hearth_api::{
     AdamParams,
     Datum, ForwardBackwardInput, LossFn, LossFnInputs, LoraConfig, SampleInput, SamplingParams, Stop, StopReason, TrainingConfig,
 };
+use hearth_engine::model::Chunking;
+use hearth_engine::preset::Preset;
 use hearth_engine::tokenizer::ByteTokenizer;
 use hearth_engine::{BaseModel, EngineError, TrainingSession};
 use serde::Deserialize;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Deserialize)]
@@ -120,6 +123,84 @@ fn sampled_logprobs_equal_forward_logprobs() {
         for (i, got) in prompt_lp[1..].iter().enumerate() {
             assert!((got.unwrap() - lp[i]).abs() < 1e-4, "prompt token {}", i + 1);
         }
+    }
+}
+
+#[test]
+fn device_picks_give_the_host_tokens_for_a_seed() {
+    // `sample` on the CPU scores whole rows on the host; the device sampler (here on the CPU
+    // too) must give the same tokens for a seed, and the same logprobs. In bf16, as on a GPU,
+    // logits tie often, and the attention takes the composed path with its masks.
+    let dir = Preset::Tiny.ensure(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("presets")).unwrap();
+    let bf16 = Arc::new(BaseModel::load(&dir, &Device::Cpu, DType::BF16).unwrap());
+    for base in [tiny(), bf16] {
+        device_and_host_picks_agree(&TrainingSession::new(base, TrainingConfig::default()).unwrap());
+    }
+}
+
+fn device_and_host_picks_agree(s: &TrainingSession) {
+    // (temperature, top_k, top_p); 300 is past the vocabulary, 0.999 needs a nucleus wider
+    // than the first 256 candidates
+    let settings = [
+        (0.0, 0, 1.0),
+        (0.7, 0, 1.0),
+        (1.0, 0, 1.0),
+        (1.3, 0, 1.0),
+        (1.0, 1, 1.0),
+        (0.7, 5, 1.0),
+        (1.3, 40, 1.0),
+        (1.0, 300, 1.0),
+        (1.0, 0, 0.5),
+        (0.7, 0, 0.9),
+        (1.3, 0, 0.95),
+        (1.0, 40, 0.9),
+        (1.3, 5, 0.95),
+        (0.7, 40, 0.5),
+        (1.3, 0, 0.999),
+    ];
+    for (temperature, top_k, top_p) in settings {
+        let input = SampleInput {
+            prompt: ByteTokenizer.encode("Once upon a time"),
+            num_samples: 6,
+            sampling_params: SamplingParams { max_tokens: 32, temperature, top_k, top_p, seed: Some(11), ..SamplingParams::default() },
+            prompt_logprobs: false,
+            base_model_only: false,
+        };
+        let host = s.sample(&input, &detok, &never).unwrap();
+        let device = s.sample_with_device_picks(&input, &detok, &never).unwrap();
+        for (i, (h, d)) in host.sequences.iter().zip(&device.sequences).enumerate() {
+            let case = format!("temperature {temperature}, top_k {top_k}, top_p {top_p}, sequence {i}");
+            assert_eq!(h.tokens, d.tokens, "{case}");
+            assert_eq!(h.stop_reason, d.stop_reason, "{case}");
+            for (a, b) in h.logprobs.iter().zip(&d.logprobs) {
+                assert!((a - b).abs() < 1e-5, "{case}: logprob {a} vs {b}");
+            }
+        }
+        if temperature > 0.0 && top_k != 1 {
+            assert_ne!(host.sequences[0].tokens, host.sequences[1].tokens, "temperature {temperature}, top_k {top_k}: samples differ");
+        }
+    }
+}
+
+#[test]
+fn prompt_logprobs_are_the_same_one_position_at_a_time() {
+    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut input = tiny_input(2, Some(5));
+    input.sampling_params.temperature = 0.0;
+    let whole = s.sample(&input, &detok, &never).unwrap();
+    // one position's logits per chunk of the head
+    s.set_chunking(Chunking { attn_elements: 1 << 26, head_elements: 1 });
+    let chunked = s.sample(&input, &detok, &never).unwrap();
+    let (a, b) = (whole.prompt_logprobs.unwrap(), chunked.prompt_logprobs.unwrap());
+    assert_eq!(a.len(), input.prompt.len());
+    assert_eq!((a[0], b[0]), (None, None));
+    for (x, y) in a[1..].iter().zip(&b[1..]) {
+        assert!((x.unwrap() - y.unwrap()).abs() < 1e-5, "{x:?} vs {y:?}");
+    }
+    // the first pick's row comes from a one-position head instead of the whole prompt's
+    for (x, y) in whole.sequences.iter().zip(&chunked.sequences) {
+        assert_eq!(x.tokens, y.tokens);
+        assert!(x.logprobs.iter().zip(&y.logprobs).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 }
 

@@ -3,19 +3,60 @@
 //! One prefill of the prompt (batch 1) is shared by all `num_samples` sequences, which then
 //! decode as one batch. Reported logprobs are the model's own (temperature 1, unfiltered), so
 //! they equal what `forward` gives for the same sequence.
+//!
+//! Each step picks one token per sequence with one seeded uniform, drawn in sequence order.
+//! Where the picks are made follows the device: on the CPU the rows of logits are scored on the
+//! host ([`choose`]); on a GPU the same picks are made where the logits are ([`device_picks`]),
+//! and only block sums or a few candidates per row cross to the host, never a vocabulary-sized
+//! row. Prompt logprobs go through the head in chunks of positions, one number per position to
+//! the host.
 
 use super::TrainingSession;
 use crate::batch::check_tokens;
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model};
 use crate::rng::Rng;
-use candle_core::{DType, Tensor, D};
-use rayon::prelude::*;
+use candle_core::{DType, Device, Tensor, D};
 use hearth_api::{LoraConfig, SampleInput, SampleOutput, SampledSequence, SamplingParams, Stop, StopReason, TrainingConfig};
+use rayon::prelude::*;
 
 /// Most sequences one call may generate.
 pub const MAX_SAMPLES: usize = 256;
 
+/// Columns per sort on the device: candle's CUDA sort is one bitonic sort per row in shared
+/// memory, so a vocabulary-wide row is sorted as blocks of this many.
+const SORT_BLOCK: usize = 4096;
+/// Most candidates the device selects per row: keeping at most half of each block at least
+/// halves the width every round of block sorts.
+const MAX_CANDIDATES: usize = SORT_BLOCK / 2;
+/// Candidates a nucleus over the whole vocabulary tries first (then [`MAX_CANDIDATES`]).
+const NUCLEUS_FIRST: usize = 256;
+/// Weights summed per block for a draw from the whole vocabulary.
+const SUM_BLOCK: usize = 512;
+/// Most elements one tensor may hold: candle's CUDA kernels index with 32 bits, and past 2³²
+/// elements their results are silently wrong.
+const MAX_ELEMENTS: u64 = 1 << 32;
+
+/// Where a step's picks are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Picking {
+    /// Whole rows of logits to the host, scored by [`choose`].
+    Host,
+    /// On the logits' device by [`device_picks`]: the same tokens, small transfers.
+    Device,
+}
+
+impl Picking {
+    /// The host for a model on the CPU (its rows are already in host memory), the device
+    /// otherwise.
+    fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Picking::Host
+        } else {
+            Picking::Device
+        }
+    }
+}
 fn validate(p: &SamplingParams, num_samples: usize) -> Result<()> {
     let bad = |field: &'static str, value: String, reason: &'static str| Err(EngineError::InvalidParam { field, value, reason });
     if num_samples == 0 || num_samples > MAX_SAMPLES {
@@ -29,6 +70,20 @@ fn validate(p: &SamplingParams, num_samples: usize) -> Result<()> {
     }
     if !(p.top_p > 0.0 && p.top_p <= 1.0) {
         return bad("top_p", p.top_p.to_string(), "must be in (0, 1]");
+    }
+    Ok(())
+}
+
+/// A step's logits (n, V), padded to whole sort blocks, are one tensor: past 2³² elements
+/// candle's CUDA kernels would index them wrongly, so such a call is refused. (Prompt logits are
+/// chunked by position; one position's row fits whenever a step's rows do.)
+fn check_step_size(num_samples: usize, vocab: usize) -> Result<()> {
+    if num_samples as u64 * (vocab.div_ceil(SORT_BLOCK) * SORT_BLOCK) as u64 > MAX_ELEMENTS {
+        return Err(EngineError::InvalidParam {
+            field: "num_samples",
+            value: format!("{num_samples} (vocab_size {vocab})"),
+            reason: "num_samples × vocab_size exceeds 2^32 logits per step, more than candle's 32-bit CUDA indexing addresses",
+        });
     }
     Ok(())
 }
@@ -63,6 +118,26 @@ fn draw(ids: &[u32], weights: &[f64], u: f64) -> u32 {
     ids.last().copied().unwrap_or(0)
 }
 
+/// The tempered weight of logit `x` in a row whose largest is `max`: exp((x − max)/T), the
+/// quotient in f32 and the exponential in f64, as every pick computes it.
+fn weight(x: f32, max: f32, temperature: f32) -> f64 {
+    (((x - max) / temperature) as f64).exp()
+}
+
+/// The nucleus pick among candidates best first (`ids`, their `weights`): a draw from the
+/// shortest prefix holding `top_p` of `total`; all of them when none does and `complete` (no
+/// candidate is left out), else `None` (the caller widens).
+fn nucleus(ids: &[u32], weights: &[f64], total: f64, top_p: f32, complete: bool, u: f64) -> Option<u32> {
+    let mut acc = 0.0;
+    for (n, w) in weights.iter().enumerate() {
+        acc += w / total;
+        if acc >= top_p as f64 {
+            return Some(draw(&ids[..=n], &weights[..=n], u));
+        }
+    }
+    complete.then(|| draw(ids, weights, u))
+}
+
 /// Picks a token from one row of logits: greedy at temperature 0, otherwise from the tempered
 /// distribution restricted to the `top_k` best and then to the smallest prefix (best first)
 /// holding `top_p` of the remaining mass. Only the candidates are sorted, never the whole
@@ -73,7 +148,7 @@ fn choose(row: &[f32], p: &SamplingParams, u: f64) -> u32 {
         return row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32);
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weight = |x: f32| (((x - max) / p.temperature) as f64).exp();
+    let weight = |x: f32| weight(x, max, p.temperature);
     let vocab = row.len();
     let k = if p.top_k == 0 { vocab } else { p.top_k.min(vocab) };
     if p.top_p >= 1.0 {
@@ -92,26 +167,30 @@ fn choose(row: &[f32], p: &SamplingParams, u: f64) -> u32 {
     loop {
         let ids = top(row, width);
         let weights: Vec<f64> = ids.iter().map(|&i| weight(row[i as usize])).collect();
-        let mut acc = 0.0;
-        for (n, w) in weights.iter().enumerate() {
-            acc += w / total;
-            if acc >= p.top_p as f64 {
-                return draw(&ids[..=n], &weights[..=n], u);
-            }
-        }
-        if width == k {
-            return draw(&ids, &weights, u);
+        if let Some(id) = nucleus(&ids, &weights, total, p.top_p, width == k, u) {
+            return id;
         }
         width = (width * 8).min(k);
     }
 }
 
-/// The last step's logits as the sampler needs them.
-enum Last {
-    /// Whole rows (n, V) on the host.
-    Rows(Vec<Vec<f32>>),
-    /// The greedy pick of each row and its logprob, computed on the device.
-    Picked(Vec<(u32, f32)>),
+/// [`choose`] at temperature > 0 over the best candidates of a row, best first as [`top`]
+/// ranks them (`xs`, their logits): all `min(top_k, V)` of a top-k cut, or the first few of the
+/// whole vocabulary for a nucleus over it, `total` then being the whole row's tempered mass.
+/// The same code as [`choose`] on the same candidates, so the same pick. Returns the pick's
+/// index among the candidates; `None` when the nucleus needs more of them than `xs` holds.
+fn choose_among(xs: &[f32], p: &SamplingParams, vocab: usize, total: Option<f64>, u: f64) -> Option<usize> {
+    let max = *xs.first()?;
+    let weights: Vec<f64> = xs.iter().map(|&x| weight(x, max, p.temperature)).collect();
+    let at: Vec<u32> = (0..xs.len() as u32).collect();
+    if p.top_p >= 1.0 {
+        return Some(draw(&at, &weights, u) as usize);
+    }
+    let (total, complete) = match total {
+        Some(total) => (total, xs.len() == vocab),
+        None => (weights.iter().sum(), true),
+    };
+    nucleus(&at, &weights, total, p.top_p, complete, u).map(|i| i as usize)
 }
 
 /// Greedy picks of logits (n, V) on their device: the highest logit of each row (the lowest id
@@ -130,6 +209,283 @@ fn greedy_picks(logits: &Tensor) -> Result<Vec<(u32, f32)>> {
     Ok(ids.into_iter().map(|i| i as u32).zip(logprobs).collect())
 }
 
+/// The rows of `logits` (R, V) that `rows` (one per pick) name, and each pick's row among
+/// them: rows no pick uses (finished sequences) are dropped before anything is scored.
+fn used_rows(logits: &Tensor, rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+    let mut used = rows.to_vec();
+    used.sort_unstable();
+    used.dedup();
+    if used.len() == logits.dim(0)? {
+        return Ok((logits.clone(), rows.to_vec()));
+    }
+    let ids: Vec<u32> = used.iter().map(|&r| r as u32).collect();
+    let kept = logits.index_select(&Tensor::new(ids.as_slice(), logits.device())?, 0)?; // (R,V) -> (R',V)
+    Ok((kept, rows.iter().map(|r| used.binary_search(r).unwrap_or(0)).collect()))
+}
+
+/// Picks for `rows` of `logits` (R, V) f32 with whole rows on the host ([`choose`]); `us` holds
+/// one uniform per pick.
+fn host_picks(logits: &Tensor, rows: &[usize], us: &[f64], p: &SamplingParams) -> Result<Vec<(u32, f32)>> {
+    let host: Vec<Vec<f32>> = logits.to_vec2()?;
+    Ok(rows
+        .par_iter()
+        .zip(us)
+        .map(|(&r, &u)| {
+            let row = &host[r];
+            let tok = choose(row, p, u);
+            (tok, row[tok as usize] - log_sum_exp(row))
+        })
+        .collect())
+}
+
+/// `x` (R, W) widened to `width` columns of `value`.
+fn pad_columns(x: &Tensor, width: usize, value: f32) -> Result<Tensor> {
+    let (r, w) = x.dims2()?;
+    if w == width {
+        return Ok(x.clone());
+    }
+    let fill = Tensor::full(value, (r, width - w), x.device())?.to_dtype(x.dtype())?;
+    Ok(Tensor::cat(&[x, &fill], 1)?) // (R,W) -> (R,width)
+}
+
+/// log Σ exp(x) of each row of `x` (R, V) whose largest are `max` (R, 1), as [`log_sum_exp`]
+/// computes it (exponentials and sum in f64) → (R, 1) f32.
+fn log_normalisers(x: &Tensor, max: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_sub(max)?.to_dtype(DType::F64)?.exp()?.sum_keepdim(1)?.log()?.to_dtype(DType::F32)?.broadcast_add(max)?)
+}
+
+/// [`weight`] of every logit of `x` (R, W) → (R, W) f64. The quotient is taken in f64 and
+/// rounded once to f32: that is the correctly rounded f32 quotient (f64 carries more than
+/// 2·24 + 2 bits), whatever the device's own f32 division does (fast-math CUDA's is not exact).
+fn tempered(x: &Tensor, max: &Tensor, temperature: f32) -> Result<Tensor> {
+    let t = Tensor::new(&[temperature as f64], x.device())?;
+    Ok(x.broadcast_sub(max)?.to_dtype(DType::F64)?.broadcast_div(&t)?.to_dtype(DType::F32)?.to_dtype(DType::F64)?.exp()?)
+}
+
+/// The `m` (≤ [`MAX_CANDIDATES`]) largest keys of each row of `keys` (R, W) f32, largest
+/// first, and their columns (R, m) u32. Rows are sorted in blocks of [`SORT_BLOCK`] columns
+/// (padded with `pad`, below every real key); each block keeps its `m` largest, until one block
+/// is left. An element among a row's m largest is among its block's, so nothing is lost; the
+/// sort is unstable, so among equal keys which columns come back is arbitrary.
+fn keep_largest(keys: &Tensor, m: usize, pad: f32) -> Result<(Tensor, Tensor)> {
+    let (r, mut width) = keys.dims2()?;
+    let mut keys = keys.clone();
+    let mut cols: Option<Tensor> = None; // None: column j still holds key j
+    loop {
+        let blocks = width.div_ceil(SORT_BLOCK);
+        let w = if blocks == 1 { width } else { SORT_BLOCK };
+        let keep = m.min(w);
+        let blocked = pad_columns(&keys, blocks * w, pad)?.reshape((r * blocks, w))?; // (R,nb·B) -> (R·nb,B)
+        let (sorted, order) = blocked.sort_last_dim(false)?;
+        let order = order.narrow(1, 0, keep)?.contiguous()?; // (R·nb,keep): positions in the block
+        let found = match cols {
+            None if blocks == 1 => order,
+            None => {
+                let starts = Tensor::arange_step(0u32, (blocks * SORT_BLOCK) as u32, SORT_BLOCK as u32, keys.device())?; // (nb)
+                let starts = starts.unsqueeze(0)?.broadcast_as((r, blocks))?.contiguous()?.reshape((r * blocks, 1))?; // (R,nb) -> (R·nb,1)
+                order.broadcast_add(&starts)?
+            }
+            Some(c) => pad_columns(&c, blocks * w, 0.0)?.reshape((r * blocks, w))?.gather(&order, 1)?,
+        };
+        keys = sorted.narrow(1, 0, keep)?.reshape((r, blocks * keep))?; // (R·nb,keep) -> (R,nb·keep)
+        let found = found.reshape((r, blocks * keep))?; // (R·nb,keep) -> (R,nb·keep)
+        if blocks == 1 {
+            return Ok((keys, found));
+        }
+        cols = Some(found);
+        width = blocks * keep;
+    }
+}
+
+/// The `m` (≤ [`MAX_CANDIDATES`], ≤ V) best candidates of each row of `logits` (R, V) as
+/// [`top`] ranks them (higher logit first, the lower id among equal ones), on the device:
+/// (ids as f32, logits), (R, m) each, in no particular order.
+///
+/// An unstable sort gets the values of the m largest right but not which of equal ones it
+/// keeps, so ties are settled by a second selection over distinct keys: first τ, the m-th
+/// largest logit of each row; then the m largest of key = class·V + (V − 1 − id), class 2 for
+/// logits above τ, 1 at τ, 0 below. Those are every logit above τ and the lowest ids at τ. The
+/// keys are integers below 3V ≤ 2²⁴, exact in f32, and distinct, so the sort has no ties.
+fn best(logits: &Tensor, m: usize) -> Result<(Tensor, Tensor)> {
+    let (_r, vocab) = logits.dims2()?;
+    let (largest, _) = keep_largest(logits, m, f32::NEG_INFINITY)?; // (R,m)
+    let tau = largest.narrow(1, m - 1, 1)?.contiguous()?; // (R,1)
+    let above = logits.broadcast_gt(&tau)?.to_dtype(DType::F32)?.affine(2.0, 0.0)?;
+    let class = (above + logits.broadcast_eq(&tau)?.to_dtype(DType::F32)?)?; // (R,V) in {0,1,2}
+    let rank = Tensor::arange(0u32, vocab as u32, logits.device())?.to_dtype(DType::F32)?.affine(-1.0, (vocab - 1) as f64)?; // (V): V−1−id
+    let keys = class.affine(vocab as f64, 0.0)?.broadcast_add(&rank.unsqueeze(0)?)?; // (R,V)
+    let (_, ids) = keep_largest(&keys, m, -1.0)?; // (R,m)
+    Ok((ids.to_dtype(DType::F32)?, logits.gather(&ids, 1)?))
+}
+
+/// Draws from the whole tempered vocabulary as [`draw`] does over all ids, for `rows` of
+/// `logits` (R, V) with uniforms `us`: the weights' sums over blocks of [`SUM_BLOCK`] ids go to
+/// the host, which walks them to the block each uniform lands in; that block's logits come
+/// next, and the walk ends within it exactly as [`draw`] walks.
+///
+/// The device adds up each block in its own order, so the running sum can differ from the
+/// host's sequential one in the last bits of an f64 (about 1e-16 relative): a uniform landing
+/// that close to the boundary between two tokens may pick the neighbour instead.
+fn full_picks(logits: &Tensor, rows: &[usize], us: &[f64], temperature: f32) -> Result<Vec<(u32, f32)>> {
+    let (r, vocab) = logits.dims2()?;
+    let nb = vocab.div_ceil(SUM_BLOCK);
+    let padded = pad_columns(logits, nb * SUM_BLOCK, f32::NEG_INFINITY)?; // (R,V) -> (R,nb·S): weight 0
+    let max = logits.max_keepdim(1)?; // (R,1)
+    let sums = tempered(&padded, &max, temperature)?.reshape((r, nb, SUM_BLOCK))?.sum(2)?; // (R,nb·S) -> (R,nb,S) -> (R,nb)
+    let lse = log_normalisers(logits, &max)?;
+    let stats: Vec<Vec<f64>> = Tensor::cat(&[&sums, &lse.to_dtype(DType::F64)?, &max.to_dtype(DType::F64)?], 1)?.to_vec2()?; // (R,nb+2)
+    // (block, what is left of u·total where it starts); None past the last block, where draw
+    // falls back to the last id
+    let landing: Vec<(usize, Option<f64>)> = rows
+        .iter()
+        .zip(us)
+        .map(|(&row, &u)| {
+            let sums = &stats[row][..nb];
+            let mut rest = u * sums.iter().sum::<f64>();
+            for (b, &s) in sums.iter().enumerate() {
+                if rest - s < 0.0 {
+                    return (b, Some(rest));
+                }
+                rest -= s;
+            }
+            (nb - 1, None)
+        })
+        .collect();
+    let at: Vec<u32> = rows.iter().zip(&landing).map(|(&row, &(b, _))| (row * nb + b) as u32).collect();
+    let at = Tensor::new(at.as_slice(), logits.device())?;
+    let blocks: Vec<Vec<f32>> = padded.reshape((r * nb, SUM_BLOCK))?.index_select(&at, 0)?.to_vec2()?; // (picks,S)
+    Ok(rows
+        .iter()
+        .zip(landing)
+        .zip(blocks)
+        .map(|((&row, (b, rest)), xs)| {
+            let (lse, max) = (stats[row][nb] as f32, stats[row][nb + 1] as f32);
+            let i = match rest {
+                None => vocab - 1 - b * SUM_BLOCK,
+                Some(mut rest) => {
+                    // past the block's end by rounding: its last token with any weight
+                    let mut last = 0;
+                    let mut hit = None;
+                    for (i, &x) in xs.iter().enumerate() {
+                        let w = weight(x, max, temperature);
+                        if w > 0.0 {
+                            last = i;
+                        }
+                        rest -= w;
+                        if rest < 0.0 {
+                            hit = Some(i);
+                            break;
+                        }
+                    }
+                    hit.unwrap_or(last)
+                }
+            };
+            ((b * SUM_BLOCK + i) as u32, xs[i] - lse)
+        })
+        .collect())
+}
+
+/// Picks for `rows` of `logits` (R, V) f32 on their device: the tokens [`choose`] gives for the
+/// same uniforms `us` (one per pick), with small transfers to the host.
+///
+/// - Temperature 0: [`greedy_picks`], two numbers per row.
+/// - The whole vocabulary: [`full_picks`], one f64 per block of 512 ids, then 512 logits.
+/// - `top_k` up to [`MAX_CANDIDATES`], with or without `top_p`: the `top_k` best candidates of
+///   each row ([`best`]), finished on the host by [`choose_among`].
+/// - `top_p` over the whole vocabulary: the best [`NUCLEUS_FIRST`], then [`MAX_CANDIDATES`],
+///   with the row's mass summed on the device (in its own order: see [`full_picks`]).
+///
+/// Left to whole rows on the host: `top_k` above [`MAX_CANDIDATES`] (and below V), the rows
+/// whose nucleus needs more than [`MAX_CANDIDATES`] candidates, and vocabularies past 2²⁴/3
+/// (where [`best`]'s keys stop being exact in f32). Logits of ±0 are equal on the device and
+/// ordered on the host, and NaN logits are ordered differently: neither occurs in practice.
+fn device_picks(logits: &Tensor, rows: &[usize], us: &[f64], p: &SamplingParams) -> Result<Vec<(u32, f32)>> {
+    if p.temperature == 0.0 {
+        let picks = greedy_picks(logits)?;
+        return Ok(rows.iter().map(|&r| picks[r]).collect());
+    }
+    let (_r, vocab) = logits.dims2()?;
+    let k = if p.top_k == 0 { vocab } else { p.top_k.min(vocab) };
+    if k == vocab && p.top_p >= 1.0 {
+        return full_picks(logits, rows, us, p.temperature);
+    }
+    if 3 * vocab > 1 << 24 || (k < vocab && k > MAX_CANDIDATES) {
+        return host_picks(logits, rows, us, p);
+    }
+    let widths = if k < vocab { vec![k] } else { vec![NUCLEUS_FIRST.min(vocab), MAX_CANDIDATES.min(vocab)] };
+    let mut picks = vec![(0, 0.0); rows.len()];
+    // (pick, its row in `part`) of the picks still to make
+    let mut pending: Vec<(usize, usize)> = rows.iter().copied().enumerate().collect();
+    let mut part = logits.clone();
+    for m in widths {
+        let max = part.max_keepdim(1)?; // (R,1)
+        let (ids, xs) = best(&part, m)?;
+        let found: Vec<Vec<f32>> = Tensor::cat(&[&ids, &xs, &log_normalisers(&part, &max)?], 1)?.to_vec2()?; // (R,2m+1)
+        let totals: Option<Vec<f64>> = if k == vocab { Some(tempered(&part, &max, p.temperature)?.sum(1)?.to_vec1()?) } else { None };
+        let mut left = Vec::new();
+        for (j, r) in pending {
+            let (ids, rest) = found[r].split_at(m);
+            let (xs, lse) = rest.split_at(m);
+            // the candidates as `top` orders them
+            let mut cands: Vec<(u32, f32)> = ids.iter().zip(xs).map(|(&id, &x)| (id as u32, x)).collect();
+            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let xs: Vec<f32> = cands.iter().map(|c| c.1).collect();
+            match choose_among(&xs, p, vocab, totals.as_ref().map(|t| t[r]), us[j]) {
+                Some(i) => picks[j] = (cands[i].0, cands[i].1 - lse[0]),
+                None => left.push((j, r)),
+            }
+        }
+        if left.is_empty() {
+            return Ok(picks);
+        }
+        let (kept, at) = used_rows(&part, &left.iter().map(|&(_, r)| r).collect::<Vec<_>>())?;
+        part = kept;
+        pending = left.iter().zip(at).map(|(&(j, _), r)| (j, r)).collect();
+    }
+    let (rows, us): (Vec<usize>, Vec<f64>) = pending.iter().map(|&(j, r)| (r, us[j])).unzip();
+    for (&(j, _), pick) in pending.iter().zip(host_picks(&part, &rows, &us, p)?) {
+        picks[j] = pick;
+    }
+    Ok(picks)
+}
+
+/// Picks for `rows` (one per pick) of a step's `logits` (R, V) f32, where `picking` says.
+fn pick(logits: &Tensor, rows: &[usize], us: &[f64], p: &SamplingParams, picking: Picking) -> Result<Vec<(u32, f32)>> {
+    let (logits, rows) = used_rows(logits, rows)?;
+    match picking {
+        Picking::Host => host_picks(&logits, &rows, us, p),
+        Picking::Device => device_picks(&logits, &rows, us, p),
+    }
+}
+
+/// Log-probabilities of the prompt's tokens (none for the first) from its final hidden states
+/// `hidden` (1, P, C), and the last position's logits (1, V) f32 for the first pick. The head
+/// runs over chunks of positions holding at most `head_elements` logits (one position at
+/// least), and one number per position crosses to the host.
+fn score_prompt(model: &Model, hidden: &Tensor, prompt: &[u32]) -> Result<(Vec<Option<f32>>, Tensor)> {
+    let (_b, len, _c) = hidden.dims3()?;
+    let chunk = (model.chunking().head_elements / model.config().vocab_size.max(1)).clamp(1, len.max(1));
+    let mut logprobs = vec![None];
+    let mut last = None;
+    for s in (0..len).step_by(chunk) {
+        let n = chunk.min(len - s);
+        let logits = model.head(&hidden.narrow(1, s, n)?)?.squeeze(0)?.to_dtype(DType::F32)?; // (1,n,C) -> (1,n,V) -> (n,V)
+        let scored = n.min(len - 1 - s); // positions with a next prompt token
+        if scored > 0 {
+            let part = logits.narrow(0, 0, scored)?;
+            let lse = log_normalisers(&part, &part.max_keepdim(1)?)?; // (scored,1)
+            let next = Tensor::new(&prompt[s + 1..s + 1 + scored], logits.device())?.unsqueeze(1)?; // (scored,1)
+            let lp: Vec<f32> = (part.gather(&next, 1)? - lse)?.squeeze(1)?.to_vec1()?;
+            logprobs.extend(lp.into_iter().map(Some));
+        }
+        if s + n == len {
+            last = Some(logits.narrow(0, n - 1, 1)?);
+        }
+    }
+    let last = last.ok_or(EngineError::InvalidParam { field: "prompt", value: "[]".into(), reason: "must not be empty" })?;
+    Ok((logprobs, last))
+}
+
 /// One sequence's new token in a step: (sequence, token, logprob).
 pub type Picked = (usize, u32, f32);
 
@@ -146,6 +502,18 @@ impl TrainingSession {
         self.sample_streaming(input, detokenize, cancelled, &|_| {})
     }
 
+    /// [`sample`](Self::sample) with every pick made by the device-side sampler, whatever the
+    /// device. On the CPU, where `sample` scores whole rows on the host, the two must give the
+    /// same tokens for a seed; tests compare them there.
+    pub fn sample_with_device_picks(
+        &self,
+        input: &SampleInput,
+        detokenize: &(dyn Fn(&[u32]) -> String + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<SampleOutput> {
+        crate::fused::in_pool_for(&self.base.device, || self.sample_in_pool(input, Picking::Device, detokenize, cancelled, &|_| {})).map_err(crate::recompute::classify)
+    }
+
     /// [`sample`](Self::sample), reporting each step's new tokens as they are picked:
     /// `on_tokens` gets `(sequence, token, logprob)` for every sequence still going (a live
     /// stream sends them on while the rest is sampled).
@@ -158,12 +526,14 @@ impl TrainingSession {
     ) -> Result<SampleOutput> {
         // Decoding is a long chain of small ops; run it on a pool thread so each parallel
         // kernel splits work with a warm sibling instead of waking the pool from outside.
-        crate::fused::in_pool(|| self.sample_in_pool(input, detokenize, cancelled, on_tokens)).map_err(crate::recompute::classify)
+        let picking = Picking::for_device(&self.base.device);
+        crate::fused::in_pool_for(&self.base.device, || self.sample_in_pool(input, picking, detokenize, cancelled, on_tokens)).map_err(crate::recompute::classify)
     }
 
     fn sample_in_pool(
         &self,
         input: &SampleInput,
+        picking: Picking,
         detokenize: &(dyn Fn(&[u32]) -> String + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
         on_tokens: &(dyn Fn(&[Picked]) + Sync),
@@ -180,6 +550,8 @@ impl TrainingSession {
                 reason: "prompt + max_tokens exceeds the model's context (max_position_embeddings)",
             });
         }
+        let n = input.num_samples;
+        check_step_size(n, cfg.vocab_size)?;
         let model = if input.base_model_only {
             let frozen = TrainingConfig::Lora(LoraConfig { target_modules: Vec::new(), ..LoraConfig::default() });
             Model::new_quantized(cfg, &self.base.weights, &self.base.quantized, &frozen)?.0
@@ -187,21 +559,17 @@ impl TrainingSession {
             self.model.detached()
         };
         let device = &self.base.device;
-        let n = input.num_samples;
         let mut prefill = KvCache::with_capacity(input.prompt.len() + p.max_tokens);
         let prompt = Tensor::new(input.prompt.as_slice(), device)?.unsqueeze(0)?; // (1,P)
-        let logits = model.forward_cached(&prompt, &mut prefill, input.prompt_logprobs)?.squeeze(0)?.to_dtype(DType::F32)?; // (P|1,V)
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let prompt_logprobs = input.prompt_logprobs.then(|| {
-            std::iter::once(None)
-                .chain(input.prompt[1..].iter().zip(&rows).map(|(&tok, row)| Some(row[tok as usize] - log_sum_exp(row))))
-                .collect()
-        });
-        let first = rows.last().cloned().unwrap_or_default();
-        let mut last = Last::Rows(vec![first; n]);
-        // Greedy decoding on a GPU picks on the device: two numbers per sequence cross to the
-        // host instead of a vocabulary-sized row.
-        let greedy_on_device = p.temperature == 0.0 && !device.is_cpu();
+        // the logits of the step to pick from, (R,V) f32: the prompt's last position (R = 1,
+        // shared by every sequence), then one row per sequence
+        let (prompt_logprobs, mut logits) = if input.prompt_logprobs {
+            let hidden = model.forward_cached_hidden(&prompt, &mut prefill)?; // (1,P,C)
+            let (logprobs, last) = score_prompt(&model, &hidden, &input.prompt)?;
+            (Some(logprobs), last)
+        } else {
+            (None, model.forward_cached(&prompt, &mut prefill, false)?.squeeze(0)?.to_dtype(DType::F32)?) // (1,1,V) -> (1,V)
+        };
         let mut cache = prefill.expand(n)?;
         // No seed: the run's own generator picks one (so a resumed `state` samples as the
         // uninterrupted run would have). It advances only when the call succeeds.
@@ -220,22 +588,11 @@ impl TrainingSession {
                 return Err(EngineError::Interrupted);
             }
             let active: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
-            let picks: Vec<(u32, f32)> = match &last {
-                Last::Rows(rows) => {
-                    // One uniform per tempered pick, drawn in sequence order (so the rows can be
-                    // scored in parallel and a seed still gives the same samples).
-                    let us: Vec<f64> = active.iter().map(|_| if p.temperature > 0.0 { rng.uniform() } else { 0.0 }).collect();
-                    active
-                        .par_iter()
-                        .zip(us)
-                        .map(|(&i, u)| {
-                            let tok = choose(&rows[i], p, u);
-                            (tok, rows[i][tok as usize] - log_sum_exp(&rows[i]))
-                        })
-                        .collect()
-                }
-                Last::Picked(picked) => active.iter().map(|&i| picked[i]).collect(),
-            };
+            // One uniform per tempered pick, drawn in sequence order (so the rows can be scored
+            // in parallel and a seed still gives the same samples).
+            let us: Vec<f64> = active.iter().map(|_| if p.temperature > 0.0 { rng.uniform() } else { 0.0 }).collect();
+            let rows: Vec<usize> = if step == 0 { vec![0; active.len()] } else { active.clone() };
+            let picks = pick(&logits, &rows, &us, p, picking)?;
             let mut next: Vec<u32> = seqs.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
             let picked: Vec<Picked> = active.iter().zip(&picks).map(|(&i, &(tok, lp))| (i, tok, lp)).collect();
             on_tokens(&picked);
@@ -257,8 +614,7 @@ impl TrainingSession {
                 break;
             }
             let ids = Tensor::from_vec(next, (n, 1), device)?; // (n,1)
-            let logits = model.forward_cached(&ids, &mut cache, false)?.squeeze(1)?.to_dtype(DType::F32)?; // (n,1,V) -> (n,V)
-            last = if greedy_on_device { Last::Picked(greedy_picks(&logits)?) } else { Last::Rows(logits.to_vec2()?) };
+            logits = model.forward_cached(&ids, &mut cache, false)?.squeeze(1)?.to_dtype(DType::F32)?; // (n,1,V) -> (n,V)
         }
         if p.seed.is_none() {
             if let Ok(mut r) = self.rng.lock() {
@@ -318,11 +674,81 @@ mod tests {
         assert!(h[600..900].iter().sum::<f64>() > 0.25);
     }
 
+    /// `r` rows of `v` logits rounded to bf16, as a GPU model's are (so with many ties).
+    fn bf16_rows(r: usize, v: usize, std: f64, seed: u64) -> Vec<Vec<f32>> {
+        let xs = Rng::new(seed).normal_vec(r * v, std);
+        let t = Tensor::from_vec(xs, (r, v), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+    }
+
+    /// Rows of 10 000 logits (three sort blocks, twenty sum blocks) that stress the device
+    /// sampler: bf16 ties, one value everywhere (a nucleus past `MAX_CANDIDATES`), a plateau of
+    /// 1000 (a nucleus past `NUCLEUS_FIRST`), few distinct values with the best last, and −∞.
+    fn crafted_rows() -> Vec<Vec<f32>> {
+        let v = 10_000;
+        let mut rows = bf16_rows(3, v, 3.0, 1);
+        rows.push(vec![0.5; v]);
+        rows.push((0..v).map(|i| if i < 1000 { 5.0 } else { -20.0 }).collect());
+        let mut few: Vec<f32> = (0..v).map(|i| ((i * 7919) % 13) as f32).collect();
+        few[v - 1] = 20.0;
+        rows.push(few);
+        rows.push((0..v).map(|i| if i % 3 == 0 { f32::NEG_INFINITY } else { (i % 5) as f32 }).collect());
+        rows
+    }
+
+    #[test]
+    fn device_candidates_are_the_host_top_k_ties_included() {
+        let rows = crafted_rows();
+        let t = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+        for m in [1, 2, 5, 40, 256, MAX_CANDIDATES] {
+            let (ids, xs) = best(&t, m).unwrap();
+            let (ids, xs) = (ids.to_vec2::<f32>().unwrap(), xs.to_vec2::<f32>().unwrap());
+            for (r, row) in rows.iter().enumerate() {
+                let mut got: Vec<u32> = ids[r].iter().map(|&id| id as u32).collect();
+                got.sort_unstable_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b)));
+                assert_eq!(got, top(row, m), "row {r}, m {m}");
+                assert!(ids[r].iter().zip(&xs[r]).all(|(&id, &x)| row[id as usize] == x), "row {r}, m {m}: logits");
+            }
+        }
+    }
+
+    #[test]
+    fn device_picks_equal_host_picks_on_crafted_rows() {
+        let rows = crafted_rows();
+        let logits = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+        let picks: Vec<usize> = (0..6 * rows.len()).map(|i| i % rows.len()).collect();
+        let mut rng = Rng::new(3);
+        for temperature in [0.0, 0.7, 1.0, 1.3] {
+            // 3000 > MAX_CANDIDATES: on the host; 10 000: the whole vocabulary
+            for top_k in [0, 1, 5, 40, 3000, 10_000] {
+                for top_p in [1.0, 0.5, 0.9, 0.95] {
+                    let p = params(temperature, top_k, top_p);
+                    let mut us: Vec<f64> = picks.iter().map(|_| rng.uniform()).collect();
+                    us[0] = 0.0;
+                    us[1] = 1.0 - 1e-12;
+                    let host = host_picks(&logits, &picks, &us, &p).unwrap();
+                    let device = device_picks(&logits, &picks, &us, &p).unwrap();
+                    for (j, (h, d)) in host.iter().zip(&device).enumerate() {
+                        assert_eq!(h.0, d.0, "T {temperature}, top_k {top_k}, top_p {top_p}: pick {j} (row {})", picks[j]);
+                        assert!((h.1 - d.1).abs() < 1e-5, "T {temperature}, top_k {top_k}, top_p {top_p}: logprob {} vs {}", h.1, d.1);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn steps_past_two_to_the_32_logits_are_refused() {
+        assert!(check_step_size(256, 128_256).is_ok());
+        let err = check_step_size(256, 20_000_000).unwrap_err();
+        assert!(err.to_string().contains("invalid num_samples = 256 (vocab_size 20000000)") && err.to_string().contains("2^32"), "{err}");
+    }
+
     #[test]
     fn greedy_picks_on_the_device_agree_with_the_host() {
         // ties (bf16 logits have many) go to the lowest id, as on the host
         let rows = vec![vec![0.5f32, 2.0, -1.0, 2.0], vec![3.0, 3.0, 3.0, 3.0], vec![-7.0, -2.5, -9.0, -2.6]];
-        let t = Tensor::new(rows.clone(), &candle_core::Device::Cpu).unwrap();
+        let t = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
         let picks = greedy_picks(&t).unwrap();
         for (row, (id, logprob)) in rows.iter().zip(picks) {
             let want = choose(row, &params(0.0, 0, 1.0), 0.0);
