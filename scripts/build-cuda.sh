@@ -13,6 +13,11 @@
 # The build has its own target folder ($HEARTH_CUDA_TARGET, default ~/.cache/hearth/cuda-target)
 # so it never invalidates the CPU build's, and a rebuild after a change recompiles only hearth.
 # CUDA_COMPUTE_CAP (default 90: H100/H200) picks the GPU generation candle's kernels are built for.
+# They are PTX for that one generation: the driver JIT-compiles PTX for its own generation and newer
+# ones (built for 90: H100, H200, B200 run it) but never for older ones, so an A100 (80) or an
+# L4/RTX 4090 (89) needs its own build, CUDA_COMPUTE_CAP=80 (or 89) scripts/build-cuda.sh. The pack
+# records what it was built for in bin/BUILD_INFO (compute_cap, commit, the runtime wheels, the
+# newest glibc symbol version it needs), and bench/gpu.sh's preflight reads it there.
 #
 # libcuda belongs to the driver and has no wheel. cudarc links against it, so the link uses a stub
 # made here from the symbols cudarc's library leaves undefined (empty functions, soname
@@ -34,6 +39,11 @@ export CARGO_TARGET_DIR="${HEARTH_CUDA_TARGET:-$cache/cuda-target}"
 wheels=("nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88"
         "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-cublas==13.0.2.14"
         "nvidia-curand==10.4.0.35" "nvidia-cuda-nvrtc==13.0.88")
+# the libraries the binaries load at run time (recorded in BUILD_INFO; bench/gpu.sh has the same pins)
+runtime_wheels=()
+for w in "${wheels[@]}"; do
+  case "$w" in nvidia-cuda-runtime==*|nvidia-cublas==*|nvidia-curand==*|nvidia-cuda-nvrtc==*) runtime_wheels+=("$w") ;; esac
+done
 stamp="$venv/.hearth-wheels"
 if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ]; then
   echo "installing the CUDA 13.0 toolchain wheels into $venv ..." >&2
@@ -64,6 +74,13 @@ cargo build --release --locked -p hearth-server --features cuda --bin hearth-ser
 cargo build --release --locked -p hearth-engine --features cuda --example bench_gpu
 out="$CARGO_TARGET_DIR/release"
 echo "built $out/hearth-server and $out/examples/bench_gpu (CUDA, compute capability $CUDA_COMPUTE_CAP)" >&2
+# What the binaries were built for, beside them (bench/gpu.sh's preflight reads it)
+commit="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+if [ "$commit" != unknown ] && ! git diff --quiet HEAD 2>/dev/null; then commit="$commit+uncommitted"; fi
+glibc_min="$( (objdump -T "$out/hearth-server" "$out/examples/bench_gpu" | grep -o 'GLIBC_[0-9.]*' \
+  | sed 's/GLIBC_//' | sort -uV | tail -1) 2>/dev/null || true)"
+printf '%s\n' "compute_cap=$CUDA_COMPUTE_CAP" "cuda=13.0" "commit=$commit" "glibc_min=${glibc_min:-unknown}" \
+  "runtime_wheels=${runtime_wheels[*]}" >"$out/examples/BUILD_INFO"
 if [ -n "$pack" ]; then
   mkdir -p "$pack"
   tmp="$(mktemp -d)"
@@ -71,6 +88,7 @@ if [ -n "$pack" ]; then
   mkdir "$tmp/bin"
   strip -o "$tmp/bin/hearth-server" "$out/hearth-server"
   strip -o "$tmp/bin/bench_gpu" "$out/examples/bench_gpu"
+  cp "$out/examples/BUILD_INFO" "$tmp/bin/BUILD_INFO"
   tar -C "$tmp" -czf "$pack/hearth-cuda.tar.gz" bin
   ls -l "$pack/hearth-cuda.tar.gz" >&2
 fi
