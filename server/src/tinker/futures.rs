@@ -1,0 +1,143 @@
+//! Futures: every operation answers a `request_id` at once, runs as worker jobs (in `seq_id` order
+//! for training), and `retrieve_future` long-polls for the result.
+
+use super::*;
+
+/// What an operation's worker jobs turn into once they end.
+pub(super) type Convert = Box<dyn FnOnce(Vec<Value>) -> Result<Fut, ApiError> + Send>;
+
+/// Submits worker jobs now; their results are converted when they end.
+pub(super) struct Jobs {
+    rxs: Vec<watch::Receiver<RequestState>>,
+    convert: Convert,
+}
+
+pub(super) fn submit_jobs(app: &App, ops: Vec<(String, Op)>, convert: Convert) -> Result<Jobs, ApiError> {
+    let mut rxs = Vec::new();
+    for (run, op) in ops {
+        if op.uses_device() {
+            app.check_budget()?;
+        }
+        rxs.push(app.shared.submit(run, op)?.1);
+    }
+    Ok(Jobs { rxs, convert })
+}
+
+pub(super) async fn finish_jobs(jobs: Result<Jobs, ApiError>, tx: watch::Sender<Fut>) {
+    let jobs = match jobs {
+        Ok(j) => j,
+        Err(e) => {
+            tx.send_replace(Fut::failed(&e));
+            return;
+        }
+    };
+    let mut results = Vec::new();
+    for mut rx in jobs.rxs {
+        let state = rx.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await.map(|s| s.clone());
+        match state {
+            Ok(RequestState::Done { result }) => results.push(result),
+            Ok(RequestState::Failed { status, error }) => {
+                tx.send_replace(Fut::failed_with(status, error.message));
+                return;
+            }
+            _ => {
+                tx.send_replace(Fut::failed(&ApiError::shutting_down()));
+                return;
+            }
+        }
+    }
+    let out = (jobs.convert)(results).unwrap_or_else(|e| Fut::failed(&e));
+    tx.send_replace(out);
+}
+
+/// Runs `make` (which submits the worker jobs) at this request's turn in its model's
+/// `seq_id` order; answers the future's id at once. A retry (same `seq_id`, same body `key`)
+/// gets its first future.
+pub(super) fn ordered(
+    app: &Arc<App>,
+    model_id: &str,
+    seq_id: i64,
+    key: u64,
+    make: impl FnOnce(&App) -> Result<Jobs, ApiError> + Send + 'static,
+) -> Result<String, ApiError> {
+    let mut tx = None;
+    let admitted = app.tinker.order.admit(model_id, seq_id, key, || {
+        let (id, t) = app.tinker.new_future();
+        tx = Some(t);
+        id
+    });
+    let (id, ticket) = match admitted.map_err(seq_error)? {
+        Admitted::Again(id) => return Ok(id),
+        Admitted::First(id, ticket) => (id, ticket),
+    };
+    let Some(tx) = tx else { return Ok(id) };
+    let app = app.clone();
+    tokio::spawn(async move {
+        let jobs = match ticket.turn().await {
+            Ok(()) => make(&app),
+            Err(e) => Err(seq_error(e)),
+        };
+        // the turn passes on once the jobs are submitted (the worker runs jobs in submission
+        // order), or at once if it never came
+        drop(ticket);
+        finish_jobs(jobs, tx).await;
+    });
+    Ok(id)
+}
+
+/// An order's refusal as an answer.
+pub(super) fn seq_error(e: SeqError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        SeqError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "seq_id_conflict", message),
+        SeqError::Passed { .. } | SeqError::Refused { .. } => ApiError::new(StatusCode::CONFLICT, "out_of_order", message),
+        SeqError::TooFar { .. } | SeqError::Gap { .. } => ApiError::invalid(message),
+    }
+}
+
+/// A training request's answer. An error uses up its `seq_id` (of a model that exists), so
+/// that the model's next request does not wait for it; an error of the order itself leaves
+/// the order as it is.
+pub(super) fn answer(app: &App, place: Option<&Place>, r: Result<Value, ApiError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            if let Some(p) = place.filter(|p| known_run(app, &p.model_id).is_ok()) {
+                app.tinker.order.consume(&p.model_id, p.seq_id);
+            }
+            err(e)
+        }
+    }
+}
+
+/// A future that is not ordered (creation, sampling).
+pub(super) fn unordered(app: &Arc<App>, jobs: Result<Jobs, ApiError>) -> String {
+    let (id, tx) = app.tinker.new_future();
+    tokio::spawn(finish_jobs(jobs, tx));
+    id
+}
+
+#[derive(Deserialize)]
+pub(super) struct RetrieveFuture {
+    request_id: String,
+}
+
+pub(super) async fn retrieve_future(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+    let req: RetrieveFuture = match body(b) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    let Some(mut rx) = lock(&app.tinker.futures).get(&req.request_id).cloned() else {
+        return err(ApiError::not_found(format!("no future {:?}", req.request_id)));
+    };
+    let state = match tokio::time::timeout(POLL_HOLD, rx.wait_for(|f| !matches!(f, Fut::Pending))).await {
+        Ok(Ok(s)) => s.clone(),
+        _ => Fut::Pending,
+    };
+    match state {
+        Fut::Pending => (StatusCode::REQUEST_TIMEOUT, Json(json!({"type": "try_again", "request_id": req.request_id, "queue_state": "active"}))).into_response(),
+        Fut::Json(v) => Json(v).into_response(),
+        Fut::Proto(bytes) => ([(header::CONTENT_TYPE, "application/x-protobuf")], bytes).into_response(),
+        Fut::Failed { error, category } => Json(json!({"error": error, "category": category})).into_response(),
+    }
+}
