@@ -114,6 +114,9 @@ pub enum EngineError {
     /// Weights do not match the configuration.
     #[error("weights: {0}")]
     Weights(String),
+    /// A broken invariant of the engine's own: a bug, never the caller's input (a 500).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A checkpoint cannot be loaded (wrong base model, other shapes, corrupt file, unknown
     /// format); the session is unchanged.
     #[error("checkpoint {path}: {reason}")]
@@ -174,6 +177,7 @@ impl EngineError {
                 | EngineError::Interrupted
                 | EngineError::Download(_)
                 | EngineError::Device { .. }
+                | EngineError::Internal(_)
         )
     }
 

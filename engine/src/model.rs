@@ -105,17 +105,17 @@ impl Rotary {
         let need = start + t;
         let held = |g: &Option<(Tensor, Tensor)>| g.as_ref().and_then(|(c, _)| c.dim(0).ok()).unwrap_or(0);
         {
-            let guard = self.tables.read().map_err(|_| EngineError::Weights("rotary tables poisoned".into()))?;
+            let guard = self.tables.read().map_err(|_| EngineError::Internal("rotary tables poisoned".into()))?;
             if let Some((cos, sin)) = guard.as_ref().filter(|_| held(&guard) >= need) {
                 return Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?));
             }
         }
-        let mut guard = self.tables.write().map_err(|_| EngineError::Weights("rotary tables poisoned".into()))?;
+        let mut guard = self.tables.write().map_err(|_| EngineError::Internal("rotary tables poisoned".into()))?;
         if held(&guard) < need {
             let len = need.next_power_of_two().max(256).min(self.max.max(need));
             *guard = Some(self.build(len)?);
         }
-        let (cos, sin) = guard.as_ref().ok_or_else(|| EngineError::Weights("rotary tables missing".into()))?;
+        let (cos, sin) = guard.as_ref().ok_or_else(|| EngineError::Internal("rotary tables missing".into()))?;
         Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?))
     }
 
@@ -713,7 +713,7 @@ impl Model {
         let rows = match (&self.embed_tokens, self.embed_tokens.tensor()) {
             (_, Some(emb)) => emb.index_select(&ids.flatten_all()?, 0)?,
             (Weight::Quantized(q), None) => q.rows(&ids.flatten_all()?, self.dtype())?, // only the rows used are dequantized
-            (_, None) => return Err(EngineError::Weights("embedding table missing".into())),
+            (_, None) => return Err(EngineError::Internal("embedding table missing".into())),
         };
         Ok(rows.reshape((b, t, self.config.hidden_size))?) // (B·T,C) -> (B,T,C)
     }
@@ -793,7 +793,7 @@ impl LayerCache {
             let old = self.kv.take();
             self.kv = Some((grow(old.as_ref().map(|o| &o.0))?, grow(old.as_ref().map(|o| &o.1))?));
         }
-        let Some((bk, bv)) = self.kv.as_ref() else { return Err(EngineError::Weights("kv cache buffer missing".into())) };
+        let Some((bk, bv)) = self.kv.as_ref() else { return Err(EngineError::Internal("kv cache buffer missing".into())) };
         bk.slice_set(&k.detach().contiguous()?, 2, start)?;
         bv.slice_set(&v.detach().contiguous()?, 2, start)?;
         Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))

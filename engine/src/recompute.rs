@@ -252,7 +252,7 @@ fn grad_of(store: &GradStore, v: &Var, what: &str) -> Result<Tensor> {
     store
         .get(v.as_tensor())
         .cloned()
-        .ok_or_else(|| EngineError::Weights(format!("recompute: no gradient reached {what}")))
+        .ok_or_else(|| EngineError::Internal(format!("recompute: no gradient reached {what}")))
 }
 
 /// A tracked copy of `t` (contiguous), the input of one segment.
@@ -272,7 +272,7 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
     let mut ys = Vec::with_capacity(model.layers.len());
     xs.push(inference.embed(&batch.ids)?);
     for layer in &inference.layers {
-        let x = xs.last().ok_or_else(|| EngineError::Weights("recompute: no layer input".into()))?;
+        let x = xs.last().ok_or_else(|| EngineError::Internal("recompute: no layer input".into()))?;
         let out = if params.is_some() {
             let (out, y) = layer.forward_keeping_attention(x, rotary, &attn)?;
             ys.push(y);
@@ -283,17 +283,17 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
         xs.push(out);
     }
     let Some(params) = params else {
-        let h = xs.pop().ok_or_else(|| EngineError::Weights("recompute: no hidden states".into()))?;
+        let h = xs.pop().ok_or_else(|| EngineError::Internal("recompute: no hidden states".into()))?;
         let (terms, _) = head(&inference, &h, batch, loss_fn, None)?;
         return Ok((terms, BTreeMap::new()));
     };
     let mut acc = Acc { params, grads: BTreeMap::new() };
-    let h = xs.pop().ok_or_else(|| EngineError::Weights("recompute: no hidden states".into()))?;
+    let h = xs.pop().ok_or_else(|| EngineError::Internal("recompute: no hidden states".into()))?;
     let (terms, g) = head(model, &h, batch, loss_fn, Some(&mut acc))?;
     drop(h);
-    let mut g = g.ok_or_else(|| EngineError::Weights("recompute: no gradient for the hidden states".into()))?;
+    let mut g = g.ok_or_else(|| EngineError::Internal("recompute: no gradient for the hidden states".into()))?;
     for layer in model.layers.iter().rev() {
-        let (x, y) = xs.pop().zip(ys.pop()).ok_or_else(|| EngineError::Weights("recompute: layer inputs out of step".into()))?;
+        let (x, y) = xs.pop().zip(ys.pop()).ok_or_else(|| EngineError::Internal("recompute: layer inputs out of step".into()))?;
         g = layer_backward(layer, &x, &y, &g, rotary, &attn, &mut acc)?;
     }
     if !model.embed_tokens.is_frozen() {
@@ -311,7 +311,7 @@ pub fn run_whole_graph(model: &Model, batch: &Batch, loss_fn: &LossFn, params: &
     let h = model.hidden(&batch.ids)?; // (B,T,C), graph kept
     let mut acc = Acc { params, grads: BTreeMap::new() };
     let (terms, g) = head(model, &h.detach(), batch, loss_fn, Some(&mut acc))?;
-    let g = g.ok_or_else(|| EngineError::Weights("no gradient for the hidden states".into()))?;
+    let g = g.ok_or_else(|| EngineError::Internal("no gradient for the hidden states".into()))?;
     acc.add(&mul_const(&h, &g)?.sum_all()?.backward()?)?;
     Ok((terms, acc.grads))
 }

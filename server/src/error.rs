@@ -107,3 +107,19 @@ impl IntoResponse for ApiError {
         (self.status, axum::Json(ErrorResponse { error: self.body() })).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_faults_are_4xx_and_ours_are_5xx() {
+        let status = |e: EngineError| ApiError::from(e).status;
+        assert_eq!(status(EngineError::Weights("tensor `x` is missing from the checkpoint".into())), StatusCode::BAD_REQUEST);
+        assert_eq!(status(EngineError::Internal("recompute: layer inputs out of step".into())), StatusCode::INTERNAL_SERVER_ERROR);
+        let internal = ApiError::from(EngineError::Internal("kv cache buffer missing".into()));
+        assert_eq!((internal.kind, internal.message.as_str()), ("internal", "internal error: kv cache buffer missing"));
+        assert_eq!(status(EngineError::Interrupted), StatusCode::CONFLICT);
+        assert_eq!(status(EngineError::OutOfMemory("a step".into())), StatusCode::INSUFFICIENT_STORAGE);
+    }
+}
