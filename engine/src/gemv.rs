@@ -4,7 +4,8 @@
 //! the memory traffic of an operation that is memory-bound anyway: at batch 1, a decode step
 //! reads every weight once and does two flops per weight. Here each weight row is read straight
 //! from memory, kept in L1 while the (few, L1-resident) input rows are dotted with it, and the
-//! output rows are split across the rayon pool. f32 only; other dtypes take the gemm path.
+//! output rows are split across candle's barrier pool (see [`few_rows_times_wt`]). f32 only;
+//! other dtypes take the gemm path.
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
@@ -12,7 +13,7 @@ use std::sync::Mutex;
 /// Most input rows handled here; above it gemm's blocking wins.
 pub const MAX_ROWS: usize = 16;
 
-/// Output features per rayon task: 64 rows of a 576-wide weight is 144 KiB.
+/// Output features per task: 64 rows of a 576-wide weight is 144 KiB.
 const BLOCK: usize = 64;
 
 /// Below this many weights (1 MiB of f32) one thread streams the weight faster than waking
