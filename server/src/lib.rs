@@ -18,8 +18,10 @@
 //! ```
 
 pub mod error;
+pub mod http;
 pub mod lifecycle;
 pub mod limits;
+pub mod native;
 pub mod openai;
 pub mod options;
 pub mod registry;

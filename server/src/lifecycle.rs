@@ -157,6 +157,11 @@ pub struct App {
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl App {
+    /// The base model's tokenizer and chat template, or a 400 when its folder has none.
+    pub(crate) fn text_model(&self) -> Result<&hearth_engine::text::TextModel, crate::error::ApiError> {
+        self.shared.base.text.as_ref().ok_or_else(|| crate::error::ApiError::invalid("this model folder has no tokenizer.json"))
+    }
+
     /// `GET /v1/info`.
     pub fn info(&self) -> ServerInfo {
         let base = &self.shared.base;

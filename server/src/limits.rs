@@ -140,6 +140,11 @@ fn truncated(s: &str) -> String {
     }
 }
 
+/// The text of a chat, in bytes (what rendering and tokenizing it costs, before the template).
+pub(crate) fn chat_bytes(messages: &[hearth_api::ChatMessage]) -> usize {
+    messages.iter().fold(0usize, |n, m| n.saturating_add(m.role.len()).saturating_add(m.content.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

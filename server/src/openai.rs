@@ -19,7 +19,8 @@
 //! away cancels the sample.
 
 use crate::error::ApiError;
-use crate::routes::{chat_bytes, parse_body, text_model, wait_answer};
+use crate::http::{parse_body, wait_answer};
+use crate::limits::chat_bytes;
 use crate::worker::Op;
 use crate::App;
 use axum::body::{Body, Bytes};
@@ -27,11 +28,20 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use hearth_api::{ChatMessage, RequestState, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+
+/// The OpenAI-compatible routes (auth is [`crate::http::auth`]'s: the bearer token).
+pub fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+}
 
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Deserialize)]
@@ -166,7 +176,7 @@ type Chunker = Box<dyn Fn(usize, Option<&str>, Option<&str>) -> Value + Send>;
 /// end-of-text) is left out of the text; `role` sends a chat's first chunk per choice.
 fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token: Option<u32>, role: bool, chunk: Chunker) -> Result<Response, ApiError> {
     app.check_budget()?;
-    text_model(&app)?;
+    app.text_model()?;
     // what would fail at once fails before the stream starts (and before anything is allocated
     // per choice), as the same error response the request unstreamed gets
     for input in &inputs {
@@ -174,7 +184,7 @@ fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token:
     }
     let (frames, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
-        let Ok(t) = text_model(&app) else { return };
+        let Ok(t) = app.text_model() else { return };
         let mut base = 0;
         'inputs: for input in inputs {
             let n = input.num_samples;
@@ -277,7 +287,7 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
     let n = req.common.n.unwrap_or(1);
     app.shared.limits.check_samples(n)?;
     known_run(app, &req.common.model)?;
-    let t = text_model(app)?;
+    let t = app.text_model()?;
     let prompts = req.prompt.into_vec();
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt: must not be empty").into());
@@ -388,7 +398,7 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
     app.shared.limits.check_samples(n)?;
     app.shared.limits.check_text("messages", chat_bytes(&req.messages))?;
     known_run(app, &req.common.model)?;
-    let t = text_model(app)?;
+    let t = app.text_model()?;
     let text = t.render_chat(&req.messages, true).map_err(ApiError::from)?;
     let prompt = t.encode(&text, false).map_err(ApiError::from)?;
     let mut stop = req.common.stop.take_stop();

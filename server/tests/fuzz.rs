@@ -486,7 +486,7 @@ fn with(path: String, v: Value) -> (String, Body) {
     (path, Body::Json(v))
 }
 
-/// Every route of `routes.rs`, `openai.rs` and `tinker/mod.rs` but `/v1/shutdown`, and a few
+/// Every route of `native.rs`, `openai.rs` and `tinker/mod.rs` but `/v1/shutdown`, and a few
 /// that do not exist.
 fn routes() -> Vec<Route> {
     vec![

@@ -28,7 +28,8 @@
 //!
 //! The engine knows nothing of this: every operation is a worker [`Op`] like the native ones.
 //!
-//! Files: this one holds the protocol's state, its routes and its auth; `ids.rs` maps ids and
+//! Files: this one holds the protocol's state and its routes (its auth is
+//! [`crate::http::auth`]'s, shared by every protocol); `ids.rs` maps ids and
 //! checkpoint paths, `futures.rs` runs operations as futures, `sequencer.rs` orders them,
 //! `place.rs` reads a request's place before its body, `convert.rs` and `proto.rs` are the
 //! protobuf side, and `training.rs`, `sampling.rs` and `rest.rs` the handlers.
@@ -48,9 +49,8 @@ use crate::worker::{check_name, Op};
 use crate::App;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -146,8 +146,8 @@ impl Tinker {
     }
 }
 
-/// The `/api/v1` routes, with their own auth (`X-API-Key`).
-pub fn router(app: Arc<App>) -> Router<Arc<App>> {
+/// The `/api/v1` routes (auth is [`crate::http::auth`]'s: `X-API-Key: tml-<token>`).
+pub fn router() -> Router<Arc<App>> {
     Router::new()
         .route("/api/v1/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/api/v1/client/config", post(client_config))
@@ -174,29 +174,14 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         .route("/api/v1/training_runs/{id}/checkpoints/{*ckpt}", delete(delete_checkpoint))
         .route("/api/v1/checkpoints", get(list_all_checkpoints))
         .route("/api/v1/weights_info", post(weights_info))
-        .layer(axum::middleware::from_fn_with_state(app, auth))
 }
 
 /// Tinker's error body (FastAPI's shape, which the SDK prints as `Error code: N - {...}`).
 fn err(e: ApiError) -> Response {
-    (e.status, Json(json!({"detail": e.message, "kind": e.kind}))).into_response()
-}
-
-async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
-    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::routes::bearer_token);
-    let given = key.map(|k| k.strip_prefix("tml-").unwrap_or(k)).or(bearer);
-    match given {
-        Some(t) if crate::routes::constant_time_eq(t.as_bytes(), app.token.as_bytes()) => {
-            app.shared.last_activity_ms.store(crate::worker::now_ms(), Ordering::SeqCst);
-            next.run(req).await
-        }
-        Some(_) => err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong X-API-Key: use tml-<token>, the token of hearth's session file")),
-        None => err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing X-API-Key: use tml-<token>, the token of hearth's session file")),
-    }
+    crate::http::envelope(true, e)
 }
 
 /// A JSON body, any unknown fields allowed (the SDK adds `type` literals and more).
 fn body<T: serde::de::DeserializeOwned>(b: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    crate::routes::parse_body(b)
+    crate::http::parse_body(b)
 }

@@ -55,7 +55,7 @@ pub(super) fn fb_key(req: &proto::ForwardBackwardRequest) -> u64 {
 /// A JSON training request: its body as a value, the body's key (of its canonical text, so
 /// spacing does not matter), and its place if it names a `model_id` and an integer `seq_id`.
 pub(super) fn json_request(route: &str, b: Result<Bytes, BytesRejection>) -> Result<(Value, u64, Option<Place>), ApiError> {
-    let v: Value = crate::routes::parse_body(b)?;
+    let v: Value = crate::http::parse_body(b)?;
     let key = body_key(route, v.to_string().as_bytes());
     let place = match (v.get("model_id").and_then(Value::as_str), v.get("seq_id").and_then(Value::as_i64)) {
         (Some(m), Some(seq_id)) => Some(Place { model_id: m.to_string(), seq_id }),
@@ -66,7 +66,7 @@ pub(super) fn json_request(route: &str, b: Result<Bytes, BytesRejection>) -> Res
 
 /// A JSON value as a typed request; an error names the field, as a body parsed at once does.
 pub(super) fn typed<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(v).map_err(crate::routes::field_error)
+    serde_path_to_error::deserialize(v).map_err(crate::http::field_error)
 }
 
 /// A body of at most `limit` bytes, and `true`; or, over the limit, its first [`PREFIX`] bytes

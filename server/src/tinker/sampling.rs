@@ -33,7 +33,7 @@ pub(super) async fn create_sampling_session(State(app): State<Arc<App>>, b: Resu
         Ok((_, rx)) => rx,
         Err(e) => return err(e),
     };
-    match crate::routes::wait_result(rx).await {
+    match crate::http::wait_result(rx).await {
         Ok(_) => {
             lock(&app.tinker.samplers).insert(id.clone(), sampler);
             Json(json!({"sampling_session_id": id, "type": "create_sampling_session"})).into_response()
