@@ -58,6 +58,8 @@ export HEARTH_REQUIRE_REFERENCE=1
 # (llama-cpp-python) live in the reference virtualenv too: engine/tests/gguf.rs and notebooks
 # 05-06 use them (HEARTH_SMOLLM2_GGUF is exported by bench/reference.sh).
 export HEARTH_PYTHON="$HEARTH_REF_PYTHON"
+# The vendored crates are the crates.io releases plus third_party/patches (nothing edited by hand).
+scripts/vendor.sh --check
 cargo test --release --workspace --locked "$@"
 cargo build --release --workspace --locked --bins
 # The GPU check in its CPU mode: parity against PyTorch + PEFT (f32 and bf16), training and decode
