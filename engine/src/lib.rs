@@ -10,6 +10,22 @@
 //!
 //! This crate knows nothing of HTTP, async runtimes or front-ends.
 //!
+//! # Threads
+//!
+//! - A primitive runs for one caller at a time (the server's engine thread, a cell's session) and
+//!   `fused::in_pool_for` puts it where its device wants it: on the CPU into rayon's global pool,
+//!   so every parallel kernel starts among warm siblings; on a GPU on the calling thread, bound
+//!   to the device's one stream ([`device`]).
+//! - Training kernels ([`fused`]) split large products by output columns over rayon, each task
+//!   running gemm on one thread; small products stay on the calling thread.
+//! - Decoding's few-rows products (`gemv`) use candle's barrier pool, whose workers spin between
+//!   ops; candle's large element-wise ops use rayon (vendored candle-core).
+//! - rayon's idle workers look for work for 1 ms before they sleep (vendored rayon-core,
+//!   `HEARTH_POOL_SPIN_US`), so a step's short serial stretches do not put the sibling to sleep.
+//! - malloc keeps freed memory in one arena ([`alloc`]) instead of returning and re-faulting it,
+//!   and gemm keeps its packing buffer per thread (vendored gemm-common), so threads do not queue
+//!   on that arena.
+//!
 //! ```
 //! use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LossFn, LossFnInputs, TrainingConfig};
 //! use hearth_engine::{preset::Preset, BaseModel, TrainingSession};
