@@ -110,13 +110,7 @@ mod cuda {
             // nothing more.
             unsafe { ctx.disable_event_tracking() };
         }
-        if let Some(pool) = pool(&device) {
-            let mut keep = u64::MAX;
-            // SAFETY: the attribute is a cuuint64_t, read from a local u64.
-            unsafe {
-                sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut keep as *mut u64).cast());
-            }
-        }
+        set_pool_attribute(&device, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX);
         Ok(device)
     }
 
@@ -147,6 +141,15 @@ mod cuda {
         (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
     }
 
+    /// Sets a cuuint64_t attribute of the device's default memory pool (nothing without one).
+    fn set_pool_attribute(device: &Device, attribute: sys::CUmemPool_attribute, mut value: u64) {
+        let Some(pool) = pool(device) else { return };
+        // SAFETY: the attribute is a cuuint64_t, read from a local u64.
+        unsafe {
+            sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast());
+        }
+    }
+
     pub fn pool_unused(device: &Device) -> Option<u64> {
         let reserved = pool_attribute(device, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
         let used = pool_attribute(device, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
@@ -175,12 +178,8 @@ mod cuda {
     }
 
     pub fn pool_reset_peak(device: &Device) {
-        let Some(pool) = pool(device) else { return };
-        let mut zero: u64 = 0;
-        // SAFETY: the high-water marks may only be reset to zero, passed as a cuuint64_t.
-        unsafe {
-            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast());
-        }
+        // the high-water marks may only be reset to zero
+        set_pool_attribute(device, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
     }
 }
 

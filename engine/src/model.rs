@@ -447,6 +447,18 @@ impl Chunking {
             Self { attn_elements: base.attn_elements * 4, head_elements: base.head_elements * 4 }
         }
     }
+
+    /// Query rows per attention chunk over `b` sequences of `heads` heads and `keys` keys: at
+    /// most `attn_elements` scores, one row at least.
+    pub fn attention_rows(&self, b: usize, heads: usize, keys: usize) -> usize {
+        (self.attn_elements / (b * heads * keys.max(1)).max(1)).max(1)
+    }
+
+    /// Positions per chunk of the head over `b` sequences of `t` positions and a vocabulary of
+    /// `vocab`: at most `head_elements` logits, one position at least (and at most `t`).
+    pub fn head_positions(&self, b: usize, t: usize, vocab: usize) -> usize {
+        (self.head_elements / (b * vocab).max(1)).clamp(1, t.max(1))
+    }
 }
 
 /// A trainable parameter with its checkpoint name (PEFT names for LoRA, HF names for full).
@@ -659,10 +671,9 @@ impl Model {
     /// Attention for a batch of `b` sequences over `keys` positions: query chunks sized so that
     /// one chunk's scores hold at most `chunking.attn_elements` values.
     pub fn attn_spec(&self, b: usize, keys: usize) -> AttnSpec {
-        let per_row = b * self.config.num_attention_heads * keys.max(1);
         AttnSpec {
             window: self.config.sliding_window,
-            chunk: (self.chunking.attn_elements / per_row).max(1),
+            chunk: self.chunking.attention_rows(b, self.config.num_attention_heads, keys),
             keys,
             masks: Default::default(),
         }

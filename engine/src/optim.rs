@@ -206,16 +206,13 @@ impl AdamW {
         if !fused {
             return self.step_composed(params, grads, p);
         }
-        let grad_norm = global_norm_with(grads, fused)?;
+        let grad_norm = global_norm_with(grads, true)?;
         if !grad_norm.is_finite() {
             return Err(EngineError::NonFiniteLoss { op: "optim_step", value: grad_norm });
         }
         // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
         let clip = if p.grad_clip_norm > 0.0 { (p.grad_clip_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
-        let step = self.step + 1;
-        let bias1 = 1.0 - p.beta1.powi(step as i32);
-        let bias2_sqrt = (1.0 - p.beta2.powi(step as i32)).sqrt();
-        let step_size = p.learning_rate / bias1;
+        let (step, bias2_sqrt, step_size) = self.schedule(p);
         // Compute every update first, then commit, so a failure midway changes nothing.
         let with_grads = || params.iter().filter_map(|(name, var)| Some((name, var, grads.get(name)?)));
         let c = Coefs {
@@ -234,6 +231,21 @@ impl AdamW {
             .into_par_iter()
             .map(|(name, var, g)| fused_update(var.as_tensor(), g, self.moments.get(name), c).map(|(param, m)| (name, var, param, m)))
             .collect::<Result<_>>()?;
+        self.commit(step, updates, p, grad_norm)
+    }
+
+    /// The next step's number, `sqrt(1 − β₂^step)` and the step size `lr / (1 − β₁^step)`
+    /// (torch's bias corrections).
+    fn schedule(&self, p: &AdamParams) -> (u64, f64, f64) {
+        let step = self.step + 1;
+        let bias1 = 1.0 - p.beta1.powi(step as i32);
+        let bias2_sqrt = (1.0 - p.beta2.powi(step as i32)).sqrt();
+        (step, bias2_sqrt, p.learning_rate / bias1)
+    }
+
+    /// Applies a step's updates, all computed and checked before: the new values and moments,
+    /// and the step counter.
+    fn commit(&mut self, step: u64, updates: Vec<(&String, &Var, Tensor, Moments)>, p: &AdamParams, grad_norm: f64) -> Result<OptimStepOutput> {
         for (name, var, param, moments) in updates {
             var.set(&param)?;
             self.moments.insert(name.clone(), moments);
@@ -256,10 +268,7 @@ impl AdamW {
         } else {
             None
         };
-        let step = self.step + 1;
-        let bias1 = 1.0 - p.beta1.powi(step as i32);
-        let bias2_sqrt = (1.0 - p.beta2.powi(step as i32)).sqrt();
-        let step_size = p.learning_rate / bias1;
+        let (step, bias2_sqrt, step_size) = self.schedule(p);
         let mut updates = Vec::new();
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
@@ -296,12 +305,7 @@ impl AdamW {
         if !finite {
             return Err(non_finite_update());
         }
-        for (name, var, param, moments) in updates {
-            var.set(&param)?;
-            self.moments.insert(name.clone(), moments);
-        }
-        self.step = step;
-        Ok(OptimStepOutput { step, learning_rate: p.learning_rate, grad_norm })
+        self.commit(step, updates, p, grad_norm)
     }
 }
 

@@ -94,15 +94,14 @@ const LOGIT_BYTES: u64 = 28;
 
 /// Elements of one query chunk's attention scores in a pass over `b` sequences of `t` positions.
 fn attention_chunk_elements(model: &Model, b: usize, t: usize) -> u64 {
-    let rows = model.attn_spec(b, t).chunk.min(t);
-    (b * model.config().num_attention_heads * rows * t) as u64
+    let heads = model.config().num_attention_heads;
+    (b * heads * model.chunking().attention_rows(b, heads, t).min(t) * t) as u64
 }
 
 /// Elements of one chunk of the head's logits (at least one position of every sequence).
 fn head_chunk_elements(model: &Model, b: usize, t: usize) -> u64 {
     let v = model.config().vocab_size;
-    let positions = (model.chunking().head_elements / (b * v).max(1)).clamp(1, t.max(1));
-    (b * positions * v) as u64
+    (b * model.chunking().head_positions(b, t, v) * v) as u64
 }
 
 /// What one step keeps for backward without recompute: every layer's graph, one chunk of the
@@ -187,14 +186,12 @@ pub const MAX_GPU_TENSOR_ELEMENTS: u64 = u32::MAX as u64;
 /// split: the layers' activations (B, T, widest projection), one query chunk's attention scores
 /// (at least one row: B·H·T) and one chunk of the head's logits (at least one position: B·V).
 pub fn largest_tensor_elements(config: &crate::config::ModelConfig, chunking: crate::model::Chunking, b: usize, t: usize) -> u64 {
-    let (b, t) = (b as u64, t as u64);
     let c = config;
-    let widest = [c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim].into_iter().max().unwrap_or(0) as u64;
-    let scores_row = b * c.num_attention_heads as u64 * t;
-    let scores = scores_row.max((chunking.attn_elements as u64 / scores_row.max(1)).max(1).min(t) * scores_row);
-    let head_row = b * c.vocab_size as u64;
-    let head = head_row.max((chunking.head_elements as u64 / head_row.max(1)).clamp(1, t.max(1)) * head_row);
-    (b * t * widest).max(scores).max(head)
+    let widest = [c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim].into_iter().max().unwrap_or(0);
+    let scores_row = (b * c.num_attention_heads * t) as u64;
+    let scores = chunking.attention_rows(b, c.num_attention_heads, t).min(t.max(1)) as u64 * scores_row;
+    let head = (b * c.vocab_size * chunking.head_positions(b, t, c.vocab_size)) as u64;
+    ((b * t * widest) as u64).max(scores).max(head)
 }
 
 /// Refuses, before anything runs, a pass on a GPU whose largest unsplit tensor would pass
@@ -320,7 +317,7 @@ pub fn run_whole_graph(model: &Model, batch: &Batch, loss_fn: &LossFn, params: &
 /// differentiated at once and the gradient of `h` comes back.
 fn head(model: &Model, h: &Tensor, batch: &Batch, loss_fn: &LossFn, mut acc: Option<&mut Acc>) -> Result<(LossTerms, Option<Tensor>)> {
     let (b, t, _c) = h.dims3()?;
-    let chunk = (model.chunking().head_elements / (b * model.config().vocab_size).max(1)).clamp(1, t.max(1));
+    let chunk = model.chunking().head_positions(b, t, model.config().vocab_size);
     let (mut logprobs, mut per_token, mut grads) = (Vec::new(), Vec::new(), Vec::new());
     for s in (0..t).step_by(chunk) {
         let len = chunk.min(t - s);

@@ -146,7 +146,7 @@ impl TrainingSession {
         crate::fused::in_pool_for(&self.base.device, || {
             let model = self.model.detached();
             let h = model.hidden(&ids)?; // (1,T,C)
-            let chunk = (model.chunking().head_elements / cfg.vocab_size.max(1)).clamp(1, t.max(1));
+            let chunk = model.chunking().head_positions(1, t, cfg.vocab_size);
             let parts = (0..t)
                 .step_by(chunk)
                 .map(|s| Ok(model.head(&h.narrow(1, s, chunk.min(t - s))?)?.squeeze(0)?.to_dtype(DType::F32)?))

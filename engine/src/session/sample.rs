@@ -33,9 +33,6 @@ const MAX_CANDIDATES: usize = SORT_BLOCK / 2;
 const NUCLEUS_FIRST: usize = 256;
 /// Weights summed per block for a draw from the whole vocabulary.
 const SUM_BLOCK: usize = 512;
-/// Most elements one tensor may hold: candle's CUDA kernels index with 32 bits, and past 2³²
-/// elements their results are silently wrong.
-const MAX_ELEMENTS: u64 = 1 << 32;
 
 /// Where a step's picks are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,11 +71,11 @@ fn validate(p: &SamplingParams, num_samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// A step's logits (n, V), padded to whole sort blocks, are one tensor: past 2³² elements
+/// A step's logits (n, V), padded to whole sort blocks, are one tensor: past 2³² − 1 elements
 /// candle's CUDA kernels would index them wrongly, so such a call is refused. (Prompt logits are
 /// chunked by position; one position's row fits whenever a step's rows do.)
 fn check_step_size(num_samples: usize, vocab: usize) -> Result<()> {
-    if num_samples as u64 * (vocab.div_ceil(SORT_BLOCK) * SORT_BLOCK) as u64 > MAX_ELEMENTS {
+    if num_samples as u64 * (vocab.div_ceil(SORT_BLOCK) * SORT_BLOCK) as u64 > crate::recompute::MAX_GPU_TENSOR_ELEMENTS {
         return Err(EngineError::InvalidParam {
             field: "num_samples",
             value: format!("{num_samples} (vocab_size {vocab})"),
@@ -464,7 +461,7 @@ fn pick(logits: &Tensor, rows: &[usize], us: &[f64], p: &SamplingParams, picking
 /// least), and one number per position crosses to the host.
 fn score_prompt(model: &Model, hidden: &Tensor, prompt: &[u32]) -> Result<(Vec<Option<f32>>, Tensor)> {
     let (_b, len, _c) = hidden.dims3()?;
-    let chunk = (model.chunking().head_elements / model.config().vocab_size.max(1)).clamp(1, len.max(1));
+    let chunk = model.chunking().head_positions(1, len, model.config().vocab_size);
     let mut logprobs = vec![None];
     let mut last = None;
     for s in (0..len).step_by(chunk) {
