@@ -23,7 +23,8 @@ fn reversed(word: &str) -> String {
 
 /// Greedy answers for every word, and how many are right.
 fn answers(run: &Session) -> anyhow::Result<(Vec<String>, usize)> {
-    let greedy = SamplingParams { max_tokens: 6, temperature: 0.0, stop: vec![Stop::Text("\n".into())], ..Default::default() };
+    let greedy =
+        SamplingParams { max_tokens: 6, temperature: 0.0, stop: vec![Stop::Text("\n".into())], ..Default::default() };
     let mut got = Vec::new();
     let mut correct = 0;
     for w in WORDS {
@@ -52,7 +53,10 @@ fn main() -> anyhow::Result<()> {
     println!("run {}", run.run_name());
 
     // 2. The data: prompt "cat>", completion "tac\n"; the loss counts the completion only.
-    let data: Vec<Datum> = WORDS.iter().map(|w| session.supervised(&format!("{w}>"), &format!("{}\n", reversed(w)))).collect::<Result<_, _>>()?;
+    let data: Vec<Datum> = WORDS
+        .iter()
+        .map(|w| session.supervised(&format!("{w}>"), &format!("{}\n", reversed(w))))
+        .collect::<Result<_, _>>()?;
 
     let (before, _) = answers(&run)?;
     println!("before: {}", before.join(" "));

@@ -113,7 +113,9 @@ impl<'de> Deserialize<'de> for LossFn {
         let cfg = raw.loss_fn_config.unwrap_or_default();
         let clip = |name: &str| -> Result<PpoConfig, D::Error> {
             if cfg.beta.is_some() {
-                return Err(D::Error::custom(format!("loss_fn_config: {name} takes clip_low_threshold and clip_high_threshold, not beta")));
+                return Err(D::Error::custom(format!(
+                    "loss_fn_config: {name} takes clip_low_threshold and clip_high_threshold, not beta"
+                )));
             }
             Ok(PpoConfig {
                 clip_low_threshold: cfg.clip_low_threshold.unwrap_or_else(default_clip_low),
@@ -493,7 +495,13 @@ pub struct SampleInput {
 impl Default for SampleInput {
     /// An empty prompt, one sample, default sampling parameters.
     fn default() -> Self {
-        Self { prompt: Vec::new(), num_samples: 1, sampling_params: SamplingParams::default(), prompt_logprobs: false, base_model_only: false }
+        Self {
+            prompt: Vec::new(),
+            num_samples: 1,
+            sampling_params: SamplingParams::default(),
+            prompt_logprobs: false,
+            base_model_only: false,
+        }
     }
 }
 
@@ -539,27 +547,46 @@ mod tests {
 
     #[test]
     fn loss_fn_wire_format_matches_tinker_names() {
-        let input: ForwardBackwardInput = serde_json::from_str(
-            r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"clip_low_threshold": 0.7}}"#,
-        )
-        .unwrap();
+        let input: ForwardBackwardInput =
+            serde_json::from_str(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"clip_low_threshold": 0.7}}"#)
+                .unwrap();
         assert_eq!(input.loss_fn, LossFn::Ppo(PpoConfig { clip_low_threshold: 0.7, clip_high_threshold: 1.2 }));
         let ce: ForwardBackwardInput = serde_json::from_str(r#"{"data": [], "loss_fn": "cross_entropy"}"#).unwrap();
         assert_eq!(ce.loss_fn, LossFn::CrossEntropy);
-        let parse = |s: &str| serde_json::from_str::<ForwardBackwardInput>(s).map(|i| i.loss_fn).map_err(|e| e.to_string());
+        let parse =
+            |s: &str| serde_json::from_str::<ForwardBackwardInput>(s).map(|i| i.loss_fn).map_err(|e| e.to_string());
         assert!(parse(r#"{"data": [], "loss_fn": "mse"}"#).unwrap_err().contains("unknown loss_fn `mse`"));
         // a left-out config (or null, as the Tinker SDK sends) means the defaults
         assert_eq!(parse(r#"{"data": [], "loss_fn": "ppo"}"#), Ok(LossFn::Ppo(PpoConfig::default())));
-        assert_eq!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": null}"#), Ok(LossFn::Ppo(PpoConfig::default())));
+        assert_eq!(
+            parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": null}"#),
+            Ok(LossFn::Ppo(PpoConfig::default()))
+        );
         assert_eq!(parse(r#"{"data": [], "loss_fn": "cispo"}"#), Ok(LossFn::Cispo(PpoConfig::default())));
-        assert_eq!(parse(r#"{"data": [], "loss_fn": "dro", "loss_fn_config": {"beta": 0.1}}"#), Ok(LossFn::Dro(DroConfig { beta: 0.1 })));
+        assert_eq!(
+            parse(r#"{"data": [], "loss_fn": "dro", "loss_fn_config": {"beta": 0.1}}"#),
+            Ok(LossFn::Dro(DroConfig { beta: 0.1 }))
+        );
         assert_eq!(parse(r#"{"data": [], "loss_fn": "dro"}"#), Ok(LossFn::Dro(DroConfig::default())));
-        assert!(parse(r#"{"data": [], "loss_fn": "dro", "loss_fn_config": {"clip_low_threshold": 0.5}}"#).unwrap_err().contains("dro takes beta"));
-        assert!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"beta": 0.5}}"#).unwrap_err().contains("not beta"));
-        assert!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"clip": 0.5}}"#).unwrap_err().contains("clip"));
-        assert!(parse(r#"{"data": [], "loss_fn": "cross_entropy", "loss_fn_config": {"beta": 1}}"#).unwrap_err().contains("no configuration"));
+        assert!(parse(r#"{"data": [], "loss_fn": "dro", "loss_fn_config": {"clip_low_threshold": 0.5}}"#)
+            .unwrap_err()
+            .contains("dro takes beta"));
+        assert!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"beta": 0.5}}"#)
+            .unwrap_err()
+            .contains("not beta"));
+        assert!(parse(r#"{"data": [], "loss_fn": "ppo", "loss_fn_config": {"clip": 0.5}}"#)
+            .unwrap_err()
+            .contains("clip"));
+        assert!(parse(r#"{"data": [], "loss_fn": "cross_entropy", "loss_fn_config": {"beta": 1}}"#)
+            .unwrap_err()
+            .contains("no configuration"));
         // what is written reads back
-        for loss in [LossFn::CrossEntropy, LossFn::Ppo(PpoConfig::default()), LossFn::Cispo(PpoConfig { clip_low_threshold: 0.5, clip_high_threshold: 2.0 }), LossFn::Dro(DroConfig { beta: 0.3 })] {
+        for loss in [
+            LossFn::CrossEntropy,
+            LossFn::Ppo(PpoConfig::default()),
+            LossFn::Cispo(PpoConfig { clip_low_threshold: 0.5, clip_high_threshold: 2.0 }),
+            LossFn::Dro(DroConfig { beta: 0.3 }),
+        ] {
             let text = serde_json::to_string(&ForwardBackwardInput { data: vec![], loss_fn: loss }).unwrap();
             assert_eq!(parse(&text), Ok(loss), "{text}");
         }
@@ -902,7 +929,10 @@ pub fn home_dir() -> std::path::PathBuf {
     use std::path::PathBuf;
     let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     var("HEARTH_HOME").unwrap_or_else(|| {
-        var("XDG_DATA_HOME").or_else(|| var("HOME").map(|h| h.join(".local/share"))).unwrap_or_else(std::env::temp_dir).join("hearth")
+        var("XDG_DATA_HOME")
+            .or_else(|| var("HOME").map(|h| h.join(".local/share")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("hearth")
     })
 }
 
@@ -932,4 +962,3 @@ impl SessionFile {
         serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 }
-

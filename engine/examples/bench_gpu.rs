@@ -17,8 +17,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use hearth_api::{
-    AdamParams, CheckpointKind, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, SampleInput, SamplingParams,
-    TargetModule, TrainingConfig,
+    AdamParams, CheckpointKind, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, SampleInput,
+    SamplingParams, TargetModule, TrainingConfig,
 };
 use hearth_engine::recompute::Recompute;
 use hearth_engine::rng::Rng;
@@ -111,12 +111,20 @@ fn random_base(shape: &str, device: &Device, dtype: DType) -> Result<BaseModel> 
         * dtype.size_in_bytes() as u64;
     if let Some(free) = device::available_memory(device) {
         if need > free {
-            bail!("{shape} needs {:.1} GB of weights as {dtype:?}; {:.1} GB is free", need as f64 / 1e9, free as f64 / 1e9);
+            bail!(
+                "{shape} needs {:.1} GB of weights as {dtype:?}; {:.1} GB is free",
+                need as f64 / 1e9,
+                free as f64 / 1e9
+            );
         }
     }
     let mut weights = HashMap::new();
     for (name, s, ones) in tensor_shapes(&config) {
-        let t = if ones { Tensor::ones(s, dtype, device)? } else { Tensor::randn(0f32, 0.02, s, device)?.to_dtype(dtype)? };
+        let t = if ones {
+            Tensor::ones(s, dtype, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, device)?.to_dtype(dtype)?
+        };
         weights.insert(name, t);
     }
     Ok(BaseModel {
@@ -134,7 +142,12 @@ fn random_base(shape: &str, device: &Device, dtype: DType) -> Result<BaseModel> 
 }
 
 fn lora(rank: usize) -> TrainingConfig {
-    TrainingConfig::Lora(LoraConfig { rank, alpha: 2.0 * rank as f64, target_modules: TargetModule::ALL.to_vec(), seed: 0 })
+    TrainingConfig::Lora(LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+        target_modules: TargetModule::ALL.to_vec(),
+        seed: 0,
+    })
 }
 
 fn random_tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
@@ -167,7 +180,8 @@ fn train(a: &Args) -> Result<Value> {
     let dev = a.device()?;
     let dtype = a.dtype(&dev)?;
     let shape = a.req("--shape")?;
-    let (t, b, steps, warmup) = (a.num("--seq-len", 2048)?, a.num("--batch", 1)?, a.num("--steps", 3)?, a.num("--warmup", 1)?);
+    let (t, b, steps, warmup) =
+        (a.num("--seq-len", 2048)?, a.num("--batch", 1)?, a.num("--steps", 3)?, a.num("--warmup", 1)?);
     let recompute = Recompute::parse(a.get("--recompute").unwrap_or("auto")).context("--recompute: auto, on or off")?;
     let load = Instant::now();
     let base = Arc::new(random_base(shape, &dev, dtype)?);
@@ -242,8 +256,14 @@ fn parity_model(a: &Args) -> Result<Value> {
     let out = PathBuf::from(a.req("--out")?);
     std::fs::create_dir_all(&out)?;
     let mut json = shape_json("tiny")?;
-    for (k, v) in [("hidden_size", 256), ("intermediate_size", 688), ("num_hidden_layers", 4), ("num_attention_heads", 8),
-                   ("num_key_value_heads", 4), ("vocab_size", 2048)] {
+    for (k, v) in [
+        ("hidden_size", 256),
+        ("intermediate_size", 688),
+        ("num_hidden_layers", 4),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 4),
+        ("vocab_size", 2048),
+    ] {
         json[k] = json!(v);
     }
     json["tie_word_embeddings"] = json!(false);
@@ -262,14 +282,21 @@ fn parity_model(a: &Args) -> Result<Value> {
     let mut params = HashMap::new();
     for (name, var) in session.parameters() {
         let t = var.as_tensor();
-        let v = if name.contains("lora_B") { Tensor::from_vec(rng.normal_vec(t.elem_count(), 0.05), t.shape(), &Device::Cpu)? } else { t.copy()? };
+        let v = if name.contains("lora_B") {
+            Tensor::from_vec(rng.normal_vec(t.elem_count(), 0.05), t.shape(), &Device::Cpu)?
+        } else {
+            t.copy()?
+        };
         params.insert(name.clone(), v);
     }
     session.set_parameters(&params)?;
     session.save_state(&out.join("adapter"), CheckpointKind::Adapter)?;
     let data: Vec<Vec<u32>> = [97usize, 64].iter().map(|&n| random_tokens(&mut rng, n + 1, cfg.vocab_size)).collect();
     let prompt = random_tokens(&mut rng, 16, cfg.vocab_size);
-    std::fs::write(out.join("data.json"), serde_json::to_string(&json!({"sequences": data, "greedy_prompt": prompt, "greedy_tokens": 32}))?)?;
+    std::fs::write(
+        out.join("data.json"),
+        serde_json::to_string(&json!({"sequences": data, "greedy_prompt": prompt, "greedy_tokens": 32}))?,
+    )?;
     Ok(json!({"what": "parity-model", "dir": out}))
 }
 
@@ -284,7 +311,8 @@ fn parity(a: &Args) -> Result<Value> {
     let mut session = TrainingSession::new(base, lora(8))?;
     let adapter = candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)?;
     session.set_parameters(&adapter)?;
-    let input = ForwardBackwardInput { data: seqs.iter().map(|s| ce_datum(s)).collect(), loss_fn: LossFn::CrossEntropy };
+    let input =
+        ForwardBackwardInput { data: seqs.iter().map(|s| ce_datum(s)).collect(), loss_fn: LossFn::CrossEntropy };
     // Threads as the server uses them: the model loaded on this thread, the step on another, a
     // copy of the gradients dropped on a third that made no device call. On a GPU the one
     // stream of `hearth_engine::device` orders all of it; a race shows up as a parity failure.
@@ -310,7 +338,11 @@ fn parity(a: &Args) -> Result<Value> {
     let sample = SampleInput {
         prompt,
         num_samples: 1,
-        sampling_params: SamplingParams { max_tokens: data["greedy_tokens"].as_u64().unwrap_or(32) as usize, temperature: 0.0, ..SamplingParams::default() },
+        sampling_params: SamplingParams {
+            max_tokens: data["greedy_tokens"].as_u64().unwrap_or(32) as usize,
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
         ..SampleInput::default()
     };
     let greedy = session.sample(&sample, &|_: &[u32]| String::new(), &|| false)?;

@@ -6,9 +6,42 @@
 use std::time::Instant;
 
 #[allow(clippy::too_many_arguments)] // gemm's own interface
-fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], d_rs: isize, d_cs: isize, lhs: &[f32], l_rs: isize, l_cs: isize, rhs: &[f32], r_rs: isize, r_cs: isize) {
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    d_rs: isize,
+    d_cs: isize,
+    lhs: &[f32],
+    l_rs: isize,
+    l_cs: isize,
+    rhs: &[f32],
+    r_rs: isize,
+    r_cs: isize,
+) {
     unsafe {
-        gemm::gemm(m, n, k, dst.as_mut_ptr(), d_cs, d_rs, false, lhs.as_ptr(), l_cs, l_rs, rhs.as_ptr(), r_cs, r_rs, 0.0, 1.0, false, false, false, gemm::Parallelism::None)
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            d_cs,
+            d_rs,
+            false,
+            lhs.as_ptr(),
+            l_cs,
+            l_rs,
+            rhs.as_ptr(),
+            r_cs,
+            r_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 
@@ -23,7 +56,12 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let t = 256;
-    for (name, inp, out) in [("q 576→576", 576, 576), ("gate 576→1536", 576, 1536), ("down 1536→576", 1536, 576), ("head 576→49152", 576, 49152)] {
+    for (name, inp, out) in [
+        ("q 576→576", 576, 576),
+        ("gate 576→1536", 576, 1536),
+        ("down 1536→576", 1536, 576),
+        ("head 576→49152", 576, 49152),
+    ] {
         let x: Vec<f32> = (0..t * inp).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
         let w: Vec<f32> = (0..out * inp).map(|i| ((i * 5 % 11) as f32 - 5.0) / 10.0).collect();
         let g: Vec<f32> = (0..t * out).map(|i| ((i * 3 % 7) as f32 - 3.0) / 10.0).collect();

@@ -56,11 +56,13 @@ fn main() -> Result<()> {
         Some(i) => std::path::PathBuf::from(args.get(i + 1).context("--model needs a path")?),
         None => dir,
     };
-    let base = Arc::new(BaseModel::load_quantized(&path, &candle_core::Device::Cpu, candle_core::DType::F32, quantize)?);
+    let base =
+        Arc::new(BaseModel::load_quantized(&path, &candle_core::Device::Cpu, candle_core::DType::F32, quantize)?);
     let lora = LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() };
     let mut session = TrainingSession::new(base.clone(), TrainingConfig::Lora(lora))?;
     let recompute = match args.iter().position(|a| a == "--recompute") {
-        Some(i) => hearth_engine::recompute::Recompute::parse(args.get(i + 1).map_or("", String::as_str)).context("--recompute: auto, on or off")?,
+        Some(i) => hearth_engine::recompute::Recompute::parse(args.get(i + 1).map_or("", String::as_str))
+            .context("--recompute: auto, on or off")?,
         None => hearth_engine::recompute::Recompute::Auto,
     };
     session.set_recompute(recompute);
@@ -76,10 +78,14 @@ fn main() -> Result<()> {
     let mut rng = Rng::new(1);
     let vocab = base.config.vocab_size as u64;
     let tokens: Vec<u32> = (0..=seq_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let datum = Datum::new(tokens[..seq_len].to_vec(), LossFnInputs::cross_entropy(tokens[1..].to_vec(), vec![1.0; seq_len]));
+    let datum =
+        Datum::new(tokens[..seq_len].to_vec(), LossFnInputs::cross_entropy(tokens[1..].to_vec(), vec![1.0; seq_len]));
     let input = ForwardBackwardInput { data: vec![datum], loss_fn: LossFn::CrossEntropy };
     let adam = match args.iter().position(|a| a == "--lr") {
-        Some(i) => AdamParams { learning_rate: args.get(i + 1).context("--lr needs a number")?.parse().context("--lr needs a number")?, ..AdamParams::default() },
+        Some(i) => AdamParams {
+            learning_rate: args.get(i + 1).context("--lr needs a number")?.parse().context("--lr needs a number")?,
+            ..AdamParams::default()
+        },
         None => AdamParams::default(),
     };
     let pools: Vec<usize> = match args.iter().position(|a| a == "--pools") {
@@ -91,7 +97,8 @@ fn main() -> Result<()> {
             .collect::<Result<_>>()?,
         None => Vec::new(),
     };
-    let pools: Vec<rayon::ThreadPool> = pools.iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build()).collect::<Result<_, _>>()?;
+    let pools: Vec<rayon::ThreadPool> =
+        pools.iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build()).collect::<Result<_, _>>()?;
     let mut times = Vec::with_capacity(steps);
     let mut optim_times = Vec::with_capacity(steps);
     let mut pool_times = vec![Vec::with_capacity(steps); pools.len()];
@@ -101,7 +108,11 @@ fn main() -> Result<()> {
         let out = session.forward_backward(&input)?;
         let o = Instant::now();
         session.optim_step(&adam)?;
-        Ok((t.elapsed().as_secs_f64(), o.elapsed().as_secs_f64(), out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN)))
+        Ok((
+            t.elapsed().as_secs_f64(),
+            o.elapsed().as_secs_f64(),
+            out.metrics.get("loss:sum").copied().unwrap_or(f64::NAN),
+        ))
     };
     for i in 0..warmup + steps {
         if pools.is_empty() {

@@ -69,7 +69,10 @@ fn main() -> Result<()> {
     for (prompt, _) in EXAMPLES {
         println!("before: {prompt:?} -> {:?}", greedy(&session, prompt, 20)?);
     }
-    let input = ForwardBackwardInput { data: EXAMPLES.iter().map(|(p, c)| datum(p, c)).collect(), loss_fn: LossFn::CrossEntropy };
+    let input = ForwardBackwardInput {
+        data: EXAMPLES.iter().map(|(p, c)| datum(p, c)).collect(),
+        loss_fn: LossFn::CrossEntropy,
+    };
     let adam = AdamParams { learning_rate: 3e-3, ..AdamParams::default() };
     let t1 = Instant::now();
     for step in 1..=60 {

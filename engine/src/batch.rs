@@ -33,7 +33,11 @@ pub fn validate(data: &[Datum], loss: &LossFn, vocab_size: usize, max_len: usize
     }
     if let LossFn::Dro(cfg) = loss {
         if !(cfg.beta.is_finite() && cfg.beta >= 0.0) {
-            return Err(EngineError::InvalidParam { field: "beta", value: cfg.beta.to_string(), reason: "must be finite and non-negative" });
+            return Err(EngineError::InvalidParam {
+                field: "beta",
+                value: cfg.beta.to_string(),
+                reason: "must be finite and non-negative",
+            });
         }
     }
     if let LossFn::Ppo(cfg) | LossFn::Cispo(cfg) = loss {
@@ -87,7 +91,9 @@ pub fn validate(data: &[Datum], loss: &LossFn, vocab_size: usize, max_len: usize
         if let Some(t) = &inputs.target_tokens {
             check_ids(t, &format!("data[{i}].loss_fn_inputs.target_tokens"), vocab_size)?;
         }
-        for (field, values) in [("weights", &inputs.weights), ("logprobs", &inputs.logprobs), ("advantages", &inputs.advantages)] {
+        for (field, values) in
+            [("weights", &inputs.weights), ("logprobs", &inputs.logprobs), ("advantages", &inputs.advantages)]
+        {
             if let Some((position, &value)) = values.iter().flatten().enumerate().find(|(_, v)| !v.is_finite()) {
                 return Err(EngineError::NonFinite { datum: i, field, position, value });
             }
@@ -113,7 +119,9 @@ pub fn check_tokens(tokens: &[u32], field: &str, vocab_size: usize, max_len: usi
 
 fn check_ids(ids: &[u32], field: &str, vocab_size: usize) -> Result<()> {
     match ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab_size) {
-        Some((position, &id)) => Err(EngineError::TokenOutOfRange { field: field.to_string(), position, id, vocab_size }),
+        Some((position, &id)) => {
+            Err(EngineError::TokenOutOfRange { field: field.to_string(), position, id, vocab_size })
+        }
         None => Ok(()),
     }
 }

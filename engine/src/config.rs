@@ -256,9 +256,8 @@ fn arch_to_type(arch: &str) -> String {
 fn parse_rope_scaling(value: Option<&serde_json::Value>) -> std::result::Result<RopeScaling, String> {
     let Some(v) = value.filter(|v| !v.is_null()) else { return Ok(RopeScaling::Default) };
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
-    let num = |key: &str| {
-        v.get(key).and_then(|x| x.as_f64()).ok_or_else(|| format!("rope scaling `{kind}` needs `{key}`"))
-    };
+    let num =
+        |key: &str| v.get(key).and_then(|x| x.as_f64()).ok_or_else(|| format!("rope scaling `{kind}` needs `{key}`"));
     match kind {
         "default" => Ok(RopeScaling::Default),
         "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),

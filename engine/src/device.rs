@@ -188,7 +188,9 @@ mod cuda {
     use candle_core::Device;
 
     pub fn open(_: usize) -> candle_core::Result<Device> {
-        Err(candle_core::Error::Msg("this build has no CUDA support: build with the `cuda` feature (scripts/build-cuda.sh)".into()))
+        Err(candle_core::Error::Msg(
+            "this build has no CUDA support: build with the `cuda` feature (scripts/build-cuda.sh)".into(),
+        ))
     }
 
     pub fn bind(_: &Device) {}

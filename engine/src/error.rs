@@ -16,7 +16,9 @@ pub enum EngineError {
         datum: usize,
     },
     /// A token id is not in the vocabulary.
-    #[error("{field}[{position}] = {id} is out of range: the vocabulary has {vocab_size} tokens (ids 0..{vocab_size})")]
+    #[error(
+        "{field}[{position}] = {id} is out of range: the vocabulary has {vocab_size} tokens (ids 0..{vocab_size})"
+    )]
     TokenOutOfRange {
         /// Path of the array, e.g. `data[2].model_input`.
         field: String,
@@ -197,7 +199,10 @@ pub(crate) fn io_error_in(e: &(dyn std::error::Error + 'static)) -> Option<std::
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return Some(io.raw_os_error().map_or_else(|| std::io::Error::new(io.kind(), io.to_string()), std::io::Error::from_raw_os_error));
+            return Some(
+                io.raw_os_error()
+                    .map_or_else(|| std::io::Error::new(io.kind(), io.to_string()), std::io::Error::from_raw_os_error),
+            );
         }
         cur = err.source();
     }

@@ -71,10 +71,12 @@ pub fn publish_dir(dir: &Path, replace: bool, fill: impl FnOnce(&Path) -> Result
 #[cfg(target_os = "linux")]
 fn exchange(a: &Path, b: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| EngineError::Weights(e.to_string()));
+    let cstr =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| EngineError::Weights(e.to_string()));
     let (ca, cb) = (cstr(a)?, cstr(b)?);
     // SAFETY: both are valid NUL-terminated paths; renameat2 reads them and touches no memory of ours.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
     if rc == 0 {
         Ok(())
     } else {

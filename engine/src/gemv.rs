@@ -29,7 +29,9 @@ pub fn frozen_matmul_few_rows(
     w_l: &Layout,
 ) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
     let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) else { return Ok(None) };
-    let (Some((xa, xb)), Some((wa, wb))) = (x_l.contiguous_offsets(), w_l.contiguous_offsets()) else { return Ok(None) };
+    let (Some((xa, xb)), Some((wa, wb))) = (x_l.contiguous_offsets(), w_l.contiguous_offsets()) else {
+        return Ok(None);
+    };
     let dims = x_l.dims();
     let Some((&k, batch)) = dims.split_last() else { return Ok(None) };
     let m: usize = batch.iter().product();
@@ -56,7 +58,12 @@ fn f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// scale · (x Aᵀ) Bᵀ`, with B given transposed (r, n). Decoding runs hundreds of these per token, and as separate candle ops
 /// (two matmuls, scale, add, bias) their fixed costs were a third of a token's time.
 /// `None` when the fast path does not apply (not CPU f32, too many rows, tracked tensors).
-pub fn linear_few_rows(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor, f64)>) -> Option<Tensor> {
+pub fn linear_few_rows(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<(&Tensor, &Tensor, f64)>,
+) -> Option<Tensor> {
     let dims = x.dims();
     let (&k, batch) = dims.split_last()?;
     let m: usize = batch.iter().product();
@@ -160,7 +167,15 @@ fn block_generic(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
         // four input rows per pass: each 16-wide chunk of the weight row is loaded once
         let mut i = 0;
         while i + 4 <= m {
-            let d = dot4([&x[i * k..(i + 1) * k], &x[(i + 1) * k..(i + 2) * k], &x[(i + 2) * k..(i + 3) * k], &x[(i + 3) * k..(i + 4) * k]], row);
+            let d = dot4(
+                [
+                    &x[i * k..(i + 1) * k],
+                    &x[(i + 1) * k..(i + 2) * k],
+                    &x[(i + 2) * k..(i + 3) * k],
+                    &x[(i + 3) * k..(i + 4) * k],
+                ],
+                row,
+            );
             out[i..i + 4].copy_from_slice(&d);
             i += 4;
         }

@@ -41,7 +41,9 @@ impl HubOptions {
             var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| user.join(".cache")).join("huggingface")
         });
         let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| home.join("hub"));
-        let token = var("HF_TOKEN").or_else(|| std::fs::read_to_string(home.join("token")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()));
+        let token = var("HF_TOKEN").or_else(|| {
+            std::fs::read_to_string(home.join("token")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+        });
         Self {
             endpoint: var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()),
             cache_dir,
@@ -53,11 +55,18 @@ impl HubOptions {
 }
 
 /// Files a model folder may have besides its weights.
-const OPTIONAL: [&str; 5] = ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+const OPTIONAL: [&str; 5] = [
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
 
 fn looks_like_repo_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
 /// True when `dir` holds `config.json` and every weight file it names.
@@ -157,7 +166,10 @@ fn download(spec: &str, repo: &Repo, opts: &HubOptions) -> Result<PathBuf> {
     let info = api.info().map_err(|e| fail("repo info", e))?;
     let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let config = api.get("config.json").map_err(|e| fail("config.json", e))?;
-    let dir = config.parent().map(Path::to_path_buf).ok_or_else(|| EngineError::Download(format!("{spec}: odd cache path")))?;
+    let dir = config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| EngineError::Download(format!("{spec}: odd cache path")))?;
     if names.contains(&"model.safetensors") {
         api.get("model.safetensors").map_err(|e| fail("model.safetensors", e))?;
     } else if names.contains(&"model.safetensors.index.json") {

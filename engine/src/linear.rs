@@ -21,7 +21,9 @@ impl Weight {
     /// `x @ selfᵀ`: x (…, in), self (out, in) → (…, out); a frozen weight gets no gradient.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Frozen(w) if crate::fused::applies(x) && w.dtype() == x.dtype() => crate::fused::linear(x, self, None),
+            Weight::Frozen(w) if crate::fused::applies(x) && w.dtype() == x.dtype() => {
+                crate::fused::linear(x, self, None)
+            }
             Weight::Quantized(_) if crate::fused::applies(x) => crate::fused::linear(x, self, None),
             Weight::Frozen(w) => frozen_matmul(x, w),
             // elsewhere than the fused CPU path the dequantized copy lives until backward
@@ -94,7 +96,12 @@ pub struct Lora {
 impl Lora {
     /// The same pair with nothing tracked for gradients, and Bᵀ for the decode kernel.
     pub fn detached(&self) -> Lora {
-        Lora { a: self.a.detach(), b: self.b.detach(), scale: self.scale, bt: self.b.detach().t().and_then(|t| t.contiguous()).ok() }
+        Lora {
+            a: self.a.detach(),
+            b: self.b.detach(),
+            scale: self.scale,
+            bt: self.b.detach().t().and_then(|t| t.contiguous()).ok(),
+        }
     }
 }
 
@@ -132,7 +139,10 @@ impl Linear {
         // the fused CPU product takes a frozen weight of x's dtype and a LoRA pair of the same
         let dense_fits = self.weight.tensor().is_none_or(|w| w.dtype() == x.dtype());
         let fused_lora = self.lora.as_ref().filter(|l| l.a.dtype() == x.dtype()).map(|l| (&l.a, &l.b, l.scale));
-        let fused = self.weight.is_frozen() && crate::fused::applies(x) && dense_fits && (fused_lora.is_some() || self.lora.is_none());
+        let fused = self.weight.is_frozen()
+            && crate::fused::applies(x)
+            && dense_fits
+            && (fused_lora.is_some() || self.lora.is_none());
         if let (Some(lora), false) = (&self.lora, fused) {
             if lora.a.is_variable() {
                 // training: one op that keeps only x, A and B for backward (see crate::lora_ops)

@@ -86,17 +86,32 @@ fn wrap(e: EngineError) -> candle_core::Error {
 
 impl LoraLinear {
     #[allow(clippy::too_many_arguments)]
-    fn fwd<S: Backend>(&self, x: &S, x_l: &Layout, a: &S, a_l: &Layout, b: &S, b_l: &Layout) -> candle_core::Result<(S, Shape)> {
+    fn fwd<S: Backend>(
+        &self,
+        x: &S,
+        x_l: &Layout,
+        a: &S,
+        a_l: &Layout,
+        b: &S,
+        b_l: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
         let dims = x_l.dims();
-        let (&k, batch) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("lora_linear: scalar input".into()))?;
+        let (&k, batch) =
+            dims.split_last().ok_or_else(|| candle_core::Error::Msg("lora_linear: scalar input".into()))?;
         let m: usize = batch.iter().product();
         let (r, ak) = a_l.shape().dims2()?;
         let (n, br) = b_l.shape().dims2()?;
         let w_t = self.weight.frozen_value(x.dtype()).map_err(wrap)?; // a temporary only when quantized
         let (w, w_l) = w_t.storage_and_layout();
-        let w = S::of(&w).ok_or_else(|| candle_core::Error::Msg("lora_linear: the weight is on another device".into()))?;
+        let w =
+            S::of(&w).ok_or_else(|| candle_core::Error::Msg("lora_linear: the weight is on another device".into()))?;
         if w_l.shape().dims2()? != (n, k) || ak != k || br != r {
-            candle_core::bail!("lora_linear: input has {k} features, weight is {:?}, A {:?}, B {:?}", w_l.dims(), a_l.dims(), b_l.dims())
+            candle_core::bail!(
+                "lora_linear: input has {k} features, weight is {:?}, A {:?}, B {:?}",
+                w_l.dims(),
+                a_l.dims(),
+                b_l.dims()
+            )
         }
         let x_l = Layout::contiguous_with_offset((m, k), x_l.start_offset());
         let out_l = Layout::contiguous((m, n));
@@ -104,7 +119,8 @@ impl LoraLinear {
         let mut y = x.matmul(w, (1, m, n, k), &x_l, &transposed(w_l)?)?;
         if let Some(bias) = &self.bias {
             let (c, c_l) = bias.storage_and_layout();
-            let c = S::of(&c).ok_or_else(|| candle_core::Error::Msg("lora_linear: the bias is on another device".into()))?;
+            let c = S::of(&c)
+                .ok_or_else(|| candle_core::Error::Msg("lora_linear: the bias is on another device".into()))?;
             y = y.binary_impl::<Add>(c, &out_l, &c_l.broadcast_as((m, n))?)?;
         }
         // LoRA term in A's dtype: scale · (x Aᵀ) Bᵀ, the scale on the r-wide product
@@ -136,19 +152,50 @@ impl CustomOp3 for LoraLinear {
         "lora-linear"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, a: &CpuStorage, a_l: &Layout, b: &CpuStorage, b_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.fwd(x, x_l, a, a_l, b, b_l)
     }
 
-    fn cuda_fwd(&self, x: &CudaStorage, x_l: &Layout, a: &CudaStorage, a_l: &Layout, b: &CudaStorage, b_l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        a: &CudaStorage,
+        a_l: &Layout,
+        b: &CudaStorage,
+        b_l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         self.fwd(x, x_l, a, a_l, b, b_l)
     }
 
-    fn metal_fwd(&self, x: &MetalStorage, x_l: &Layout, a: &MetalStorage, a_l: &Layout, b: &MetalStorage, b_l: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
+    fn metal_fwd(
+        &self,
+        x: &MetalStorage,
+        x_l: &Layout,
+        a: &MetalStorage,
+        a_l: &Layout,
+        b: &MetalStorage,
+        b_l: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
         self.fwd(x, x_l, a, a_l, b, b_l)
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // detached: a result built from tracked inputs would record a graph that holds every
         // temporary below for as long as the gradient lives
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
@@ -169,7 +216,7 @@ impl CustomOp3 for LoraLinear {
         let g_a = g_xa.t()?.matmul(&x32)?; // (r, M) @ (M, in) -> (r, in)
         drop(x32);
         let g_x_lora = g_xa.matmul(&a)?.to_dtype(x.dtype())?; // (M, r) @ (r, in) -> (M, in)
-        // through the frozen base
+                                                              // through the frozen base
         let w = self.weight.frozen_value(x.dtype()).map_err(wrap)?;
         let g_x = (g2.matmul(&w)? + g_x_lora)?.reshape(in_dims)?; // (M, out) @ (out, in) -> (M, in)
         Ok((Some(g_x), Some(g_a), Some(g_b)))

@@ -38,7 +38,8 @@ pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerm
         crate::fused::target_logprobs(&logits, &batch.targets)? // (B,T,V) -> (B,T), no log-softmax copy
     } else {
         let logp = log_softmax_last_dim(&logits)?; // (B,T,V)
-        logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)? // (B,T,1) -> (B,T)
+        logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?
+        // (B,T,1) -> (B,T)
     };
     let per_token = match loss {
         LossFn::CrossEntropy => mul_const(&target_logprobs, &batch.weights)?.neg()?,
@@ -56,7 +57,8 @@ pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerm
         LossFn::Cispo(cfg) => {
             // the clipped ratio is a constant coefficient (stop-gradient)
             let ratio = add_const(&target_logprobs.detach(), &batch.logprobs.neg()?)?.exp()?;
-            let coef = (ratio.clamp(cfg.clip_low_threshold as f64, cfg.clip_high_threshold as f64)? * &batch.advantages)?;
+            let coef =
+                (ratio.clamp(cfg.clip_low_threshold as f64, cfg.clip_high_threshold as f64)? * &batch.advantages)?;
             mul_const(&target_logprobs, &coef)?.neg()?
         }
         LossFn::Dro(cfg) => {

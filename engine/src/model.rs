@@ -17,8 +17,8 @@
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, Lora, RmsNorm, Weight};
-use crate::quant::QWeight;
 use crate::ops::{add_const, mul_const};
+use crate::quant::QWeight;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var, D};
 use hearth_api::{LoraConfig, TargetModule, TrainingConfig};
@@ -40,10 +40,8 @@ impl Rotary {
     /// Inverse frequencies as transformers computes them, with the configured scaling.
     fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
         let d = cfg.head_dim;
-        let base: Vec<f64> = (0..d)
-            .step_by(2)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32) as f64)
-            .collect();
+        let base: Vec<f64> =
+            (0..d).step_by(2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32) as f64).collect();
         match cfg.rope_scaling {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
@@ -223,7 +221,13 @@ impl AttnSpec {
             let _ = self.masks.set((last, len, causal_mask(len, last, last + len, self.window, dtype, device)?));
         }
         match self.masks.get() {
-            Some((last, rows, m)) if keys == first + len && first <= *last && len <= *rows && m.dtype() == dtype && m.device().same_device(device) => {
+            Some((last, rows, m))
+                if keys == first + len
+                    && first <= *last
+                    && len <= *rows
+                    && m.dtype() == dtype
+                    && m.device().same_device(device) =>
+            {
                 Ok(Some(m.narrow(0, 0, len)?.narrow(1, last - first, keys)?)) // (L,X+L) -> (len,keys)
             }
             _ => Ok(Some(causal_mask(len, first, keys, self.window, dtype, device)?)),
@@ -278,7 +282,13 @@ impl Attention {
         let mut ys = Vec::with_capacity(t.div_ceil(attn.chunk.max(1)));
         for (s, len) in attn.chunks(t) {
             let keys = start + s + len;
-            ys.push(self.attend(&q.narrow(2, s, len)?, &kk.narrow(2, 0, keys)?, &v.narrow(2, 0, keys)?, attn, start + s)?);
+            ys.push(self.attend(
+                &q.narrow(2, s, len)?,
+                &kk.narrow(2, 0, keys)?,
+                &v.narrow(2, 0, keys)?,
+                attn,
+                start + s,
+            )?);
         }
         let y = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 2)? }; // (B,H,T,D)
         Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?) // (B,H,T,D) -> (B,T,H·D)
@@ -487,7 +497,10 @@ impl Builder<'_> {
         if let Some(q) = self.quantized.get(name) {
             let (r, c) = q.dims2();
             if [r, c] != shape {
-                return Err(EngineError::Weights(format!("tensor `{name}` has shape {:?}, expected {shape:?}", [r, c])));
+                return Err(EngineError::Weights(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    [r, c]
+                )));
             }
             return match self.training {
                 TrainingConfig::Full => Err(EngineError::Weights(
@@ -514,7 +527,9 @@ impl Builder<'_> {
         let weight = self.weight(&format!("{prefix}.weight"), &[out, inp])?;
         let bias = if bias { Some(self.weight(&format!("{prefix}.bias"), &[out])?) } else { None };
         let lora = match self.training {
-            TrainingConfig::Lora(cfg) if cfg.target_modules.contains(&module) => Some(self.lora(prefix, out, inp, cfg)?),
+            TrainingConfig::Lora(cfg) if cfg.target_modules.contains(&module) => {
+                Some(self.lora(prefix, out, inp, cfg)?)
+            }
             _ => None,
         };
         Ok(Linear { weight, bias, lora })
@@ -561,7 +576,11 @@ impl Model {
         let cfg = config;
         if let TrainingConfig::Lora(l) = training {
             if l.rank == 0 {
-                return Err(EngineError::InvalidParam { field: "rank", value: "0".into(), reason: "must be at least 1" });
+                return Err(EngineError::InvalidParam {
+                    field: "rank",
+                    value: "0".into(),
+                    reason: "must be at least 1",
+                });
             }
             if !(l.alpha.is_finite() && l.alpha > 0.0) {
                 return Err(EngineError::InvalidParam {
@@ -584,7 +603,15 @@ impl Model {
             TrainingConfig::Lora(l) => l.seed,
             TrainingConfig::Full => 0,
         };
-        let mut bld = Builder { weights, quantized, device: device.clone(), training, rng: Rng::new(seed), params: Vec::new(), lora_dtype };
+        let mut bld = Builder {
+            weights,
+            quantized,
+            device: device.clone(),
+            training,
+            rng: Rng::new(seed),
+            params: Vec::new(),
+            lora_dtype,
+        };
         let (c, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         let (h, k, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let embed_tokens = bld.weight(embed_name, &[cfg.vocab_size, c])?;
@@ -594,7 +621,10 @@ impl Model {
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
             let (q_norm, k_norm) = if cfg.qk_norm {
-                (Some(bld.norm(&format!("{a}.q_norm.weight"), d, eps)?), Some(bld.norm(&format!("{a}.k_norm.weight"), d, eps)?))
+                (
+                    Some(bld.norm(&format!("{a}.q_norm.weight"), d, eps)?),
+                    Some(bld.norm(&format!("{a}.k_norm.weight"), d, eps)?),
+                )
             } else {
                 (None, None)
             };
@@ -620,15 +650,28 @@ impl Model {
             });
         }
         let norm = bld.norm("model.norm.weight", c, eps)?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(bld.weight("lm_head.weight", &[cfg.vocab_size, c])?) };
+        let lm_head =
+            if cfg.tie_word_embeddings { None } else { Some(bld.weight("lm_head.weight", &[cfg.vocab_size, c])?) };
         let rotary = Rotary::new(cfg, dtype, &device)?;
         let head_lora = match training {
-            TrainingConfig::Lora(l) if l.target_modules.contains(&TargetModule::LmHead) => Some(bld.lora("lm_head", cfg.vocab_size, c, l)?),
+            TrainingConfig::Lora(l) if l.target_modules.contains(&TargetModule::LmHead) => {
+                Some(bld.lora("lm_head", cfg.vocab_size, c, l)?)
+            }
             _ => None,
         };
         let trained_bytes = bld.params.iter().map(|(_, v)| (v.elem_count() * v.dtype().size_in_bytes()) as u64).sum();
         let chunking = Chunking::for_device(&device);
-        let model = Model { embed_tokens, layers, norm, lm_head, head_lora, rotary, config: cfg.clone(), chunking, trained_bytes };
+        let model = Model {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            head_lora,
+            rotary,
+            config: cfg.clone(),
+            chunking,
+            trained_bytes,
+        };
         Ok((model, bld.params))
     }
 
@@ -804,7 +847,9 @@ impl LayerCache {
             let old = self.kv.take();
             self.kv = Some((grow(old.as_ref().map(|o| &o.0))?, grow(old.as_ref().map(|o| &o.1))?));
         }
-        let Some((bk, bv)) = self.kv.as_ref() else { return Err(EngineError::Internal("kv cache buffer missing".into())) };
+        let Some((bk, bv)) = self.kv.as_ref() else {
+            return Err(EngineError::Internal("kv cache buffer missing".into()));
+        };
         bk.slice_set(&k.detach().contiguous()?, 2, start)?;
         bv.slice_set(&v.detach().contiguous()?, 2, start)?;
         Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))
@@ -855,7 +900,14 @@ impl KvCache {
 
 /// Additive mask (L, S) for queries at positions first..first+L over keys 0..S: 0 where query p
 /// may see key j (j ≤ p, and p − j < window), −∞ elsewhere. Built on the device.
-fn causal_mask(len: usize, first: usize, keys: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+fn causal_mask(
+    len: usize,
+    first: usize,
+    keys: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let p = Tensor::arange(first as u32, (first + len) as u32, device)?.reshape((len, 1))?;
     let j = Tensor::arange(0u32, keys as u32, device)?.reshape((1, keys))?;
     let mut visible = j.broadcast_le(&p)?; // (L,S) u8
@@ -884,7 +936,11 @@ mod tests {
         .unwrap();
         let rot = Rotary::new(&cfg, DType::F32, &Device::Cpu).unwrap();
         let (c0, _) = rot.rows(0, 5).unwrap();
-        assert_eq!(rot.tables.read().unwrap().as_ref().unwrap().0.dim(0).unwrap(), 256, "first use builds a small table");
+        assert_eq!(
+            rot.tables.read().unwrap().as_ref().unwrap().0.dim(0).unwrap(),
+            256,
+            "first use builds a small table"
+        );
         let (c1, s1) = rot.rows(3000, 3).unwrap();
         assert_eq!(rot.tables.read().unwrap().as_ref().unwrap().0.dim(0).unwrap(), 4096);
         let (full_c, full_s) = rot.build(4096).unwrap();
@@ -898,19 +954,31 @@ mod tests {
         let dev = Device::Cpu;
         let dense = |m: &Tensor| m.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
         // (queries after `start` cached positions, chunk, window), every layer asking in turn
-        for (start, t, chunk, window) in [(0, 7, 3, None), (5, 9, 4, Some(3)), (0, 6, 6, Some(4)), (11, 1, 8, None), (11, 1, 8, Some(4)), (2, 1, 8, Some(4))] {
+        for (start, t, chunk, window) in [
+            (0, 7, 3, None),
+            (5, 9, 4, Some(3)),
+            (0, 6, 6, Some(4)),
+            (11, 1, 8, None),
+            (11, 1, 8, Some(4)),
+            (2, 1, 8, Some(4)),
+        ] {
             let spec = AttnSpec { window, chunk, keys: start + t, masks: Default::default() };
             for _layer in 0..2 {
                 for (s, len) in spec.chunks(t) {
                     let (first, keys) = (start + s, start + s + len);
                     let want = causal_mask(len, first, keys, window, DType::BF16, &dev).unwrap();
                     match spec.mask(len, first, keys, DType::BF16, &dev).unwrap() {
-                        Some(got) => assert_eq!(dense(&got), dense(&want), "start {start} chunk {s}+{len} window {window:?}"),
+                        Some(got) => {
+                            assert_eq!(dense(&got), dense(&want), "start {start} chunk {s}+{len} window {window:?}")
+                        }
                         None => assert!(dense(&want).iter().flatten().all(|&x| x == 0.0), "a skipped mask hides keys"),
                     }
                 }
             }
-            assert!(spec.masks.get().is_none() == (t == 1 && window.is_none_or(|w| start < w)), "built once, or not at all");
+            assert!(
+                spec.masks.get().is_none() == (t == 1 && window.is_none_or(|w| start < w)),
+                "built once, or not at all"
+            );
         }
     }
 }

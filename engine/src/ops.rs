@@ -25,7 +25,8 @@ struct FrozenMatmul {
 impl FrozenMatmul {
     fn fwd<S: BackendStorage>(&self, x: &S, x_l: &Layout, w: &S, w_l: &Layout) -> candle_core::Result<(S, Shape)> {
         let dims = x_l.dims();
-        let (&k, batch) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("frozen_matmul: scalar input".into()))?;
+        let (&k, batch) =
+            dims.split_last().ok_or_else(|| candle_core::Error::Msg("frozen_matmul: scalar input".into()))?;
         let (n, wk) = w_l.shape().dims2()?;
         if wk != k {
             candle_core::bail!("frozen_matmul: input has {k} features, weight expects {wk}")

@@ -48,7 +48,11 @@ pub fn validate(p: &AdamParams) -> Result<()> {
         Err(EngineError::InvalidParam { field, value: value.to_string(), reason })
     };
     if !(p.learning_rate.is_finite() && (0.0..=MAX_LEARNING_RATE).contains(&p.learning_rate)) {
-        return bad("learning_rate", p.learning_rate, "must be between 0 and 10 (an AdamW step moves each weight by about the learning rate)");
+        return bad(
+            "learning_rate",
+            p.learning_rate,
+            "must be between 0 and 10 (an AdamW step moves each weight by about the learning rate)",
+        );
     }
     for (field, beta) in [("beta1", p.beta1), ("beta2", p.beta2)] {
         if !(0.0..1.0).contains(&beta) {
@@ -82,7 +86,11 @@ fn global_norm_with(grads: &BTreeMap<String, Tensor>, fused: bool) -> Result<f64
             .values()
             .collect::<Vec<_>>()
             .par_iter()
-            .map(|g| crate::fused::with_cpu::<f32, _>(g, "global-norm", |g| Ok(g.iter().map(|&x| f64::from(x) * f64::from(x)).sum())))
+            .map(|g| {
+                crate::fused::with_cpu::<f32, _>(g, "global-norm", |g| {
+                    Ok(g.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+                })
+            })
             .collect::<candle_core::Result<_>>()?;
         return Ok(squares.iter().sum::<f64>().sqrt());
     }
@@ -93,7 +101,10 @@ fn global_norm_with(grads: &BTreeMap<String, Tensor>, fused: bool) -> Result<f64
 /// squares are added in the same order as the fused pass adds them, and nothing crosses to
 /// the host.
 fn norm_on_device(grads: &BTreeMap<String, Tensor>) -> Result<Tensor> {
-    let squares: Vec<Tensor> = grads.values().map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1)).collect::<candle_core::Result<_>>()?;
+    let squares: Vec<Tensor> = grads
+        .values()
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1))
+        .collect::<candle_core::Result<_>>()?;
     Ok(Tensor::cat(&squares, 0)?.sum_all()?.sqrt()?)
 }
 
@@ -188,17 +199,29 @@ fn non_finite_marker(tensors: &[&Tensor], device: &candle_core::Device) -> Resul
 impl AdamW {
     /// Applies one step to `params` using `grads` (same names); parameters without a gradient
     /// are skipped, as in torch. Validates first; on error nothing changes.
-    pub fn step(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, p: &AdamParams) -> Result<OptimStepOutput> {
-        let fused = params.iter().filter_map(|(name, var)| Some((name, var, grads.get(name)?))).all(|(name, var, g)| {
-            let m = self.moments.get(name);
-            [var.as_tensor(), g].into_iter().chain(m.into_iter().flat_map(|m| [&m.m, &m.v])).all(fusable)
-        });
+    pub fn step(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &BTreeMap<String, Tensor>,
+        p: &AdamParams,
+    ) -> Result<OptimStepOutput> {
+        let fused =
+            params.iter().filter_map(|(name, var)| Some((name, var, grads.get(name)?))).all(|(name, var, g)| {
+                let m = self.moments.get(name);
+                [var.as_tensor(), g].into_iter().chain(m.into_iter().flat_map(|m| [&m.m, &m.v])).all(fusable)
+            });
         self.step_with(params, grads, p, fused)
     }
 
     /// [`AdamW::step`], each parameter's update in one fused pass (f32 on the CPU) or composed
     /// from candle ops (everywhere). Both give the same bits.
-    fn step_with(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, p: &AdamParams, fused: bool) -> Result<OptimStepOutput> {
+    fn step_with(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &BTreeMap<String, Tensor>,
+        p: &AdamParams,
+        fused: bool,
+    ) -> Result<OptimStepOutput> {
         validate(p)?;
         if grads.is_empty() {
             return Err(EngineError::NoGradients);
@@ -229,7 +252,9 @@ impl AdamW {
         let work: Vec<_> = with_grads().collect();
         let updates: Vec<(&String, &Var, Tensor, Moments)> = work
             .into_par_iter()
-            .map(|(name, var, g)| fused_update(var.as_tensor(), g, self.moments.get(name), c).map(|(param, m)| (name, var, param, m)))
+            .map(|(name, var, g)| {
+                fused_update(var.as_tensor(), g, self.moments.get(name), c).map(|(param, m)| (name, var, param, m))
+            })
             .collect::<Result<_>>()?;
         self.commit(step, updates, p, grad_norm)
     }
@@ -245,7 +270,13 @@ impl AdamW {
 
     /// Applies a step's updates, all computed and checked before: the new values and moments,
     /// and the step counter.
-    fn commit(&mut self, step: u64, updates: Vec<(&String, &Var, Tensor, Moments)>, p: &AdamParams, grad_norm: f64) -> Result<OptimStepOutput> {
+    fn commit(
+        &mut self,
+        step: u64,
+        updates: Vec<(&String, &Var, Tensor, Moments)>,
+        p: &AdamParams,
+        grad_norm: f64,
+    ) -> Result<OptimStepOutput> {
         for (name, var, param, moments) in updates {
             var.set(&param)?;
             self.moments.insert(name.clone(), moments);
@@ -258,7 +289,12 @@ impl AdamW {
     /// factor and every update are computed on the device; one transfer at the end brings the
     /// norm and the finiteness check to the host (a GPU waits for the step once, not once per
     /// parameter), and only then is anything applied.
-    fn step_composed(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, p: &AdamParams) -> Result<OptimStepOutput> {
+    fn step_composed(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &BTreeMap<String, Tensor>,
+        p: &AdamParams,
+    ) -> Result<OptimStepOutput> {
         let device = grads.values().next().map(|g| g.device().clone()).ok_or(EngineError::NoGradients)?;
         let norm = norm_on_device(grads)?;
         // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
@@ -295,9 +331,13 @@ impl AdamW {
             let master = needs_master(dtype).then(|| param.clone());
             updates.push((name, var, param.to_dtype(dtype)?, Moments { m, v, master }));
         }
-        let all: Vec<&Tensor> = updates.iter().flat_map(|(_, _, param, m)| [param, &m.m, &m.v].into_iter().chain(m.master.as_ref())).collect();
+        let all: Vec<&Tensor> = updates
+            .iter()
+            .flat_map(|(_, _, param, m)| [param, &m.m, &m.v].into_iter().chain(m.master.as_ref()))
+            .collect();
         let marker = non_finite_marker(&all, &device)?;
-        let answer: Vec<f64> = Tensor::cat(&[norm.reshape(1)?, marker.to_dtype(DType::F64)?.reshape(1)?], 0)?.to_vec1()?;
+        let answer: Vec<f64> =
+            Tensor::cat(&[norm.reshape(1)?, marker.to_dtype(DType::F64)?.reshape(1)?], 0)?.to_vec1()?;
         let (grad_norm, finite) = (answer[0], answer[1] == 0.0);
         if !grad_norm.is_finite() {
             return Err(EngineError::NonFiniteLoss { op: "optim_step", value: grad_norm });
@@ -325,17 +365,31 @@ mod tests {
     fn the_fused_step_gives_the_composed_steps_bits() {
         let dev = Device::Cpu;
         let mut rng = crate::rng::Rng::new(7);
-        let mut values = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| ((rng.next_u64() % 20001) as f32 / 10000.0 - 1.0) * scale).collect() };
+        let mut values = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n).map(|_| ((rng.next_u64() % 20001) as f32 / 10000.0 - 1.0) * scale).collect()
+        };
         let shapes: [&[usize]; 3] = [&[16, 40], &[72, 16], &[5]];
-        let start: Vec<Tensor> = shapes.iter().map(|s| Tensor::from_vec(values(s.iter().product(), 1.0), *s, &dev).unwrap()).collect();
+        let start: Vec<Tensor> =
+            shapes.iter().map(|s| Tensor::from_vec(values(s.iter().product(), 1.0), *s, &dev).unwrap()).collect();
         for (clip, wd) in [(0.0, 0.0), (0.5, 0.1), (1e6, 0.01)] {
             let p = AdamParams { learning_rate: 1e-2, grad_clip_norm: clip, weight_decay: wd, ..AdamParams::default() };
-            let make = || start.iter().enumerate().map(|(i, t)| (format!("p{i}"), Var::from_tensor(t).unwrap())).collect::<Vec<_>>();
+            let make = || {
+                start
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("p{i}"), Var::from_tensor(t).unwrap()))
+                    .collect::<Vec<_>>()
+            };
             let (fused, composed) = (make(), make());
             let (mut fo, mut co) = (AdamW::default(), AdamW::default());
             for _ in 0..3 {
-                let grads: BTreeMap<String, Tensor> =
-                    shapes[..2].iter().enumerate().map(|(i, s)| (format!("p{i}"), Tensor::from_vec(values(s.iter().product(), 3.0), *s, &dev).unwrap())).collect();
+                let grads: BTreeMap<String, Tensor> = shapes[..2]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        (format!("p{i}"), Tensor::from_vec(values(s.iter().product(), 3.0), *s, &dev).unwrap())
+                    })
+                    .collect();
                 let a = fo.step_with(&fused, &grads, &p, true).unwrap();
                 let b = co.step_with(&composed, &grads, &p, false).unwrap();
                 assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits(), "grad norm, clip {clip}");
@@ -343,7 +397,11 @@ mod tests {
                     assert_eq!(bits(f.as_tensor()), bits(c.as_tensor()), "{name}, clip {clip}, wd {wd}");
                 }
                 for (name, m) in &fo.moments {
-                    assert_eq!((bits(&m.m), bits(&m.v)), (bits(&co.moments[name].m), bits(&co.moments[name].v)), "moments of {name}");
+                    assert_eq!(
+                        (bits(&m.m), bits(&m.v)),
+                        (bits(&co.moments[name].m), bits(&co.moments[name].v)),
+                        "moments of {name}"
+                    );
                 }
             }
             assert_eq!(bits(fused[2].1.as_tensor()), bits(&start[2]), "a parameter without a gradient stays");
@@ -356,13 +414,20 @@ mod tests {
     #[test]
     fn a_step_that_would_make_weights_non_finite_is_refused_and_changes_nothing() {
         let dev = Device::Cpu;
-        let start = Tensor::from_vec((0..64).map(|i| i as f32 / 64.0 - 0.5).collect::<Vec<f32>>(), (8, 8), &dev).unwrap();
-        let grads: BTreeMap<String, Tensor> = [("w".to_string(), Tensor::from_vec((0..64).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<f32>>(), (8, 8), &dev).unwrap())].into();
+        let start =
+            Tensor::from_vec((0..64).map(|i| i as f32 / 64.0 - 0.5).collect::<Vec<f32>>(), (8, 8), &dev).unwrap();
+        let grads: BTreeMap<String, Tensor> = [(
+            "w".to_string(),
+            Tensor::from_vec((0..64).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<f32>>(), (8, 8), &dev).unwrap(),
+        )]
+        .into();
         for fused in [true, false] {
             let params = vec![("w".to_string(), Var::from_tensor(&start).unwrap())];
             let mut opt = AdamW::default();
-            opt.step_with(&params, &grads, &AdamParams { learning_rate: 1e-2, ..AdamParams::default() }, fused).unwrap();
-            let (before, moments) = (bits(params[0].1.as_tensor()), (bits(&opt.moments["w"].m), bits(&opt.moments["w"].v)));
+            opt.step_with(&params, &grads, &AdamParams { learning_rate: 1e-2, ..AdamParams::default() }, fused)
+                .unwrap();
+            let (before, moments) =
+                (bits(params[0].1.as_tensor()), (bits(&opt.moments["w"].m), bits(&opt.moments["w"].v)));
             // 1e30 is refused by name; lr · weight_decay past f32's range makes the decayed weights
             // infinite, which only the update's own check sees
             let huge_lr = AdamParams { learning_rate: 1e30, ..AdamParams::default() };
@@ -372,10 +437,15 @@ mod tests {
                 assert!(e.to_string().contains(says), "fused {fused}: {e}");
                 assert!(e.is_user_error());
                 assert_eq!(bits(params[0].1.as_tensor()), before, "fused {fused}: the weights changed");
-                assert_eq!((bits(&opt.moments["w"].m), bits(&opt.moments["w"].v)), moments, "fused {fused}: the moments changed");
+                assert_eq!(
+                    (bits(&opt.moments["w"].m), bits(&opt.moments["w"].v)),
+                    moments,
+                    "fused {fused}: the moments changed"
+                );
                 assert_eq!(opt.step, 1);
             }
-            opt.step_with(&params, &grads, &AdamParams { learning_rate: 1e-2, ..AdamParams::default() }, fused).unwrap();
+            opt.step_with(&params, &grads, &AdamParams { learning_rate: 1e-2, ..AdamParams::default() }, fused)
+                .unwrap();
             assert_eq!(opt.step, 2, "a sane step still works afterwards");
         }
     }

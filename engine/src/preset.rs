@@ -87,7 +87,8 @@ impl Preset {
         let init = config["initializer_range"].as_f64().unwrap_or(0.02);
         let tensors = random_weights(&cfg, init, seed)?;
         let path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &path).map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
+        candle_core::safetensors::save(&tensors, &path)
+            .map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
         sync_file(&path)?;
         write_json(&dir.join("tokenizer.json"), &ByteTokenizer.to_hf_json())?;
         write_json(

@@ -138,9 +138,13 @@ mod tests {
             let ids = Tensor::new(&[[5u32, 0, 5]], &Device::Cpu).unwrap();
             let rows = q.rows(&ids, DType::F32).unwrap();
             assert_eq!(rows.dims(), &[1, 3, 64]);
-            assert_eq!(rows.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap(), back.get(5).unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                rows.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap(),
+                back.get(5).unwrap().to_vec1::<f32>().unwrap()
+            );
         }
-        let err = QWeight::quantize("odd", &Tensor::zeros((2, 48), DType::F32, &Device::Cpu).unwrap(), Quantize::Q4).unwrap_err();
+        let err = QWeight::quantize("odd", &Tensor::zeros((2, 48), DType::F32, &Device::Cpu).unwrap(), Quantize::Q4)
+            .unwrap_err();
         assert!(err.to_string().contains("multiple of 32"), "{err}");
     }
 }

@@ -152,7 +152,8 @@ pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
         (tokens * (16 * cw + 6 * fw) * 4).max(head)
     } else {
         let layer = tokens * (dt * (16 * cw + 12 * qw + 13 * kw + 12 * fw) + 4 * (5 * cw + 2 * fw));
-        let attention = tokens * (dt * (6 * cw + 14 * qw + 14 * kw) + 4 * 2 * cw) + attention_chunk_elements(model, b, t) * SCORE_BYTES;
+        let attention = tokens * (dt * (6 * cw + 14 * qw + 14 * kw) + 4 * 2 * cw)
+            + attention_chunk_elements(model, b, t) * SCORE_BYTES;
         layer.max(attention).max(head)
     };
     kept + model.trained_bytes() + phase
@@ -169,7 +170,11 @@ fn check_fits(model: &Model, b: usize, t: usize, recompute: bool, free: Option<u
     if need <= free {
         return Ok(());
     }
-    let hint = if recompute { "send fewer or shorter sequences per call" } else { "turn on recompute (--recompute on), or send fewer or shorter sequences per call" };
+    let hint = if recompute {
+        "send fewer or shorter sequences per call"
+    } else {
+        "turn on recompute (--recompute on), or send fewer or shorter sequences per call"
+    };
     Err(EngineError::OutOfMemory(format!(
         "a step over {b} sequence(s) of {t} positions needs about {:.1} GB (recompute {}) and {:.1} GB is free; {hint}; nothing changed",
         need as f64 / 1e9,
@@ -185,9 +190,18 @@ pub const MAX_GPU_TENSOR_ELEMENTS: u64 = u32::MAX as u64;
 /// The largest tensor a pass over `b` sequences of `t` positions makes that chunking does not
 /// split: the layers' activations (B, T, widest projection), one query chunk's attention scores
 /// (at least one row: B·H·T) and one chunk of the head's logits (at least one position: B·V).
-pub fn largest_tensor_elements(config: &crate::config::ModelConfig, chunking: crate::model::Chunking, b: usize, t: usize) -> u64 {
+pub fn largest_tensor_elements(
+    config: &crate::config::ModelConfig,
+    chunking: crate::model::Chunking,
+    b: usize,
+    t: usize,
+) -> u64 {
     let c = config;
-    let widest = [c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim].into_iter().max().unwrap_or(0);
+    let widest =
+        [c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
     let scores_row = (b * c.num_attention_heads * t) as u64;
     let scores = chunking.attention_rows(b, c.num_attention_heads, t).min(t.max(1)) as u64 * scores_row;
     let head = (b * c.vocab_size * chunking.head_positions(b, t, c.vocab_size)) as u64;
@@ -219,7 +233,10 @@ pub fn classify(e: EngineError) -> EngineError {
     if let EngineError::Candle(c) = &e {
         let text = c.to_string();
         if text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory") {
-            return EngineError::OutOfMemory(format!("the device ran out of memory during this step; nothing changed ({})", text.lines().next().unwrap_or("")));
+            return EngineError::OutOfMemory(format!(
+                "the device ran out of memory during this step; nothing changed ({})",
+                text.lines().next().unwrap_or("")
+            ));
         }
     }
     e
@@ -260,7 +277,12 @@ fn leaf(t: &Tensor) -> Result<Var> {
 /// Loss terms over `batch` and, with `params`, the gradient of the total loss for each of them
 /// (by name), computed segment by segment as the module docs say. Without `params` nothing
 /// records a graph: the forward primitive.
-pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&NamedParams>) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
+pub fn run(
+    model: &Model,
+    batch: &Batch,
+    loss_fn: &LossFn,
+    params: Option<&NamedParams>,
+) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
     let inference = model.detached();
     let (b, t) = batch.ids.dims2()?;
     let attn = model.attn_spec(b, t);
@@ -290,7 +312,10 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
     drop(h);
     let mut g = g.ok_or_else(|| EngineError::Internal("recompute: no gradient for the hidden states".into()))?;
     for layer in model.layers.iter().rev() {
-        let (x, y) = xs.pop().zip(ys.pop()).ok_or_else(|| EngineError::Internal("recompute: layer inputs out of step".into()))?;
+        let (x, y) = xs
+            .pop()
+            .zip(ys.pop())
+            .ok_or_else(|| EngineError::Internal("recompute: layer inputs out of step".into()))?;
         g = layer_backward(layer, &x, &y, &g, rotary, &attn, &mut acc)?;
     }
     if !model.embed_tokens.is_frozen() {
@@ -304,7 +329,12 @@ pub fn run(model: &Model, batch: &Batch, loss_fn: &LossFn, params: Option<&Named
 /// then the head in chunks of positions (as [`run`] does, so no (B, T, V) logits exist at once),
 /// each chunk's gradient of the hidden states gathered and sent back through the kept graph in
 /// one backward pass.
-pub fn run_whole_graph(model: &Model, batch: &Batch, loss_fn: &LossFn, params: &NamedParams) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
+pub fn run_whole_graph(
+    model: &Model,
+    batch: &Batch,
+    loss_fn: &LossFn,
+    params: &NamedParams,
+) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
     let h = model.hidden(&batch.ids)?; // (B,T,C), graph kept
     let mut acc = Acc { params, grads: BTreeMap::new() };
     let (terms, g) = head(model, &h.detach(), batch, loss_fn, Some(&mut acc))?;
@@ -315,7 +345,13 @@ pub fn run_whole_graph(model: &Model, batch: &Batch, loss_fn: &LossFn, params: &
 
 /// Final norm, output projection and loss over positions in chunks; with `acc`, each chunk is
 /// differentiated at once and the gradient of `h` comes back.
-fn head(model: &Model, h: &Tensor, batch: &Batch, loss_fn: &LossFn, mut acc: Option<&mut Acc>) -> Result<(LossTerms, Option<Tensor>)> {
+fn head(
+    model: &Model,
+    h: &Tensor,
+    batch: &Batch,
+    loss_fn: &LossFn,
+    mut acc: Option<&mut Acc>,
+) -> Result<(LossTerms, Option<Tensor>)> {
     let (b, t, _c) = h.dims3()?;
     let chunk = model.chunking().head_positions(b, t, model.config().vocab_size);
     let (mut logprobs, mut per_token, mut grads) = (Vec::new(), Vec::new(), Vec::new());
@@ -337,7 +373,13 @@ fn head(model: &Model, h: &Tensor, batch: &Batch, loss_fn: &LossFn, mut acc: Opt
         logprobs.push(terms.target_logprobs.detach());
         per_token.push(terms.per_token.detach());
     }
-    let cat = |v: Vec<Tensor>| -> Result<Tensor> { Ok(if v.len() == 1 { v.into_iter().next().ok_or_else(|| EngineError::EmptyBatch)? } else { Tensor::cat(&v, 1)? }) };
+    let cat = |v: Vec<Tensor>| -> Result<Tensor> {
+        Ok(if v.len() == 1 {
+            v.into_iter().next().ok_or_else(|| EngineError::EmptyBatch)?
+        } else {
+            Tensor::cat(&v, 1)?
+        })
+    };
     let grad = if grads.is_empty() { None } else { Some(cat(grads)?) };
     Ok((LossTerms { target_logprobs: cat(logprobs)?, per_token: cat(per_token)? }, grad))
 }
@@ -373,9 +415,9 @@ fn layer_backward(
     // attention, one query chunk at a time
     let (b, heads, t, d) = qd.dims4()?;
     let g_y = g_y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?; // (B,T,H·D) -> (B,H,T,D)
-    // A key's gradient is a sum of one partial per chunk of later queries: summed in f32 (or
-    // wider) and rounded to the model's dtype once, not at every chunk (a bf16 running sum over
-    // hundreds of chunks loses several percent).
+                                                                             // A key's gradient is a sum of one partial per chunk of later queries: summed in f32 (or
+                                                                             // wider) and rounded to the model's dtype once, not at every chunk (a bf16 running sum over
+                                                                             // hundreds of chunks loses several percent).
     let wide = crate::model::wide(kd.dtype());
     let g_k = Tensor::zeros(kd.shape(), wide, kd.device())?;
     let g_v = Tensor::zeros(vd.shape(), wide, vd.device())?;
@@ -394,7 +436,8 @@ fn layer_backward(
     let (g_k, g_v) = (g_k.to_dtype(kd.dtype())?, g_v.to_dtype(vd.dtype())?);
     let g_q = if g_q.len() == 1 { g_q.remove(0) } else { Tensor::cat(&g_q, 2)? };
     // back through the projections
-    let total = ((mul_const(&q, &g_q)?.sum_all()? + mul_const(&k, &g_k)?.sum_all()?)? + mul_const(&v, &g_v)?.sum_all()?)?;
+    let total =
+        ((mul_const(&q, &g_q)?.sum_all()? + mul_const(&k, &g_k)?.sum_all()?)? + mul_const(&v, &g_v)?.sum_all()?)?;
     let store = total.backward()?;
     acc.add(&store)?;
     Ok((g_x_residual + grad_of(&store, &xv, "the layer input")?)?)

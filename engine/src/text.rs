@@ -57,7 +57,8 @@ impl TextModel {
     /// From the contents of a `tokenizer.json` and a `tokenizer_config.json` (e.g. built from a
     /// GGUF file's metadata); `origin` names them in errors.
     pub fn from_json(tokenizer: &Value, config: &Value, origin: &Path) -> Result<Self> {
-        let tokenizer = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&tokenizer.to_string()).map_err(|e| text_err(origin, e))?;
+        let tokenizer = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&tokenizer.to_string())
+            .map_err(|e| text_err(origin, e))?;
         Ok(Self::with_config(tokenizer, config, None))
     }
 
@@ -72,7 +73,12 @@ impl TextModel {
                 .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(str::to_string)),
             _ => template_file,
         };
-        Self { tokenizer, chat_template, bos_token: token_string(cfg.get("bos_token")), eos_token: token_string(cfg.get("eos_token")) }
+        Self {
+            tokenizer,
+            chat_template,
+            bos_token: token_string(cfg.get("bos_token")),
+            eos_token: token_string(cfg.get("eos_token")),
+        }
     }
 
     /// The special-token strings (`bos_token`, `eos_token`) the chat template sees.
@@ -88,7 +94,10 @@ impl TextModel {
 
     /// Text → ids; `add_special_tokens` applies the tokenizer's post-processor (e.g. a BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, add_special_tokens).map_err(|e| EngineError::Weights(format!("tokenizer: {e}")))?;
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| EngineError::Weights(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -156,7 +165,9 @@ pub fn render_template(
     // Python's rendering of values: True/False/None, and transformers' `tojson`
     // (json.dumps: ", " and ": " separators, keys in insertion order, non-ASCII kept).
     env.set_formatter(|out, state, value| match value.kind() {
-        ValueKind::Bool => write!(out, "{}", if value.is_true() { "True" } else { "False" }).map_err(minijinja::Error::from),
+        ValueKind::Bool => {
+            write!(out, "{}", if value.is_true() { "True" } else { "False" }).map_err(minijinja::Error::from)
+        }
         ValueKind::None => write!(out, "None").map_err(minijinja::Error::from),
         _ => minijinja::escape_formatter(out, state, value),
     });
@@ -238,7 +249,20 @@ pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// The few `strftime` codes chat templates use (%Y %m %d %B %b %H %M), in UTC.
 fn strftime_utc(fmt: &str, secs: u64) -> String {
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let month = MONTHS[(m - 1) as usize];
     let (h, min) = ((secs / 3600) % 24, (secs / 60) % 60);
     let mut out = String::new();
@@ -281,7 +305,12 @@ mod tests {
     /// characters and special tokens give their UTF-8.
     #[test]
     fn token_bytes_of_a_partial_character_are_its_own() {
-        let t = TextModel::from_json(&crate::tokenizer::ByteTokenizer.to_hf_json(), &Value::Null, Path::new("byte tokenizer")).unwrap();
+        let t = TextModel::from_json(
+            &crate::tokenizer::ByteTokenizer.to_hf_json(),
+            &Value::Null,
+            Path::new("byte tokenizer"),
+        )
+        .unwrap();
         let ids = t.encode("é!", false).unwrap();
         assert_eq!(ids, vec![0xC3, 0xA9, u32::from(b'!')]);
         assert_eq!(t.decode(&ids[..1], false).unwrap(), "\u{FFFD}");

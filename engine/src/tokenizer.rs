@@ -52,7 +52,8 @@ impl ByteTokenizer {
                        "rstrip": false, "normalized": false, "special": true})
             })
             .collect();
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
         json!({
             "version": "1.0",
             "truncation": null,

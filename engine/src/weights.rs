@@ -16,8 +16,8 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(EngineError::io("reading", &index))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Weights(format!("{}: {e}", index.display())))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("{}: {e}", index.display())))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -77,7 +77,8 @@ pub fn estimate_bytes(dir: &Path, dtype: DType) -> Result<u64> {
             if name == "__metadata__" {
                 continue;
             }
-            let shape = info.get("shape").and_then(|s| s.as_array()).ok_or_else(|| bad(format!("`{name}` has no shape")))?;
+            let shape =
+                info.get("shape").and_then(|s| s.as_array()).ok_or_else(|| bad(format!("`{name}` has no shape")))?;
             let n: u64 = shape.iter().map(|d| d.as_u64().unwrap_or(0)).product();
             total += n * dtype.size_in_bytes() as u64;
         }
@@ -88,7 +89,12 @@ pub fn estimate_bytes(dir: &Path, dtype: DType) -> Result<u64> {
 /// Reads a model folder's tensors one at a time with plain reads (no memory map, so nothing of
 /// the file stays resident) and hands each, as `dtype` on `device`, to `f`: a quantized load
 /// keeps only the blocks, never the whole dense model.
-pub fn for_each_tensor(dir: &Path, device: &Device, dtype: DType, mut f: impl FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+pub fn for_each_tensor(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    mut f: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     for file in safetensors_files(dir)? {
         let bad = |reason: String| EngineError::Weights(format!("{}: {reason}", file.display()));
@@ -111,7 +117,10 @@ pub fn for_each_tensor(dir: &Path, device: &Device, dtype: DType, mut f: impl Fn
                 Some("F64") => DType::F64,
                 other => return Err(bad(format!("`{name}` has dtype {other:?}, not F32, F16, BF16 or F64"))),
             };
-            let offsets = info.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(|| bad(format!("`{name}` has no data_offsets")))?;
+            let offsets = info
+                .get("data_offsets")
+                .and_then(|o| o.as_array())
+                .ok_or_else(|| bad(format!("`{name}` has no data_offsets")))?;
             let (start, end) = match offsets.as_slice() {
                 [a, b] => (a.as_u64().unwrap_or(u64::MAX), b.as_u64().unwrap_or(0)),
                 _ => return Err(bad(format!("`{name}` has bad data_offsets"))),
@@ -183,11 +192,22 @@ impl BaseModel {
     /// runs train on it as on a dense base; full fine-tuning refuses it. The fingerprint is the
     /// dense weights' (a GGUF file's blocks dequantize to the values its dense load has), so
     /// adapters move between a quantized and a dense load of the same model.
-    pub fn load_quantized(path: &Path, device: &Device, dtype: DType, quantize: Option<crate::quant::Quantize>) -> Result<Self> {
+    pub fn load_quantized(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        quantize: Option<crate::quant::Quantize>,
+    ) -> Result<Self> {
         Self::load_within_quantized(path, device, dtype, available_memory(device), quantize)
     }
 
-    fn load_within_quantized(path: &Path, device: &Device, dtype: DType, budget: Option<u64>, quantize: Option<crate::quant::Quantize>) -> Result<Self> {
+    fn load_within_quantized(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        budget: Option<u64>,
+        quantize: Option<crate::quant::Quantize>,
+    ) -> Result<Self> {
         if crate::gguf::is_gguf(path) || (path.is_file() && path.extension().is_some_and(|e| e == "gguf")) {
             return Self::load_gguf(path, device, dtype, budget, quantize);
         }
@@ -215,8 +235,20 @@ impl BaseModel {
                 (weights, quantized, parts.finish())
             }
         };
-        let text = if dir.join("tokenizer.json").is_file() { Some(crate::text::TextModel::from_dir(dir)?) } else { None };
-        Ok(Self { config, weights, device: device.clone(), dtype, source: dir.to_path_buf(), fingerprint, text, gguf: None, quantized, quantize })
+        let text =
+            if dir.join("tokenizer.json").is_file() { Some(crate::text::TextModel::from_dir(dir)?) } else { None };
+        Ok(Self {
+            config,
+            weights,
+            device: device.clone(),
+            dtype,
+            source: dir.to_path_buf(),
+            fingerprint,
+            text,
+            gguf: None,
+            quantized,
+            quantize,
+        })
     }
 
     /// Bytes the base weights take on the device: dense tensors plus quantized blocks.
@@ -236,10 +268,17 @@ impl BaseModel {
 
     /// A GGUF file: header, tokenizer and every tensor's place checked before any is read, then
     /// each tensor dequantized to `dtype`.
-    fn load_gguf(path: &Path, device: &Device, dtype: DType, budget: Option<u64>, quantize: Option<crate::quant::Quantize>) -> Result<Self> {
+    fn load_gguf(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        budget: Option<u64>,
+        quantize: Option<crate::quant::Quantize>,
+    ) -> Result<Self> {
         let plan = crate::gguf::plan(path)?;
         check_fits(path, plan.bytes(dtype), dtype, budget)?;
-        let text = crate::text::TextModel::from_json(&plan.origin.tokenizer_json, &plan.origin.tokenizer_config_json, path)?;
+        let text =
+            crate::text::TextModel::from_json(&plan.origin.tokenizer_json, &plan.origin.tokenizer_config_json, path)?;
         let (weights, quantized) = crate::gguf::load_quantized(&plan, device, dtype, quantize)?;
         let fingerprint = fingerprint(&weights, &quantized)?;
         Ok(Self {
@@ -279,7 +318,10 @@ fn check_fits(path: &Path, need: u64, dtype: DType, budget: Option<u64>) -> Resu
 /// FNV-1a over every tensor's name, shape and first and last 64 values as bf16 (so the
 /// same weights loaded as f32 or bf16, on any device, give the same string). Cheap for any size.
 /// Quantized weights take part dequantized, one at a time.
-pub fn fingerprint(weights: &HashMap<String, Tensor>, quantized: &HashMap<String, crate::quant::QWeight>) -> Result<String> {
+pub fn fingerprint(
+    weights: &HashMap<String, Tensor>,
+    quantized: &HashMap<String, crate::quant::QWeight>,
+) -> Result<String> {
     let mut parts = Fingerprint::default();
     for (name, t) in weights {
         parts.add(name, t)?;

@@ -6,7 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{ce_datum, fixture_dir, input, tiny};
-use hearth_api::{AdamParams, CheckpointKind, LoraConfig, LossFn, SampleInput, SamplingParams, TargetModule, TrainingConfig};
+use hearth_api::{
+    AdamParams, CheckpointKind, LoraConfig, LossFn, SampleInput, SamplingParams, TargetModule, TrainingConfig,
+};
 use hearth_engine::preset::Preset;
 use hearth_engine::{BaseModel, EngineError, TrainingSession};
 use std::path::{Path, PathBuf};
@@ -35,22 +37,33 @@ fn step(s: &mut TrainingSession, i: usize) -> f64 {
         d.model_input.iter_mut().chain(targets).for_each(|x| *x %= vocab);
         d
     };
-    let out = s.forward_backward(&input(vec![datum(texts[i % 3]), datum(texts[(i + 1) % 3])], LossFn::CrossEntropy)).unwrap();
+    let out =
+        s.forward_backward(&input(vec![datum(texts[i % 3]), datum(texts[(i + 1) % 3])], LossFn::CrossEntropy)).unwrap();
     s.optim_step(&adam()).unwrap();
     out.metrics["loss:sum"]
 }
 
 /// Every trainable value, for "nothing changed" checks.
 fn snapshot(s: &TrainingSession) -> Vec<(String, Vec<f32>)> {
-    s.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+    s.parameters()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
 }
 
 #[test]
 fn hearth_adapter_loads_in_peft_and_merged_loads_in_transformers() {
-    let Some(python) = common::reference_python("hearth_adapter_loads_in_peft_and_merged_loads_in_transformers") else { return };
+    let Some(python) = common::reference_python("hearth_adapter_loads_in_peft_and_merged_loads_in_transformers") else {
+        return;
+    };
     // and with LoRA on lm_head (Tinker's train_unembed): untied (llama) and tied (qwen2, whose
     // merged model then gets an lm_head of its own)
-    for (fixture, modules) in [("llama", &TargetModule::ALL[..]), ("qwen2", &TargetModule::ALL[..]), ("llama", &TargetModule::EVERY[..]), ("qwen2", &TargetModule::EVERY[..])] {
+    for (fixture, modules) in [
+        ("llama", &TargetModule::ALL[..]),
+        ("qwen2", &TargetModule::ALL[..]),
+        ("llama", &TargetModule::EVERY[..]),
+        ("qwen2", &TargetModule::EVERY[..]),
+    ] {
         let base = Arc::new(BaseModel::load(&fixture_dir(fixture), &Device::Cpu, DType::F32).unwrap());
         let lora = LoraConfig { rank: 4, alpha: 8.0, seed: 3, target_modules: modules.to_vec() };
         let name = if modules.len() == 8 { format!("{fixture}-lm-head") } else { fixture.to_string() };
@@ -69,7 +82,11 @@ fn hearth_adapter_loads_in_peft_and_merged_loads_in_transformers() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/check_hf_load.py");
         let out = Command::new(&python).arg(&script).arg(&case_path).env("OMP_NUM_THREADS", "1").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{name}: PEFT/transformers disagree with hearth: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: PEFT/transformers disagree with hearth: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         eprintln!("{name}: {stdout}");
     }
 }
@@ -84,7 +101,8 @@ fn peft_adapter_folder_loads_into_hearth() {
         let s = TrainingSession::from_checkpoint(base.clone(), &fixture_dir(fixture)).unwrap();
         let TrainingConfig::Lora(l) = s.training() else { panic!("LoRA expected") };
         assert_eq!((l.rank, l.alpha), (4, 8.0));
-        let raw = candle_core::safetensors::load(fixture_dir(fixture).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let raw = candle_core::safetensors::load(fixture_dir(fixture).join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
         for (name, var) in s.parameters() {
             let want = raw[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{fixture} {name}");
@@ -106,7 +124,8 @@ fn resume_child() {
     assert_eq!((loaded.kind, loaded.step), (CheckpointKind::State, 5));
     let losses: Vec<f64> = (5..10).map(|i| step(&mut s, i)).collect();
     let sampled = s.sample(&sample_input(), &|_| String::new(), &|| false).unwrap().sequences[0].tokens.clone();
-    std::fs::write(dir.join("child.json"), serde_json::json!({"losses": losses, "sampled": sampled}).to_string()).unwrap();
+    std::fs::write(dir.join("child.json"), serde_json::json!({"losses": losses, "sampled": sampled}).to_string())
+        .unwrap();
 }
 
 /// Unseeded sampling: the run's own generator picks the seed, and it is part of `state`.
@@ -126,11 +145,13 @@ fn state_resume_is_exact_in_a_fresh_process() {
     let mut want = Vec::new();
     for i in 0..10 {
         if i == 5 {
-            straight.sample(&sample_input(), &|_| String::new(), &|| false).unwrap(); // advances the run's RNG
+            straight.sample(&sample_input(), &|_| String::new(), &|| false).unwrap();
+            // advances the run's RNG
         }
         want.push(step(&mut straight, i));
     }
-    let want_sampled = straight.sample(&sample_input(), &|_| String::new(), &|| false).unwrap().sequences[0].tokens.clone();
+    let want_sampled =
+        straight.sample(&sample_input(), &|_| String::new(), &|| false).unwrap().sequences[0].tokens.clone();
 
     let dir = scratch("resume");
     let mut first = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
@@ -145,7 +166,8 @@ fn state_resume_is_exact_in_a_fresh_process() {
         .status()
         .unwrap();
     assert!(status.success(), "the resuming process failed");
-    let child: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("child.json")).unwrap()).unwrap();
+    let child: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("child.json")).unwrap()).unwrap();
     got.extend(child["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "step {i}: resumed loss {g} vs straight {w}");
@@ -193,9 +215,12 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     let garbage_manifest = copy("garbage-manifest");
     std::fs::write(garbage_manifest.join("hearth.json"), "{\"format\": \"hearth-checkpoint\", \"format_vers").unwrap();
     let future = copy("future");
-    let text = std::fs::read_to_string(future.join("hearth.json")).unwrap().replace("\"format_version\": 1", "\"format_version\": 99");
+    let text = std::fs::read_to_string(future.join("hearth.json"))
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 99");
     std::fs::write(future.join("hearth.json"), text).unwrap();
-    let other_rank = TrainingSession::new(tiny(), TrainingConfig::Lora(LoraConfig { rank: 8, ..LoraConfig::default() })).unwrap();
+    let other_rank =
+        TrainingSession::new(tiny(), TrainingConfig::Lora(LoraConfig { rank: 8, ..LoraConfig::default() })).unwrap();
     other_rank.save_state(&dir.join("rank8"), CheckpointKind::Adapter).unwrap();
 
     let cases: [(PathBuf, &str); 7] = [
@@ -233,12 +258,16 @@ fn saving_again_replaces_atomically_and_leaves_no_temporaries() {
     s.save_state(&dir.join("latest"), CheckpointKind::State).unwrap();
     step(&mut s, 1);
     s.save_state(&dir.join("latest"), CheckpointKind::State).unwrap();
-    let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names, vec!["latest".to_string()], "temporaries left behind");
     let manifest = hearth_engine::session::read_manifest(&dir.join("latest")).unwrap().unwrap();
     assert_eq!(manifest.step, 2);
     let files: Vec<String> = {
-        let mut f: Vec<String> = std::fs::read_dir(dir.join("latest")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut f: Vec<String> = std::fs::read_dir(dir.join("latest"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         f.sort();
         f
     };

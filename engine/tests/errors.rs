@@ -5,10 +5,13 @@
 mod common;
 
 use common::{ce_datum, input, pg_datum, tiny};
-use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LossFn, LoraConfig, PpoConfig, TrainingConfig};
+use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LoraConfig, LossFn, PpoConfig, TrainingConfig};
 use hearth_engine::{EngineError, TrainingSession};
 
-fn snapshot(s: &TrainingSession, probe: &ForwardBackwardInput) -> (hearth_api::ForwardBackwardOutput, Vec<(String, Vec<f32>)>, u64) {
+fn snapshot(
+    s: &TrainingSession,
+    probe: &ForwardBackwardInput,
+) -> (hearth_api::ForwardBackwardOutput, Vec<(String, Vec<f32>)>, u64) {
     let grads = s
         .accumulated_grads()
         .iter()
@@ -56,11 +59,14 @@ fn bad_batches() -> Vec<(&'static str, ForwardBackwardInput, &'static str)> {
         ),
         (
             "NaN advantage",
-            input(vec![{
-                let mut d = pg_datum("hello hearth", 1.0);
-                d.loss_fn_inputs.advantages.as_mut().unwrap()[4] = f32::NAN;
-                d
-            }], LossFn::ImportanceSampling),
+            input(
+                vec![{
+                    let mut d = pg_datum("hello hearth", 1.0);
+                    d.loss_fn_inputs.advantages.as_mut().unwrap()[4] = f32::NAN;
+                    d
+                }],
+                LossFn::ImportanceSampling,
+            ),
             "data[0].loss_fn_inputs.advantages[4] is NaN: inputs must be finite",
         ),
         (
@@ -70,12 +76,21 @@ fn bad_batches() -> Vec<(&'static str, ForwardBackwardInput, &'static str)> {
         ),
         (
             "ppo clip bound",
-            input(vec![pg_datum("hello", 1.0)], LossFn::Ppo(PpoConfig { clip_low_threshold: 1.5, clip_high_threshold: 1.2 })),
+            input(
+                vec![pg_datum("hello", 1.0)],
+                LossFn::Ppo(PpoConfig { clip_low_threshold: 1.5, clip_high_threshold: 1.2 }),
+            ),
             "invalid clip_low_threshold = 1.5: must be in (0, 1]",
         ),
         (
             "longer than the context",
-            input(vec![Datum::new(vec![1; 1025], hearth_api::LossFnInputs::cross_entropy(vec![1; 1025], vec![1.0; 1025]))], ce),
+            input(
+                vec![Datum::new(
+                    vec![1; 1025],
+                    hearth_api::LossFnInputs::cross_entropy(vec![1; 1025], vec![1.0; 1025]),
+                )],
+                ce,
+            ),
             "data[0] has 1025 tokens; the model's context is 1024 tokens",
         ),
     ]
@@ -169,13 +184,19 @@ fn a_step_too_large_for_memory_is_refused_before_it_runs_and_changes_nothing() {
     // 4096 × 1024 positions: about 170 GB of activations kept whole even with the fused CPU
     // kernels (41 KB a position on `tiny`), far beyond this machine
     let long: Vec<u32> = (0..1025u32).map(|i| 32 + i % 90).collect();
-    let datum = Datum::new(long[..1024].to_vec(), hearth_api::LossFnInputs::cross_entropy(long[1..].to_vec(), vec![1.0; 1024]));
+    let datum =
+        Datum::new(long[..1024].to_vec(), hearth_api::LossFnInputs::cross_entropy(long[1..].to_vec(), vec![1.0; 1024]));
     let huge = input(vec![datum; 4096], LossFn::CrossEntropy);
     s.set_recompute(Recompute::Off);
     let err = s.forward_backward(&huge).unwrap_err();
     assert!(matches!(err, EngineError::OutOfMemory(_)), "{err}");
     let text = err.to_string();
-    assert!(text.contains("4096 sequence(s) of 1024 positions") && text.contains("--recompute on") && text.contains("nothing changed"), "{text}");
+    assert!(
+        text.contains("4096 sequence(s) of 1024 positions")
+            && text.contains("--recompute on")
+            && text.contains("nothing changed"),
+        "{text}"
+    );
     let after = snapshot(&s, &probe);
     assert_eq!(before.1, after.1, "accumulated gradients unchanged");
     assert_eq!(before.0.metrics, after.0.metrics);

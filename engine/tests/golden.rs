@@ -17,7 +17,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use candle_core::{DType, Device, Tensor};
-use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LossFn, LoraConfig, PpoConfig, TargetModule, TrainingConfig};
+use hearth_api::{
+    AdamParams, Datum, ForwardBackwardInput, LoraConfig, LossFn, PpoConfig, TargetModule, TrainingConfig,
+};
 use hearth_engine::model::Chunking;
 use hearth_engine::recompute::Recompute;
 use hearth_engine::{BaseModel, TrainingSession};
@@ -160,7 +162,11 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().map(|w| w.abs() as f64).fold(1e-8, f64::max);
     let err = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0.0, f64::max);
-    assert!(err / scale <= rtol, "{what}: max abs error {err:.3e} vs scale {scale:.3e} (rel {:.3e} > {rtol:.0e})", err / scale);
+    assert!(
+        err / scale <= rtol,
+        "{what}: max abs error {err:.3e} vs scale {scale:.3e} (rel {:.3e} > {rtol:.0e})",
+        err / scale
+    );
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -171,7 +177,12 @@ fn check_logits(f: &Fixture, tol: Tol) {
     let s = f.session();
     for (i, datum) in f.case.data.iter().enumerate() {
         let got = s.logits(&datum.model_input).unwrap();
-        assert_close(&format!("{} logits[{i}]", f.name), &flat(&got), &flat(&f.expected[&format!("logits.{i}")]), tol.logits);
+        assert_close(
+            &format!("{} logits[{i}]", f.name),
+            &flat(&got),
+            &flat(&f.expected[&format!("logits.{i}")]),
+            tol.logits,
+        );
     }
 }
 
@@ -201,7 +212,12 @@ fn check_loss_and_grads(f: &Fixture, loss: &str, recompute: Recompute, tol: Tol)
         return;
     }
     for (name, g) in grads {
-        assert_close(&format!("{what} grad {name}"), &flat(g), &flat(&f.expected[&format!("grad.{loss}.{name}")]), tol.grads);
+        assert_close(
+            &format!("{what} grad {name}"),
+            &flat(g),
+            &flat(&f.expected[&format!("grad.{loss}.{name}")]),
+            tol.grads,
+        );
     }
 }
 
@@ -218,16 +234,31 @@ fn check_trajectory(f: &Fixture, loss: &str, tol: Tol) {
         if loss == "ppo" && !tol.discontinuous && step > 0 {
             continue;
         }
-        assert_close(&format!("{what} step {step} loss"), &[out.metrics["loss:sum"] as f32], &[want.loss[step] as f32], tol.trajectory);
+        assert_close(
+            &format!("{what} step {step} loss"),
+            &[out.metrics["loss:sum"] as f32],
+            &[want.loss[step] as f32],
+            tol.trajectory,
+        );
         // A step whose gradient is exactly zero (every PPO position clipped) has norm 0 in both.
         let scale = want.grad_norm.iter().cloned().fold(0.0, f64::max) as f32;
         if loss == "ppo" && !tol.discontinuous {
             continue;
         }
-        assert_close(&format!("{what} step {step} grad_norm"), &[opt.grad_norm as f32, scale], &[want.grad_norm[step] as f32, scale], tol.trajectory);
+        assert_close(
+            &format!("{what} step {step} grad_norm"),
+            &[opt.grad_norm as f32, scale],
+            &[want.grad_norm[step] as f32, scale],
+            tol.trajectory,
+        );
     }
     for (name, var) in s.parameters().iter().filter(|_| tol.discontinuous) {
-        assert_close(&format!("{what} final {name}"), &flat(var.as_tensor()), &flat(&f.expected[&format!("final.{loss}.{name}")]), tol.trajectory);
+        assert_close(
+            &format!("{what} final {name}"),
+            &flat(var.as_tensor()),
+            &flat(&f.expected[&format!("final.{loss}.{name}")]),
+            tol.trajectory,
+        );
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{ce_datum, fixture_dir, input, pg_datum, tiny};
-use hearth_api::{AdamParams, LossFn, LoraConfig, PpoConfig, TargetModule, TrainingConfig};
+use hearth_api::{AdamParams, LoraConfig, LossFn, PpoConfig, TargetModule, TrainingConfig};
 use hearth_engine::model::Chunking;
 use hearth_engine::recompute::Recompute;
 use hearth_engine::{BaseModel, TrainingSession};
@@ -48,8 +48,11 @@ fn frozen_base_weights_get_no_gradient_buffers() {
     }
     let head_dim = s.base().config.head_dim;
     let weight_shapes: Vec<Vec<usize>> = s.base().weights.values().map(|w| w.dims().to_vec()).collect();
-    let others: Vec<Vec<usize>> =
-        grads.get_ids().filter(|id| !param_ids.contains(id)).map(|id| grads.get_id(*id).unwrap().dims().to_vec()).collect();
+    let others: Vec<Vec<usize>> = grads
+        .get_ids()
+        .filter(|id| !param_ids.contains(id))
+        .map(|id| grads.get_id(*id).unwrap().dims().to_vec())
+        .collect();
     for shape in &others {
         assert!(!weight_shapes.contains(shape), "a base weight got a gradient buffer: {shape:?}");
         assert_ne!(shape, &vec![6, head_dim], "a rotary table got a gradient buffer");
@@ -112,15 +115,27 @@ fn finite_difference_check_with(fixture: &str, loss_fn: LossFn, data: Vec<hearth
 
 /// The same on given target modules: the fixture's adapter, and small fixed values for LoRA
 /// pairs it does not have (`lm_head`'s).
-fn finite_difference_check_on(fixture: &str, loss_fn: LossFn, data: Vec<hearth_api::Datum>, recompute: Recompute, modules: Vec<TargetModule>) {
+fn finite_difference_check_on(
+    fixture: &str,
+    loss_fn: LossFn,
+    data: Vec<hearth_api::Datum>,
+    recompute: Recompute,
+    modules: Vec<TargetModule>,
+) {
     let base = Arc::new(BaseModel::load(&fixture_dir(fixture), &Device::Cpu, DType::F64).unwrap());
     let lora = LoraConfig { rank: 4, alpha: 8.0, target_modules: modules, ..LoraConfig::default() };
     let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
-    let mut adapter = candle_core::safetensors::load(fixture_dir(fixture).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let mut adapter =
+        candle_core::safetensors::load(fixture_dir(fixture).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     for (name, var) in s.parameters() {
         if !adapter.contains_key(name) {
             let n = var.as_tensor().elem_count();
-            let v = ((Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap() * 0.37).unwrap().sin().unwrap() * 0.05).unwrap();
+            let v = ((Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap() * 0.37)
+                .unwrap()
+                .sin()
+                .unwrap()
+                * 0.05)
+                .unwrap();
             adapter.insert(name.clone(), v.reshape(var.dims()).unwrap());
         }
     }
@@ -150,7 +165,10 @@ fn finite_difference_check_on(fixture: &str, loss_fn: LossFn, data: Vec<hearth_a
             let fd = (at(eps) - at(-eps)) / (2.0 * eps);
             var.set(&orig).unwrap();
             let ag: f64 = g.i((r, c)).unwrap().to_scalar().unwrap();
-            assert!((fd - ag).abs() <= 1e-6 + 1e-5 * ag.abs(), "{fixture} {name}[{r},{c}]: finite difference {fd} vs autograd {ag}");
+            assert!(
+                (fd - ag).abs() <= 1e-6 + 1e-5 * ag.abs(),
+                "{fixture} {name}[{r},{c}]: finite difference {fd} vs autograd {ag}"
+            );
             checked += 1;
         }
     }
@@ -161,7 +179,13 @@ fn finite_difference_check_on(fixture: &str, loss_fn: LossFn, data: Vec<hearth_a
 fn finite_differences_agree_with_autograd_in_f64_lora_on_lm_head_tied_and_untied() {
     // qwen2's fixture ties lm_head to the embeddings, llama's does not; with recompute too
     for (fixture, recompute) in [("qwen2", Recompute::Off), ("llama", Recompute::Off), ("qwen2", Recompute::On)] {
-        finite_difference_check_on(fixture, LossFn::CrossEntropy, vec![ce_datum("ABCDEF"), ce_datum("4321")], recompute, TargetModule::EVERY.to_vec());
+        finite_difference_check_on(
+            fixture,
+            LossFn::CrossEntropy,
+            vec![ce_datum("ABCDEF"), ce_datum("4321")],
+            recompute,
+            TargetModule::EVERY.to_vec(),
+        );
     }
 }
 
@@ -214,7 +238,8 @@ fn cispo_and_dro_follow_tinkers_formulas() {
     };
     // sampler logprobs near the model's, so some ratios fall inside the clip range and some outside
     let probe = input(vec![ce_datum("policy gradients"), ce_datum("clip the ratio")], LossFn::CrossEntropy);
-    let model_lp: Vec<Vec<f32>> = session().forward(&probe).unwrap().loss_fn_outputs.into_iter().map(|o| o.logprobs).collect();
+    let model_lp: Vec<Vec<f32>> =
+        session().forward(&probe).unwrap().loss_fn_outputs.into_iter().map(|o| o.logprobs).collect();
     let data: Vec<hearth_api::Datum> = probe
         .data
         .iter()
@@ -249,9 +274,15 @@ fn cispo_and_dro_follow_tinkers_formulas() {
             })
             .collect();
         want_loss -= o.logprobs.iter().zip(&w).map(|(&lp, &w)| (lp * w) as f64).sum::<f64>();
-        ce_data.push(hearth_api::Datum::new(d.model_input.clone(), hearth_api::LossFnInputs::cross_entropy(inputs.target_tokens.clone().unwrap(), w)));
+        ce_data.push(hearth_api::Datum::new(
+            d.model_input.clone(),
+            hearth_api::LossFnInputs::cross_entropy(inputs.target_tokens.clone().unwrap(), w),
+        ));
     }
-    assert!(clipped > 0 && clipped < out.loss_fn_outputs.iter().map(|o| o.logprobs.len()).sum::<usize>(), "both arms: {clipped} clipped");
+    assert!(
+        clipped > 0 && clipped < out.loss_fn_outputs.iter().map(|o| o.logprobs.len()).sum::<usize>(),
+        "both arms: {clipped} clipped"
+    );
     let got = out.metrics["loss:sum"];
     assert!((got - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0), "cispo loss {got} vs {want_loss}");
     let mut ce = session();
@@ -259,7 +290,10 @@ fn cispo_and_dro_follow_tinkers_formulas() {
     for (name, g) in s.accumulated_grads() {
         let w = &ce.accumulated_grads()[name];
         let diff = norm(&(g - w).unwrap());
-        assert!(diff <= 1e-5 * norm(w).max(1e-12), "{name}: cispo gradient differs from weighted cross-entropy's by {diff:e}");
+        assert!(
+            diff <= 1e-5 * norm(w).max(1e-12),
+            "{name}: cispo gradient differs from weighted cross-entropy's by {diff:e}"
+        );
     }
 
     let beta = 0.7f32;
@@ -267,7 +301,9 @@ fn cispo_and_dro_follow_tinkers_formulas() {
     let mut want = 0.0f64;
     for (d, o) in data.iter().zip(&out.loss_fn_outputs) {
         let inputs = &d.loss_fn_inputs;
-        for ((&lp, &q), &a) in o.logprobs.iter().zip(inputs.logprobs.as_ref().unwrap()).zip(inputs.advantages.as_ref().unwrap()) {
+        for ((&lp, &q), &a) in
+            o.logprobs.iter().zip(inputs.logprobs.as_ref().unwrap()).zip(inputs.advantages.as_ref().unwrap())
+        {
             want -= (lp * a) as f64 - 0.5 * beta as f64 * ((lp - q) as f64).powi(2);
         }
     }

@@ -140,21 +140,33 @@ fn serve(mut conn: TcpStream, repos: &HashMap<String, PathBuf>) {
                 .map(|e| serde_json::json!({"rfilename": e.unwrap().file_name().to_string_lossy()}))
                 .collect();
             let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
-            return respond(&mut conn, "200 OK", &[("Content-Type".into(), "application/json".into())], body.as_bytes());
+            return respond(
+                &mut conn,
+                "200 OK",
+                &[("Content-Type".into(), "application/json".into())],
+                body.as_bytes(),
+            );
         }
     } else if parts.len() == 5 && parts[2] == "resolve" {
         if let Some(dir) = repos.get(&format!("{}/{}", parts[0], parts[1])) {
             if let Ok(mut f) = std::fs::File::open(dir.join(parts[4])) {
                 let mut data = Vec::new();
                 f.read_to_end(&mut data).unwrap();
-                let etag = format!("\"{:016x}{:08x}\"", data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)), data.len());
+                let etag = format!(
+                    "\"{:016x}{:08x}\"",
+                    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)),
+                    data.len()
+                );
                 let mut headers = vec![("ETag".to_string(), etag), ("X-Repo-Commit".to_string(), COMMIT.to_string())];
                 return match range {
                     Some((start, end)) => {
                         let start = start.min(data.len());
                         let end = end.map_or(data.len(), |e| (e + 1).min(data.len())).max(start);
                         let body = &data[start..end];
-                        headers.push(("Content-Range".into(), format!("bytes {start}-{}/{}", (start + body.len()).saturating_sub(1), data.len())));
+                        headers.push((
+                            "Content-Range".into(),
+                            format!("bytes {start}-{}/{}", (start + body.len()).saturating_sub(1), data.len()),
+                        ));
                         respond(&mut conn, "206 Partial Content", &headers, body)
                     }
                     None => respond(&mut conn, "200 OK", &headers, &data),
@@ -222,7 +234,13 @@ fn a_gguf_file_of_a_hub_repo_is_downloaded_once_and_loads() {
     std::fs::copy(export.join("model.gguf"), remote.join("tiny-f16.gguf")).unwrap();
     std::fs::write(remote.join("README.md"), "not downloaded").unwrap();
     let server = StandIn::start(HashMap::from([("hearth/tiny-gguf".to_string(), remote)]));
-    let opts = HubOptions { endpoint: server.url.clone(), cache_dir: root.join("hf-cache"), token: None, revision: "main".into(), offline: false };
+    let opts = HubOptions {
+        endpoint: server.url.clone(),
+        cache_dir: root.join("hf-cache"),
+        token: None,
+        revision: "main".into(),
+        offline: false,
+    };
 
     let path = resolve("hearth/tiny-gguf:tiny-f16.gguf", &opts).unwrap();
     assert_eq!(path, opts.cache_dir.join("models--hearth--tiny-gguf/snapshots").join(COMMIT).join("tiny-f16.gguf"));

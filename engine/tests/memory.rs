@@ -92,7 +92,9 @@ fn the_step_estimate_is_within_15_percent_of_the_measured_peak() {
     // small chunks: the layer phase is the peak; the defaults: one attention chunk of every row
     let small = Chunking { attn_elements: 1 << 18, head_elements: 1 << 14 };
     let mut failures = Vec::new();
-    for (name, dtype, fused) in [("bf16 composed", DType::BF16, false), ("f32 composed", DType::F32, false), ("f32 fused", DType::F32, true)] {
+    for (name, dtype, fused) in
+        [("bf16 composed", DType::BF16, false), ("f32 composed", DType::F32, false), ("f32 fused", DType::F32, true)]
+    {
         hearth_engine::fused::set_enabled(fused);
         let base = Arc::new(BaseModel::load(&dir, &Device::Cpu, dtype).unwrap());
         for (b, t) in [(1, 256), (2, 512), (1, 1024)] {

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{ce_datum, input};
-use hearth_api::{AdamParams, LossFn, LoraConfig, TargetModule, TrainingConfig};
+use hearth_api::{AdamParams, LoraConfig, LossFn, TargetModule, TrainingConfig};
 use hearth_engine::model::Chunking;
 use hearth_engine::preset::Preset;
 use hearth_engine::recompute::Recompute;
@@ -31,7 +31,12 @@ fn lora_grads(attn_elements: usize) -> BTreeMap<String, Tensor> {
 }
 
 fn lora_grads_of(base: Arc<BaseModel>, attn_elements: usize) -> BTreeMap<String, Tensor> {
-    let lora = LoraConfig { rank: 8, alpha: 16.0, target_modules: vec![TargetModule::KProj, TargetModule::VProj], ..LoraConfig::default() };
+    let lora = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        target_modules: vec![TargetModule::KProj, TargetModule::VProj],
+        ..LoraConfig::default()
+    };
     let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
     s.set_recompute(Recompute::On);
     s.set_chunking(Chunking { attn_elements, head_elements: 1 << 24 });
@@ -63,7 +68,10 @@ fn bf16_key_and_value_gradients_are_summed_over_query_chunks_in_f32() {
         err_one += one;
         err_rows += rows;
     }
-    assert!(err_rows < 1.1 * err_one, "summed error against f32: {err_rows:.4} in row chunks, {err_one:.4} in one chunk");
+    assert!(
+        err_rows < 1.1 * err_one,
+        "summed error against f32: {err_rows:.4} in row chunks, {err_one:.4} in one chunk"
+    );
 }
 
 /// Updates far below a bf16 weight's precision (lr 1e-4 on weights near 1, whose bf16 spacing
@@ -116,7 +124,13 @@ fn work_from_other_threads_gives_the_bits_of_one_thread() {
     let run = |threads: bool| -> Vec<Vec<u32>> {
         let device = hearth_engine::device::open("cpu").unwrap();
         assert!(device.is_cpu());
-        let spawn = |f: Box<dyn FnOnce() + Send + '_>| if threads { std::thread::scope(|sc| sc.spawn(f).join().unwrap()) } else { f() };
+        let spawn = |f: Box<dyn FnOnce() + Send + '_>| {
+            if threads {
+                std::thread::scope(|sc| sc.spawn(f).join().unwrap())
+            } else {
+                f()
+            }
+        };
         let mut s = None;
         spawn(Box::new(|| s = Some(TrainingSession::new(common::tiny(), TrainingConfig::default()).unwrap())));
         let mut s = s.unwrap();
@@ -131,7 +145,12 @@ fn work_from_other_threads_gives_the_bits_of_one_thread() {
                 s.optim_step(&adam).unwrap();
             }));
         }
-        s.parameters().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()).collect()
+        s.parameters()
+            .iter()
+            .map(|(_, v)| {
+                v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+            })
+            .collect()
     };
     assert_eq!(run(true), run(false));
 }

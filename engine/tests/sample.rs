@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device};
 use common::{ce_datum, fixture_dir, input, tiny};
 use hearth_api::{
-    AdamParams,
-    Datum, ForwardBackwardInput, LossFn, LossFnInputs, LoraConfig, SampleInput, SamplingParams, Stop, StopReason, TrainingConfig,
+    AdamParams, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, SampleInput, SamplingParams, Stop,
+    StopReason, TrainingConfig,
 };
 use hearth_engine::model::Chunking;
 use hearth_engine::preset::Preset;
@@ -44,13 +44,18 @@ fn greedy_matches_transformers(name: &str) {
     let base = Arc::new(BaseModel::load(&dir, &Device::Cpu, DType::F32).unwrap());
     let lora = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
-    s.set_parameters(&candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()).unwrap();
+    s.set_parameters(&candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap())
+        .unwrap();
     let want: Greedy = serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
     for case in want.cases {
         let input = SampleInput {
             prompt: case.prompt.clone(),
             num_samples: 1,
-            sampling_params: SamplingParams { max_tokens: case.tokens.len(), temperature: 0.0, ..SamplingParams::default() },
+            sampling_params: SamplingParams {
+                max_tokens: case.tokens.len(),
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
             prompt_logprobs: false,
             base_model_only: !case.with_adapter,
         };
@@ -78,7 +83,14 @@ fn tiny_input(n: usize, seed: Option<u64>) -> SampleInput {
     SampleInput {
         prompt: ByteTokenizer.encode("Once upon a time"),
         num_samples: n,
-        sampling_params: SamplingParams { max_tokens: 16, temperature: 0.9, top_k: 60, top_p: 0.95, seed, ..SamplingParams::default() },
+        sampling_params: SamplingParams {
+            max_tokens: 16,
+            temperature: 0.9,
+            top_k: 60,
+            top_p: 0.95,
+            seed,
+            ..SamplingParams::default()
+        },
         prompt_logprobs: true,
         base_model_only: false,
     }
@@ -162,7 +174,14 @@ fn device_and_host_picks_agree(s: &TrainingSession) {
         let input = SampleInput {
             prompt: ByteTokenizer.encode("Once upon a time"),
             num_samples: 6,
-            sampling_params: SamplingParams { max_tokens: 32, temperature, top_k, top_p, seed: Some(11), ..SamplingParams::default() },
+            sampling_params: SamplingParams {
+                max_tokens: 32,
+                temperature,
+                top_k,
+                top_p,
+                seed: Some(11),
+                ..SamplingParams::default()
+            },
             prompt_logprobs: false,
             base_model_only: false,
         };
@@ -177,7 +196,10 @@ fn device_and_host_picks_agree(s: &TrainingSession) {
             }
         }
         if temperature > 0.0 && top_k != 1 {
-            assert_ne!(host.sequences[0].tokens, host.sequences[1].tokens, "temperature {temperature}, top_k {top_k}: samples differ");
+            assert_ne!(
+                host.sequences[0].tokens, host.sequences[1].tokens,
+                "temperature {temperature}, top_k {top_k}: samples differ"
+            );
         }
     }
 }

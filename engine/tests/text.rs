@@ -32,8 +32,10 @@ fn chat_templates_render_as_transformers_does() {
     let cases: Cases = serde_json::from_str(&text).unwrap();
     assert!(cases.cases.len() >= 30);
     for c in cases.cases {
-        let got = render_template(&c.source, &c.messages, c.add_generation_prompt, Some(&c.bos_token), Some(&c.eos_token));
-        let what = format!("{} ({} messages, generation prompt {})", c.template, c.messages.len(), c.add_generation_prompt);
+        let got =
+            render_template(&c.source, &c.messages, c.add_generation_prompt, Some(&c.bos_token), Some(&c.eos_token));
+        let what =
+            format!("{} ({} messages, generation prompt {})", c.template, c.messages.len(), c.add_generation_prompt);
         match (c.expected, c.error) {
             (Some(want), None) => assert_eq!(got.unwrap(), want, "{what}"),
             (None, Some(msg)) => {

@@ -162,7 +162,11 @@ fn lock_free_slot(root: &std::path::Path) -> std::io::Result<(PathBuf, std::fs::
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(root)?;
     for n in 0..64 {
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join(format!("slot-{n}.lock")))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(format!("slot-{n}.lock")))?;
         // SAFETY: flock on an fd this function owns.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             continue;
@@ -237,7 +241,9 @@ fn compiling_crate(line: &str) -> Option<&str> {
 fn is_cargo_status(line: &str) -> bool {
     let t = line.trim_start();
     line.len() > t.len()
-        && ["Compiling ", "Finished ", "Blocking ", "Updating ", "Locking ", "Downloaded ", "Downloading ", "Adding "].iter().any(|w| t.starts_with(w))
+        && ["Compiling ", "Finished ", "Blocking ", "Updating ", "Locking ", "Downloaded ", "Downloading ", "Adding "]
+            .iter()
+            .any(|w| t.starts_with(w))
 }
 
 /// Removes `root/<pid>` folders whose process is gone.
@@ -245,7 +251,8 @@ pub fn sweep_tmpdirs(root: &std::path::Path) {
     for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok()) else { continue };
         // SAFETY: signal 0 only checks that the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone && pid != std::process::id() as libc::pid_t {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -266,7 +273,11 @@ pub fn prelude_dir() -> PathBuf {
 fn new_context() -> Result<(evcxr::CommandContext, evcxr::EvalContextOutputs), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = std::process::Command::new(exe);
-    let libdir = std::process::Command::new("rustc").args(["--print", "target-libdir"]).output().ok().filter(|o| o.status.success());
+    let libdir = std::process::Command::new("rustc")
+        .args(["--print", "target-libdir"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
     if let Some(out) = libdir {
         let mut path = std::ffi::OsString::from(String::from_utf8_lossy(&out.stdout).trim());
         if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
@@ -295,7 +306,9 @@ fn error_of(e: evcxr::Error) -> CellError {
         }
         evcxr::Error::SubprocessTerminated(msg) => CellError {
             ename: "ChildRestarted".into(),
-            evalue: format!("{msg}. The cell process restarted: variables are lost, the model is untouched; `session` is back."),
+            evalue: format!(
+                "{msg}. The cell process restarted: variables are lost, the model is untouched; `session` is back."
+            ),
             traceback: vec![],
         },
         other => {
@@ -317,7 +330,11 @@ impl Evaluator {
     /// until `connected` returns: evcxr's context (rust-analyzer's load, about 4 s on 2 cores) is
     /// created meanwhile, while the front-end starts or finds the server. `connected` returning
     /// an error skips the prelude; the evaluator is then ready with that error.
-    pub fn start_after(stdout: LineSink, stderr: LineSink, connected: impl FnOnce() -> Result<(), String> + Send + 'static) -> Evaluator {
+    pub fn start_after(
+        stdout: LineSink,
+        stderr: LineSink,
+        connected: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Evaluator {
         let (tx, rx) = mpsc::channel::<Req>();
         let child = Arc::new(Mutex::new(None));
         let ready: Readiness = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
@@ -378,7 +395,9 @@ impl Evaluator {
                             Ok(r) => r,
                             Err(mpsc::RecvTimeoutError::Timeout) => {
                                 let probe = "let hearth_warm_up = session.run_name(); hearth_warm_up.";
-                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.completions(probe, probe.len())));
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    ctx.completions(probe, probe.len())
+                                }));
                                 warmed = true;
                                 continue;
                             }
@@ -400,7 +419,11 @@ impl Evaluator {
                                     }
                                     Err(err)
                                 }
-                                Err(_) => Err(CellError { ename: "InternalError".into(), evalue: "evcxr panicked".into(), traceback: vec![] }),
+                                Err(_) => Err(CellError {
+                                    ename: "InternalError".into(),
+                                    evalue: "evcxr panicked".into(),
+                                    traceback: vec![],
+                                }),
                             };
                             let _ = reply.send(out);
                         }
@@ -408,7 +431,11 @@ impl Evaluator {
                             let (list, start, end) = match ctx.completions(&code, pos) {
                                 // rust-analyzer's snippets carry arguments (`with_capacity(capacity)`): offer the name
                                 Ok(c) => {
-                                    let mut names: Vec<String> = c.completions.into_iter().map(|c| c.code.split('(').next().unwrap_or_default().to_string()).collect();
+                                    let mut names: Vec<String> = c
+                                        .completions
+                                        .into_iter()
+                                        .map(|c| c.code.split('(').next().unwrap_or_default().to_string())
+                                        .collect();
                                     names.dedup();
                                     (names, c.start_offset, c.end_offset)
                                 }
@@ -417,7 +444,8 @@ impl Evaluator {
                             let _ = reply.send((list, start, end));
                         }
                         Req::Variables(reply) => {
-                            let _ = reply.send(ctx.variables_and_types().map(|(a, b)| (a.to_string(), b.to_string())).collect());
+                            let _ = reply
+                                .send(ctx.variables_and_types().map(|(a, b)| (a.to_string(), b.to_string())).collect());
                         }
                         Req::Quit(done) => {
                             drop(ctx);
@@ -467,9 +495,19 @@ impl Evaluator {
     pub fn eval(&self, code: &str) -> Result<CellOutput, CellError> {
         let (tx, rx) = mpsc::channel();
         if self.tx.send(Req::Eval(code.to_string(), tx)).is_err() {
-            return Err(CellError { ename: "EvaluatorGone".into(), evalue: "the evaluator thread stopped".into(), traceback: vec![] });
+            return Err(CellError {
+                ename: "EvaluatorGone".into(),
+                evalue: "the evaluator thread stopped".into(),
+                traceback: vec![],
+            });
         }
-        rx.recv().unwrap_or_else(|_| Err(CellError { ename: "EvaluatorGone".into(), evalue: "the evaluator thread stopped".into(), traceback: vec![] }))
+        rx.recv().unwrap_or_else(|_| {
+            Err(CellError {
+                ename: "EvaluatorGone".into(),
+                evalue: "the evaluator thread stopped".into(),
+                traceback: vec![],
+            })
+        })
     }
 
     /// Completions at `pos` (byte offset): (matches, start, end).
@@ -522,7 +560,10 @@ mod tests {
         }
         sweep_tmpdirs(&root);
         assert!(!dead.exists(), "a finished process's folder stays");
-        assert!(alive.exists() && root.join("not-a-pid").exists(), "a live process's (or a foreign) folder was removed");
+        assert!(
+            alive.exists() && root.join("not-a-pid").exists(),
+            "a live process's (or a foreign) folder was removed"
+        );
         let _ = std::fs::remove_dir_all(&root);
     }
 
@@ -542,7 +583,10 @@ mod tests {
         drop(lock_a);
         let (again, _lock) = lock_free_slot(&root).unwrap();
         assert_eq!(again, a, "a released slot is not reused");
-        assert!(!debug.join("libcode_1.so").exists() && !debug.join("libcode_12.so").exists(), "an earlier process's cell copies stay");
+        assert!(
+            !debug.join("libcode_1.so").exists() && !debug.join("libcode_12.so").exists(),
+            "an earlier process's cell copies stay"
+        );
         assert!(debug.join("libctx.so").exists(), "cargo's own output was removed");
         drop(lock_b);
         let _ = std::fs::remove_dir_all(&root);

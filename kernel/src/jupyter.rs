@@ -84,7 +84,8 @@ impl Kernel {
     /// Empties this cell's compile status, if one was shown.
     fn end_compile_status(&self, parent: &JupyterMessage) {
         if let Some((id, _)) = self.compile_status.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let data: Media = serde_json::from_value(serde_json::json!({ "text/plain": "", "text/html": "" })).unwrap_or_default();
+            let data: Media =
+                serde_json::from_value(serde_json::json!({ "text/plain": "", "text/html": "" })).unwrap_or_default();
             self.publish(UpdateDisplayData::new(data, &id), parent);
         }
     }
@@ -157,8 +158,10 @@ fn bundle_media(b: &hearth::Bundle) -> Media {
 
 /// A MIME bundle for Jupyter, without the types only hearth's own front-ends read.
 fn media<'a>(data: impl Iterator<Item = (&'a String, &'a String)>) -> Media {
-    let kept: serde_json::Map<String, serde_json::Value> =
-        data.filter(|(mime, _)| !front_end_only(mime)).map(|(m, c)| (m.clone(), serde_json::Value::String(c.clone()))).collect();
+    let kept: serde_json::Map<String, serde_json::Value> = data
+        .filter(|(mime, _)| !front_end_only(mime))
+        .map(|(m, c)| (m.clone(), serde_json::Value::String(c.clone())))
+        .collect();
     serde_json::from_value(serde_json::Value::Object(kept)).unwrap_or_default()
 }
 
@@ -202,7 +205,15 @@ async fn read_lenient<S: zeromq::SocketRecv>(conn: &mut jupyter_zmq_client::Conn
     let mut content: serde_json::Value = serde_json::from_slice(&raw.jparts[3])?;
     if header.msg_type == "history_request" {
         if let Some(obj) = content.as_object_mut() {
-            let defaults = [("output", serde_json::json!(false)), ("raw", serde_json::json!(true)), ("unique", serde_json::json!(false)), ("n", serde_json::json!(0)), ("start", serde_json::json!(0)), ("stop", serde_json::json!(0)), ("pattern", serde_json::json!("*"))];
+            let defaults = [
+                ("output", serde_json::json!(false)),
+                ("raw", serde_json::json!(true)),
+                ("unique", serde_json::json!(false)),
+                ("n", serde_json::json!(0)),
+                ("start", serde_json::json!(0)),
+                ("stop", serde_json::json!(0)),
+                ("pattern", serde_json::json!("*")),
+            ];
             for (k, v) in defaults {
                 obj.entry(k).or_insert(v);
             }
@@ -246,9 +257,7 @@ pub async fn run(connection_file: &Path) -> Res<()> {
             }
         }
     });
-    tokio::spawn(async move {
-        while heartbeat.single_heartbeat().await.is_ok() {}
-    });
+    tokio::spawn(async move { while heartbeat.single_heartbeat().await.is_ok() {} });
 
     let kernel = Arc::new(Kernel {
         iopub: iopub_tx,
@@ -318,7 +327,9 @@ pub async fn run(connection_file: &Path) -> Res<()> {
                 }
             };
             let reply: Option<JupyterMessageContent> = match &msg.content {
-                JupyterMessageContent::KernelInfoRequest(_) => Some(JupyterMessageContent::KernelInfoReply(Box::new(kernel_info()))),
+                JupyterMessageContent::KernelInfoRequest(_) => {
+                    Some(JupyterMessageContent::KernelInfoReply(Box::new(kernel_info())))
+                }
                 JupyterMessageContent::InterruptRequest(_) => {
                     interrupt(&kc);
                     Some(InterruptReply::new().into())
@@ -329,7 +340,12 @@ pub async fn run(connection_file: &Path) -> Res<()> {
                         // the server keeps running (a restart must find it warm); it saves now
                         let _ = tokio::task::spawn_blocking(move || s.autosave()).await;
                     }
-                    let _ = control_tx.send(JupyterMessage::new(ShutdownReply { restart, status: ReplyStatus::Ok, error: None }, Some(&msg))).await;
+                    let _ = control_tx
+                        .send(JupyterMessage::new(
+                            ShutdownReply { restart, status: ReplyStatus::Ok, error: None },
+                            Some(&msg),
+                        ))
+                        .await;
                     let _ = stop_tx.send(true);
                     None
                 }
@@ -354,7 +370,10 @@ pub async fn run(connection_file: &Path) -> Res<()> {
             }
         };
         if let JupyterMessageContent::ShutdownRequest(r) = &msg.content {
-            let _ = shell_reply_tx.send(JupyterMessage::new(ShutdownReply { restart: r.restart, status: ReplyStatus::Ok, error: None }, Some(&msg)));
+            let _ = shell_reply_tx.send(JupyterMessage::new(
+                ShutdownReply { restart: r.restart, status: ReplyStatus::Ok, error: None },
+                Some(&msg),
+            ));
             break;
         }
         kernel.status(ExecutionState::Busy, &msg);
@@ -365,7 +384,7 @@ pub async fn run(connection_file: &Path) -> Res<()> {
         kernel.status(ExecutionState::Idle, &msg);
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // let the last replies leave
-    // evcxr's build directory goes with its context
+                                                          // evcxr's build directory goes with its context
     if let Some(ev) = kernel.evaluator.get().cloned() {
         let _ = tokio::task::spawn_blocking(move || ev.shutdown(Duration::from_secs(5))).await;
     }
@@ -381,7 +400,9 @@ fn interrupt(k: &Arc<Kernel>) {
     let current = k.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.header.msg_id.clone());
     *k.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(CellError {
         ename: "Interrupted".into(),
-        evalue: "the cell was interrupted; the server's operation was cancelled and changed nothing (variables are kept)".into(),
+        evalue:
+            "the cell was interrupted; the server's operation was cancelled and changed nothing (variables are kept)"
+                .into(),
         traceback: vec![],
     });
     let k = k.clone();
@@ -417,7 +438,9 @@ fn error_content(e: &CellError) -> ErrorOutput {
 
 async fn handle_shell(k: &Arc<Kernel>, msg: &JupyterMessage) -> Option<JupyterMessageContent> {
     match &msg.content {
-        JupyterMessageContent::KernelInfoRequest(_) => Some(JupyterMessageContent::KernelInfoReply(Box::new(kernel_info()))),
+        JupyterMessageContent::KernelInfoRequest(_) => {
+            Some(JupyterMessageContent::KernelInfoReply(Box::new(kernel_info())))
+        }
         JupyterMessageContent::ExecuteRequest(req) => Some(execute(k, msg, req).await.into()),
         JupyterMessageContent::IsCompleteRequest(req) => Some(
             match input_status(&req.code) {
@@ -431,7 +454,11 @@ async fn handle_shell(k: &Arc<Kernel>, msg: &JupyterMessage) -> Option<JupyterMe
             let pos = char_to_byte(&req.code, req.cursor_pos);
             let (matches, start, end) = if req.code.trim_start().starts_with(':') {
                 let word = req.code[..pos].trim_start().trim_start_matches(':');
-                let m: Vec<String> = magics::MAGICS.iter().filter(|m| m.name.starts_with(word)).map(|m| format!(":{}", m.name)).collect();
+                let m: Vec<String> = magics::MAGICS
+                    .iter()
+                    .filter(|m| m.name.starts_with(word))
+                    .map(|m| format!(":{}", m.name))
+                    .collect();
                 (m, req.code.len() - req.code.trim_start().len(), pos)
             } else {
                 let ev = evaluator(k).await;
@@ -460,7 +487,16 @@ async fn handle_shell(k: &Arc<Kernel>, msg: &JupyterMessage) -> Option<JupyterMe
                 Some((n, t)) => Media::new(vec![MediaType::Plain(format!("{n}: {t}"))]),
                 None => Media::default(),
             };
-            Some(InspectReply { found: found.is_some(), data, metadata: Default::default(), status: ReplyStatus::Ok, error: None }.into())
+            Some(
+                InspectReply {
+                    found: found.is_some(),
+                    data,
+                    metadata: Default::default(),
+                    status: ReplyStatus::Ok,
+                    error: None,
+                }
+                .into(),
+            )
         }
         JupyterMessageContent::HistoryRequest(req) => {
             let h = k.history.lock().unwrap_or_else(|p| p.into_inner());
@@ -481,7 +517,12 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
         *c
     };
     if aborted {
-        return ExecuteReply { status: ReplyStatus::Aborted, execution_count: count, user_expressions: Some(Default::default()), ..Default::default() };
+        return ExecuteReply {
+            status: ReplyStatus::Aborted,
+            execution_count: count,
+            user_expressions: Some(Default::default()),
+            ..Default::default()
+        };
     }
     if !req.silent {
         k.publish(ExecuteInput { code: req.code.clone(), execution_count: count }, msg);
@@ -498,7 +539,11 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
         ExecuteReply {
             status: ReplyStatus::Error,
             execution_count: count,
-            error: Some(Box::new(ReplyError { ename: content.ename, evalue: content.evalue, traceback: content.traceback })),
+            error: Some(Box::new(ReplyError {
+                ename: content.ename,
+                evalue: content.evalue,
+                traceback: content.traceback,
+            })),
             user_expressions: Some(Default::default()),
             ..Default::default()
         }
@@ -516,7 +561,10 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
     if req.code.trim().contains('\n') && magics::find(first).is_some() {
         return fail(CellError {
             ename: "Magic".into(),
-            evalue: format!("`{}` is a magic: give it a cell of its own (the Rust lines after it go in the next cell)", first.trim()),
+            evalue: format!(
+                "`{}` is a magic: give it a cell of its own (the Rust lines after it go in the next cell)",
+                first.trim()
+            ),
             traceback: vec![],
         });
     }
@@ -534,7 +582,12 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
         return match out {
             Ok(bundle) => {
                 k.publish(DisplayData::new(bundle_media(&bundle)), msg);
-                ExecuteReply { status: ReplyStatus::Ok, execution_count: count, user_expressions: Some(Default::default()), ..Default::default() }
+                ExecuteReply {
+                    status: ReplyStatus::Ok,
+                    execution_count: count,
+                    user_expressions: Some(Default::default()),
+                    ..Default::default()
+                }
             }
             Err(e) => fail(CellError { ename: format!("Magic:{name}"), evalue: e, traceback: vec![] }),
         };
@@ -584,7 +637,12 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
                 result.transient = Some(Transient { display_id: None });
                 k.publish(result, msg);
             }
-            ExecuteReply { status: ReplyStatus::Ok, execution_count: count, user_expressions: Some(Default::default()), ..Default::default() }
+            ExecuteReply {
+                status: ReplyStatus::Ok,
+                execution_count: count,
+                user_expressions: Some(Default::default()),
+                ..Default::default()
+            }
         }
         Err(e) => fail(e),
     }

@@ -18,21 +18,41 @@ pub struct Magic {
 pub const MAGICS: &[Magic] = &[
     Magic { name: "status", args: "", help: "the server: model, device, memory, runs, cost", run: status },
     Magic { name: "runs", args: "", help: "every run with its step and newest checkpoint", run: runs },
-    Magic { name: "sample", args: "<prompt>", help: "4 samples of the prompt from the current weights, shaded by logprob", run: sample },
+    Magic {
+        name: "sample",
+        args: "<prompt>",
+        help: "4 samples of the prompt from the current weights, shaded by logprob",
+        run: sample,
+    },
     Magic { name: "plot", args: "[all]", help: "this run's loss curve (all: every run on one plot)", run: plot },
-    Magic { name: "save", args: "[name]", help: "save a `state` checkpoint of this run (default name: step-N)", run: save },
-    Magic { name: "resume", args: "[name|path]", help: "load a checkpoint into this run (default: its newest)", run: resume },
+    Magic {
+        name: "save",
+        args: "[name]",
+        help: "save a `state` checkpoint of this run (default name: step-N)",
+        run: save,
+    },
+    Magic {
+        name: "resume",
+        args: "[name|path]",
+        help: "load a checkpoint into this run (default: its newest)",
+        run: resume,
+    },
     Magic { name: "help", args: "", help: "this list", run: |_, _| Ok(help()) },
 ];
 
 /// `:help`, generated from [`MAGICS`].
 pub fn help() -> Bundle {
     let mut text = String::from("hearth magics (instant, no compile):\n");
-    let mut html = String::from("<table><tr><th style=\"text-align:left\">magic</th><th style=\"text-align:left\">what</th></tr>");
+    let mut html =
+        String::from("<table><tr><th style=\"text-align:left\">magic</th><th style=\"text-align:left\">what</th></tr>");
     for m in MAGICS {
         let usage = if m.args.is_empty() { format!(":{}", m.name) } else { format!(":{} {}", m.name, m.args) };
         text += &format!("  {usage:<22} {}\n", m.help);
-        html += &format!("<tr><td><code>{}</code></td><td style=\"text-align:left\">{}</td></tr>", esc(&usage), esc(m.help));
+        html += &format!(
+            "<tr><td><code>{}</code></td><td style=\"text-align:left\">{}</td></tr>",
+            esc(&usage),
+            esc(m.help)
+        );
     }
     text += "Everything else is Rust, evaluated with `session` in scope (evcxr's own :commands work too).";
     Bundle::text(text).with("text/html", html + "</table>")
@@ -93,7 +113,13 @@ fn runs(s: &Session, _: &str) -> Result<Bundle, String> {
     let mut text = format!("{:<16} {:>6} {:>10}  training\n", "run", "step", "saved at");
     for r in &runs {
         let saved = r.last_checkpoint_step.map_or("-".to_string(), |s| s.to_string());
-        text += &format!("{:<16} {:>6} {:>10}  {}\n", r.id, r.step, saved, serde_json::to_string(&r.training).unwrap_or_default());
+        text += &format!(
+            "{:<16} {:>6} {:>10}  {}\n",
+            r.id,
+            r.step,
+            saved,
+            serde_json::to_string(&r.training).unwrap_or_default()
+        );
     }
     Ok(Bundle::text(text))
 }
@@ -137,7 +163,13 @@ fn resume(s: &Session, source: &str) -> Result<Bundle, String> {
         source.to_string()
     };
     let out = s.load_state(&source).map_err(err)?;
-    Ok(Bundle::text(format!("run {} is at step {} again ({} from {})", s.run_name(), out.step, out.kind.name(), out.path)))
+    Ok(Bundle::text(format!(
+        "run {} is at step {} again ({} from {})",
+        s.run_name(),
+        out.step,
+        out.kind.name(),
+        out.path
+    )))
 }
 
 /// The newest checkpoint folder of the session's run, by modification time.

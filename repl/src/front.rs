@@ -88,13 +88,9 @@ impl Front {
             status_shown: AtomicBool::new(false),
         });
         let f = front.clone();
-        std::thread::Builder::new()
-            .name("hearth-start".into())
-            .spawn(move || f.connect_and_prepare(connect))
-            .ok();
+        std::thread::Builder::new().name("hearth-start".into()).spawn(move || f.connect_and_prepare(connect)).ok();
         let f = front.clone();
-        if let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT])
-        {
+        if let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) {
             std::thread::Builder::new()
                 .name("hearth-ctrl-c".into())
                 .spawn(move || {
@@ -131,7 +127,8 @@ impl Front {
         let (a, b) = (self.clone(), self.clone());
         let out: LineSink = Arc::new(move |l: &str| a.child_line(l, false));
         let err: LineSink = Arc::new(move |l: &str| b.child_line(l, true));
-        let ev = Evaluator::start_after(out, err, move || wait.recv().unwrap_or_else(|_| Err("no session server".into())));
+        let ev =
+            Evaluator::start_after(out, err, move || wait.recv().unwrap_or_else(|_| Err("no session server".into())));
         let session = match connect {
             Connect::Home { model, resume } => {
                 Session::connect_or_start(&hearth::home_dir(), "main", model.as_deref(), resume)
@@ -146,11 +143,12 @@ impl Front {
                     .ok()
                     .and_then(|r| r.into_iter().find(|r| r.id == s.run_name()).map(|r| r.step))
                     .unwrap_or(0);
-                let model = s
-                    .info()
-                    .map(|i| format!("{} on {}", i.model, i.device))
-                    .unwrap_or_default();
-                self.notify(&format!("hearth: connected to {} ({model}), run {} at step {step}; compiling the prelude…", s.url(), s.run_name()));
+                let model = s.info().map(|i| format!("{} on {}", i.model, i.device)).unwrap_or_default();
+                self.notify(&format!(
+                    "hearth: connected to {} ({model}), run {} at step {step}; compiling the prelude…",
+                    s.url(),
+                    s.run_name()
+                ));
             }
             Err(e) => self.notify(&format!("hearth: no session server: {e}")),
         }
@@ -172,13 +170,9 @@ impl Front {
             format!("; compiled {} crates once for this build slot", compiled.len())
         };
         match ready {
-            Ok(()) => self.notify(&format!(
-                "hearth: `session` is ready ({:.1} s{first})",
-                self.launched.elapsed().as_secs_f64()
-            )),
-            Err(e) => self.notify(&format!(
-                "hearth: the prelude failed, cells cannot run: {e}"
-            )),
+            Ok(()) => self
+                .notify(&format!("hearth: `session` is ready ({:.1} s{first})", self.launched.elapsed().as_secs_f64())),
+            Err(e) => self.notify(&format!("hearth: the prelude failed, cells cannot run: {e}")),
         }
     }
 
@@ -223,7 +217,11 @@ impl Front {
         self.clear_status();
         let compiled = std::mem::take(&mut *self.compiled.lock().unwrap_or_else(|p| p.into_inner()));
         if !compiled.is_empty() && !self.term.interactive {
-            self.term.note(&format!("hearth: compiled {} crates for this cell: {}", compiled.len(), compiled.join(", ")));
+            self.term.note(&format!(
+                "hearth: compiled {} crates for this cell: {}",
+                compiled.len(),
+                compiled.join(", ")
+            ));
         }
     }
 
@@ -278,11 +276,8 @@ impl Front {
         let word = head.trim_start();
         if word.starts_with(':') && !word.contains(char::is_whitespace) {
             let word = word.trim_start_matches(':');
-            let names = magics::MAGICS
-                .iter()
-                .filter(|m| m.name.starts_with(word))
-                .map(|m| format!(":{}", m.name))
-                .collect();
+            let names =
+                magics::MAGICS.iter().filter(|m| m.name.starts_with(word)).map(|m| format!(":{}", m.name)).collect();
             return (line.len() - line.trim_start().len(), names);
         }
         match self.evaluator.get() {
@@ -314,17 +309,13 @@ impl Front {
             evalue: "the cell was interrupted; the server's operation was cancelled and changed nothing (variables are kept)".into(),
             traceback: vec![],
         });
-        self.term
-            .note("hearth: interrupting (Ctrl-C again restarts the cell process)");
+        self.term.note("hearth: interrupting (Ctrl-C again restarts the cell process)");
         let f = self.clone();
         std::thread::spawn(move || {
             if let Some(Ok(s)) = f.session.get() {
                 let _ = s.cancel_all();
             }
-            let grace = std::env::var("HEARTH_INTERRUPT_GRACE_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(3000);
+            let grace = std::env::var("HEARTH_INTERRUPT_GRACE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
             std::thread::sleep(Duration::from_millis(grace));
             if f.executing.load(Ordering::SeqCst) && f.cell.load(Ordering::SeqCst) == cell {
                 if let Some(ev) = f.evaluator.get() {
@@ -338,20 +329,14 @@ impl Front {
     /// failed.
     pub fn run_cell(&self, code: &str) -> bool {
         if let Some((m, _)) = magics::find(code) {
-            let out = self
-                .session()
-                .and_then(|s| magics::run(code, s).unwrap_or_else(|| Err("not a magic".into())));
+            let out = self.session().and_then(|s| magics::run(code, s).unwrap_or_else(|| Err("not a magic".into())));
             return match out {
                 Ok(bundle) => {
                     self.term.show(&bundle.data, None, false);
                     true
                 }
                 Err(e) => {
-                    self.term.error(&CellError {
-                        ename: format!("Magic:{}", m.name),
-                        evalue: e,
-                        traceback: vec![],
-                    });
+                    self.term.error(&CellError { ename: format!("Magic:{}", m.name), evalue: e, traceback: vec![] });
                     false
                 }
             };
@@ -362,18 +347,13 @@ impl Front {
         }
         let ev = self.evaluator();
         if !self.prepared.load(Ordering::SeqCst) {
-            self.term
-                .note("hearth: waiting for `session` (the prelude is compiling)…");
+            self.term.note("hearth: waiting for `session` (the prelude is compiling)…");
             while !self.prepared.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
         if let Err(e) = ev.wait_ready() {
-            self.term.error(&CellError {
-                ename: "PreludeError".into(),
-                evalue: e,
-                traceback: vec![],
-            });
+            self.term.error(&CellError { ename: "PreludeError".into(), evalue: e, traceback: vec![] });
             return false;
         }
         *self.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -392,19 +372,11 @@ impl Front {
             std::thread::sleep(Duration::from_millis(5));
         }
         self.term.end_cell();
-        let flagged = self
-            .cell_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let flagged = self.cell_error.lock().unwrap_or_else(|p| p.into_inner()).take();
         let result = match (result, flagged) {
             (Ok(_), Some(e)) => Err(e),
             (Err(e), Some(f)) if f.ename == "Interrupted" && e.ename == "ChildRestarted" => {
-                Err(CellError {
-                    ename: "Interrupted".into(),
-                    evalue: e.evalue,
-                    traceback: vec![],
-                })
+                Err(CellError { ename: "Interrupted".into(), evalue: e.evalue, traceback: vec![] })
             }
             (r, _) => r,
         };
@@ -412,8 +384,7 @@ impl Front {
             Ok(out) => {
                 let data: BTreeMap<String, String> = out.data.into_iter().collect();
                 // a cell ending in a statement-like expression (a `for` loop) has the value `()`
-                let unit =
-                    data.len() == 1 && data.get("text/plain").is_some_and(|t| t.trim() == "()");
+                let unit = data.len() == 1 && data.get("text/plain").is_some_and(|t| t.trim() == "()");
                 if !data.is_empty() && !unit {
                     self.term.show(&data, None, false);
                 }
@@ -467,18 +438,13 @@ impl Front {
             return;
         };
         match s.autosave() {
-            Ok(saved) if saved.is_empty() => self
-                .term
-                .note("hearth: nothing changed since the last save"),
+            Ok(saved) if saved.is_empty() => self.term.note("hearth: nothing changed since the last save"),
             Ok(saved) => {
                 for r in saved {
-                    self.term
-                        .note(&format!("hearth: saved step {} to {}", r.step, r.path));
+                    self.term.note(&format!("hearth: saved step {} to {}", r.step, r.path));
                 }
             }
-            Err(e) => self
-                .term
-                .note(&format!("hearth: could not ask the server to save: {e}")),
+            Err(e) => self.term.note(&format!("hearth: could not ask the server to save: {e}")),
         }
     }
 }
@@ -495,23 +461,9 @@ pub struct Helper {
 
 impl Completer for Helper {
     type Candidate = Pair;
-    fn complete(
-        &self,
-        line: &str,
-        pos: usize,
-        _: &rustyline::Context<'_>,
-    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+    fn complete(&self, line: &str, pos: usize, _: &rustyline::Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
         let (start, names) = self.front.complete(line, pos);
-        Ok((
-            start,
-            names
-                .into_iter()
-                .map(|n| Pair {
-                    display: n.clone(),
-                    replacement: n,
-                })
-                .collect(),
-        ))
+        Ok((start, names.into_iter().map(|n| Pair { display: n.clone(), replacement: n }).collect()))
     }
 }
 
@@ -538,31 +490,20 @@ pub fn interactive(front: &Arc<Front>, history: PathBuf, banner: &str) -> i32 {
     let config = rustyline::Config::builder()
         .max_history_size(10_000)
         .and_then(|b| b.history_ignore_dups(true))
-        .map(|b| {
-            b.auto_add_history(false)
-                .completion_type(rustyline::CompletionType::List)
-                .build()
-        })
+        .map(|b| b.auto_add_history(false).completion_type(rustyline::CompletionType::List).build())
         .unwrap_or_default();
     let mut ed: rustyline::Editor<Helper, rustyline::history::FileHistory> =
         match rustyline::Editor::with_config(config) {
             Ok(e) => e,
             Err(e) => {
-                front
-                    .term
-                    .note(&format!("hearth: cannot use this terminal: {e}"));
+                front.term.note(&format!("hearth: cannot use this terminal: {e}"));
                 return 1;
             }
         };
-    ed.set_helper(Some(Helper {
-        front: front.clone(),
-    }));
+    ed.set_helper(Some(Helper { front: front.clone() }));
     if history.exists() {
         if let Err(e) = ed.load_history(&history) {
-            front.term.note(&format!(
-                "hearth: could not read the history {}: {e}",
-                history.display()
-            ));
+            front.term.note(&format!("hearth: could not read the history {}: {e}", history.display()));
         }
     }
     if let Ok(p) = ed.create_external_printer() {
@@ -581,10 +522,7 @@ pub fn interactive(front: &Arc<Front>, history: PathBuf, banner: &str) -> i32 {
                 }
                 // appended at once, so a crash or kill -9 keeps what was typed
                 if let Err(e) = ed.append_history(&history) {
-                    front.term.note(&format!(
-                        "hearth: could not write the history {}: {e}",
-                        history.display()
-                    ));
+                    front.term.note(&format!("hearth: could not write the history {}: {e}", history.display()));
                 }
                 // a pasted block (or lines typed ahead while a cell ran) is several cells, split
                 // exactly as if typed line by line

@@ -30,10 +30,7 @@ pub fn detect(forced: Option<Protocol>) -> Protocol {
     }
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let (term, program) = (var("TERM"), var("TERM_PROGRAM"));
-    if term.contains("kitty")
-        || std::env::var_os("KITTY_WINDOW_ID").is_some()
-        || program == "ghostty"
-    {
+    if term.contains("kitty") || std::env::var_os("KITTY_WINDOW_ID").is_some() || program == "ghostty" {
         return Protocol::Kitty;
     }
     if program == "iTerm.app" || program == "WezTerm" || var("LC_TERMINAL") == "iTerm2" {
@@ -79,11 +76,7 @@ fn device_attributes() -> Option<String> {
         if left.is_zero() {
             break;
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } <= 0 {
             break;
@@ -110,19 +103,10 @@ fn fonts() -> Arc<resvg::usvg::fontdb::Database> {
         let mut db = resvg::usvg::fontdb::Database::new();
         db.load_system_fonts();
         // plotters writes `sans-serif`; fontdb maps that to Arial, which Linux rarely has
-        let families: Vec<String> = db
-            .faces()
-            .flat_map(|f| f.families.iter().map(|(name, _)| name.clone()))
-            .collect();
-        if let Some(sans) = [
-            "DejaVu Sans",
-            "Liberation Sans",
-            "Noto Sans",
-            "Arial",
-            "Helvetica",
-        ]
-        .iter()
-        .find(|f| families.iter().any(|n| n == *f))
+        let families: Vec<String> = db.faces().flat_map(|f| f.families.iter().map(|(name, _)| name.clone())).collect();
+        if let Some(sans) = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial", "Helvetica"]
+            .iter()
+            .find(|f| families.iter().any(|n| n == *f))
         {
             db.set_sans_serif_family(*sans);
         }
@@ -151,27 +135,14 @@ impl Raster {
 
 /// Rasterises an SVG document (text with the system's fonts).
 pub fn rasterize(svg: &str) -> Result<Raster, String> {
-    let opts = resvg::usvg::Options {
-        fontdb: fonts(),
-        ..Default::default()
-    };
+    let opts = resvg::usvg::Options { fontdb: fonts(), ..Default::default() };
     let tree = resvg::usvg::Tree::from_str(svg, &opts).map_err(|e| format!("SVG: {e}"))?;
     let size = tree.size().to_int_size();
-    let mut pixmap =
-        resvg::tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("SVG of zero size")?;
+    let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("SVG of zero size")?;
     pixmap.fill(resvg::tiny_skia::Color::WHITE);
-    resvg::render(
-        &tree,
-        resvg::tiny_skia::Transform::default(),
-        &mut pixmap.as_mut(),
-    );
+    resvg::render(&tree, resvg::tiny_skia::Transform::default(), &mut pixmap.as_mut());
     let png = pixmap.encode_png().map_err(|e| format!("PNG: {e}"))?;
-    Ok(Raster {
-        width: size.width(),
-        height: size.height(),
-        rgba: pixmap.data().to_vec(),
-        png,
-    })
+    Ok(Raster { width: size.width(), height: size.height(), rgba: pixmap.data().to_vec(), png })
 }
 
 /// The escape sequence that shows `img` inline with `protocol` (empty for [`Protocol::None`]).
@@ -210,11 +181,7 @@ pub fn encode(img: &Raster, protocol: Protocol) -> Vec<u8> {
 fn sixel(img: &Raster) -> Vec<u8> {
     let (w, h) = (img.width as usize, img.height as usize);
     let level = |c: u8| (u16::from(c) * 5 + 127) / 255;
-    let index: Vec<u16> = img
-        .rgba
-        .chunks_exact(4)
-        .map(|p| level(p[0]) * 36 + level(p[1]) * 6 + level(p[2]))
-        .collect();
+    let index: Vec<u16> = img.rgba.chunks_exact(4).map(|p| level(p[0]) * 36 + level(p[1]) * 6 + level(p[2])).collect();
     let mut used = [false; 216];
     for &i in &index {
         used[i as usize] = true;
@@ -232,9 +199,7 @@ fn sixel(img: &Raster) -> Vec<u8> {
         for (k, &c) in colours.iter().enumerate() {
             out += &format!("#{c}");
             let column = |x: usize| -> char {
-                let bits = (0..rows)
-                    .filter(|dy| index[(band + dy) * w + x] == c)
-                    .fold(0u8, |b, dy| b | (1 << dy));
+                let bits = (0..rows).filter(|dy| index[(band + dy) * w + x] == c).fold(0u8, |b, dy| b | (1 << dy));
                 char::from(63 + bits)
             };
             let mut x = 0;
@@ -263,10 +228,8 @@ mod tests {
     use super::*;
 
     fn plot() -> Raster {
-        let p = hearth::Plot::new("loss", "step", "loss").series(
-            "main",
-            (0..30).map(|i| (f64::from(i), 5.0 / (1.0 + f64::from(i)))),
-        );
+        let p = hearth::Plot::new("loss", "step", "loss")
+            .series("main", (0..30).map(|i| (f64::from(i), 5.0 / (1.0 + f64::from(i)))));
         rasterize(&p.svg()).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
@@ -276,16 +239,8 @@ mod tests {
         assert_eq!((img.width, img.height), (640, 360));
         assert!(img.png().starts_with(b"\x89PNG\r\n\x1a\n"));
         // the title is drawn: dark pixels in the caption strip (the top 30 rows, above the axes)
-        let dark = img
-            .rgba
-            .chunks_exact(4)
-            .take(640 * 30)
-            .filter(|p| p[0] < 100 && p[1] < 100 && p[2] < 100)
-            .count();
-        assert!(
-            dark > 20,
-            "no caption text was rendered ({dark} dark pixels): fonts missing?"
-        );
+        let dark = img.rgba.chunks_exact(4).take(640 * 30).filter(|p| p[0] < 100 && p[1] < 100 && p[2] < 100).count();
+        assert!(dark > 20, "no caption text was rendered ({dark} dark pixels): fonts missing?");
     }
 
     #[test]
@@ -293,24 +248,14 @@ mod tests {
         let img = plot();
         let kitty = String::from_utf8(encode(&img, Protocol::Kitty)).unwrap_or_default();
         assert!(
-            kitty.starts_with("\x1b_Ga=T,f=100,q=2,m=1;")
-                && kitty.contains("\x1b_Gm=0;")
-                && kitty.ends_with("\x1b\\")
+            kitty.starts_with("\x1b_Ga=T,f=100,q=2,m=1;") && kitty.contains("\x1b_Gm=0;") && kitty.ends_with("\x1b\\")
         );
-        let payload: String = kitty
-            .split("\x1b\\")
-            .map(|c| c.split_once(';').map_or("", |(_, d)| d))
-            .collect();
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(payload)
-            .unwrap_or_default();
+        let payload: String = kitty.split("\x1b\\").map(|c| c.split_once(';').map_or("", |(_, d)| d)).collect();
+        let png = base64::engine::general_purpose::STANDARD.decode(payload).unwrap_or_default();
         assert_eq!(png, img.png(), "kitty chunks reassemble to the PNG");
         let iterm = String::from_utf8(encode(&img, Protocol::Iterm)).unwrap_or_default();
         assert!(
-            iterm.starts_with(&format!(
-                "\x1b]1337;File=inline=1;size={};",
-                img.png().len()
-            )) && iterm.ends_with('\x07')
+            iterm.starts_with(&format!("\x1b]1337;File=inline=1;size={};", img.png().len())) && iterm.ends_with('\x07')
         );
         assert!(encode(&img, Protocol::None).is_empty());
     }
@@ -323,18 +268,10 @@ mod tests {
         for y in 0..h {
             rgba[(y * w + 1) * 4..(y * w + 1) * 4 + 4].copy_from_slice(&[255, 0, 0, 255]);
         }
-        let img = Raster {
-            width: 3,
-            height: 7,
-            rgba,
-            png: Vec::new(),
-        };
+        let img = Raster { width: 3, height: 7, rgba, png: Vec::new() };
         let s = String::from_utf8(sixel(&img)).unwrap_or_default();
         // red = cube index 5*36 = 180, white = 215
-        assert!(
-            s.starts_with("\x1bP0;1;0q\"1;1;3;7#180;2;100;0;0#215;2;100;100;100"),
-            "{s}"
-        );
+        assert!(s.starts_with("\x1bP0;1;0q\"1;1;3;7#180;2;100;0;0#215;2;100;100;100"), "{s}");
         // band 1: red has bits 0-5 in column 1 only ('?' + 63 = '~'); white in columns 0 and 2
         assert!(s.contains("#180?~?$#215~?~-"), "{s}");
         // band 2 (one row): bit 0 only ('@')

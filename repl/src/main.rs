@@ -96,8 +96,7 @@ fn main() {
     if args.get(1).is_some_and(|a| a == "serve") {
         // SAFETY: back to the default disposition; the server installs its own handler.
         unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
-        let server_args = std::iter::once(std::ffi::OsString::from("hearth serve"))
-            .chain(args.into_iter().skip(2));
+        let server_args = std::iter::once(std::ffi::OsString::from("hearth serve")).chain(args.into_iter().skip(2));
         std::process::exit(hearth_server::main(server_args));
     }
     let opts = Options::parse();
@@ -130,10 +129,7 @@ fn repl(opts: Options, launched: std::time::Instant) -> i32 {
             };
             std::env::set_var("HEARTH_URL", url);
             std::env::set_var("HEARTH_TOKEN", &token);
-            front::Connect::Attach {
-                url: url.clone(),
-                token,
-            }
+            front::Connect::Attach { url: url.clone(), token }
         }
         None => {
             std::env::remove_var("HEARTH_URL");
@@ -144,10 +140,7 @@ fn repl(opts: Options, launched: std::time::Instant) -> i32 {
             } else {
                 None
             };
-            front::Connect::Home {
-                model: opts.model.clone(),
-                resume,
-            }
+            front::Connect::Home { model: opts.model.clone(), resume }
         }
     };
     let home = hearth::home_dir();
@@ -170,11 +163,7 @@ fn repl(opts: Options, launched: std::time::Instant) -> i32 {
         ColorChoice::Always => Some(true),
         ColorChoice::Never => Some(false),
     };
-    let term = Arc::new(render::Terminal::new(
-        color,
-        opts.images,
-        home.join("plots"),
-    ));
+    let term = Arc::new(render::Terminal::new(color, opts.images, home.join("plots")));
     let front = front::Front::start(term, connect, launched);
     // a server that starts at once (the tiny preset: ~0.1 s) says so before the first prompt
     front.wait_connected(std::time::Duration::from_millis(400));

@@ -46,8 +46,7 @@ impl Terminal {
     /// honours `NO_COLOR`).
     pub fn new(color: Option<bool>, images: Option<Protocol>, plots_dir: PathBuf) -> Terminal {
         let interactive = std::io::stdout().is_terminal();
-        let color = color
-            .unwrap_or(interactive && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()));
+        let color = color.unwrap_or(interactive && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()));
         Terminal {
             interactive,
             stderr_tty: std::io::stderr().is_terminal(),
@@ -88,11 +87,7 @@ impl Terminal {
 
     /// A note from hearth itself (dimmed on a terminal), on stderr.
     pub fn note(&self, line: &str) {
-        let text = if self.color && self.stderr_tty {
-            format!("{DIM}{line}{RESET}\n")
-        } else {
-            format!("{line}\n")
-        };
+        let text = if self.color && self.stderr_tty { format!("{DIM}{line}{RESET}\n") } else { format!("{line}\n") };
         self.write(true, text.as_bytes());
     }
 
@@ -122,8 +117,7 @@ impl Terminal {
         if v["clear"] == true {
             return None; // a terminal keeps its scrollback
         }
-        let data: BTreeMap<String, String> =
-            serde_json::from_value(v["data"].clone()).unwrap_or_default();
+        let data: BTreeMap<String, String> = serde_json::from_value(v["data"].clone()).unwrap_or_default();
         self.show(&data, v["display_id"].as_str(), v["update"] == true);
         None
     }
@@ -165,11 +159,10 @@ impl Terminal {
                     .get_or_insert_with(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()))
                     .clone();
                 let bar = multi.add(ProgressBar::new(total));
-                let style = ProgressStyle::with_template(
-                    "{prefix} [{bar:30.green/white}] {pos}/{len} {elapsed:.dim} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
+                let style =
+                    ProgressStyle::with_template("{prefix} [{bar:30.green/white}] {pos}/{len} {elapsed:.dim} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> ");
                 bar.set_style(style);
                 bar.set_prefix(state["label"].as_str().unwrap_or_default().to_string());
                 bar
@@ -197,13 +190,8 @@ impl Terminal {
     /// Ends every bar still open (the cell finished or failed without completing them); a pipe
     /// gets the last state of those that moved. A later update starts a new bar.
     pub fn end_cell(&self) {
-        let open: Vec<(Option<ProgressBar>, serde_json::Value)> = self
-            .bars
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, b)| b)
-            .collect();
+        let open: Vec<(Option<ProgressBar>, serde_json::Value)> =
+            self.bars.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, b)| b).collect();
         for (bar, state) in open {
             match bar {
                 Some(bar) => bar.abandon(),
@@ -220,23 +208,12 @@ impl Terminal {
     }
 
     fn samples(&self, table: &serde_json::Value) -> String {
-        let mut out = format!(
-            "prompt: {:?}\n",
-            table["prompt"].as_str().unwrap_or_default()
-        );
+        let mut out = format!("prompt: {:?}\n", table["prompt"].as_str().unwrap_or_default());
         for (i, row) in table["rows"].as_array().into_iter().flatten().enumerate() {
-            let tokens: Vec<&str> = row["tokens"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|t| t.as_str().unwrap_or_default())
-                .collect();
-            let lps: Vec<f64> = row["logprobs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|l| l.as_f64().unwrap_or(0.0))
-                .collect();
+            let tokens: Vec<&str> =
+                row["tokens"].as_array().into_iter().flatten().map(|t| t.as_str().unwrap_or_default()).collect();
+            let lps: Vec<f64> =
+                row["logprobs"].as_array().into_iter().flatten().map(|l| l.as_f64().unwrap_or(0.0)).collect();
             out += &format!("[{i}] ");
             for (t, lp) in tokens.iter().zip(&lps) {
                 let p = lp.exp();
@@ -250,25 +227,12 @@ impl Terminal {
                 // control characters shown escaped, so a token cannot move the cursor
                 let shown: String = t
                     .chars()
-                    .flat_map(|c| {
-                        if c.is_control() {
-                            c.escape_default().collect::<Vec<_>>()
-                        } else {
-                            vec![c]
-                        }
-                    })
+                    .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
                     .collect();
                 out += &format!("{colour}{shown}{RESET}");
             }
-            let mean = if lps.is_empty() {
-                0.0
-            } else {
-                lps.iter().sum::<f64>() / lps.len() as f64
-            };
-            out += &format!(
-                "  {DIM}(mean logprob {mean:.3}, {}){RESET}\n",
-                row["stop"].as_str().unwrap_or_default()
-            );
+            let mean = if lps.is_empty() { 0.0 } else { lps.iter().sum::<f64>() / lps.len() as f64 };
+            out += &format!("  {DIM}(mean logprob {mean:.3}, {}){RESET}\n", row["stop"].as_str().unwrap_or_default());
         }
         out + &format!("{DIM}colour: {GREEN}p ≥ 0.5{RESET}{DIM} · {YELLOW}p ≥ 0.1{RESET}{DIM} · {RED}less{RESET}")
     }
@@ -298,9 +262,10 @@ impl Terminal {
     /// Saves under a name taken from the content, so the same plot gets the same file.
     fn save_png(&self, raster: &image::Raster) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(&self.plots_dir)?;
-        let hash = raster.png().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let hash = raster
+            .png()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
         let path = self.plots_dir.join(format!("plot-{hash:016x}.png"));
         let tmp = path.with_extension("png.tmp");
         std::fs::write(&tmp, raster.png())?;
@@ -319,10 +284,7 @@ impl Terminal {
                 format!("{}: {}\n", e.ename, e.evalue)
             }
         } else {
-            e.traceback
-                .iter()
-                .map(|t| format!("{}\n", t.trim_end()))
-                .collect()
+            e.traceback.iter().map(|t| format!("{}\n", t.trim_end())).collect()
         };
         self.write(true, text.as_bytes());
     }
@@ -354,15 +316,13 @@ mod tests {
         let table = serde_json::json!({"prompt": "2+2=", "rows": [{"tokens": ["4", "\u{1b}[2J"], "logprobs": [-0.1, -4.0], "stop": "length"}]});
         let s = t.samples(&table);
         assert!(s.contains(&format!("{GREEN}4{RESET}")), "{s:?}");
-        assert!(
-            s.contains(&format!("{RED}\\u{{1b}}[2J{RESET}")),
-            "a raw escape must not reach the terminal: {s:?}"
-        );
+        assert!(s.contains(&format!("{RED}\\u{{1b}}[2J{RESET}")), "a raw escape must not reach the terminal: {s:?}");
     }
 
     #[test]
     fn final_lines_have_no_timings() {
-        let state = serde_json::json!({"label": "train", "done": 30, "total": 30, "note": "loss 0.41", "elapsed_s": 3.2});
+        let state =
+            serde_json::json!({"label": "train", "done": 30, "total": 30, "note": "loss 0.41", "elapsed_s": 3.2});
         assert_eq!(final_line(&state), "train: 30/30 loss 0.41");
     }
 }

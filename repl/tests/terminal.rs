@@ -44,23 +44,12 @@ struct Tmux {
 
 impl Tmux {
     fn new(home: &Path) -> Tmux {
-        Tmux {
-            socket: format!("hearth-test-{}", std::process::id()),
-            home: home.to_path_buf(),
-        }
+        Tmux { socket: format!("hearth-test-{}", std::process::id()), home: home.to_path_buf() }
     }
 
     fn tmux(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
-            .args(["-L", &self.socket])
-            .args(args)
-            .output()
-            .expect("tmux is installed");
-        assert!(
-            out.status.success(),
-            "tmux {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("tmux").args(["-L", &self.socket]).args(args).output().expect("tmux is installed");
+        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -71,22 +60,8 @@ impl Tmux {
             "env HEARTH_HOME={} HEARTH_SERVER_BIN={HEARTH} HEARTH_INTERRUPT_GRACE_MS=120000 {HEARTH}",
             self.home.display()
         );
-        let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .output();
-        self.tmux(&[
-            "-f",
-            "/dev/null",
-            "new-session",
-            "-d",
-            "-s",
-            "t",
-            "-x",
-            "160",
-            "-y",
-            "50",
-            &cmd,
-        ]);
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).output();
+        self.tmux(&["-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "160", "-y", "50", &cmd]);
         self.tmux(&["set-option", "-t", "t", "remain-on-exit", "on"]);
         self.tmux(&["set-option", "-t", "t", "history-limit", "5000"]);
     }
@@ -100,11 +75,7 @@ impl Tmux {
     /// Types `line` and presses Enter (as hex: tmux would take a trailing `;` for its own
     /// command separator).
     fn line(&self, line: &str) {
-        let hex: Vec<String> = line
-            .bytes()
-            .chain([b'\r'])
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex: Vec<String> = line.bytes().chain([b'\r']).map(|b| format!("{b:02x}")).collect();
         let mut args = vec!["send-keys", "-t", "t", "-H"];
         args.extend(hex.iter().map(String::as_str));
         self.tmux(&args);
@@ -138,17 +109,13 @@ impl Tmux {
     }
 
     fn dead(&self) -> bool {
-        self.tmux(&["display-message", "-p", "-t", "t", "#{pane_dead}"])
-            .trim()
-            == "1"
+        self.tmux(&["display-message", "-p", "-t", "t", "#{pane_dead}"]).trim() == "1"
     }
 }
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .output();
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).output();
         stop_server(&self.home);
     }
 }
@@ -176,19 +143,12 @@ fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d()
         t.line(line);
     }
     t.cell("}", 120);
-    let s = t.cell(
-        "println!(\"trained {} {:.3} -> {:.3}\", last < first / 2.0, first, last);",
-        120,
-    );
+    let s = t.cell("println!(\"trained {} {:.3} -> {:.3}\", last < first / 2.0, first, last);", 120);
     assert!(s.contains("trained true"), "the loss did not halve:\n{s}");
 
     // a magic, answered without compiling
     let s = t.cell(":runs", 30);
-    assert!(
-        s.lines()
-            .any(|l| l.starts_with("main") && l.split_whitespace().nth(1) == Some("20")),
-        "{s}"
-    );
+    assert!(s.lines().any(|l| l.starts_with("main") && l.split_whitespace().nth(1) == Some("20")), "{s}");
 
     // Ctrl-C during a long sample: the cell ends Interrupted, variables and the model stay
     t.cell("let keep = 41;", 120);
@@ -200,10 +160,7 @@ fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d()
     let s = t.wait_for("Interrupted", 1, 30);
     assert!(!s.contains("ChildRestarted"), "{s}");
     assert!(s.contains("the operation was cancelled"), "the server's operation was not cancelled:\n{s}");
-    let s = t.cell(
-        "println!(\"keep {} loads {}\", keep + 1, session.info()?.model_loads);",
-        120,
-    );
+    let s = t.cell("println!(\"keep {} loads {}\", keep + 1, session.info()?.model_loads);", 120);
     assert!(s.contains("keep 42 loads 1"), "{s}");
 
     // a cell that does not call the server: a second Ctrl-C restarts the cell process
@@ -224,17 +181,10 @@ fn a_session_in_a_terminal_trains_interrupts_keeps_history_and_saves_on_ctrl_d()
     let s = t.wait_for("saved step 20", 1, 60);
     let t0 = Instant::now();
     while !t.dead() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "hearth did not exit after Ctrl-D:\n{s}"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(20), "hearth did not exit after Ctrl-D:\n{s}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        home.join("runs/main/checkpoints/autosave-00000020/hearth.json")
-            .is_file(),
-        "no autosave at step 20"
-    );
+    assert!(home.join("runs/main/checkpoints/autosave-00000020/hearth.json").is_file(), "no autosave at step 20");
     assert!(!tmp.exists(), "{} was left behind", tmp.display());
 
     // the history survives a restart: Up recalls the last line
@@ -280,11 +230,7 @@ fn run_env(args: &[&str], envs: &[(&str, &Path)], home: &Path, script: &str) -> 
     // a clean exit removes evcxr's build directory (about 250 MB) with the REPL's temp folder
     let tmp = std::env::temp_dir().join("hearth-evcxr").join(pid.to_string());
     assert!(!tmp.exists(), "{} was left behind", tmp.display());
-    (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.success(),
-    )
+    (String::from_utf8(out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).into_owned(), out.status.success())
 }
 
 const SCRIPT: &str = r#"
@@ -323,34 +269,16 @@ fn piped_scripts_give_byte_identical_output_without_escape_codes() {
     let (second, err2, ok) = run_piped(&home, SCRIPT);
     stop_server(&home);
     assert!(ok, "the second run failed:\n{second}\n{err2}");
-    assert_eq!(
-        first, second,
-        "piped output differs between two runs of the same script"
-    );
-    assert!(
-        !first.contains('\u{1b}'),
-        "escape codes on a pipe:\n{first:?}"
-    );
+    assert_eq!(first, second, "piped output differs between two runs of the same script");
+    assert!(!first.contains('\u{1b}'), "escape codes on a pipe:\n{first:?}");
     // and it is the output we expect
-    assert_eq!(
-        first.lines().filter(|l| l.starts_with("step ")).count(),
-        12,
-        "{first}"
-    );
+    assert_eq!(first.lines().filter(|l| l.starts_with("step ")).count(), 12, "{first}");
+    assert!(first.contains("train: 12/12 loss "), "the bar's final line: {first}");
     assert!(
-        first.contains("train: 12/12 loss "),
-        "the bar's final line: {first}"
-    );
-    assert!(
-        first
-            .lines()
-            .any(|l| l.starts_with("main") && l.split_whitespace().nth(1) == Some("12")),
+        first.lines().any(|l| l.starts_with("main") && l.split_whitespace().nth(1) == Some("12")),
         ":runs: {first}"
     );
-    assert!(
-        first.contains("prompt: \"2+2=\"") && first.contains("mean logprob"),
-        "the sample table: {first}"
-    );
+    assert!(first.contains("prompt: \"2+2=\"") && first.contains("mean logprob"), "the sample table: {first}");
     let png = first
         .lines()
         .find_map(|l| l.strip_prefix("(plot saved as "))
@@ -366,10 +294,7 @@ fn piped_scripts_give_byte_identical_output_without_escape_codes() {
 fn a_failing_cell_stops_a_script_with_exit_code_1() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let home = temp_home("fail");
-    let (out, err, ok) = run_piped(
-        &home,
-        "println!(\"one\");\n\nlet x: u32 = \"two\";\n\nprintln!(\"three\");\n",
-    );
+    let (out, err, ok) = run_piped(&home, "println!(\"one\");\n\nlet x: u32 = \"two\";\n\nprintln!(\"three\");\n");
     stop_server(&home);
     assert!(!ok);
     assert!(out.contains("one") && !out.contains("three"), "{out}");
@@ -381,11 +306,7 @@ fn a_failing_cell_stops_a_script_with_exit_code_1() {
     assert!(out.contains("one") && !out.contains("three"), "{out}");
     assert!(err.contains("boom") && err.contains("the cell stopped at a `?`"), "{err}");
     // a missing script is refused before anything starts
-    let out = Command::new(HEARTH)
-        .args(["run", "/nonexistent/script.rs"])
-        .env("HEARTH_HOME", &home)
-        .output()
-        .unwrap();
+    let out = Command::new(HEARTH).args(["run", "/nonexistent/script.rs"]).env("HEARTH_HOME", &home).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/script.rs"));
 }
@@ -406,14 +327,21 @@ fn attach_uses_a_server_elsewhere_and_starts_none() {
         .unwrap();
     let t0 = Instant::now();
     let url = loop {
-        if let Some(v) = std::fs::read_to_string(server_home.join("session.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+        if let Some(v) = std::fs::read_to_string(server_home.join("session.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        {
             break v["url"].as_str().unwrap().to_string();
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "hearth serve did not start");
         std::thread::sleep(Duration::from_millis(50));
     };
     let token_arg = token_file.display().to_string();
-    let (stdout, err, ok) = run_with(&["--attach", &url, "--token-file", &token_arg, "run", "-"], &home, "println!(\"at {}\", session.url());\n");
+    let (stdout, err, ok) = run_with(
+        &["--attach", &url, "--token-file", &token_arg, "run", "-"],
+        &home,
+        "println!(\"at {}\", session.url());\n",
+    );
     assert!(ok, "{stdout}\n{err}");
     assert!(stdout.contains(&format!("at {url}")), "{stdout}");
     assert!(!home.join("session.json").exists(), "--attach started a server of its own");

@@ -22,12 +22,21 @@ fn main() {
     let home = std::env::temp_dir().join(format!("hearth-bench-server-{}", std::process::id()));
     let model = Preset::Smollm2_135mShape.name();
     let opts = hearth_server::options::Options::parse_from([
-        "hearth-server", "--model", model, "--home", home.to_str().unwrap(), "--idle-timeout", "0", "--autosave-every", "0",
+        "hearth-server",
+        "--model",
+        model,
+        "--home",
+        home.to_str().unwrap(),
+        "--idle-timeout",
+        "0",
+        "--autosave-every",
+        "0",
     ]);
     let (tx, rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || hearth_server::run(opts, |r| tx.send(r.url.clone()).unwrap()));
     let url = rx.recv().unwrap();
-    let session: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).unwrap()).unwrap();
+    let session: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).unwrap()).unwrap();
     let auth = format!("Bearer {}", session["token"].as_str().unwrap());
     let agent = ureq::agent();
 
@@ -50,7 +59,11 @@ fn main() {
     let datum = Datum::new(tokens[..256].to_vec(), LossFnInputs::cross_entropy(tokens[1..].to_vec(), vec![1.0; 256]));
     let input = ForwardBackwardInput { data: vec![datum], loss_fn: LossFn::CrossEntropy };
     let body = serde_json::to_value(&input).unwrap();
-    agent.post(&format!("{url}/v1/runs")).set("Authorization", &auth).send_json(serde_json::json!({"name": "bench"})).unwrap();
+    agent
+        .post(&format!("{url}/v1/runs"))
+        .set("Authorization", &auth)
+        .send_json(serde_json::json!({"name": "bench"}))
+        .unwrap();
     let fb_url = format!("{url}/v1/runs/bench/forward_backward");
     let dir = Preset::Smollm2_135mShape.ensure(&home.join("models")).unwrap();
     let base = Arc::new(BaseModel::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap());

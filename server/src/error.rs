@@ -70,7 +70,11 @@ impl ApiError {
 
     /// 503 while the server saves and exits.
     pub fn shutting_down() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is saving every run and shutting down; retry against the next one")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is saving every run and shutting down; retry against the next one",
+        )
     }
 
     /// The JSON body.
@@ -87,7 +91,11 @@ impl From<EngineError> for ApiError {
             EngineError::Checkpoint { .. } => Self::new(StatusCode::BAD_REQUEST, "bad_checkpoint", message),
             EngineError::OutOfMemory(_) => Self::new(StatusCode::INSUFFICIENT_STORAGE, "out_of_memory", message),
             // the machine's faults, never the caller's: a full disk, any other file error
-            ref e if e.is_disk_full() => Self::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", format!("{message}; free some space and retry")),
+            ref e if e.is_disk_full() => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_full",
+                format!("{message}; free some space and retry"),
+            ),
             EngineError::Io { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", message),
             EngineError::Candle(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "device_error", message),
             e if e.is_user_error() => Self::invalid(message),
@@ -115,8 +123,14 @@ mod tests {
     #[test]
     fn the_callers_faults_are_4xx_and_ours_are_5xx() {
         let status = |e: EngineError| ApiError::from(e).status;
-        assert_eq!(status(EngineError::Weights("tensor `x` is missing from the checkpoint".into())), StatusCode::BAD_REQUEST);
-        assert_eq!(status(EngineError::Internal("recompute: layer inputs out of step".into())), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            status(EngineError::Weights("tensor `x` is missing from the checkpoint".into())),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(EngineError::Internal("recompute: layer inputs out of step".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
         let internal = ApiError::from(EngineError::Internal("kv cache buffer missing".into()));
         assert_eq!((internal.kind, internal.message.as_str()), ("internal", "internal error: kv cache buffer missing"));
         assert_eq!(status(EngineError::Interrupted), StatusCode::CONFLICT);

@@ -43,12 +43,19 @@ pub(crate) async fn error_envelope(req: Request, next: Next) -> Response {
     let tinker = req.uri().path().starts_with("/api/");
     let resp = next.run(req).await;
     let status = resp.status();
-    let is_json = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return resp;
     }
     let (parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, PLAIN_ERROR_BYTES).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+    let text = axum::body::to_bytes(body, PLAIN_ERROR_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
     let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
     let kind = match status {
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
@@ -59,7 +66,9 @@ pub(crate) async fn error_envelope(req: Request, next: Next) -> Response {
     };
     let mut out = envelope(tinker, ApiError::new(status, kind, message));
     // keep what else the response said (Allow on a 405, Retry-After)
-    for (name, value) in parts.headers.iter().filter(|(n, _)| *n != header::CONTENT_TYPE && *n != header::CONTENT_LENGTH) {
+    for (name, value) in
+        parts.headers.iter().filter(|(n, _)| *n != header::CONTENT_TYPE && *n != header::CONTENT_LENGTH)
+    {
         out.headers_mut().insert(name.clone(), value.clone());
     }
     out
@@ -103,7 +112,11 @@ pub(crate) async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) 
 pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is larger than --max-body-bytes")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body is larger than --max-body-bytes",
+            )
         } else {
             ApiError::invalid(format!("request body: {e}"))
         }
@@ -137,7 +150,11 @@ pub(crate) fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>
 /// first (hyper drops it when the client closes the connection: a timeout, an interrupted cell),
 /// the request is cancelled, so it stops waiting in the queue, and a running `sample` stops at
 /// its next token.
-pub(crate) async fn wait_answer(app: &App, id: u64, rx: tokio::sync::watch::Receiver<RequestState>) -> Result<serde_json::Value, Response> {
+pub(crate) async fn wait_answer(
+    app: &App,
+    id: u64,
+    rx: tokio::sync::watch::Receiver<RequestState>,
+) -> Result<serde_json::Value, Response> {
     struct CancelOnDrop<'a>(&'a App, u64);
     impl Drop for CancelOnDrop<'_> {
         fn drop(&mut self) {
@@ -154,16 +171,21 @@ pub(crate) async fn wait_answer(app: &App, id: u64, rx: tokio::sync::watch::Rece
 
 /// Waits for a request's end: the operation's result, or the error response the blocking call
 /// answers with.
-pub(crate) async fn wait_result(mut rx: tokio::sync::watch::Receiver<RequestState>) -> Result<serde_json::Value, Response> {
+pub(crate) async fn wait_result(
+    mut rx: tokio::sync::watch::Receiver<RequestState>,
+) -> Result<serde_json::Value, Response> {
     let state = match rx.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await {
         Ok(s) => s.clone(),
         Err(_) => return Err(ApiError::shutting_down().into_response()),
     };
     match state {
         RequestState::Done { result } => Ok(result),
-        RequestState::Failed { status, error } => {
-            Err((StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(ErrorResponse { error })).into_response())
-        }
-        _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result").into_response()),
+        RequestState::Failed { status, error } => Err((
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Json(ErrorResponse { error }),
+        )
+            .into_response()),
+        _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result")
+            .into_response()),
     }
 }

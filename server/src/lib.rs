@@ -66,7 +66,8 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     };
     let result = run(opts, |ready| {
         let mut out = std::io::stdout();
-        let _ = writeln!(out, "hearth-server listening on {} (session file {})", ready.url, ready.session_file.display());
+        let _ =
+            writeln!(out, "hearth-server listening on {} (session file {})", ready.url, ready.session_file.display());
         let _ = out.flush();
     });
     match result {

@@ -9,10 +9,10 @@ use crate::worker::{self, now_ms, Shared};
 use axum::http::StatusCode;
 use candle_core::{DType, Device};
 use hearth_api::{CostInfo, ResumedRun, ServerInfo, SessionFile};
-use hearth_engine::quant::Quantize;
-use hearth_engine::recompute::Recompute;
 use hearth_engine::hub::{self, HubOptions};
 use hearth_engine::preset::Preset;
+use hearth_engine::quant::Quantize;
+use hearth_engine::recompute::Recompute;
 use hearth_engine::BaseModel;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -60,7 +60,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
 fn fresh_token() -> Result<String, ServerError> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(ServerError::io("reading", "/dev/urandom"))?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(ServerError::io("reading", "/dev/urandom"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -83,7 +85,9 @@ fn load_token(file: Option<&Path>) -> Result<String, ServerError> {
 
 fn parse_device(spec: &str) -> Result<Device, ServerError> {
     hearth_engine::device::open(spec).map_err(|e| match e {
-        hearth_engine::EngineError::Device { spec, reason } => ServerError::Config(format!("--device {spec}: {reason}")),
+        hearth_engine::EngineError::Device { spec, reason } => {
+            ServerError::Config(format!("--device {spec}: {reason}"))
+        }
         other => ServerError::Config(format!("--device {spec}: {other}")),
     })
 }
@@ -100,8 +104,16 @@ fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType, ServerError
 }
 
 /// USD per hour of common GPUs (on-demand cloud prices, late 2026); `--hourly-rate` overrides.
-pub const GPU_RATES: [(&str, f64); 8] =
-    [("H200", 3.49), ("H100", 2.49), ("A100", 1.29), ("L40S", 0.99), ("A10", 0.75), ("L4", 0.48), ("4090", 0.39), ("T4", 0.35)];
+pub const GPU_RATES: [(&str, f64); 8] = [
+    ("H200", 3.49),
+    ("H100", 2.49),
+    ("A100", 1.29),
+    ("L40S", 0.99),
+    ("A10", 0.75),
+    ("L4", 0.48),
+    ("4090", 0.39),
+    ("T4", 0.35),
+];
 
 fn default_rate(device: &Device) -> f64 {
     if device.is_cpu() {
@@ -159,7 +171,11 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 impl App {
     /// The base model's tokenizer and chat template, or a 400 when its folder has none.
     pub(crate) fn text_model(&self) -> Result<&hearth_engine::text::TextModel, crate::error::ApiError> {
-        self.shared.base.text.as_ref().ok_or_else(|| crate::error::ApiError::invalid("this model folder has no tokenizer.json"))
+        self.shared
+            .base
+            .text
+            .as_ref()
+            .ok_or_else(|| crate::error::ApiError::invalid("this model folder has no tokenizer.json"))
     }
 
     /// `GET /v1/info`.
@@ -207,7 +223,11 @@ impl App {
             let shared = self.shared.clone();
             std::thread::spawn(move || {
                 let report = shared.save_all("budget");
-                log::warn!("budget spent: saved {} run(s), {} could not be saved", report.saved.len(), report.failed.len());
+                log::warn!(
+                    "budget spent: saved {} run(s), {} could not be saved",
+                    report.saved.len(),
+                    report.failed.len()
+                );
             });
         }
         Err(ApiError::new(
@@ -268,10 +288,18 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         .ok_or_else(|| ServerError::Config(format!("--recompute {}: expected auto, on or off", opts.recompute)))?;
     let quantize = match opts.quantize.as_deref() {
         None => None,
-        Some(q) => Some(Quantize::parse(q).ok_or_else(|| ServerError::Config(format!("--quantize {q}: expected q8 or q4")))?),
+        Some(q) => {
+            Some(Quantize::parse(q).ok_or_else(|| ServerError::Config(format!("--quantize {q}: expected q8 or q4")))?)
+        }
     };
     let dir = model_dir(&opts.model, &home)?;
-    log::info!("loading {} from {} ({dtype:?} on {}{})", opts.model, dir.display(), opts.device, quantize.map_or(String::new(), |q| format!(", quantized {}", q.name())));
+    log::info!(
+        "loading {} from {} ({dtype:?} on {}{})",
+        opts.model,
+        dir.display(),
+        opts.device,
+        quantize.map_or(String::new(), |q| format!(", quantized {}", q.name()))
+    );
     let base = Arc::new(BaseModel::load_quantized(&dir, &device, dtype, quantize)?);
     let base_context = base.config.max_position_embeddings;
     let registry = Registry::open(&home.join("registry.sqlite"))?;
@@ -362,7 +390,14 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         .enable_all()
         .build()
         .map_err(ServerError::io("starting", "the async runtime"))?;
-    let served = runtime.block_on(serve(app.clone(), &opts, listener, shutdown_rx, Ready { url, session_file: session_path.clone() }, on_ready));
+    let served = runtime.block_on(serve(
+        app.clone(),
+        &opts,
+        listener,
+        shutdown_rx,
+        Ready { url, session_file: session_path.clone() },
+        on_ready,
+    ));
     // handlers still waiting on the worker are dropped, not waited for
     runtime.shutdown_timeout(Duration::from_secs(1));
 
@@ -376,12 +411,23 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     } else {
         let lost: Vec<String> = unsaved
             .iter()
-            .map(|f| format!("run {} at step {} (last saved: {}): {}", f.run, f.step, f.saved_step.map_or("never".into(), |s| format!("step {s}")), f.error.message))
+            .map(|f| {
+                format!(
+                    "run {} at step {} (last saved: {}): {}",
+                    f.run,
+                    f.step,
+                    f.saved_step.map_or("never".into(), |s| format!("step {s}")),
+                    f.error.message
+                )
+            })
             .collect();
         format!("{reason}; NOT SAVED: {}", lost.join("; "))
     };
     shared.registry.server_stopped(session.pid, &reason)?;
-    write_session_file(&SessionFile { state: "stopped".into(), stop_reason: Some(reason.clone()), ..session }, &session_path)?;
+    write_session_file(
+        &SessionFile { state: "stopped".into(), stop_reason: Some(reason.clone()), ..session },
+        &session_path,
+    )?;
     log::info!("stopped ({reason})");
     served?;
     if !unsaved.is_empty() {
@@ -405,7 +451,9 @@ async fn serve(
     let sig_app = app.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
         let reason = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
         sig_app.trigger_shutdown(reason);
     });
@@ -471,7 +519,10 @@ async fn serve(
         on_ready(&ready);
         server.serve(service).await.map_err(serving)
     } else {
-        let mut server = axum_server::from_tcp(listener).map_err(ServerError::io("listening on", &opts.listen))?.first_request_timeout(HEADER_READ_TIMEOUT).handle(handle);
+        let mut server = axum_server::from_tcp(listener)
+            .map_err(ServerError::io("listening on", &opts.listen))?
+            .first_request_timeout(HEADER_READ_TIMEOUT)
+            .handle(handle);
         server.http_builder().http1().header_read_timeout(HEADER_READ_TIMEOUT);
         on_ready(&ready);
         server.serve(service).await.map_err(serving)

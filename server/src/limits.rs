@@ -54,10 +54,16 @@ impl Limits {
     pub fn check_training(&self, training: &TrainingConfig) -> Result<(), ApiError> {
         let TrainingConfig::Lora(l) = training else { return Ok(()) };
         if !(1..=self.max_lora_rank).contains(&l.rank) {
-            return Err(ApiError::invalid(format!("training.rank = {}: expected 1 to {} (--max-lora-rank)", l.rank, self.max_lora_rank)));
+            return Err(ApiError::invalid(format!(
+                "training.rank = {}: expected 1 to {} (--max-lora-rank)",
+                l.rank, self.max_lora_rank
+            )));
         }
         if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= MAX_ALPHA) {
-            return Err(ApiError::invalid(format!("training.alpha = {}: expected a number above 0 and at most {MAX_ALPHA}", l.alpha)));
+            return Err(ApiError::invalid(format!(
+                "training.alpha = {}: expected a number above 0 and at most {MAX_ALPHA}",
+                l.alpha
+            )));
         }
         if l.target_modules.is_empty() {
             return Err(ApiError::invalid("training.target_modules is empty: name at least one projection to adapt"));
@@ -88,7 +94,10 @@ impl Limits {
         self.check_samples(input.num_samples)?;
         let prompt = input.prompt.len();
         if prompt > self.max_request_tokens {
-            return Err(too_large(format!("prompt: {prompt} tokens; one request takes at most {} (--max-request-tokens)", self.max_request_tokens)));
+            return Err(too_large(format!(
+                "prompt: {prompt} tokens; one request takes at most {} (--max-request-tokens)",
+                self.max_request_tokens
+            )));
         }
         let max = input.sampling_params.max_tokens;
         if max == 0 || prompt.checked_add(max).is_none_or(|end| end > self.context) {
@@ -103,7 +112,10 @@ impl Limits {
     /// `n` / `num_samples`.
     pub fn check_samples(&self, n: usize) -> Result<(), ApiError> {
         if !(1..=self.max_samples).contains(&n) {
-            return Err(ApiError::invalid(format!("n = {n}: expected 1 to {} sequences per request (--max-samples)", self.max_samples)));
+            return Err(ApiError::invalid(format!(
+                "n = {n}: expected 1 to {} sequences per request (--max-samples)",
+                self.max_samples
+            )));
         }
         Ok(())
     }
@@ -116,7 +128,11 @@ impl Limits {
         for s in stop {
             if let Stop::Text(t) = s {
                 if t.is_empty() || t.len() > MAX_STOP_BYTES {
-                    return Err(ApiError::invalid(format!("stop: {:?} is {} bytes; a stop string has 1 to {MAX_STOP_BYTES}", truncated(t), t.len())));
+                    return Err(ApiError::invalid(format!(
+                        "stop: {:?} is {} bytes; a stop string has 1 to {MAX_STOP_BYTES}",
+                        truncated(t),
+                        t.len()
+                    )));
                 }
             }
         }
@@ -126,7 +142,10 @@ impl Limits {
     /// Text about to be tokenized (`field` names it in the refusal).
     pub fn check_text(&self, field: &str, bytes: usize) -> Result<(), ApiError> {
         if bytes > self.max_text_bytes {
-            return Err(too_large(format!("{field}: {bytes} bytes of text; one request tokenizes at most {} (--max-text-bytes)", self.max_text_bytes)));
+            return Err(too_large(format!(
+                "{field}: {bytes} bytes of text; one request tokenizes at most {} (--max-text-bytes)",
+                self.max_text_bytes
+            )));
         }
         Ok(())
     }
@@ -156,7 +175,11 @@ mod tests {
 
     #[test]
     fn max_tokens_near_the_top_of_usize_does_not_wrap_past_the_context_check() {
-        let input = |max_tokens| SampleInput { prompt: vec![1, 2, 3], sampling_params: SamplingParams { max_tokens, ..SamplingParams::default() }, ..SampleInput::default() };
+        let input = |max_tokens| SampleInput {
+            prompt: vec![1, 2, 3],
+            sampling_params: SamplingParams { max_tokens, ..SamplingParams::default() },
+            ..SampleInput::default()
+        };
         assert!(limits().check_sample(&input(125)).is_ok());
         for max in [126, usize::MAX, usize::MAX - 2] {
             let e = limits().check_sample(&input(max)).unwrap_err();
@@ -167,7 +190,8 @@ mod tests {
     #[test]
     fn every_bound_names_itself() {
         let l = limits();
-        let lora = |rank, alpha, target_modules| TrainingConfig::Lora(LoraConfig { rank, alpha, target_modules, seed: 0 });
+        let lora =
+            |rank, alpha, target_modules| TrainingConfig::Lora(LoraConfig { rank, alpha, target_modules, seed: 0 });
         let all = TargetModule::ALL.to_vec();
         assert!(l.check_training(&lora(64, 32.0, all.clone())).is_ok());
         assert!(l.check_training(&lora(65, 32.0, all.clone())).unwrap_err().message.contains("--max-lora-rank"));
@@ -178,7 +202,10 @@ mod tests {
         assert!(l.check_training(&lora(8, 32.0, vec![])).unwrap_err().message.contains("empty"));
         let twice = vec![TargetModule::QProj, TargetModule::VProj, TargetModule::QProj];
         assert!(l.check_training(&lora(8, 32.0, twice)).unwrap_err().message.contains("twice"));
-        let batch = |n| ForwardBackwardInput { data: vec![Datum::new(vec![1; n], Default::default()); 2], loss_fn: Default::default() };
+        let batch = |n| ForwardBackwardInput {
+            data: vec![Datum::new(vec![1; n], Default::default()); 2],
+            loss_fn: Default::default(),
+        };
         assert!(l.check_batch(&batch(50)).is_ok());
         let e = l.check_batch(&batch(51)).unwrap_err();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);

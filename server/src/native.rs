@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hearth_api::{
-    CancelResponse, CreateRunRequest, DetokenizeRequest, Metrics, RenderChatRequest, RenderChatResponse, RequestState, RequestStatus,
-    Settings, Text, TokenizeRequest, Tokens,
+    CancelResponse, CreateRunRequest, DetokenizeRequest, Metrics, RenderChatRequest, RenderChatResponse, RequestState,
+    RequestStatus, Settings, Text, TokenizeRequest, Tokens,
 };
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -83,11 +83,19 @@ async fn submit(app: &App, run: String, op: Op, wait: bool) -> Response {
     match app.shared.submit(run.clone(), op) {
         Err(e) => e.into_response(),
         Ok((id, rx)) if wait => finish(app, id, rx).await,
-        Ok((id, _)) => (StatusCode::ACCEPTED, Json(RequestStatus { request_id: id, run, op: name.into(), state: RequestState::Queued })).into_response(),
+        Ok((id, _)) => (
+            StatusCode::ACCEPTED,
+            Json(RequestStatus { request_id: id, run, op: name.into(), state: RequestState::Queued }),
+        )
+            .into_response(),
     }
 }
 
-async fn create_run(State(app): State<Arc<App>>, Query(q): Query<WaitQuery>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn create_run(
+    State(app): State<Arc<App>>,
+    Query(q): Query<WaitQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let req: CreateRunRequest = match parse_body(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -132,7 +140,9 @@ async fn metrics(State(app): State<Arc<App>>, Path(run): Path<String>) -> Respon
     }
     match app.shared.registry.metrics(app.shared.base_key(), &run) {
         Ok(rows) => Json(Metrics { run, rows }).into_response(),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")).into_response(),
+        Err(e) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")).into_response()
+        }
     }
 }
 
@@ -150,7 +160,10 @@ async fn detokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesReject
         let req: DetokenizeRequest = parse_body(body)?;
         let t = app.text_model()?;
         if let Some((i, id)) = req.tokens.iter().enumerate().find(|(_, &id)| id as usize >= t.vocab_size()) {
-            return Err(ApiError::invalid(format!("tokens[{i}] = {id} is out of range: the tokenizer has {} tokens", t.vocab_size())));
+            return Err(ApiError::invalid(format!(
+                "tokens[{i}] = {id} is out of range: the tokenizer has {} tokens",
+                t.vocab_size()
+            )));
         }
         Ok(Text { text: t.decode(&req.tokens, req.skip_special_tokens)? })
     };
@@ -222,10 +235,18 @@ async fn autosave_all(State(app): State<Arc<App>>) -> Response {
         // a save that failed is the server's fault (a full disk): a 5xx that lists what was saved
         // and what was not
         Some(first) => {
-            let status = if first.error.kind == "disk_full" { StatusCode::INSUFFICIENT_STORAGE } else { StatusCode::INTERNAL_SERVER_ERROR };
+            let status = if first.error.kind == "disk_full" {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
             let runs: Vec<&str> = report.failed.iter().map(|f| f.run.as_str()).collect();
-            let error = hearth_api::ErrorBody { kind: first.error.kind.clone(), message: format!("runs {runs:?} could not be saved: {}", first.error.message) };
-            (status, Json(serde_json::json!({"error": error, "saved": report.saved, "failed": report.failed}))).into_response()
+            let error = hearth_api::ErrorBody {
+                kind: first.error.kind.clone(),
+                message: format!("runs {runs:?} could not be saved: {}", first.error.message),
+            };
+            (status, Json(serde_json::json!({"error": error, "saved": report.saved, "failed": report.failed})))
+                .into_response()
         }
     }
 }
@@ -253,7 +274,10 @@ async fn settings(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejectio
         Err(e) => return e.into_response(),
     };
     if let Some(s) = req.idle_timeout_s.filter(|&s| s > MAX_IDLE_TIMEOUT_S) {
-        return ApiError::invalid(format!("idle_timeout_s = {s} is more than a week ({MAX_IDLE_TIMEOUT_S}); use 0 for never")).into_response();
+        return ApiError::invalid(format!(
+            "idle_timeout_s = {s} is more than a week ({MAX_IDLE_TIMEOUT_S}); use 0 for never"
+        ))
+        .into_response();
     }
     if let Some(s) = req.idle_timeout_s {
         app.idle_timeout.store(s, Ordering::SeqCst);

@@ -115,7 +115,9 @@ fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
         return Ok(());
     }
     let names: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
-    Err(ApiError::not_found(format!("model {run:?} is not a run on this server; the runs are {names:?} (GET /v1/models)")))
+    Err(ApiError::not_found(format!(
+        "model {run:?} is not a run on this server; the runs are {names:?} (GET /v1/models)"
+    )))
 }
 
 /// Runs one `sample` in `run`'s queue and waits for it; a failure is the native route's answer.
@@ -130,7 +132,14 @@ async fn sample(app: &App, run: &str, input: SampleInput) -> Result<SampleOutput
 
 fn params(c: &Common, default_max: usize, stop: Vec<Stop>) -> SamplingParams {
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(default_max);
-    SamplingParams { max_tokens, temperature: c.temperature.unwrap_or(1.0), top_k: 0, top_p: c.top_p.unwrap_or(1.0), stop, seed: c.seed }
+    SamplingParams {
+        max_tokens,
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k: 0,
+        top_p: c.top_p.unwrap_or(1.0),
+        stop,
+        seed: c.seed,
+    }
 }
 
 fn finish_reason(r: &StopReason) -> &'static str {
@@ -151,7 +160,8 @@ fn event(v: &Value) -> Bytes {
 
 /// The part of a choice's text that can go out now (see the module doc).
 fn sendable(text: &str, stop: &[Stop]) -> usize {
-    let stops: Vec<&str> = stop.iter().filter_map(|s| if let Stop::Text(x) = s { Some(x.as_str()) } else { None }).collect();
+    let stops: Vec<&str> =
+        stop.iter().filter_map(|s| if let Stop::Text(x) = s { Some(x.as_str()) } else { None }).collect();
     if let Some(found) = stops.iter().filter_map(|s| text.find(s)).min() {
         return found;
     }
@@ -174,7 +184,14 @@ type Chunker = Box<dyn Fn(usize, Option<&str>, Option<&str>) -> Value + Send>;
 /// Samples each input in turn in `run`'s queue and streams the choices (`n` per input, numbered
 /// across inputs) as server-sent events while they are sampled. `drop_token` (the chat's
 /// end-of-text) is left out of the text; `role` sends a chat's first chunk per choice.
-fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token: Option<u32>, role: bool, chunk: Chunker) -> Result<Response, ApiError> {
+fn live_stream(
+    app: Arc<App>,
+    run: String,
+    inputs: Vec<SampleInput>,
+    drop_token: Option<u32>,
+    role: bool,
+    chunk: Chunker,
+) -> Result<Response, ApiError> {
     app.check_budget()?;
     app.text_model()?;
     // what would fail at once fails before the stream starts (and before anything is allocated
@@ -224,7 +241,10 @@ fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token:
                     }
                 }
             }
-            let ended = state.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await.map(|s| s.clone());
+            let ended = state
+                .wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. }))
+                .await
+                .map(|s| s.clone());
             let out = match ended {
                 Ok(RequestState::Done { result }) => serde_json::from_value::<SampleOutput>(result).ok(),
                 Ok(RequestState::Failed { error, .. }) => {
@@ -241,7 +261,8 @@ fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token:
                 if !rest.is_empty() && frames.send(event(&chunk(base + i, Some(rest), None))).await.is_err() {
                     return;
                 }
-                if frames.send(event(&chunk(base + i, Some(""), Some(finish_reason(&seq.stop_reason))))).await.is_err() {
+                if frames.send(event(&chunk(base + i, Some(""), Some(finish_reason(&seq.stop_reason))))).await.is_err()
+                {
                     return;
                 }
             }
@@ -249,7 +270,9 @@ fn live_stream(app: Arc<App>, run: String, inputs: Vec<SampleInput>, drop_token:
         }
         let _ = frames.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx)) });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -276,7 +299,10 @@ pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
 async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
     let req: CompletionRequest = parse_body(body)?;
     if req.echo {
-        return Err(ApiError::invalid("echo: prompt echoing is not supported; use the native sample with prompt_logprobs").into());
+        return Err(ApiError::invalid(
+            "echo: prompt echoing is not supported; use the native sample with prompt_logprobs",
+        )
+        .into());
     }
     if let Some(k) = req.logprobs.filter(|&k| k > 1) {
         return Err(ApiError::invalid(format!(
@@ -300,7 +326,14 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
     if req.common.stream {
         let inputs = prompts
             .iter()
-            .map(|prompt| Ok(SampleInput { prompt: t.encode(prompt, true)?, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() }))
+            .map(|prompt| {
+                Ok(SampleInput {
+                    prompt: t.encode(prompt, true)?,
+                    num_samples: n,
+                    sampling_params: p.clone(),
+                    ..SampleInput::default()
+                })
+            })
             .collect::<Result<Vec<_>, hearth_engine::EngineError>>()
             .map_err(ApiError::from)?;
         let model = req.common.model.clone();
@@ -314,7 +347,12 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
     let inputs = prompts
         .iter()
         .map(|prompt| {
-            let input = SampleInput { prompt: t.encode(prompt, true)?, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() };
+            let input = SampleInput {
+                prompt: t.encode(prompt, true)?,
+                num_samples: n,
+                sampling_params: p.clone(),
+                ..SampleInput::default()
+            };
             app.shared.limits.check_sample(&input)?;
             Ok(input)
         })
@@ -389,7 +427,10 @@ impl TakeStop for Option<OneOrMany> {
 async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
     let req: ChatRequest = parse_body(body)?;
     if req.top_logprobs.unwrap_or(0) > 0 {
-        return Err(ApiError::invalid("top_logprobs: alternatives are not computed; logprobs: true gives each sampled token's logprob").into());
+        return Err(ApiError::invalid(
+            "top_logprobs: alternatives are not computed; logprobs: true gives each sampled token's logprob",
+        )
+        .into());
     }
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages: must not be empty").into());
@@ -425,9 +466,15 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
                    "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": reason}]})
         });
         let input = SampleInput { prompt, num_samples: n, sampling_params: p, ..SampleInput::default() };
-        return live_stream(app.clone(), req.common.model.clone(), vec![input], eos, true, chunk).map_err(Response::from);
+        return live_stream(app.clone(), req.common.model.clone(), vec![input], eos, true, chunk)
+            .map_err(Response::from);
     }
-    let out = sample(app, &req.common.model, SampleInput { prompt, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() }).await?;
+    let out = sample(
+        app,
+        &req.common.model,
+        SampleInput { prompt, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() },
+    )
+    .await?;
     let id = format!("chatcmpl-{}", unix_now());
     let model = req.common.model.clone();
     let mut choices = Vec::new();

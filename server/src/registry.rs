@@ -95,15 +95,23 @@ impl Registry {
 
     /// True when `id` names a run of this base already (active or not).
     pub fn has_run(&self, base: &str, id: &str) -> Result<bool> {
-        self.with(|c| c.query_row("SELECT 1 FROM runs WHERE base = ?1 AND id = ?2", params![base, id], |_| Ok(())).optional().map(|r| r.is_some()))
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM runs WHERE base = ?1 AND id = ?2", params![base, id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
     }
 
     /// True when `id` names an active run of this base (not one archived by `--no-resume`).
     pub fn has_active_run(&self, base: &str, id: &str) -> Result<bool> {
         self.with(|c| {
-            c.query_row("SELECT 1 FROM runs WHERE base = ?1 AND id = ?2 AND status = 'active'", params![base, id], |_| Ok(()))
-                .optional()
-                .map(|r| r.is_some())
+            c.query_row(
+                "SELECT 1 FROM runs WHERE base = ?1 AND id = ?2 AND status = 'active'",
+                params![base, id],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
         })
     }
 
@@ -118,13 +126,18 @@ impl Registry {
 
     /// Every run id of this base ever created (for generating fresh names).
     pub fn run_count(&self, base: &str) -> Result<u64> {
-        self.with(|c| c.query_row("SELECT COUNT(*) FROM runs WHERE base = ?1", params![base], |r| r.get::<_, i64>(0)).map(|n| n as u64))
+        self.with(|c| {
+            c.query_row("SELECT COUNT(*) FROM runs WHERE base = ?1", params![base], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+        })
     }
 
     /// Runs of this base that were active when their server stopped.
     pub fn active_runs(&self, base: &str) -> Result<Vec<RunRow>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, training, step FROM runs WHERE base = ?1 AND status = 'active' ORDER BY created_at")?;
+            let mut st = c.prepare(
+                "SELECT id, training, step FROM runs WHERE base = ?1 AND status = 'active' ORDER BY created_at",
+            )?;
             let rows = st.query_map(params![base], |r| {
                 let training: String = r.get(1)?;
                 Ok((r.get::<_, String>(0)?, training, r.get::<_, i64>(2)?))
@@ -142,12 +155,18 @@ impl Registry {
 
     /// Marks runs of this base that were not resumed as archived.
     pub fn archive_runs(&self, base: &str) -> Result<()> {
-        self.with(|c| c.execute("UPDATE runs SET status = 'archived' WHERE base = ?1 AND status = 'active'", params![base]).map(|_| ()))
+        self.with(|c| {
+            c.execute("UPDATE runs SET status = 'archived' WHERE base = ?1 AND status = 'active'", params![base])
+                .map(|_| ())
+        })
     }
 
     /// Records a run's current step.
     pub fn set_step(&self, base: &str, run: &str, step: u64) -> Result<()> {
-        self.with(|c| c.execute("UPDATE runs SET step = ?3 WHERE base = ?1 AND id = ?2", params![base, run, step as i64]).map(|_| ()))
+        self.with(|c| {
+            c.execute("UPDATE runs SET step = ?3 WHERE base = ?1 AND id = ?2", params![base, run, step as i64])
+                .map(|_| ())
+        })
     }
 
     /// Records a published checkpoint.
@@ -167,7 +186,10 @@ impl Registry {
 
     /// Forgets a checkpoint (before its folder is deleted).
     pub fn remove_checkpoint(&self, base: &str, run: &str, name: &str) -> Result<()> {
-        self.with(|c| c.execute("DELETE FROM checkpoints WHERE base = ?1 AND run = ?2 AND name = ?3", params![base, run, name]).map(|_| ()))
+        self.with(|c| {
+            c.execute("DELETE FROM checkpoints WHERE base = ?1 AND run = ?2 AND name = ?3", params![base, run, name])
+                .map(|_| ())
+        })
     }
 
     /// A run's checkpoints, newest first.
@@ -204,7 +226,10 @@ impl Registry {
 
     /// Drops metrics after `step` (a run resumed from an earlier checkpoint redoes them).
     pub fn truncate_metrics(&self, base: &str, run: &str, step: u64) -> Result<()> {
-        self.with(|c| c.execute("DELETE FROM metrics WHERE base = ?1 AND run = ?2 AND step > ?3", params![base, run, step as i64]).map(|_| ()))
+        self.with(|c| {
+            c.execute("DELETE FROM metrics WHERE base = ?1 AND run = ?2 AND step > ?3", params![base, run, step as i64])
+                .map(|_| ())
+        })
     }
 
     /// A run's metrics in step order.
@@ -232,13 +257,23 @@ impl Registry {
 
     /// Records this server's start.
     pub fn server_started(&self, pid: u32, url: &str, model: &str) -> Result<()> {
-        self.with(|c| c.execute("INSERT INTO servers (pid, url, model, started_at) VALUES (?1, ?2, ?3, ?4)", params![pid, url, model, now()]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO servers (pid, url, model, started_at) VALUES (?1, ?2, ?3, ?4)",
+                params![pid, url, model, now()],
+            )
+            .map(|_| ())
+        })
     }
 
     /// Records this server's stop and why.
     pub fn server_stopped(&self, pid: u32, reason: &str) -> Result<()> {
         self.with(|c| {
-            c.execute("UPDATE servers SET stopped_at = ?2, reason = ?3 WHERE pid = ?1 AND stopped_at IS NULL", params![pid, now(), reason]).map(|_| ())
+            c.execute(
+                "UPDATE servers SET stopped_at = ?2, reason = ?3 WHERE pid = ?1 AND stopped_at IS NULL",
+                params![pid, now(), reason],
+            )
+            .map(|_| ())
         })
     }
 }

@@ -17,7 +17,9 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .layer(axum::middleware::from_fn_with_state(app.clone(), crate::http::auth))
         // plain text: `error_envelope` wraps it in the envelope of the protocol the path belongs to
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such route; see GET /v1/info and the README for the API") })
-        .method_not_allowed_fallback(|| async { (StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method") })
+        .method_not_allowed_fallback(|| async {
+            (StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method")
+        })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(crate::http::error_envelope))
         .with_state(app)

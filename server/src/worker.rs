@@ -79,7 +79,15 @@ impl Op {
 
     /// Spends device time (refused once the budget is spent).
     pub fn uses_device(&self) -> bool {
-        matches!(self, Op::Forward(_) | Op::ForwardBackward(_) | Op::OptimStep(_) | Op::Sample(_) | Op::SamplerSample(_) | Op::SampleStream(..))
+        matches!(
+            self,
+            Op::Forward(_)
+                | Op::ForwardBackward(_)
+                | Op::OptimStep(_)
+                | Op::Sample(_)
+                | Op::SamplerSample(_)
+                | Op::SampleStream(..)
+        )
     }
 }
 
@@ -223,7 +231,9 @@ pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid(format!("{field} {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'")))
+        Err(ApiError::invalid(format!(
+            "{field} {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
     }
 }
 
@@ -251,7 +261,16 @@ impl Shared {
             if reqs.len() >= 256 {
                 prune_finished(&mut reqs);
             }
-            reqs.insert(id, Entry { run: run.clone(), op: op.name(), state, cancel: Arc::new(AtomicBool::new(false)), ended_ms: AtomicU64::new(0) });
+            reqs.insert(
+                id,
+                Entry {
+                    run: run.clone(),
+                    op: op.name(),
+                    state,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    ended_ms: AtomicU64::new(0),
+                },
+            );
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::Job { id, run, op });
@@ -295,7 +314,8 @@ impl Shared {
     /// Asks the worker to save every run and waits for the report (blocking).
     pub fn save_all(&self, reason: &str) -> SaveReport {
         let (reply, rx) = mpsc::channel();
-        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::SaveAll { reason: reason.into(), reply });
+        let sent =
+            self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::SaveAll { reason: reason.into(), reply });
         if sent.is_err() {
             return SaveReport::default();
         }
@@ -377,11 +397,20 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<Resume
         // newest checkpoint lost those steps (a kill -9, or a save that failed on the way out)
         let lost_from = (reached > step).then_some(step + 1);
         if lost_from.is_some() {
-            log::warn!("run {}: steps {} to {reached} were never saved and are lost; it resumes at step {step} from {from}", row.id, step + 1);
+            log::warn!(
+                "run {}: steps {} to {reached} were never saved and are lost; it resumes at step {step} from {from}",
+                row.id,
+                step + 1
+            );
         }
         shared.registry.set_step(&base, &row.id, step)?;
         shared.registry.truncate_metrics(&base, &row.id, step)?;
-        resumed.push(ResumedRun { run: row.id.clone(), step, checkpoint: from, lost_steps: lost_from.map(|f| [f, reached]) });
+        resumed.push(ResumedRun {
+            run: row.id.clone(),
+            step,
+            checkpoint: from,
+            lost_steps: lost_from.map(|f| [f, reached]),
+        });
         runs.insert(row.id.clone(), Run::new(session, Some(step)));
     }
     Ok((runs, resumed))
@@ -435,8 +464,16 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 } else {
                     shared.set_state(id, RequestState::Running);
                     let t0 = std::time::Instant::now();
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&shared, &mut runs, &mut samplers, &run, op, &cancel)))
-                        .unwrap_or_else(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the operation panicked; the run is unchanged")));
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        execute(&shared, &mut runs, &mut samplers, &run, op, &cancel)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            "the operation panicked; the run is unchanged",
+                        ))
+                    });
                     shared.busy_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::SeqCst);
                     r
                 };
@@ -458,8 +495,17 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                     match autosave(&shared, id, r, &reason) {
                         Ok(s) => report.saved.push(s),
                         Err(e) => {
-                            log::error!("run {id}: saving on {reason} failed at step {}: {}", r.session.step(), e.message);
-                            report.failed.push(SaveFailure { run: id.clone(), step: r.session.step(), saved_step: r.saved_step, error: e.body() });
+                            log::error!(
+                                "run {id}: saving on {reason} failed at step {}: {}",
+                                r.session.step(),
+                                e.message
+                            );
+                            report.failed.push(SaveFailure {
+                                run: id.clone(),
+                                step: r.session.step(),
+                                saved_step: r.saved_step,
+                                error: e.body(),
+                            });
                         }
                     }
                 }
@@ -510,7 +556,11 @@ fn create_run(
     let base_key = shared.base_key();
     check_name("run", run_id)?;
     if runs.contains_key(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(registry_err)? {
-        return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("run {run_id:?} already exists; pick another name")));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("run {run_id:?} already exists; pick another name"),
+        ));
     }
     let mut session = make()?;
     session.set_recompute(shared.recompute);
@@ -520,9 +570,15 @@ fn create_run(
         let old = shared.home.join("runs").join(run_id);
         let aside = shared.home.join("archive").join(format!("{run_id}-{}", now_ms()));
         if old.exists() {
-            std::fs::create_dir_all(shared.home.join("archive"))
-                .and_then(|()| std::fs::rename(&old, &aside))
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", format!("moving archived run {run_id:?} aside: {e}")))?;
+            std::fs::create_dir_all(shared.home.join("archive")).and_then(|()| std::fs::rename(&old, &aside)).map_err(
+                |e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "io_error",
+                        format!("moving archived run {run_id:?} aside: {e}"),
+                    )
+                },
+            )?;
             log::info!("archived run {run_id} moved to {} for a new run of that name", aside.display());
         }
         shared.registry.forget_run(base_key, run_id).map_err(registry_err)?;
@@ -553,7 +609,9 @@ fn execute(
             return Ok(serde_json::json!({"sampler": run_id}));
         }
         Op::SamplerSample(mut input) => {
-            let sampler = samplers.get(run_id).ok_or_else(|| ApiError::not_found(format!("sampler {run_id:?} does not exist (samplers live until the server stops)")))?;
+            let sampler = samplers.get(run_id).ok_or_else(|| {
+                ApiError::not_found(format!("sampler {run_id:?} does not exist (samplers live until the server stops)"))
+            })?;
             let detok = detokenizer(shared);
             let out = match sampler {
                 Some(s) => s.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?,
@@ -573,14 +631,22 @@ fn execute(
             };
             return json(&out);
         }
-        Op::CreateRun(req) => return create_run(shared, runs, run_id, || TrainingSession::new(shared.base.clone(), req.training)),
-        Op::CreateRunFrom { source, optimizer: true } => return create_run(shared, runs, run_id, || TrainingSession::from_checkpoint(shared.base.clone(), &source)),
+        Op::CreateRun(req) => {
+            return create_run(shared, runs, run_id, || TrainingSession::new(shared.base.clone(), req.training))
+        }
+        Op::CreateRunFrom { source, optimizer: true } => {
+            return create_run(shared, runs, run_id, || TrainingSession::from_checkpoint(shared.base.clone(), &source))
+        }
         Op::CreateRunFrom { source, optimizer: false } => {
-            return create_run(shared, runs, run_id, || TrainingSession::from_checkpoint_weights(shared.base.clone(), &source))
+            return create_run(shared, runs, run_id, || {
+                TrainingSession::from_checkpoint_weights(shared.base.clone(), &source)
+            })
         }
         _ => {}
     }
-    let run = runs.get_mut(run_id).ok_or_else(|| ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs")))?;
+    let run = runs
+        .get_mut(run_id)
+        .ok_or_else(|| ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs")))?;
     match op {
         Op::Forward(input) => json(&run.session.forward(&input)?),
         Op::ForwardBackward(input) => {
@@ -629,18 +695,24 @@ fn execute(
             json(&serde_json::json!({"sampler": sampler, "step": run.session.step()}))
         }
         // handled above
-        Op::CreateRun(_) | Op::CreateRunFrom { .. } | Op::CreateSampler(_) | Op::SamplerSample(_) => Err(ApiError::invalid("unreachable")),
+        Op::CreateRun(_) | Op::CreateRunFrom { .. } | Op::CreateSampler(_) | Op::SamplerSample(_) => {
+            Err(ApiError::invalid("unreachable"))
+        }
         Op::SaveState(req) => {
             check_name("name", &req.name)?;
             if req.name.starts_with("autosave-") {
-                return Err(ApiError::invalid(format!("name {:?}: names starting with `autosave-` are the server's", req.name)));
+                return Err(ApiError::invalid(format!(
+                    "name {:?}: names starting with `autosave-` are the server's",
+                    req.name
+                )));
             }
             let out = save(shared, run_id, run, &req.name, req.kind, "user")?;
             json(&out)
         }
         Op::LoadState(req) => {
             let path = checkpoint_source(shared, run_id, &req.source)?;
-            let loaded = if req.optimizer { run.session.load_state(&path)? } else { run.session.load_weights(&path)? };
+            let loaded =
+                if req.optimizer { run.session.load_state(&path)? } else { run.session.load_weights(&path)? };
             (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
             shared.registry.set_step(&base_key, run_id, loaded.step).map_err(registry_err)?;
             shared.registry.truncate_metrics(&base_key, run_id, loaded.step).map_err(registry_err)?;
@@ -658,7 +730,9 @@ fn execute(
 fn checkpoint_source(shared: &Shared, run_id: &str, source: &str) -> Result<PathBuf, ApiError> {
     let by_name = match source.split_once('/') {
         None if check_name("source", source).is_ok() => Some(shared.checkpoints_dir(run_id).join(source)),
-        Some((run, name)) if check_name("run", run).is_ok() && check_name("source", name).is_ok() => Some(shared.checkpoints_dir(run).join(name)),
+        Some((run, name)) if check_name("run", run).is_ok() && check_name("source", name).is_ok() => {
+            Some(shared.checkpoints_dir(run).join(name))
+        }
         _ => None,
     };
     let is_checkpoint = |p: &Path| p.join("hearth.json").is_file() || p.join("adapter_config.json").is_file();
@@ -673,11 +747,20 @@ fn checkpoint_source(shared: &Shared, run_id: &str, source: &str) -> Result<Path
     }
 }
 
-fn save(shared: &Shared, run_id: &str, run: &mut Run, name: &str, kind: CheckpointKind, reason: &str) -> Result<SaveStateResponse, ApiError> {
+fn save(
+    shared: &Shared,
+    run_id: &str,
+    run: &mut Run,
+    name: &str,
+    kind: CheckpointKind,
+    reason: &str,
+) -> Result<SaveStateResponse, ApiError> {
     let dir = shared.checkpoints_dir(run_id).join(name);
     let step = run.session.step();
     if kind == CheckpointKind::Adapter && matches!(run.session.training(), TrainingConfig::Full) {
-        return Err(ApiError::invalid("kind \"adapter\": a full fine-tuning run has no adapter; save \"state\" or \"merged\""));
+        return Err(ApiError::invalid(
+            "kind \"adapter\": a full fine-tuning run has no adapter; save \"state\" or \"merged\"",
+        ));
     }
     run.session.save_state(&dir, kind)?;
     let row = CheckpointRow {
@@ -700,8 +783,13 @@ fn autosave(shared: &Shared, run_id: &str, run: &mut Run, reason: &str) -> Resul
     let name = format!("autosave-{:08}", run.session.step());
     let out = save(shared, run_id, run, &name, CheckpointKind::State, reason)?;
     let base = shared.base_key();
-    let autos: Vec<CheckpointRow> =
-        shared.registry.checkpoints(base, run_id).map_err(registry_err)?.into_iter().filter(|c| c.name.starts_with("autosave-")).collect();
+    let autos: Vec<CheckpointRow> = shared
+        .registry
+        .checkpoints(base, run_id)
+        .map_err(registry_err)?
+        .into_iter()
+        .filter(|c| c.name.starts_with("autosave-"))
+        .collect();
     for old in autos.iter().skip(shared.keep_autosaves.max(1)) {
         // registry first: a crash in between leaves an unlisted folder, never a listed hole
         shared.registry.remove_checkpoint(base, run_id, &old.name).map_err(registry_err)?;
@@ -715,7 +803,13 @@ mod tests {
     use super::*;
 
     fn entry(state: RequestState, ended_ms: u64) -> Entry {
-        Entry { run: "r".into(), op: "sample", state: watch::channel(state).0, cancel: Arc::default(), ended_ms: AtomicU64::new(ended_ms) }
+        Entry {
+            run: "r".into(),
+            op: "sample",
+            state: watch::channel(state).0,
+            cancel: Arc::default(),
+            ended_ms: AtomicU64::new(ended_ms),
+        }
     }
 
     /// A finished result stays readable for a while, then is forgotten; queued and running

@@ -14,12 +14,14 @@ fn every_request_needs_the_token() {
     let (status, body) = common::respond(agent.get(&format!("{}/v1/info", s.url)).call());
     assert_eq!(status, 401);
     assert_eq!(body["error"]["kind"], "unauthorized");
-    let (status, _) = common::respond(agent.get(&format!("{}/v1/info", s.url)).set("Authorization", "Bearer nope").call());
+    let (status, _) =
+        common::respond(agent.get(&format!("{}/v1/info", s.url)).set("Authorization", "Bearer nope").call());
     assert_eq!(status, 401);
     let (status, _) = common::respond(agent.post(&format!("{}/v1/shutdown", s.url)).call());
     assert_eq!(status, 401, "shutdown needs the token too");
     assert_eq!(s.get("/v1/ping").0, 200);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(s.home.join("session.json")).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(s.home.join("session.json")).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the session file holds the token");
 }
 
@@ -80,10 +82,14 @@ fn concurrent_clients_keep_each_runs_order() {
                 // queue 10 steps without waiting, then collect them in order
                 let mut ids = Vec::new();
                 for i in 0..10 {
-                    let (st, q) = s.post(&format!("/v1/runs/{run}/forward_backward?wait=false"), &batch(&format!("{run} text {i}")));
+                    let (st, q) = s.post(
+                        &format!("/v1/runs/{run}/forward_backward?wait=false"),
+                        &batch(&format!("{run} text {i}")),
+                    );
                     assert_eq!(st, 202, "{q}");
                     ids.push(q["request_id"].as_u64().unwrap());
-                    let (st, q) = s.post(&format!("/v1/runs/{run}/optim_step?wait=false"), &json!({"learning_rate": 1e-3}));
+                    let (st, q) =
+                        s.post(&format!("/v1/runs/{run}/optim_step?wait=false"), &json!({"learning_rate": 1e-3}));
                     assert_eq!(st, 202);
                     ids.push(q["request_id"].as_u64().unwrap());
                 }
@@ -182,7 +188,10 @@ fn tls_serves_the_same_api() {
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let s = Server::start(&h, &["--idle-timeout", "0", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let s = Server::start(
+        &h,
+        &["--idle-timeout", "0", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+    );
     assert!(s.url.starts_with("https://"));
     let out = std::process::Command::new("curl")
         .args(["-s", "--cacert", cert.to_str().unwrap(), "-H", &format!("Authorization: Bearer {}", s.token)])
@@ -208,7 +217,11 @@ fn token_file_is_created_private_and_reused_and_a_second_server_is_refused() {
             .output()
             .unwrap();
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("already running"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("already running"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         s.ok("/v1/shutdown", &json!({}));
         let mut s = s;
         assert!(s.wait_exit(30).success());
@@ -228,7 +241,10 @@ fn a_bf16_base_trains_samples_saves_and_resumes() {
     s.ok("/v1/runs", &json!({"name": "r"}));
     let losses: Vec<f64> = (0..6).map(|_| train_step(&s, "r", 0).0).collect();
     assert!(losses[5] < losses[0], "bf16 training lowers the loss: {losses:?}");
-    let out = s.ok("/v1/runs/r/sample", &json!({"prompt": [104, 101], "num_samples": 3, "sampling_params": {"max_tokens": 5, "temperature": 0.0}}));
+    let out = s.ok(
+        "/v1/runs/r/sample",
+        &json!({"prompt": [104, 101], "num_samples": 3, "sampling_params": {"max_tokens": 5, "temperature": 0.0}}),
+    );
     let seqs = out["sequences"].as_array().unwrap();
     assert_eq!(seqs.len(), 3);
     assert!(seqs.iter().all(|q| q["tokens"] == seqs[0]["tokens"] && q["tokens"].as_array().unwrap().len() == 5));

@@ -61,9 +61,26 @@ const MAX_HANGS: usize = 5;
 const SWEEP: [&str; 5] = ["-1", "18446744073709551615", "10000000000", "1e39", "1e308"];
 /// Number texts a mutation puts anywhere (some are not valid JSON).
 const NUMBERS: [&str; 20] = [
-    "-1", "0", "-0", "0.5", "01", "2147483648", "4294967296", "10000000000", "9223372036854775807",
-    "-9223372036854775808", "18446744073709551615", "18446744073709551616", "1e39", "1e308",
-    "-1e308", "1e400", "1e-400", "NaN", "Infinity", "1E2",
+    "-1",
+    "0",
+    "-0",
+    "0.5",
+    "01",
+    "2147483648",
+    "4294967296",
+    "10000000000",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "18446744073709551615",
+    "18446744073709551616",
+    "1e39",
+    "1e308",
+    "-1e308",
+    "1e400",
+    "1e-400",
+    "NaN",
+    "Infinity",
+    "1E2",
 ];
 
 // ---- pools: fuzz names the final check never uses ----
@@ -142,7 +159,10 @@ impl Req {
             Auth::Missing => vec![],
             Auth::Wrong => vec![("Authorization".into(), b"Bearer nope".to_vec())],
             Auth::WrongKey => vec![("X-API-Key".into(), b"tml-nope".to_vec())],
-            Auth::NotUtf8 => vec![("Authorization".into(), b"Bearer \xff\xfe".to_vec()), ("X-API-Key".into(), b"tml-\xc3\x28".to_vec())],
+            Auth::NotUtf8 => vec![
+                ("Authorization".into(), b"Bearer \xff\xfe".to_vec()),
+                ("X-API-Key".into(), b"tml-\xc3\x28".to_vec()),
+            ],
             Auth::LowercaseBearer => vec![("Authorization".into(), format!("bearer {token}").into_bytes())],
         };
         if let Some(ct) = &self.content_type {
@@ -154,11 +174,8 @@ impl Req {
 
     /// The request for a failure report: method, path, headers, body (text, or hex).
     fn describe(&self) -> String {
-        let mut headers: Vec<String> = self
-            .headers("<token>")
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", printable(v, 200)))
-            .collect();
+        let mut headers: Vec<String> =
+            self.headers("<token>").iter().map(|(k, v)| format!("{k}: {}", printable(v, 200))).collect();
         headers.push(format!("Content-Length: {}", self.body.len()));
         let notes = if self.notes.is_empty() { "none (the valid body)".to_string() } else { self.notes.join("; ") };
         format!(
@@ -196,7 +213,11 @@ fn printable(b: &[u8], max: usize) -> String {
 
 /// What came back.
 enum Outcome {
-    Answer { status: u16, head: String, body: Vec<u8> },
+    Answer {
+        status: u16,
+        head: String,
+        body: Vec<u8>,
+    },
     /// A long poll still waiting.
     Held,
     /// No answer: the reason.
@@ -231,7 +252,11 @@ fn exchange(addr: &str, token: &str, req: &Req, limit: Duration) -> Outcome {
     loop {
         let left = limit.saturating_sub(start.elapsed());
         if left.is_zero() {
-            return if req.long_poll { Outcome::Held } else { Outcome::Broken(format!("no answer within {} s", limit.as_secs())) };
+            return if req.long_poll {
+                Outcome::Held
+            } else {
+                Outcome::Broken(format!("no answer within {} s", limit.as_secs()))
+            };
         }
         let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut buf) {
@@ -244,7 +269,10 @@ fn exchange(addr: &str, token: &str, req: &Req, limit: Duration) -> Outcome {
         }
     }
     let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Outcome::Broken(format!("connection closed without an answer ({} bytes back; write: {write_error:?})", got.len()));
+        return Outcome::Broken(format!(
+            "connection closed without an answer ({} bytes back; write: {write_error:?})",
+            got.len()
+        ));
     };
     let head = String::from_utf8_lossy(&got[..end]).to_string();
     let Some(status) = head.split(' ').nth(1).and_then(|s| s.parse::<u16>().ok()) else {
@@ -261,7 +289,9 @@ fn exchange(addr: &str, token: &str, req: &Req, limit: Duration) -> Outcome {
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&b[..eol]).ok().and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok());
+        let size = std::str::from_utf8(&b[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok());
         let Some(size) = size.filter(|&n| n > 0) else { break };
         let start = eol + 2;
         out.extend_from_slice(&b[start..(start + size).min(b.len())]);
@@ -398,16 +428,32 @@ fn fb_proto_of(model: &str, seq: i64, texts: &[Vec<u32>], forward_only: bool) ->
             let n = t.len() - 1;
             proto::Datum {
                 model_input: vec![proto::Chunk {
-                    chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk { tokens: proto::i32_bytes(t[..n].iter().map(|&x| x as i32)) })),
+                    chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk {
+                        tokens: proto::i32_bytes(t[..n].iter().map(|&x| x as i32)),
+                    })),
                 }],
                 loss_fn_inputs: HashMap::from([
-                    ("target_tokens".to_string(), tensor(proto::DType::Int64, t[1..].iter().flat_map(|&x| i64::from(x).to_le_bytes()).collect(), n)),
+                    (
+                        "target_tokens".to_string(),
+                        tensor(
+                            proto::DType::Int64,
+                            t[1..].iter().flat_map(|&x| i64::from(x).to_le_bytes()).collect(),
+                            n,
+                        ),
+                    ),
                     ("weights".to_string(), tensor(proto::DType::Float32, proto::f32_bytes(&vec![1.0; n]), n)),
                 ]),
             }
         })
         .collect();
-    proto::ForwardBackwardRequest { model_id: model.into(), seq_id: seq as i32, data, loss_fn: "cross_entropy".into(), forward_only, ..Default::default() }
+    proto::ForwardBackwardRequest {
+        model_id: model.into(),
+        seq_id: seq as i32,
+        data,
+        loss_fn: "cross_entropy".into(),
+        forward_only,
+        ..Default::default()
+    }
 }
 
 /// `m` as protobuf with its map entries in key order: prost writes a `HashMap` in its random
@@ -417,22 +463,31 @@ fn encode(m: &proto::ForwardBackwardRequest) -> Vec<u8> {
     let mut head = m.clone();
     let data = std::mem::take(&mut head.data);
     let config: BTreeMap<String, f64> = std::mem::take(&mut head.loss_fn_config).into_iter().collect();
-    let config_v2: BTreeMap<String, proto::LossConfigValue> = std::mem::take(&mut head.loss_fn_config_v2).into_iter().collect();
+    let config_v2: BTreeMap<String, proto::LossConfigValue> =
+        std::mem::take(&mut head.loss_fn_config_v2).into_iter().collect();
     let mut out = head.encode_to_vec();
     for d in data {
         let mut datum = proto::Datum { model_input: d.model_input, loss_fn_inputs: HashMap::new() }.encode_to_vec();
         for (k, v) in d.loss_fn_inputs.into_iter().collect::<BTreeMap<_, _>>() {
-            datum.extend(proto::Datum { model_input: Vec::new(), loss_fn_inputs: HashMap::from([(k, v)]) }.encode_to_vec());
+            datum.extend(
+                proto::Datum { model_input: Vec::new(), loss_fn_inputs: HashMap::from([(k, v)]) }.encode_to_vec(),
+            );
         }
         out.push((3 << 3) | 2); // field 3 (data), length-delimited
         prost::encode_length_delimiter(datum.len(), &mut out).unwrap();
         out.extend(datum);
     }
     for (k, v) in config {
-        out.extend(proto::ForwardBackwardRequest { loss_fn_config: HashMap::from([(k, v)]), ..Default::default() }.encode_to_vec());
+        out.extend(
+            proto::ForwardBackwardRequest { loss_fn_config: HashMap::from([(k, v)]), ..Default::default() }
+                .encode_to_vec(),
+        );
     }
     for (k, v) in config_v2 {
-        out.extend(proto::ForwardBackwardRequest { loss_fn_config_v2: HashMap::from([(k, v)]), ..Default::default() }.encode_to_vec());
+        out.extend(
+            proto::ForwardBackwardRequest { loss_fn_config_v2: HashMap::from([(k, v)]), ..Default::default() }
+                .encode_to_vec(),
+        );
     }
     out
 }
@@ -440,10 +495,12 @@ fn encode(m: &proto::ForwardBackwardRequest) -> Vec<u8> {
 fn fb_proto(c: &mut Ctx) -> proto::ForwardBackwardRequest {
     let model = c.name(&MODELS);
     let seq = c.seq(model);
-    let texts: Vec<Vec<u32>> = (0..c.rng.usize(1..=2)).map(|_| {
-        let n = c.rng.usize(2..=9);
-        c.tokens(n)
-    }).collect();
+    let texts: Vec<Vec<u32>> = (0..c.rng.usize(1..=2))
+        .map(|_| {
+            let n = c.rng.usize(2..=9);
+            c.tokens(n)
+        })
+        .collect();
     let forward_only = c.rng.f32() < 0.25;
     fb_proto_of(model, seq, &texts, forward_only)
 }
@@ -518,7 +575,17 @@ fn routes() -> Vec<Route> {
             with(op_path(c, "sample"), b)
         }),
         native("POST", "/v1/runs/{run}/save_state", |c| {
-            let kind = c.pick(&["state", "state", "adapter", "adapter", "merged", "gguf", "gguf_f16", "gguf_q8_0", "gguf_q4_k_m"]);
+            let kind = c.pick(&[
+                "state",
+                "state",
+                "adapter",
+                "adapter",
+                "merged",
+                "gguf",
+                "gguf_f16",
+                "gguf_q8_0",
+                "gguf_q4_k_m",
+            ]);
             let b = json!({"name": c.name(&CKPTS[..3]), "kind": kind});
             with(op_path(c, "save_state"), b)
         }),
@@ -546,11 +613,23 @@ fn routes() -> Vec<Route> {
             let b = json!({"messages": [{"role": role, "content": "hi"}, {"role": "user", "content": "<|im_start|>x"}], "add_generation_prompt": c.rng.bool()});
             with("/v1/render_chat".into(), b)
         }),
-        Route { long_poll: true, ..native("GET", "/v1/requests/{id}", |c| {
-            let id = if c.rng.f32() < 0.8 { c.rng.u64(1..=80).to_string() } else { c.seg(&["1"]) };
-            let timeout = c.pick(&["", "?timeout_s=0", "?timeout_s=0.05", "?timeout_s=-1", "?timeout_s=NaN", "?timeout_s=inf", "?timeout_s=1e400", "?timeout_s=x"]);
-            plain(&format!("/v1/requests/{id}{timeout}"))
-        }) },
+        Route {
+            long_poll: true,
+            ..native("GET", "/v1/requests/{id}", |c| {
+                let id = if c.rng.f32() < 0.8 { c.rng.u64(1..=80).to_string() } else { c.seg(&["1"]) };
+                let timeout = c.pick(&[
+                    "",
+                    "?timeout_s=0",
+                    "?timeout_s=0.05",
+                    "?timeout_s=-1",
+                    "?timeout_s=NaN",
+                    "?timeout_s=inf",
+                    "?timeout_s=1e400",
+                    "?timeout_s=x",
+                ]);
+                plain(&format!("/v1/requests/{id}{timeout}"))
+            })
+        },
         native("POST", "/v1/requests/{id}/cancel", |c| {
             let id = if c.rng.f32() < 0.8 { c.rng.u64(1..=80).to_string() } else { c.seg(&["1"]) };
             with(format!("/v1/requests/{id}/cancel"), json!({}))
@@ -558,7 +637,9 @@ fn routes() -> Vec<Route> {
         native("POST", "/v1/cancel", |_| with("/v1/cancel".into(), json!({}))),
         native("POST", "/v1/autosave", |_| with("/v1/autosave".into(), json!({}))),
         native("GET", "/v1/settings", |_| plain("/v1/settings")),
-        native("POST", "/v1/settings", |c| with("/v1/settings".into(), json!({"idle_timeout_s": c.pick(&[0, 3600, 604_800])}))),
+        native("POST", "/v1/settings", |c| {
+            with("/v1/settings".into(), json!({"idle_timeout_s": c.pick(&[0, 3600, 604_800])}))
+        }),
         native("GET", "/v1/models", |_| plain("/v1/models")),
         native("POST", "/v1/completions", |c| {
             let b = json!({
@@ -580,18 +661,31 @@ fn routes() -> Vec<Route> {
         }),
         // Tinker
         tinker("GET", "/api/v1/healthz", |_| plain("/api/v1/healthz")),
-        tinker("POST", "/api/v1/client/config", |_| with("/api/v1/client/config".into(), json!({"sdk_version": "0.38.0"}))),
+        tinker("POST", "/api/v1/client/config", |_| {
+            with("/api/v1/client/config".into(), json!({"sdk_version": "0.38.0"}))
+        }),
         tinker("POST", "/api/v1/client/dynamic_config", |_| with("/api/v1/client/dynamic_config".into(), json!({}))),
         tinker("GET", "/api/v1/get_server_capabilities", |_| plain("/api/v1/get_server_capabilities")),
         tinker("POST", "/api/v1/create_session", |_| {
-            with("/api/v1/create_session".into(), json!({"tags": ["fuzz"], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}))
+            with(
+                "/api/v1/create_session".into(),
+                json!({"tags": ["fuzz"], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}),
+            )
         }),
         tinker("POST", "/api/v1/session_heartbeat", |c| {
-            with("/api/v1/session_heartbeat".into(), json!({"session_id": c.name(&SESSIONS), "type": "session_heartbeat"}))
+            with(
+                "/api/v1/session_heartbeat".into(),
+                json!({"session_id": c.name(&SESSIONS), "type": "session_heartbeat"}),
+            )
         }),
-        tinker("POST", "/api/v1/sessions/{id}/finish", |c| with(format!("/api/v1/sessions/{}/finish", c.seg(&SESSIONS)), json!({}))),
+        tinker("POST", "/api/v1/sessions/{id}/finish", |c| {
+            with(format!("/api/v1/sessions/{}/finish", c.seg(&SESSIONS)), json!({}))
+        }),
         tinker("POST", "/api/v1/telemetry", |_| {
-            with("/api/v1/telemetry".into(), json!({"events": [{"event": "fuzz", "event_id": "1", "timestamp": "2026-01-01T00:00:00Z"}], "platform": "linux", "sdk_version": "0.38.0"}))
+            with(
+                "/api/v1/telemetry".into(),
+                json!({"events": [{"event": "fuzz", "event_id": "1", "timestamp": "2026-01-01T00:00:00Z"}], "platform": "linux", "sdk_version": "0.38.0"}),
+            )
         }),
         tinker("POST", "/api/v1/create_model", |c| {
             let mut b = json!({
@@ -604,7 +698,9 @@ fn routes() -> Vec<Route> {
             }
             with("/api/v1/create_model".into(), b)
         }),
-        tinker("POST", "/api/v1/get_info", |c| with("/api/v1/get_info".into(), json!({"model_id": c.name(&MODELS), "type": "get_info"}))),
+        tinker("POST", "/api/v1/get_info", |c| {
+            with("/api/v1/get_info".into(), json!({"model_id": c.name(&MODELS), "type": "get_info"}))
+        }),
         tinker("POST", "/api/v1/forward_backward", |c| ("/api/v1/forward_backward".into(), Body::Proto(fb_proto(c)))),
         tinker("POST", "/api/v1/optim_step", |c| {
             let adam = json!({"adam_params": {"learning_rate": c.pick(&[1e-4, 1e-3]), "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0, "grad_clip_norm": 0.0}});
@@ -615,7 +711,11 @@ fn routes() -> Vec<Route> {
             with("/api/v1/save_weights".into(), merge(ordered(c, "save_weights"), path))
         }),
         tinker("POST", "/api/v1/save_weights_for_sampler", |c| {
-            let extra = if c.rng.bool() { json!({"path": c.pick(&["s0", "s1"])}) } else { json!({"sampling_session_seq_id": c.rng.u64(0..=3)}) };
+            let extra = if c.rng.bool() {
+                json!({"path": c.pick(&["s0", "s1"])})
+            } else {
+                json!({"sampling_session_seq_id": c.rng.u64(0..=3)})
+            };
             with("/api/v1/save_weights_for_sampler".into(), merge(ordered(c, "save_weights_for_sampler"), extra))
         }),
         tinker("POST", "/api/v1/load_weights", |c| {
@@ -650,21 +750,51 @@ fn routes() -> Vec<Route> {
             });
             with("/api/v1/asample".into(), b)
         }),
-        Route { long_poll: true, ..tinker("POST", "/api/v1/retrieve_future", |c| {
-            with("/api/v1/retrieve_future".into(), json!({"request_id": format!("req-{}", c.rng.u64(1..=80))}))
-        }) },
+        Route {
+            long_poll: true,
+            ..tinker("POST", "/api/v1/retrieve_future", |c| {
+                with("/api/v1/retrieve_future".into(), json!({"request_id": format!("req-{}", c.rng.u64(1..=80))}))
+            })
+        },
         tinker("GET", "/api/v1/training_runs", |c| plain(&format!("/api/v1/training_runs{}", page(c)))),
         tinker("GET", "/api/v1/training_runs/{id}", |c| plain(&format!("/api/v1/training_runs/{}", c.seg(&MODELS)))),
-        tinker("GET", "/api/v1/training_runs/{id}/checkpoints", |c| plain(&format!("/api/v1/training_runs/{}/checkpoints", c.seg(&MODELS)))),
+        tinker("GET", "/api/v1/training_runs/{id}/checkpoints", |c| {
+            plain(&format!("/api/v1/training_runs/{}/checkpoints", c.seg(&MODELS)))
+        }),
         tinker("DELETE", "/api/v1/training_runs/{id}/checkpoints/{*ckpt}", |c| {
-            let ck = c.pick(&["weights/w1", "weights/w1", "sampler_weights/s1", "sampler_weights/s1", "weights/w0", "weights/../w0", "weights/%2e%2e", "a/b/c", "weights/"]);
+            let ck = c.pick(&[
+                "weights/w1",
+                "weights/w1",
+                "sampler_weights/s1",
+                "sampler_weights/s1",
+                "weights/w0",
+                "weights/../w0",
+                "weights/%2e%2e",
+                "a/b/c",
+                "weights/",
+            ]);
             plain(&format!("/api/v1/training_runs/{}/checkpoints/{ck}", c.seg(&MODELS)))
         }),
         tinker("GET", "/api/v1/checkpoints", |c| plain(&format!("/api/v1/checkpoints{}", page(c)))),
-        tinker("POST", "/api/v1/weights_info", |c| with("/api/v1/weights_info".into(), json!({"tinker_path": c.name(&TINKER_PATHS)}))),
+        tinker("POST", "/api/v1/weights_info", |c| {
+            with("/api/v1/weights_info".into(), json!({"tinker_path": c.name(&TINKER_PATHS)}))
+        }),
         // no such routes
         native("GET", "(no such route)", |c| {
-            plain(c.pick(&["/", "/v1", "/v1/", "/v2/ping", "/V1/PING", "//v1/ping", "/v1/runs/fz0", "/v1/runs/fz0/forward/x", "/api/v1", "/api/v1/nope", "/v1/ping/..", "/v1/ping?x=%zz"]))
+            plain(c.pick(&[
+                "/",
+                "/v1",
+                "/v1/",
+                "/v2/ping",
+                "/V1/PING",
+                "//v1/ping",
+                "/v1/runs/fz0",
+                "/v1/runs/fz0/forward/x",
+                "/api/v1",
+                "/api/v1/nope",
+                "/v1/ping/..",
+                "/v1/ping?x=%zz",
+            ]))
         }),
     ]
 }
@@ -678,7 +808,17 @@ fn op_path(c: &mut Ctx, op: &str) -> String {
 
 /// A Tinker list page query.
 fn page(c: &mut Ctx) -> String {
-    c.pick(&["", "?limit=5", "?limit=0&offset=1", "?offset=18446744073709551615", "?limit=18446744073709551616", "?limit=-1", "?limit=x", "?limit=1e9"]).to_string()
+    c.pick(&[
+        "",
+        "?limit=5",
+        "?limit=0&offset=1",
+        "?offset=18446744073709551615",
+        "?limit=18446744073709551616",
+        "?limit=-1",
+        "?limit=x",
+        "?limit=1e9",
+    ])
+    .to_string()
 }
 
 // ---- mutations ----
@@ -808,7 +948,12 @@ fn mutate_json(c: &mut Ctx, d: &mut Draft, notes: &mut Vec<String>) {
         5 => {
             let s = if d.big_string { weird_string(c) } else { huge_string(c) };
             d.big_string |= s.len() > 10_000;
-            notes.push(format!("replace {} with a string of {} bytes ({:?}…)", shown(&ptr), s.len(), s.chars().take(12).collect::<String>()));
+            notes.push(format!(
+                "replace {} with a string of {} bytes ({:?}…)",
+                shown(&ptr),
+                s.len(),
+                s.chars().take(12).collect::<String>()
+            ));
             set(d, &ptr, Value::String(s));
         }
         6 => {
@@ -816,7 +961,9 @@ fn mutate_json(c: &mut Ctx, d: &mut Draft, notes: &mut Vec<String>) {
                 Some(Value::Number(n)) => json!(n.to_string()),
                 Some(Value::String(s)) => s.parse::<f64>().map_or(json!(s.len()), |x| json!(x)),
                 Some(Value::Bool(b)) => json!(u8::from(*b)),
-                Some(Value::Array(a)) => Value::Object(a.iter().enumerate().map(|(i, x)| (i.to_string(), x.clone())).collect()),
+                Some(Value::Array(a)) => {
+                    Value::Object(a.iter().enumerate().map(|(i, x)| (i.to_string(), x.clone())).collect())
+                }
                 Some(Value::Object(m)) => Value::Array(m.values().cloned().collect()),
                 _ => json!(0),
             };
@@ -861,7 +1008,11 @@ fn mutate_json(c: &mut Ctx, d: &mut Draft, notes: &mut Vec<String>) {
         }
         10 => {
             let depth = c.pick(&[128usize, 129, 1000, 100_000]);
-            let text = if c.rng.bool() { format!("{}{}", "[".repeat(depth), "]".repeat(depth)) } else { format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth)) };
+            let text = if c.rng.bool() {
+                format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+            } else {
+                format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth))
+            };
             let v = d.raw(text);
             notes.push(format!("replace {} with {depth} levels of nesting", shown(&ptr)));
             set(d, &ptr, v);
@@ -884,7 +1035,9 @@ fn mutate_json(c: &mut Ctx, d: &mut Draft, notes: &mut Vec<String>) {
             set(d, &ptr, v);
         }
         _ => {
-            let v = d.raw(c.pick(&["\"\\ud800\"", "\"\\u0000\"", "\"\\x\"", "\"é\\/\"", "-", "[1,]", "{\"a\" 1}"]).to_string());
+            let v = d.raw(
+                c.pick(&["\"\\ud800\"", "\"\\u0000\"", "\"\\x\"", "\"é\\/\"", "-", "[1,]", "{\"a\" 1}"]).to_string(),
+            );
             notes.push(format!("replace {} with a bad literal", shown(&ptr)));
             set(d, &ptr, v);
         }
@@ -930,7 +1083,14 @@ fn mutate_bytes(c: &mut Ctx, b: &mut Vec<u8>, notes: &mut Vec<String>) {
             notes.push(format!("flip {n} bits"));
         }
         2 => {
-            let seq: &[u8] = c.pick(&[&b"\xff"[..], b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf", b"\xe2\x82"]);
+            let seq: &[u8] = c.pick(&[
+                &b"\xff"[..],
+                b"\xc3\x28",
+                b"\xed\xa0\x80",
+                b"\xf8\x88\x80\x80\x80",
+                b"\xc0\xaf",
+                b"\xe2\x82",
+            ]);
             let at = b.iter().position(|&x| x == b'"').map_or_else(|| pos(c, b), |i| i + 1);
             b.splice(at..at, seq.iter().copied());
             notes.push(format!("insert invalid UTF-8 {seq:02x?} at byte {at}"));
@@ -993,7 +1153,17 @@ fn mutate_proto(c: &mut Ctx, m: &mut proto::ForwardBackwardRequest, notes: &mut 
     let d = c.rng.usize(..m.data.len().max(1));
     match c.rng.usize(..18) {
         0 => {
-            m.model_id = c.pick(&["", "sfz0:train:x", "../x", "sfz9:train:0", "sfz0:train:18446744073709551616", "fz-none", "a:train:1:train:2"]).to_string();
+            m.model_id = c
+                .pick(&[
+                    "",
+                    "sfz0:train:x",
+                    "../x",
+                    "sfz9:train:0",
+                    "sfz0:train:18446744073709551616",
+                    "fz-none",
+                    "a:train:1:train:2",
+                ])
+                .to_string();
             notes.push(format!("model_id {:?}", m.model_id));
         }
         1 => {
@@ -1011,10 +1181,18 @@ fn mutate_proto(c: &mut Ctx, m: &mut proto::ForwardBackwardRequest, notes: &mut 
             notes.push(format!("{n} more copies of data[0]"));
         }
         4 => {
-            let tokens: Vec<u8> = c.pick(&[vec![1u8, 0, 0], proto::i32_bytes([-1]), proto::i32_bytes([i32::MAX]), proto::i32_bytes([300, 301]), vec![]]);
+            let tokens: Vec<u8> = c.pick(&[
+                vec![1u8, 0, 0],
+                proto::i32_bytes([-1]),
+                proto::i32_bytes([i32::MAX]),
+                proto::i32_bytes([300, 301]),
+                vec![],
+            ]);
             notes.push(format!("data[{d}] token bytes {tokens:02x?}"));
             if let Some(x) = m.data.get_mut(d) {
-                x.model_input = vec![proto::Chunk { chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk { tokens })) }];
+                x.model_input = vec![proto::Chunk {
+                    chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk { tokens })),
+                }];
             }
         }
         5 => {
@@ -1024,14 +1202,30 @@ fn mutate_proto(c: &mut Ctx, m: &mut proto::ForwardBackwardRequest, notes: &mut 
             notes.push(format!("data[{d}] gets an empty chunk"));
         }
         6 => {
-            let dtype = c.pick(&[0, 99, -1, proto::DType::Int32 as i32, proto::DType::Bfloat16 as i32, proto::DType::Float32 as i32]);
+            let dtype = c.pick(&[
+                0,
+                99,
+                -1,
+                proto::DType::Int32 as i32,
+                proto::DType::Bfloat16 as i32,
+                proto::DType::Float32 as i32,
+            ]);
             if let Some(t) = target(m, d) {
                 t.dtype = dtype;
             }
             notes.push(format!("target_tokens dtype {dtype}"));
         }
         7 => {
-            let shape = c.pick(&[vec![], vec![-1], vec![0], vec![i64::MAX], vec![i64::MAX, 2], vec![1 << 32, 1 << 32], vec![i64::MIN], vec![1, 1, 1]]);
+            let shape = c.pick(&[
+                vec![],
+                vec![-1],
+                vec![0],
+                vec![i64::MAX],
+                vec![i64::MAX, 2],
+                vec![1 << 32, 1 << 32],
+                vec![i64::MIN],
+                vec![1, 1, 1],
+            ]);
             notes.push(format!("target_tokens shape {shape:?}"));
             if let Some(t) = target(m, d) {
                 t.shape = shape;
@@ -1039,7 +1233,11 @@ fn mutate_proto(c: &mut Ctx, m: &mut proto::ForwardBackwardRequest, notes: &mut 
         }
         8 => {
             let values: Vec<f32> = c.pick(&[vec![0.5], vec![-1.0], vec![f32::NAN], vec![1e10], vec![f32::INFINITY]]);
-            let n = m.data.get(d).and_then(|x| x.loss_fn_inputs.get("weights")).map_or(1, |w| w.shape.first().copied().unwrap_or(1).max(0) as usize);
+            let n = m
+                .data
+                .get(d)
+                .and_then(|x| x.loss_fn_inputs.get("weights"))
+                .map_or(1, |w| w.shape.first().copied().unwrap_or(1).max(0) as usize);
             let v: Vec<f32> = values.iter().copied().cycle().take(n).collect();
             if let Some(t) = target(m, d) {
                 *t = tensor(proto::DType::Float32, proto::f32_bytes(&v), n);
@@ -1056,7 +1254,14 @@ fn mutate_proto(c: &mut Ctx, m: &mut proto::ForwardBackwardRequest, notes: &mut 
         }
         10 => {
             if let Some(t) = target(m, d) {
-                t.encoding = c.pick(&[None, Some(proto::tensor::Encoding::SparseCsr(proto::SparseCsr { values: vec![1, 2], crow_indices: vec![0], col_indices: vec![] }))]);
+                t.encoding = c.pick(&[
+                    None,
+                    Some(proto::tensor::Encoding::SparseCsr(proto::SparseCsr {
+                        values: vec![1, 2],
+                        crow_indices: vec![0],
+                        col_indices: vec![],
+                    })),
+                ]);
             }
             notes.push("target_tokens not dense".into());
         }
@@ -1075,16 +1280,23 @@ fn mutate_proto(c: &mut Ctx, m: &mut proto::ForwardBackwardRequest, notes: &mut 
             notes.push(format!("extra input {name:?}"));
         }
         13 => {
-            m.loss_fn = c.pick(&["", "ppo", "dro", "cispo", "importance_sampling", "hinge", "x".repeat(1000).as_str()]).to_string();
+            m.loss_fn = c
+                .pick(&["", "ppo", "dro", "cispo", "importance_sampling", "hinge", "x".repeat(1000).as_str()])
+                .to_string();
             notes.push(format!("loss_fn {:?}", m.loss_fn.chars().take(20).collect::<String>()));
         }
         14 => {
-            let (k, v) = (c.pick(&["clip_low_threshold", "beta", "x"]), c.pick(&[f64::NAN, f64::INFINITY, -1e308, -1.0, 1e39]));
+            let (k, v) =
+                (c.pick(&["clip_low_threshold", "beta", "x"]), c.pick(&[f64::NAN, f64::INFINITY, -1e308, -1.0, 1e39]));
             m.loss_fn_config.insert(k.into(), v);
             notes.push(format!("loss_fn_config {k} = {v}"));
         }
         15 => {
-            let v = c.pick(&[None, Some(proto::loss_config_value::Value::Text("x".into())), Some(proto::loss_config_value::Value::Number(f64::NAN))]);
+            let v = c.pick(&[
+                None,
+                Some(proto::loss_config_value::Value::Text("x".into())),
+                Some(proto::loss_config_value::Value::Number(f64::NAN)),
+            ]);
             notes.push(format!("loss_fn_config_v2 beta = {v:?}"));
             m.loss_fn_config_v2.insert("beta".into(), proto::LossConfigValue { value: v });
         }
@@ -1202,7 +1414,10 @@ fn random_request(c: &mut Ctx, routes: &[Route]) -> Req {
                 other_body(c, routes, &mut notes)
             };
             if c.rng.f32() < 0.05 {
-                req.extra_headers.push(("Content-Encoding".into(), c.pick(&[&b"gzip"[..], b"identity", b"br, gzip", b"\xff"]).to_vec()));
+                req.extra_headers.push((
+                    "Content-Encoding".into(),
+                    c.pick(&[&b"gzip"[..], b"identity", b"br, gzip", b"\xff"]).to_vec(),
+                ));
                 notes.push("a Content-Encoding".into());
             }
         }
@@ -1233,7 +1448,16 @@ fn random_request(c: &mut Ctx, routes: &[Route]) -> Req {
         req.content_type = Some(ct.to_vec());
     }
     if c.rng.f32() < 0.04 {
-        req.auth = c.pick(&[Auth::Missing, Auth::Wrong, Auth::WrongKey, Auth::NotUtf8, Auth::LowercaseBearer, Auth::Bearer, Auth::TinkerKey, Auth::TinkerBare]);
+        req.auth = c.pick(&[
+            Auth::Missing,
+            Auth::Wrong,
+            Auth::WrongKey,
+            Auth::NotUtf8,
+            Auth::LowercaseBearer,
+            Auth::Bearer,
+            Auth::TinkerKey,
+            Auth::TinkerBare,
+        ]);
         notes.push(format!("auth {:?}", req.auth));
     }
     if c.rng.f32() < 0.02 {
@@ -1281,10 +1505,16 @@ impl Target {
             .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.contains("listening on"), "server did not start: {line:?}; {}", std::fs::read_to_string(&log).unwrap_or_default());
-        let session: Value = serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).unwrap()).unwrap();
+        assert!(
+            line.contains("listening on"),
+            "server did not start: {line:?}; {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let session: Value =
+            serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).unwrap()).unwrap();
         let addr = session["url"].as_str().unwrap().trim_start_matches("http://").to_string();
-        let mut t = Target { child, addr, token: session["token"].as_str().unwrap().to_string(), log, log_read: 0, starts };
+        let mut t =
+            Target { child, addr, token: session["token"].as_str().unwrap().to_string(), log, log_read: 0, starts };
         setup(&t);
         t.new_log();
         t
@@ -1312,7 +1542,12 @@ impl Target {
     fn must(&self, req: &Req) -> Vec<u8> {
         match self.send(req) {
             Outcome::Answer { status: 200, body, .. } => body,
-            Outcome::Answer { status, body, .. } => panic!("{} {}: {status} {}", req.method, String::from_utf8_lossy(&req.path), String::from_utf8_lossy(&body)),
+            Outcome::Answer { status, body, .. } => panic!(
+                "{} {}: {status} {}",
+                req.method,
+                String::from_utf8_lossy(&req.path),
+                String::from_utf8_lossy(&body)
+            ),
             Outcome::Held => panic!("{} {}: held", req.method, String::from_utf8_lossy(&req.path)),
             Outcome::Broken(e) => panic!("{} {}: {e}", req.method, String::from_utf8_lossy(&req.path)),
         }
@@ -1341,7 +1576,9 @@ impl Target {
                     return body;
                 }
                 Outcome::Answer { status: 408, .. } if Instant::now() < deadline => {}
-                Outcome::Answer { status, body, .. } => panic!("future {id}: {status} {}", String::from_utf8_lossy(&body)),
+                Outcome::Answer { status, body, .. } => {
+                    panic!("future {id}: {status} {}", String::from_utf8_lossy(&body))
+                }
                 Outcome::Held | Outcome::Broken(_) => panic!("future {id}: no answer"),
             }
         }
@@ -1376,12 +1613,15 @@ fn panics(log: &str) -> Vec<String> {
     let mut out = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         if let Some((_, at)) = line.split_once(" panicked at ") {
-            let ours = lines[i + 1..]
-                .iter()
-                .take(200)
-                .take_while(|l| !l.contains(" panicked at "))
-                .map(|l| l.trim())
-                .find(|l| l.starts_with("at ") && l.contains("src/") && !l.contains("/rustc/") && !l.contains(".cargo/registry"));
+            let ours =
+                lines[i + 1..].iter().take(200).take_while(|l| !l.contains(" panicked at ")).map(|l| l.trim()).find(
+                    |l| {
+                        l.starts_with("at ")
+                            && l.contains("src/")
+                            && !l.contains("/rustc/")
+                            && !l.contains(".cargo/registry")
+                    },
+                );
             let frame = ours.map(|l| format!(" (in {})", &l[3..])).unwrap_or_default();
             out.push(format!("panicked at {at} {}{frame}", lines.get(i + 1).unwrap_or(&"")));
         } else if line.starts_with("memory allocation of") || line.contains("fatal runtime error") {
@@ -1403,16 +1643,29 @@ fn setup(t: &Target) {
     t.ok("/v1/runs/fz0/save_state", &json!({"name": "ck0", "kind": "state"}));
     t.ok("/v1/runs/fz0/save_state", &json!({"name": "ck0a", "kind": "adapter"}));
     let m = "sfz0:train:0";
-    t.future(&t.tinker("/api/v1/create_model", &json!({"session_id": "sfz0", "model_seq_id": 0, "base_model": "tiny", "lora_config": {"rank": 4, "seed": 5}})));
+    t.future(&t.tinker(
+        "/api/v1/create_model",
+        &json!({"session_id": "sfz0", "model_seq_id": 0, "base_model": "tiny", "lora_config": {"rank": 4, "seed": 5}}),
+    ));
     let request = fb_proto_of(m, 1, &[(100..110).collect(), (50..55).collect()], false);
     let fb = encode(&request);
-    assert_eq!(proto::ForwardBackwardRequest::decode(&fb[..]).unwrap(), request, "the fuzz's own protobuf encoding reads back");
-    let sent = t.must(&Req::new("POST", "/api/v1/forward_backward", Auth::TinkerKey, Some(fb), "application/x-protobuf"));
+    assert_eq!(
+        proto::ForwardBackwardRequest::decode(&fb[..]).unwrap(),
+        request,
+        "the fuzz's own protobuf encoding reads back"
+    );
+    let sent =
+        t.must(&Req::new("POST", "/api/v1/forward_backward", Auth::TinkerKey, Some(fb), "application/x-protobuf"));
     t.future(&serde_json::from_slice(&sent).unwrap());
-    t.future(&t.tinker("/api/v1/optim_step", &json!({"model_id": m, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}})));
+    t.future(
+        &t.tinker("/api/v1/optim_step", &json!({"model_id": m, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}})),
+    );
     t.future(&t.tinker("/api/v1/save_weights", &json!({"model_id": m, "seq_id": 3, "path": "w0"})));
     t.future(&t.tinker("/api/v1/save_weights_for_sampler", &json!({"model_id": m, "seq_id": 4, "path": "s0"})));
-    t.tinker("/api/v1/create_sampling_session", &json!({"session_id": "sfz0", "sampling_session_seq_id": 0, "base_model": "tiny"}));
+    t.tinker(
+        "/api/v1/create_sampling_session",
+        &json!({"session_id": "sfz0", "sampling_session_seq_id": 0, "base_model": "tiny"}),
+    );
     t.tinker("/api/v1/create_sampling_session", &json!({"session_id": "sfz0", "sampling_session_seq_id": 1, "model_path": "tinker://sfz0:train:0/sampler_weights/s0"}));
 }
 
@@ -1425,15 +1678,21 @@ fn setup_seqs() -> HashMap<String, i64> {
 /// training request whose body reads as JSON (or protobuf) naming a model and an integer id,
 /// whether or not the rest of it is valid.
 fn track_seq(c: &mut Ctx, req: &Req) {
-    const TRAINING: [&str; 4] = ["/api/v1/optim_step", "/api/v1/save_weights", "/api/v1/save_weights_for_sampler", "/api/v1/load_weights"];
-    if req.method != "POST" || !matches!(req.auth, Auth::TinkerKey | Auth::TinkerBare | Auth::Bearer) || !req.extra_headers.is_empty() {
+    const TRAINING: [&str; 4] =
+        ["/api/v1/optim_step", "/api/v1/save_weights", "/api/v1/save_weights_for_sampler", "/api/v1/load_weights"];
+    if req.method != "POST"
+        || !matches!(req.auth, Auth::TinkerKey | Auth::TinkerBare | Auth::Bearer)
+        || !req.extra_headers.is_empty()
+    {
         return;
     }
     let path = String::from_utf8_lossy(&req.path);
     let place = if path == "/api/v1/forward_backward" {
         proto::ForwardBackwardRequest::decode(&req.body[..]).ok().map(|m| (m.model_id, i64::from(m.seq_id)))
     } else if TRAINING.contains(&path.as_ref()) {
-        serde_json::from_slice::<Value>(&req.body).ok().and_then(|v| Some((v.get("model_id")?.as_str()?.to_string(), v.get("seq_id")?.as_i64()?)))
+        serde_json::from_slice::<Value>(&req.body)
+            .ok()
+            .and_then(|v| Some((v.get("model_id")?.as_str()?.to_string(), v.get("seq_id")?.as_i64()?)))
     } else {
         None
     };
@@ -1459,7 +1718,11 @@ fn report(seed: u64, failures: &[Failure]) -> String {
     for f in failures {
         classes.entry(&f.class).or_insert((0, f)).0 += 1;
     }
-    let mut out = format!("{} failures in {} classes (seed {seed}: HEARTH_FUZZ_SEED={seed} replays them)\n", failures.len(), classes.len());
+    let mut out = format!(
+        "{} failures in {} classes (seed {seed}: HEARTH_FUZZ_SEED={seed} replays them)\n",
+        failures.len(),
+        classes.len()
+    );
     for (class, (count, f)) in &classes {
         out += &format!("\n[{count}×] {class}\n  first at request #{}: {}\n", f.index, f.what);
         if let Some(req) = &f.req {
@@ -1483,7 +1746,8 @@ fn class_of(req: &Req) -> String {
 fn status_class(status: u16, body: &[u8]) -> (String, String) {
     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let kind = v["error"]["kind"].as_str().or(v["kind"].as_str()).unwrap_or("").to_string();
-    let msg = v["error"]["message"].as_str().or(v["detail"].as_str()).map_or_else(|| printable(body, 300), str::to_string);
+    let msg =
+        v["error"]["message"].as_str().or(v["detail"].as_str()).map_or_else(|| printable(body, 300), str::to_string);
     (format!("answers {status} {kind}"), format!("answered {status}: {msg}"))
 }
 
@@ -1517,8 +1781,17 @@ fn check_sequence(t: &Target) -> Vec<(&'static str, Value)> {
     };
     let lora = json!({"kind": "lora", "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"], "seed": 1234});
     step("create_run", t.ok("/v1/runs", &json!({"name": "fuzz-check", "training": lora})));
-    step("forward_backward", t.ok("/v1/runs/fuzz-check/forward_backward", &common::batch("hearth keeps the model warm")));
-    step("optim_step", t.ok("/v1/runs/fuzz-check/optim_step", &json!({"learning_rate": 1e-2, "weight_decay": 0.1, "grad_clip_norm": 1.0})));
+    step(
+        "forward_backward",
+        t.ok("/v1/runs/fuzz-check/forward_backward", &common::batch("hearth keeps the model warm")),
+    );
+    step(
+        "optim_step",
+        t.ok(
+            "/v1/runs/fuzz-check/optim_step",
+            &json!({"learning_rate": 1e-2, "weight_decay": 0.1, "grad_clip_norm": 1.0}),
+        ),
+    );
     step("forward", t.ok("/v1/runs/fuzz-check/forward", &common::batch("one cell at a time")));
     let prompt = json!([104, 101, 97, 114]);
     let greedy = json!({"prompt": prompt, "num_samples": 2, "sampling_params": {"max_tokens": 8, "temperature": 0.0}});
@@ -1543,14 +1816,26 @@ fn check_sequence(t: &Target) -> Vec<(&'static str, Value)> {
     let text: Vec<u32> = "tinker keeps the order".bytes().map(u32::from).collect();
     for (seq, forward_only, name) in [(1, false, "tinker forward_backward"), (3, true, "tinker forward")] {
         if seq == 3 {
-            let stepped = t.future(&t.tinker("/api/v1/optim_step", &json!({"model_id": m, "seq_id": 2, "adam_params": {"learning_rate": 1e-2}})));
+            let stepped = t.future(&t.tinker(
+                "/api/v1/optim_step",
+                &json!({"model_id": m, "seq_id": 2, "adam_params": {"learning_rate": 1e-2}}),
+            ));
             step("tinker optim_step", serde_json::from_slice(&stepped).unwrap());
         }
         let body = encode(&fb_proto_of(m, seq, std::slice::from_ref(&text), forward_only));
-        let sent = t.must(&Req::new("POST", "/api/v1/forward_backward", Auth::TinkerKey, Some(body), "application/x-protobuf"));
+        let sent = t.must(&Req::new(
+            "POST",
+            "/api/v1/forward_backward",
+            Auth::TinkerKey,
+            Some(body),
+            "application/x-protobuf",
+        ));
         step(name, fb_out(t.future(&serde_json::from_slice(&sent).unwrap())));
     }
-    let snap = t.future(&t.tinker("/api/v1/save_weights_for_sampler", &json!({"model_id": m, "seq_id": 4, "sampling_session_seq_id": 0})));
+    let snap = t.future(&t.tinker(
+        "/api/v1/save_weights_for_sampler",
+        &json!({"model_id": m, "seq_id": 4, "sampling_session_seq_id": 0}),
+    ));
     step("tinker snapshot", serde_json::from_slice(&snap).unwrap());
     let ask = json!({"sampling_session_id": "scheck:sample:0", "seq_id": 0, "num_samples": 2, "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
                      "sampling_params": {"max_tokens": 6, "temperature": 1.0, "seed": 5}, "prompt_logprobs": true});
@@ -1560,7 +1845,10 @@ fn check_sequence(t: &Target) -> Vec<(&'static str, Value)> {
         .iter()
         .map(|s| json!({"tokens": s.tokens, "logprobs": f32_bits(s.logprobs.as_deref().unwrap_or_default()), "stop": s.stop_reason}))
         .collect();
-    step("tinker asample", json!({"sequences": seqs, "prompt_logprobs": f32_bits(sampled.prompt_logprobs.as_deref().unwrap_or_default())}));
+    step(
+        "tinker asample",
+        json!({"sequences": seqs, "prompt_logprobs": f32_bits(sampled.prompt_logprobs.as_deref().unwrap_or_default())}),
+    );
     out
 }
 
@@ -1601,7 +1889,10 @@ fn random_and_mutated_requests_leave_the_server_up_and_its_answers_unchanged() {
                     Some(status_class(*status, body))
                 } else if cut {
                     let tail = printable(&body[body.len().saturating_sub(300)..], 300);
-                    Some((format!("answers {status} but its event stream stops before `data: [DONE]`"), format!("the stream ends with {tail}")))
+                    Some((
+                        format!("answers {status} but its event stream stops before `data: [DONE]`"),
+                        format!("the stream ends with {tail}"),
+                    ))
                 } else {
                     None
                 }
@@ -1615,19 +1906,35 @@ fn random_and_mutated_requests_leave_the_server_up_and_its_answers_unchanged() {
         };
         if verbose {
             let status = match &outcome {
-                Outcome::Answer { status, body, .. } if *status >= 300 => status_class(*status, body).1.chars().take(160).collect::<String>(),
+                Outcome::Answer { status, body, .. } if *status >= 300 => {
+                    status_class(*status, body).1.chars().take(160).collect::<String>()
+                }
                 Outcome::Answer { status, .. } => status.to_string(),
                 Outcome::Held => "held".into(),
                 Outcome::Broken(e) => e.clone(),
             };
-            eprintln!("fuzz: #{i} {status} {} {} [{}] {}", req.method, printable(&req.path, 80), req.route, req.notes.join("; "));
+            eprintln!(
+                "fuzz: #{i} {status} {} {} [{}] {}",
+                req.method,
+                printable(&req.path, 80),
+                req.route,
+                req.notes.join("; ")
+            );
         }
         let exited = if suspect { t.exit_within(3) } else { t.child.try_wait().ok().flatten() };
         let log = t.new_log();
         let panicked = panics(&log);
         if let Some(status) = exited {
-            let what = format!("the server process exited ({status}) on this request; its last words: {}", panicked.join(" | "));
-            failures.push(Failure { index: i, class: format!("{}: the process exits", class_of(&req)), what, req: Some(req.clone()) });
+            let what = format!(
+                "the server process exited ({status}) on this request; its last words: {}",
+                panicked.join(" | ")
+            );
+            failures.push(Failure {
+                index: i,
+                class: format!("{}: the process exits", class_of(&req)),
+                what,
+                req: Some(req.clone()),
+            });
             eprintln!("fuzz: #{i}: the server exited ({status}); starting another");
             let starts = t.starts + 1;
             drop(t);
@@ -1636,20 +1943,41 @@ fn random_and_mutated_requests_leave_the_server_up_and_its_answers_unchanged() {
             continue;
         }
         if let Some((class, what)) = failure {
-            failures.push(Failure { index: i, class: format!("{}: {class}", class_of(&req)), what, req: Some(req.clone()) });
+            failures.push(Failure {
+                index: i,
+                class: format!("{}: {class}", class_of(&req)),
+                what,
+                req: Some(req.clone()),
+            });
         }
         for p in panicked {
-            let place = p.rsplit_once(" (in ").map_or_else(|| p.split(' ').take(3).collect::<Vec<_>>().join(" "), |(_, f)| format!("in {}", f.trim_end_matches(')')));
+            let place = p.rsplit_once(" (in ").map_or_else(
+                || p.split(' ').take(3).collect::<Vec<_>>().join(" "),
+                |(_, f)| format!("in {}", f.trim_end_matches(')')),
+            );
             let class = format!("{}: a server thread panics ({place})", class_of(&req));
-            failures.push(Failure { index: i, class, what: format!("on this request or just before it: {p}"), req: Some(req.clone()) });
+            failures.push(Failure {
+                index: i,
+                class,
+                what: format!("on this request or just before it: {p}"),
+                req: Some(req.clone()),
+            });
         }
         if req.method == "POST" && req.path.starts_with(b"/v1/settings") {
             t.ok("/v1/settings", &json!({"idle_timeout_s": 0}));
         }
         if (i + 1) % PING_EVERY == 0 {
             let ping = Req::new("GET", "/v1/ping", Auth::Bearer, None, "");
-            if !matches!(exchange(&t.addr, &t.token, &ping, Duration::from_secs(60)), Outcome::Answer { status: 200, .. }) {
-                failures.push(Failure { index: i, class: "GET /v1/ping: no 200 within 60 s".into(), what: "after this request".into(), req: Some(req) });
+            if !matches!(
+                exchange(&t.addr, &t.token, &ping, Duration::from_secs(60)),
+                Outcome::Answer { status: 200, .. }
+            ) {
+                failures.push(Failure {
+                    index: i,
+                    class: "GET /v1/ping: no 200 within 60 s".into(),
+                    what: "after this request".into(),
+                    req: Some(req),
+                });
             }
         }
         if hangs >= MAX_HANGS {
@@ -1657,20 +1985,43 @@ fn random_and_mutated_requests_leave_the_server_up_and_its_answers_unchanged() {
             break;
         }
     }
-    eprintln!("fuzz: statuses {statuses:?}; {} failures; {} server starts; {:.1} s", failures.len(), t.starts + 1, started.elapsed().as_secs_f64());
+    eprintln!(
+        "fuzz: statuses {statuses:?}; {} failures; {} server starts; {:.1} s",
+        failures.len(),
+        t.starts + 1,
+        started.elapsed().as_secs_f64()
+    );
 
     // the same valid sequence on the fuzzed server and on a fresh one
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check_sequence(&t)));
     let fuzzed = checked.unwrap_or_else(|e| {
-        let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-        failures.push(Failure { index: budget, class: "final check: a valid request fails on the fuzzed server".into(), what: why, req: None });
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        failures.push(Failure {
+            index: budget,
+            class: "final check: a valid request fails on the fuzzed server".into(),
+            what: why,
+            req: None,
+        });
         Vec::new()
     });
     let fresh = if fuzzed.is_empty() { Vec::new() } else { check_sequence(&Target::start(1000)) };
     for ((name, a), (_, b)) in fuzzed.iter().zip(&fresh) {
         if a != b {
-            let what = format!("fuzzed server: {}\n    fresh server:  {}", printable(a.to_string().as_bytes(), 1500), printable(b.to_string().as_bytes(), 1500));
-            failures.push(Failure { index: budget, class: format!("final check: `{name}` differs from a fresh server's"), what, req: None });
+            let what = format!(
+                "fuzzed server: {}\n    fresh server:  {}",
+                printable(a.to_string().as_bytes(), 1500),
+                printable(b.to_string().as_bytes(), 1500)
+            );
+            failures.push(Failure {
+                index: budget,
+                class: format!("final check: `{name}` differs from a fresh server's"),
+                what,
+                req: None,
+            });
         }
     }
     // and the fuzzed server still goes down cleanly
@@ -1684,11 +2035,21 @@ fn random_and_mutated_requests_leave_the_server_up_and_its_answers_unchanged() {
                 Outcome::Held => "held".into(),
                 Outcome::Broken(e) => e,
             };
-            failures.push(Failure { index: budget, class: "POST /v1/shutdown after the fuzz: no clean exit".into(), what: format!("answer {answer}, exit {other:?}"), req: Some(bye) });
+            failures.push(Failure {
+                index: budget,
+                class: "POST /v1/shutdown after the fuzz: no clean exit".into(),
+                what: format!("answer {answer}, exit {other:?}"),
+                req: Some(bye),
+            });
         }
     }
     for p in panics(&t.new_log()) {
-        failures.push(Failure { index: budget, class: "final check or shutdown: a server thread panics".into(), what: p, req: None });
+        failures.push(Failure {
+            index: budget,
+            class: "final check or shutdown: a server thread panics".into(),
+            what: p,
+            req: None,
+        });
     }
     eprintln!("fuzz: done in {:.1} s", started.elapsed().as_secs_f64());
     assert!(failures.is_empty(), "{}", report(seed, &failures));

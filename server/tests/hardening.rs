@@ -40,7 +40,13 @@ fn step_of(s: &Server, run: &str) -> Option<u64> {
 /// Resident memory of a process, from /proc.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|k| k.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
 }
 
 #[test]
@@ -49,16 +55,22 @@ fn a_streamed_completion_with_a_huge_n_is_refused_before_anything_is_allocated()
     s.ok("/v1/runs", &json!({"name": "r1"}));
     for stream in [true, false] {
         for n in [10_000_000_000u64, 10_000_000, 257] {
-            let (status, body) = s.post("/v1/completions", &json!({"model": "r1", "prompt": "x", "stream": stream, "n": n}));
+            let (status, body) =
+                s.post("/v1/completions", &json!({"model": "r1", "prompt": "x", "stream": stream, "n": n}));
             assert_eq!(status, 400, "stream {stream}, n {n}: {body}");
             assert!(body["error"]["message"].as_str().unwrap().contains("--max-samples"), "{body}");
-            let (status, body) = s.post("/v1/chat/completions", &json!({"model": "r1", "messages": [{"role": "user", "content": "x"}], "stream": stream, "n": n}));
+            let (status, body) = s.post(
+                "/v1/chat/completions",
+                &json!({"model": "r1", "messages": [{"role": "user", "content": "x"}], "stream": stream, "n": n}),
+            );
             assert_eq!(status, 400, "chat, stream {stream}, n {n}: {body}");
         }
     }
     assert_eq!(s.get("/v1/ping").0, 200, "the server is up");
     // the streamed and unstreamed answers to the same bad request are the same plain 400
-    let bad = |stream: bool| s.post("/v1/completions", &json!({"model": "r1", "prompt": "x", "stream": stream, "max_tokens": 5000}));
+    let bad = |stream: bool| {
+        s.post("/v1/completions", &json!({"model": "r1", "prompt": "x", "stream": stream, "max_tokens": 5000}))
+    };
     assert_eq!(bad(true), bad(false));
 }
 
@@ -72,7 +84,8 @@ fn deleting_the_checkpoint_at_the_current_step_does_not_lose_training() {
     }
     s.ok("/v1/runs/r1/save_state", &json!({"name": "keep", "kind": "state"}));
     let key = tinker_key(&s);
-    let (status, body) = call(&s, "DELETE", "/api/v1/training_runs/r1/checkpoints/weights/keep", &[("X-API-Key", &key)], None);
+    let (status, body) =
+        call(&s, "DELETE", "/api/v1/training_runs/r1/checkpoints/weights/keep", &[("X-API-Key", &key)], None);
     assert_eq!(status, 200, "{body}");
     let mut s = s;
     s.signal(libc::SIGTERM);
@@ -116,14 +129,20 @@ fn oversized_text_and_batches_are_refused_before_any_work() {
     assert_eq!(status, 413, "{e}");
     let (status, e) = s.post("/v1/completions", &json!({"model": "r", "prompt": big, "max_tokens": 1}));
     assert_eq!(status, 413, "{e}");
-    let (status, e) = s.post("/v1/chat/completions", &json!({"model": "r", "messages": [{"role": "user", "content": big}]}));
+    let (status, e) =
+        s.post("/v1/chat/completions", &json!({"model": "r", "messages": [{"role": "user", "content": big}]}));
     assert_eq!(status, 413, "{e}");
     // 64 datums of 1024 tokens: 65,536 tokens, twice the default limit
     let row: Vec<u32> = (0..1024).map(|i| i % 200).collect();
     let datum = json!({"model_input": row, "loss_fn_inputs": {"target_tokens": row, "weights": vec![1.0; 1024]}});
-    let (status, e) = s.post("/v1/runs/r/forward_backward", &json!({"data": vec![datum; 64], "loss_fn": "cross_entropy"}));
+    let (status, e) =
+        s.post("/v1/runs/r/forward_backward", &json!({"data": vec![datum; 64], "loss_fn": "cross_entropy"}));
     assert_eq!(status, 413, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("65536 tokens") && e["error"]["message"].as_str().unwrap().contains("--max-request-tokens"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("65536 tokens")
+            && e["error"]["message"].as_str().unwrap().contains("--max-request-tokens"),
+        "{e}"
+    );
     let after = rss_bytes(s.child.id());
     assert!(after < before + (256 << 20), "the refusals cost {} MB", (after.saturating_sub(before)) >> 20);
     assert_eq!(step_of(&s, "r"), Some(0));
@@ -142,7 +161,12 @@ fn memory_of_a_large_request_is_given_back_once_the_server_is_idle() {
     let datum = json!({"model_input": row, "loss_fn_inputs": {"target_tokens": row, "weights": vec![1.0; 1024]}});
     s.ok("/v1/runs/r/forward", &json!({"data": vec![datum; 32], "loss_fn": "cross_entropy"}));
     let peak = rss_bytes(pid);
-    assert!(peak > baseline + (64 << 20), "the batch should take memory: baseline {} MB, after {} MB", baseline >> 20, peak >> 20);
+    assert!(
+        peak > baseline + (64 << 20),
+        "the batch should take memory: baseline {} MB, after {} MB",
+        baseline >> 20,
+        peak >> 20
+    );
     let t0 = Instant::now();
     let mut now = peak;
     while t0.elapsed() < Duration::from_secs(60) {
@@ -152,7 +176,13 @@ fn memory_of_a_large_request_is_given_back_once_the_server_is_idle() {
             break;
         }
     }
-    assert!(now < baseline + (peak - baseline) / 2, "resident memory stayed at {} MB (baseline {} MB, peak {} MB)", now >> 20, baseline >> 20, peak >> 20);
+    assert!(
+        now < baseline + (peak - baseline) / 2,
+        "resident memory stayed at {} MB (baseline {} MB, peak {} MB)",
+        now >> 20,
+        baseline >> 20,
+        peak >> 20
+    );
 }
 
 #[test]
@@ -171,7 +201,10 @@ fn a_learning_rate_that_would_wreck_the_weights_is_refused_and_changes_nothing()
     // the gradients are still there: a sane step applies them
     assert_eq!(s.ok("/v1/runs/r/optim_step", &json!({"learning_rate": 1e-3}))["step"], 2);
     let after = s.ok("/v1/runs/r/sample", &probe);
-    assert!(after["sequences"][0]["logprobs"].as_array().unwrap().iter().all(|l| l.as_f64().is_some_and(f64::is_finite)), "{after}");
+    assert!(
+        after["sequences"][0]["logprobs"].as_array().unwrap().iter().all(|l| l.as_f64().is_some_and(f64::is_finite)),
+        "{after}"
+    );
 }
 
 #[test]
@@ -215,7 +248,8 @@ fn sigterm_cancels_a_running_sample_and_saves() {
     // the waiter sees how the sample ended: interrupted, not finished
     let url = format!("{}/v1/requests/{id}?timeout_s=120", s.url);
     let token = s.token.clone();
-    let waiter = std::thread::spawn(move || respond(ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call()));
+    let waiter =
+        std::thread::spawn(move || respond(ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call()));
     std::thread::sleep(Duration::from_millis(100));
     s.signal(libc::SIGTERM);
     let (_, ended) = waiter.join().unwrap();
@@ -231,20 +265,34 @@ fn max_tokens_at_the_top_of_usize_is_refused_in_all_three_protocols() {
     let s = quiet("max-tokens-wrap");
     s.ok("/v1/runs", &json!({"name": "r"}));
     let huge = u64::MAX;
-    let (status, e) = s.post("/v1/runs/r/sample", &json!({"prompt": [104, 105], "sampling_params": {"max_tokens": huge}}));
+    let (status, e) =
+        s.post("/v1/runs/r/sample", &json!({"prompt": [104, 105], "sampling_params": {"max_tokens": huge}}));
     assert_eq!(status, 400, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("context (1024)"), "{e}");
     for stream in [false, true] {
-        let (status, e) = s.post("/v1/completions", &json!({"model": "r", "prompt": "hi", "max_tokens": huge, "stream": stream}));
+        let (status, e) =
+            s.post("/v1/completions", &json!({"model": "r", "prompt": "hi", "max_tokens": huge, "stream": stream}));
         assert_eq!(status, 400, "{e}");
         assert!(e["error"]["message"].as_str().unwrap().contains("context (1024)"), "{e}");
     }
     // Tinker: the sampler's future fails as the caller's error
     let key = tinker_key(&s);
     let hdr = [("X-API-Key", key.as_str())];
-    let (_, sess) = call(&s, "POST", "/api/v1/create_session", &hdr, Some(&json!({"tags": [], "user_metadata": null, "sdk_version": "0.38.0", "type": "create_session"})));
+    let (_, sess) = call(
+        &s,
+        "POST",
+        "/api/v1/create_session",
+        &hdr,
+        Some(&json!({"tags": [], "user_metadata": null, "sdk_version": "0.38.0", "type": "create_session"})),
+    );
     let sid = sess["session_id"].as_str().unwrap().to_string();
-    let (status, sampler) = call(&s, "POST", "/api/v1/create_sampling_session", &hdr, Some(&json!({"session_id": sid, "sampling_session_seq_id": 0, "base_model": "tiny"})));
+    let (status, sampler) = call(
+        &s,
+        "POST",
+        "/api/v1/create_sampling_session",
+        &hdr,
+        Some(&json!({"session_id": sid, "sampling_session_seq_id": 0, "base_model": "tiny"})),
+    );
     assert_eq!(status, 200, "{sampler}");
     let body = json!({"sampling_session_id": sampler["sampling_session_id"], "seq_id": 1, "num_samples": 1,
                       "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]}, "sampling_params": {"max_tokens": huge}});
@@ -259,10 +307,13 @@ fn max_tokens_at_the_top_of_usize_is_refused_in_all_three_protocols() {
 fn a_request_whose_client_went_away_is_cancelled() {
     let s = quiet("client-gone");
     s.ok("/v1/runs", &json!({"name": "r"})); // request 1
-    // 128 × 900 tokens: seconds of work on the tiny model, far past the client's patience
+                                             // 128 × 900 tokens: seconds of work on the tiny model, far past the client's patience
     let long = json!({"model": "r", "messages": [{"role": "user", "content": "hi"}], "n": 128, "max_tokens": 900, "temperature": 1.0});
     let impatient = ureq::AgentBuilder::new().timeout(Duration::from_millis(300)).build();
-    let r = impatient.post(&format!("{}/v1/chat/completions", s.url)).set("Authorization", &format!("Bearer {}", s.token)).send_json(long);
+    let r = impatient
+        .post(&format!("{}/v1/chat/completions", s.url))
+        .set("Authorization", &format!("Bearer {}", s.token))
+        .send_json(long);
     assert!(r.is_err(), "the client gave up");
     // request 2 is that chat's sample: it ends interrupted instead of running to the end
     let (_, ended) = s.get("/v1/requests/2?timeout_s=120");
@@ -270,8 +321,12 @@ fn a_request_whose_client_went_away_is_cancelled() {
     assert_eq!(ended["state"], "failed", "the abandoned sample ran to the end: {ended}");
     assert_eq!(ended["error"]["kind"], "interrupted", "{ended}");
     // and a native blocking call the same
-    let native = json!({"prompt": [104, 105], "num_samples": 128, "sampling_params": {"max_tokens": 900, "temperature": 1.0}});
-    let r = impatient.post(&format!("{}/v1/runs/r/sample", s.url)).set("Authorization", &format!("Bearer {}", s.token)).send_json(native);
+    let native =
+        json!({"prompt": [104, 105], "num_samples": 128, "sampling_params": {"max_tokens": 900, "temperature": 1.0}});
+    let r = impatient
+        .post(&format!("{}/v1/runs/r/sample", s.url))
+        .set("Authorization", &format!("Bearer {}", s.token))
+        .send_json(native);
     assert!(r.is_err());
     let (_, ended) = s.get("/v1/requests/3?timeout_s=120");
     assert_eq!(ended["error"]["kind"], "interrupted", "{ended}");
@@ -283,7 +338,12 @@ struct SmallDisk(std::path::PathBuf);
 impl SmallDisk {
     fn mount(at: &std::path::Path, bytes: u64) -> Option<SmallDisk> {
         std::fs::create_dir_all(at).ok()?;
-        let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"]).arg(at).status().ok()?.success();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .ok()?
+            .success();
         ok.then(|| SmallDisk(at.to_path_buf()))
     }
 
@@ -360,7 +420,12 @@ fn load_state_answers_alike_for_every_folder_that_is_not_a_checkpoint() {
 #[test]
 fn rejections_and_wrong_methods_answer_in_the_error_envelope() {
     let s = quiet("envelope");
-    for (method, path) in [("GET", "/v1/runs/r/forward"), ("DELETE", "/v1/runs"), ("GET", "/v1/requests/not-a-number"), ("GET", "/v1/requests/1?timeout_s=soon")] {
+    for (method, path) in [
+        ("GET", "/v1/runs/r/forward"),
+        ("DELETE", "/v1/runs"),
+        ("GET", "/v1/requests/not-a-number"),
+        ("GET", "/v1/requests/1?timeout_s=soon"),
+    ] {
         let (status, e) = call(&s, method, path, &[("Authorization", &format!("Bearer {}", s.token))], None);
         assert!((400..500).contains(&status), "{method} {path}: {status}");
         assert!(e["error"]["kind"].is_string() && e["error"]["message"].is_string(), "{method} {path}: {status} {e}");
@@ -409,7 +474,10 @@ fn a_name_archived_by_no_resume_can_be_used_again() {
     assert!(runs(&s).is_empty());
     let again = s.ok("/v1/runs", &json!({"name": "r"}));
     assert_eq!(again["step"], 0);
-    assert!(s.get("/v1/runs/r/metrics").1["rows"].as_array().unwrap().is_empty(), "the old run's metrics are not the new run's");
+    assert!(
+        s.get("/v1/runs/r/metrics").1["rows"].as_array().unwrap().is_empty(),
+        "the old run's metrics are not the new run's"
+    );
     let moved: Vec<_> = std::fs::read_dir(h.join("archive")).unwrap().flatten().collect();
     assert_eq!(moved.len(), 1, "the archived run's files were moved aside, not deleted");
     assert!(moved[0].path().join("checkpoints/mine/hearth.json").is_file());
@@ -430,7 +498,10 @@ fn a_restarted_server_lists_every_run_before_it_answers_anything() {
         let s = Server::start(&h, &["--idle-timeout", "0"]);
         let listed = runs(&s);
         for n in &names {
-            assert!(listed.iter().any(|r| r["id"] == *n), "round {round}: {n} missing from the first GET /v1/runs: {listed:?}");
+            assert!(
+                listed.iter().any(|r| r["id"] == *n),
+                "round {round}: {n} missing from the first GET /v1/runs: {listed:?}"
+            );
         }
         let (_, models) = s.get("/v1/models");
         assert_eq!(models["data"].as_array().unwrap().len(), names.len(), "round {round}: {models}");

@@ -27,15 +27,20 @@ fn run_step(s: &Server, run: &str) -> u64 {
 fn check_registry(h: &std::path::Path, base: &hearth_engine::BaseModel) {
     let db = rusqlite::Connection::open(h.join("registry.sqlite")).unwrap();
     let mut st = db.prepare("SELECT path, step FROM checkpoints WHERE kind = 'state'").unwrap();
-    let rows: Vec<(String, i64)> = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(|r| r.unwrap()).collect();
-    let base = Arc::new(hearth_engine::BaseModel::load(&base.source, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap());
+    let rows: Vec<(String, i64)> =
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(|r| r.unwrap()).collect();
+    let base = Arc::new(
+        hearth_engine::BaseModel::load(&base.source, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap(),
+    );
     for (path, step) in rows {
         let s = hearth_engine::TrainingSession::from_checkpoint(base.clone(), std::path::Path::new(&path))
             .unwrap_or_else(|e| panic!("checkpoint {path} is unreadable: {e}"));
         assert_eq!(s.step() as i64, step, "{path}");
     }
     let leftovers: Vec<_> = std::fs::read_dir(h.join("runs/k/checkpoints"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect())
+        .map(|d| {
+            d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect()
+        })
         .unwrap_or_default();
     assert!(leftovers.len() <= 1, "temporaries pile up: {leftovers:?}");
 }
@@ -62,7 +67,10 @@ fn kill_9_at_20_random_points_resumes_from_the_last_autosave() {
         } else {
             let step = run_step(&s, "k");
             assert_eq!(step % every, 0, "resumed at step {step}, not at an autosave");
-            assert!(step >= confirmed_autosave, "resumed at {step}, but the autosave at {confirmed_autosave} was confirmed");
+            assert!(
+                step >= confirmed_autosave,
+                "resumed at {step}, but the autosave at {confirmed_autosave} was confirmed"
+            );
             let (_, m) = s.get("/v1/runs/k/metrics");
             let steps: Vec<u64> = m["rows"].as_array().unwrap().iter().map(|r| r["step"].as_u64().unwrap()).collect();
             assert_eq!(steps, (1..=step).collect::<Vec<_>>(), "metrics must end at the resumed step");
@@ -70,7 +78,14 @@ fn kill_9_at_20_random_points_resumes_from_the_last_autosave() {
         };
         if base.is_none() {
             let (_, info) = s.get("/v1/info");
-            base = Some(hearth_engine::BaseModel::load(std::path::Path::new(info["model_dir"].as_str().unwrap()), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap());
+            base = Some(
+                hearth_engine::BaseModel::load(
+                    std::path::Path::new(info["model_dir"].as_str().unwrap()),
+                    &candle_core::Device::Cpu,
+                    candle_core::DType::F32,
+                )
+                .unwrap(),
+            );
         }
         if step >= 100 {
             break;
@@ -107,7 +122,11 @@ fn kill_9_at_20_random_points_resumes_from_the_last_autosave() {
             s.kill9();
         } else {
             // the trainer still holds a handle: kill by pid through the session file
-            let pid = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(h.join("session.json")).unwrap()).unwrap()["pid"].as_i64().unwrap();
+            let pid =
+                serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(h.join("session.json")).unwrap())
+                    .unwrap()["pid"]
+                    .as_i64()
+                    .unwrap();
             // SAFETY: sends SIGKILL to the server we started.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
@@ -140,7 +159,8 @@ fn sigterm_and_idle_timeout_continue_at_exactly_the_same_step() {
     got.extend((4..8).map(|i| train_step(&s, "r", i).0));
     let status = s.wait_exit(30); // idle for a second: saves and exits by itself
     assert!(status.success());
-    let session: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(h.join("session.json")).unwrap()).unwrap();
+    let session: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.join("session.json")).unwrap()).unwrap();
     assert_eq!(session["state"], "stopped");
     assert_eq!(session["stop_reason"], "idle timeout");
     drop(s);
@@ -185,7 +205,12 @@ fn the_idle_timeout_set_at_run_time_stops_the_server_and_the_next_one_resumes() 
     }
 
     // Bad input is a 400 naming the field, and changes nothing.
-    for bad in [json!({"idle_timeout_s": -1}), json!({"idle_timeout_s": "2"}), json!({"idle_timeout": 2}), json!({"idle_timeout_s": 604_801})] {
+    for bad in [
+        json!({"idle_timeout_s": -1}),
+        json!({"idle_timeout_s": "2"}),
+        json!({"idle_timeout": 2}),
+        json!({"idle_timeout_s": 604_801}),
+    ] {
         let (status, err) = s.post("/v1/settings", &bad);
         assert_eq!(status, 400, "{bad} -> {err}");
         assert!(err["error"]["message"].as_str().unwrap().contains("idle_timeout"), "{err}");
@@ -198,7 +223,8 @@ fn the_idle_timeout_set_at_run_time_stops_the_server_and_the_next_one_resumes() 
     let (_, info) = s.get("/v1/info");
     assert_eq!(info["idle_timeout_s"], 1);
     assert!(s.wait_exit(30).success(), "idle for a second after the setting: saves and exits by itself");
-    let session: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(h.join("session.json")).unwrap()).unwrap();
+    let session: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.join("session.json")).unwrap()).unwrap();
     assert_eq!(session["stop_reason"], "idle timeout");
     drop(s);
 

@@ -24,9 +24,13 @@ fn a_cell_trains_samples_plots_and_uses_futures() {
     let plot = s.loss_plot().unwrap();
     assert_eq!(plot.series[0].1.len(), 15);
     assert!(plot.svg().contains("<polyline"));
-    let greedy = s.sample_text("2+2=", 1, SamplingParams { max_tokens: 2, temperature: 0.0, ..SamplingParams::default() }).unwrap();
+    let greedy = s
+        .sample_text("2+2=", 1, SamplingParams { max_tokens: 2, temperature: 0.0, ..SamplingParams::default() })
+        .unwrap();
     assert_eq!(greedy, vec!["4\n".to_string()], "the run learned the answer");
-    let table = s.sample_table("2+2=", 2, SamplingParams { max_tokens: 4, seed: Some(1), ..SamplingParams::default() }).unwrap();
+    let table = s
+        .sample_table("2+2=", 2, SamplingParams { max_tokens: 4, seed: Some(1), ..SamplingParams::default() })
+        .unwrap();
     assert_eq!(table.rows.len(), 2);
     assert!(table.html().contains("<span"));
 
@@ -50,9 +54,7 @@ fn a_cell_trains_samples_plots_and_uses_futures() {
     assert!(err.is_interrupted(), "{err}");
 
     // chat data and a second run on the same warm model
-    let chat = s
-        .chat_datum(&[ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "hello")])
-        .unwrap();
+    let chat = s.chat_datum(&[ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "hello")]).unwrap();
     let w = chat.loss_fn_inputs.weights.as_ref().unwrap();
     assert_eq!(w.iter().filter(|x| **x > 0.0).count(), "hello<|im_end|>\n".len() - "<|im_end|>".len() + 1);
     let other = s.new_run("other", hearth::TrainingConfig::default()).unwrap();

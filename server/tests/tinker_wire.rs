@@ -31,13 +31,24 @@ struct Tinker {
 impl Tinker {
     fn start(name: &str) -> Tinker {
         let (gap, max_body) = (GAP_S.to_string(), MAX_BODY.to_string());
-        let args = ["--idle-timeout", "0", "--autosave-every", "0", "--tinker-gap-wait-s", &gap, "--max-body-bytes", &max_body];
+        let args = [
+            "--idle-timeout",
+            "0",
+            "--autosave-every",
+            "0",
+            "--tinker-gap-wait-s",
+            &gap,
+            "--max-body-bytes",
+            &max_body,
+        ];
         let server = Server::start(&home(name), &args);
         Tinker { server, agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build() }
     }
 
     fn request(&self, path: &str) -> ureq::Request {
-        self.agent.post(&format!("{}/api/v1/{path}", self.server.url)).set("X-API-Key", &format!("tml-{}", self.server.token))
+        self.agent
+            .post(&format!("{}/api/v1/{path}", self.server.url))
+            .set("X-API-Key", &format!("tml-{}", self.server.token))
     }
 
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -85,7 +96,10 @@ impl Tinker {
     /// A new LoRA model, created: its id.
     fn create_model(&self) -> String {
         let session = self.session();
-        let (status, body) = self.post("create_model", &json!({"session_id": session, "model_seq_id": 0, "base_model": "tiny", "lora_config": {"rank": 4}}));
+        let (status, body) = self.post(
+            "create_model",
+            &json!({"session_id": session, "model_seq_id": 0, "base_model": "tiny", "lora_config": {"rank": 4}}),
+        );
         assert_eq!(status, 200, "{body}");
         self.result(body["request_id"].as_str().unwrap()).unwrap();
         body["model_id"].as_str().unwrap().to_string()
@@ -105,14 +119,25 @@ impl Tinker {
 fn fb(model_id: &str, seq_id: i32, text: &str) -> Vec<u8> {
     let t: Vec<i32> = text.bytes().map(i32::from).collect();
     let n = t.len() - 1;
-    let tensor = |dtype: proto::DType, bytes: Vec<u8>| proto::Tensor { encoding: Some(proto::tensor::Encoding::Dense(bytes)), dtype: dtype as i32, shape: vec![n as i64] };
+    let tensor = |dtype: proto::DType, bytes: Vec<u8>| proto::Tensor {
+        encoding: Some(proto::tensor::Encoding::Dense(bytes)),
+        dtype: dtype as i32,
+        shape: vec![n as i64],
+    };
     proto::ForwardBackwardRequest {
         model_id: model_id.into(),
         seq_id,
         data: vec![proto::Datum {
-            model_input: vec![proto::Chunk { chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk { tokens: proto::i32_bytes(t[..n].iter().copied()) })) }],
+            model_input: vec![proto::Chunk {
+                chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk {
+                    tokens: proto::i32_bytes(t[..n].iter().copied()),
+                })),
+            }],
             loss_fn_inputs: HashMap::from([
-                ("target_tokens".to_string(), tensor(proto::DType::Int64, t[1..].iter().flat_map(|&x| i64::from(x).to_le_bytes()).collect())),
+                (
+                    "target_tokens".to_string(),
+                    tensor(proto::DType::Int64, t[1..].iter().flat_map(|&x| i64::from(x).to_le_bytes()).collect()),
+                ),
                 ("weights".to_string(), tensor(proto::DType::Float32, proto::f32_bytes(&vec![1.0; n]))),
             ]),
         }],
@@ -176,7 +201,8 @@ fn a_json_body_that_fails_typed_parsing_consumes_its_seq_id() {
     let t = Tinker::start("tinker-bad-json");
     let m = t.create_model();
     t.runs_promptly(&m, 1);
-    let (status, body) = t.post("optim_step", &json!({"model_id": m, "seq_id": 2, "adam_params": {"learning_rate": "fast"}}));
+    let (status, body) =
+        t.post("optim_step", &json!({"model_id": m, "seq_id": 2, "adam_params": {"learning_rate": "fast"}}));
     assert_eq!(status, 400, "{body}");
     assert!(detail(&body).contains("adam_params.learning_rate"), "{body}");
     let id = t.accepted(t.post("optim_step", &optim(&m, 3)));
@@ -235,7 +261,10 @@ fn a_different_body_under_a_used_seq_id_is_a_conflict() {
 /// A sampling session on the base model.
 fn sampler(t: &Tinker) -> String {
     let session = t.session();
-    let (status, body) = t.post("create_sampling_session", &json!({"session_id": session, "sampling_session_seq_id": 0, "base_model": "tiny"}));
+    let (status, body) = t.post(
+        "create_sampling_session",
+        &json!({"session_id": session, "sampling_session_seq_id": 0, "base_model": "tiny"}),
+    );
     assert_eq!(status, 200, "{body}");
     body["sampling_session_id"].as_str().unwrap().to_string()
 }

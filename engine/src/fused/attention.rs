@@ -85,7 +85,18 @@ impl Attention {
     #[allow(clippy::too_many_arguments)]
     /// `sc` is scratch for the block's scores (a task's, reused across its blocks).
     #[allow(clippy::too_many_arguments)]
-    fn forward_block<T: Real>(&self, sc: &mut Vec<T>, y: &mut [T], lse: &mut [f64], q: &[T], k: &[T], v: &[T], i0: usize, lb: usize, d: usize) {
+    fn forward_block<T: Real>(
+        &self,
+        sc: &mut Vec<T>,
+        y: &mut [T],
+        lse: &mut [f64],
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        i0: usize,
+        lb: usize,
+        d: usize,
+    ) {
         let (lo, hi) = self.block_keys(i0, lb);
         let nk = hi - lo;
         sc.resize(lb * nk, T::ZERO); // every element is written below
@@ -106,7 +117,21 @@ impl Attention {
     /// The query blocks `blocks` (first rows) of one (b, h): their rows of dQ (L × D) into `dq`,
     /// and their share of dK, dV (S × D each). `p`, `dp` are scratch (a task's, reused).
     #[allow(clippy::too_many_arguments)]
-    fn backward_blocks<T: Real>(&self, (p, dp): &mut (Vec<T>, Vec<T>), blocks: &[usize], dq: &mut [T], dk: &mut [T], dv: &mut [T], g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], dm: Dims) {
+    fn backward_blocks<T: Real>(
+        &self,
+        (p, dp): &mut (Vec<T>, Vec<T>),
+        blocks: &[usize],
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+        g: &[T],
+        y: &[T],
+        lse: &[f64],
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        dm: Dims,
+    ) {
         let Dims { l, d, .. } = dm;
         let scale = T::from_f64(self.scale);
         for &i0 in blocks {
@@ -157,9 +182,12 @@ impl Attention {
             let (bi, hi) = (bh / h, bh % h);
             let kv = (bi * kh + hi / n) * s * d;
             let (q, k, v) = (&q[bh * l * d..(bh + 1) * l * d], &k[kv..kv + s * d], &v[kv..kv + s * d]);
-            y.par_chunks_mut(BLOCK * d).zip(lse.par_chunks_mut(BLOCK)).enumerate().for_each_init(Vec::new, |sc, (blk, (y, lse))| {
-                as_task(|| self.forward_block(sc, y, lse, q, k, v, blk * BLOCK, lse.len(), d));
-            });
+            y.par_chunks_mut(BLOCK * d).zip(lse.par_chunks_mut(BLOCK)).enumerate().for_each_init(
+                Vec::new,
+                |sc, (blk, (y, lse))| {
+                    as_task(|| self.forward_block(sc, y, lse, q, k, v, blk * BLOCK, lse.len(), d));
+                },
+            );
         });
         (y, lse)
     }
@@ -183,15 +211,29 @@ impl Attention {
             g.0 += work(&b);
             g.1.push(b);
         }
-        groups.into_iter().map(|(_, mut g)| {
-            g.sort_unstable();
-            g
-        }).filter(|g| !g.is_empty()).collect()
+        groups
+            .into_iter()
+            .map(|(_, mut g)| {
+                g.sort_unstable();
+                g
+            })
+            .filter(|g| !g.is_empty())
+            .collect()
     }
 
     /// (dq, dk, dv) stacked into one buffer: B·H·L·D, then B·K·S·D twice.
     #[allow(clippy::too_many_arguments)]
-    fn run_backward<T: Real>(&self, g: &[T], y: &[T], lse: &[f64], q: &[T], k: &[T], v: &[T], b: usize, dm: Dims) -> Vec<T> {
+    fn run_backward<T: Real>(
+        &self,
+        g: &[T],
+        y: &[T],
+        lse: &[f64],
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        b: usize,
+        dm: Dims,
+    ) -> Vec<T> {
         let Dims { h, kh, l, s, d } = dm;
         let n = h / kh;
         // dK and dV sum over query blocks, so the backward pass cannot split a head by blocks
@@ -212,7 +254,22 @@ impl Attention {
                 let (dq, dkv) = part.split_at_mut(l * d);
                 let (dk, dv) = dkv.split_at_mut(s * d);
                 let head = bh * l * d..(bh + 1) * l * d;
-                as_task(|| self.backward_blocks(scratch, &groups[gi], dq, dk, dv, &g[head.clone()], &y[head.clone()], &lse[bh * l..(bh + 1) * l], &q[head], &k[kv..kv + s * d], &v[kv..kv + s * d], dm));
+                as_task(|| {
+                    self.backward_blocks(
+                        scratch,
+                        &groups[gi],
+                        dq,
+                        dk,
+                        dv,
+                        &g[head.clone()],
+                        &y[head.clone()],
+                        &lse[bh * l..(bh + 1) * l],
+                        &q[head],
+                        &k[kv..kv + s * d],
+                        &v[kv..kv + s * d],
+                        dm,
+                    )
+                });
             },
         );
         let parts: Vec<Part<T>> = buf
@@ -255,7 +312,15 @@ impl CustomOp3 for Attention {
         "fused-attention"
     }
 
-    fn cpu_fwd(&self, q: &CpuStorage, ql: &Layout, k: &CpuStorage, kl: &Layout, v: &CpuStorage, vl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, dm) = Self::dims(ql, kl)?;
         let (y, lse) = both!(self.name(), q, ql, |q, T| {
             let (k, v) = (same::<T>(k, kl, self.name())?, same::<T>(v, vl, self.name())?);
@@ -268,8 +333,20 @@ impl CustomOp3 for Attention {
         Ok((y, ql.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self.lse.lock().ok().and_then(|s| s.clone()).ok_or_else(|| candle_core::Error::Msg("fused-attention: backward before forward".into()))?;
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| candle_core::Error::Msg("fused-attention: backward before forward".into()))?;
         let (b, h, l, d) = q.dims4()?;
         let (_, kh, s, _) = k.dims4()?;
         let dm = Dims { h, kh, l, s, d };
@@ -280,7 +357,9 @@ impl CustomOp3 for Attention {
                     super::with_cpu::<$t, _>(&res, "fused-attention", |y| {
                         super::with_cpu::<$t, _>(&q, "fused-attention", |qs| {
                             super::with_cpu::<$t, _>(&k, "fused-attention", |ks| {
-                                super::with_cpu::<$t, _>(&v, "fused-attention", |vs| Ok(self.run_backward::<$t>(g, y, &lse, qs, ks, vs, b, dm)))
+                                super::with_cpu::<$t, _>(&v, "fused-attention", |vs| {
+                                    Ok(self.run_backward::<$t>(g, y, &lse, qs, ks, vs, b, dm))
+                                })
                             })
                         })
                     })

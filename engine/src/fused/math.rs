@@ -41,7 +41,13 @@ fn exp1(x: f32) -> f32 {
     const LO: f32 = -87.336_54;
     // n = round(x / ln 2), by the 1.5·2²³ trick (the addition rounds to the nearest integer)
     const MAGIC: f32 = 12_582_912.0;
-    let xc = if x > HI { HI } else if x < LO { LO } else { x }; // NaN passes through
+    let xc = if x > HI {
+        HI
+    } else if x < LO {
+        LO
+    } else {
+        x
+    }; // NaN passes through
     let t = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     // r = x − n·ln 2, ln 2 in two parts so that n·C1 is exact
@@ -104,7 +110,20 @@ mod tests {
         // two million points over [−90, 90], plus the edges
         let n = 2_000_000;
         let mut xs: Vec<f32> = (0..=n).map(|i| -90.0 + 180.0 * i as f32 / n as f32).collect();
-        xs.extend([0.0, -0.0, 1e-30, -1e-30, 88.7, -87.3, 88.73, -87.34, f32::NEG_INFINITY, f32::INFINITY, 1000.0, -1000.0]);
+        xs.extend([
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            88.7,
+            -87.3,
+            88.73,
+            -87.34,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            1000.0,
+            -1000.0,
+        ]);
         for shift in [0.0f32, 3.5] {
             let mut ys = xs.clone();
             exp_f32(&mut ys, shift);
@@ -112,7 +131,10 @@ mod tests {
             exp_generic(&mut generic, shift);
             for ((&x, &y), &g) in xs.iter().zip(&ys).zip(&generic) {
                 let want = ((x - shift) as f64).exp();
-                assert!(y == g || (y as f64 - g as f64).abs() <= 1e-6 * want.abs().max(f32::MIN_POSITIVE as f64), "x {x}: dispatched {y} generic {g}");
+                assert!(
+                    y == g || (y as f64 - g as f64).abs() <= 1e-6 * want.abs().max(f32::MIN_POSITIVE as f64),
+                    "x {x}: dispatched {y} generic {g}"
+                );
                 if (x - shift) < -87.336_54 {
                     assert_eq!(y, 0.0, "x {x}");
                 } else if (x - shift) > 88.722_83 {

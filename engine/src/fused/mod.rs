@@ -100,7 +100,12 @@ macro_rules! real {
     };
 }
 real!(f32, math::exp_f32, math::max_f32, math::sum_f64);
-real!(f64, exp_f64, |xs: &[f64]| xs.iter().fold(f64::NEG_INFINITY, |m, &x| if x > m { x } else { m }), |xs: &[f64]| xs.iter().sum());
+real!(
+    f64,
+    exp_f64,
+    |xs: &[f64]| xs.iter().fold(f64::NEG_INFINITY, |m, &x| if x > m { x } else { m }),
+    |xs: &[f64]| xs.iter().sum()
+);
 
 /// f64 (the tests' dtype) keeps libm's exponential.
 fn exp_f64(xs: &mut [f64], shift: f64) {
@@ -157,7 +162,11 @@ pub(crate) fn same<'a, T: 'static>(s: &'a CpuStorage, l: &Layout, op: &str) -> c
 }
 
 /// A CPU tensor's storage as a slice of `T` (made contiguous first).
-pub(crate) fn with_cpu<T: 'static, R>(t: &Tensor, op: &str, f: impl FnOnce(&[T]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+pub(crate) fn with_cpu<T: 'static, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     let candle_core::Storage::Cpu(s) = &*s else { candle_core::bail!("{op}: a constant is not on the cpu") };
@@ -235,7 +244,9 @@ impl CustomOp1 for RmsNorm {
         if l.dims().last() != Some(&c) {
             candle_core::bail!("fused-rms-norm: last dim is not {c}")
         }
-        let out = both!(self.name(), s, l, |x, T| storage(with_cpu::<T, _>(&self.w, self.name(), |w| Ok(rms_norm_fwd(x, w, self.eps)))?));
+        let out = both!(self.name(), s, l, |x, T| storage(with_cpu::<T, _>(&self.w, self.name(), |w| Ok(
+            rms_norm_fwd(x, w, self.eps)
+        ))?));
         Ok((out, l.shape().clone()))
     }
 
@@ -254,7 +265,13 @@ impl CustomOp2 for RmsNormBwd {
         "fused-rms-norm-bwd"
     }
 
-    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = both!(self.name(), g, gl, |g, T| {
             let x = same::<T>(x, xl, self.name())?;
             storage(with_cpu::<T, _>(&self.w, self.name(), |w| Ok(rms_norm_bwd(g, x, w, self.eps)))?)
@@ -278,29 +295,43 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         if gl.shape() != ul.shape() {
             candle_core::bail!("fused-swiglu: gate {:?} and up {:?} differ", gl.shape(), ul.shape())
         }
         let out = both!(self.name(), g, gl, |g, T| {
             let u = same::<T>(u, ul, self.name())?;
             let mut out = vec![T::ZERO; g.len()];
-            out.par_chunks_mut(MIN_TASK).zip(g.par_chunks(MIN_TASK).zip(u.par_chunks(MIN_TASK))).for_each(|(o, (g, u))| {
-                for (o, &g) in o.iter_mut().zip(g) {
-                    *o = -g;
-                }
-                T::exp_shifted(o, T::ZERO); // e^-g
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    // silu as candle computes it: x / (1 + e^-x)
-                    *o = g / (T::ONE + *o) * u;
-                }
-            });
+            out.par_chunks_mut(MIN_TASK).zip(g.par_chunks(MIN_TASK).zip(u.par_chunks(MIN_TASK))).for_each(
+                |(o, (g, u))| {
+                    for (o, &g) in o.iter_mut().zip(g) {
+                        *o = -g;
+                    }
+                    T::exp_shifted(o, T::ZERO); // e^-g
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        // silu as candle computes it: x / (1 + e^-x)
+                        *o = g / (T::ONE + *o) * u;
+                    }
+                },
+            );
             storage(out)
         });
         Ok((out, gl.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // one pass writes both gradients side by side: (2, N)
         let both = g.contiguous()?.apply_op3_no_bwd(gate, up, &SwiGluBwd)?;
         let shape = gate.shape();
@@ -357,7 +388,8 @@ impl CustomOp3 for SwiGluBwd {
 /// → (B, N, T, D), rotated by `cos`, `sin` (T, D).
 pub fn rotary_to_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    Ok(x.contiguous()?.apply_op1(Rotary { cos: cos.to_dtype(dtype)?.contiguous()?, sin: sin.to_dtype(dtype)?.contiguous()? })?)
+    Ok(x.contiguous()?
+        .apply_op1(Rotary { cos: cos.to_dtype(dtype)?.contiguous()?, sin: sin.to_dtype(dtype)?.contiguous()? })?)
 }
 
 struct Rotary {
@@ -389,7 +421,13 @@ fn unrotate_row<T: Real>(dx: &mut [T], g: &[T], cos: &[T], sin: &[T]) {
 impl Rotary {
     /// Applies `row(out_row, in_row, cos_row, sin_row)` to every (b, t, n) row of D values.
     /// `to_heads`: x is (B, T, N, D) and the output (B, N, T, D); otherwise the other way round.
-    fn map<T: Real>(&self, x: &[T], dims: (usize, usize, usize, usize), to_heads: bool, row: RowFn<T>) -> candle_core::Result<Vec<T>> {
+    fn map<T: Real>(
+        &self,
+        x: &[T],
+        dims: (usize, usize, usize, usize),
+        to_heads: bool,
+        row: RowFn<T>,
+    ) -> candle_core::Result<Vec<T>> {
         let (_b, t, n, d) = dims;
         with_cpu::<T, _>(&self.cos, "fused-rotary", |cos| {
             with_cpu::<T, _>(&self.sin, "fused-rotary", |sin| {
@@ -506,7 +544,12 @@ impl CustomOp1 for TargetLogprobs {
         let (_rows, v) = self.check(l)?;
         let out = both!(self.name(), s, l, |x, T| {
             let lse: Vec<f64> = x.par_chunks(v).map_init(Vec::new, |scratch, row| logsumexp(row, scratch)).collect();
-            let out: Vec<T> = x.par_chunks(v).zip(self.targets.par_iter()).zip(&lse).map(|((row, &t), &lse)| T::from_f64(row[t as usize].to_f64() - lse)).collect();
+            let out: Vec<T> = x
+                .par_chunks(v)
+                .zip(self.targets.par_iter())
+                .zip(&lse)
+                .map(|((row, &t), &lse)| T::from_f64(row[t as usize].to_f64() - lse))
+                .collect();
             *self.lse.lock().unwrap_or_else(|p| p.into_inner()) = lse;
             storage(out)
         });
@@ -531,7 +574,13 @@ impl CustomOp2 for TargetLogprobsBwd {
     }
 
     /// dlogits = g · (onehot(target) − softmax(logits)).
-    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, v) = TargetLogprobs { targets: self.targets.clone(), lse: Arc::default() }.check(xl)?;
         if self.lse.len() != rows {
             candle_core::bail!("fused-target-logprobs: backward without the forward pass's log-sum-exp")
@@ -539,14 +588,17 @@ impl CustomOp2 for TargetLogprobsBwd {
         let out = both!(self.name(), g, gl, |g, T| {
             let x = same::<T>(x, xl, self.name())?;
             let mut out = vec![T::ZERO; x.len()];
-            out.par_chunks_mut(v).zip(x.par_chunks(v)).zip(g.par_iter().zip(self.targets.par_iter()).zip(&self.lse)).for_each(|((o, row), ((&g, &t), &lse))| {
-                o.copy_from_slice(row);
-                T::exp_shifted(o, T::from_f64(lse));
-                for o in o.iter_mut() {
-                    *o = -g * *o;
-                }
-                o[t as usize] += g;
-            });
+            out.par_chunks_mut(v)
+                .zip(x.par_chunks(v))
+                .zip(g.par_iter().zip(self.targets.par_iter()).zip(&self.lse))
+                .for_each(|((o, row), ((&g, &t), &lse))| {
+                    o.copy_from_slice(row);
+                    T::exp_shifted(o, T::from_f64(lse));
+                    for o in o.iter_mut() {
+                        *o = -g * *o;
+                    }
+                    o[t as usize] += g;
+                });
             storage(out)
         });
         Ok((out, xl.shape().clone()))
@@ -726,7 +778,18 @@ impl<T: Real> Out<T> {
     /// The block lies inside the output and no other task touches it meanwhile; lhs rows
     /// r0..r0+nr and rhs columns c0..c0+nc lie inside the slices the views were made from.
     #[allow(clippy::too_many_arguments)] // a block and gemm's operands
-    unsafe fn gemm(self, r0: usize, nr: usize, c0: usize, nc: usize, k: usize, lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
+    unsafe fn gemm(
+        self,
+        r0: usize,
+        nr: usize,
+        c0: usize,
+        nc: usize,
+        k: usize,
+        lhs: Mat<T>,
+        rhs: Mat<T>,
+        acc: bool,
+        beta: T,
+    ) {
         if nr == 0 || nc == 0 {
             return;
         }
@@ -802,7 +865,17 @@ fn run_tasks(tasks: usize, f: impl Fn(usize) + Sync + Send) {
 
 /// [`mm`] split for `threads` threads (tasks on rayon's pool; 1 runs on the calling thread).
 #[allow(clippy::too_many_arguments)] // mm's, and the thread count
-fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: bool, beta: T) {
+fn mm_split<T: Real>(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    acc: bool,
+    beta: T,
+) {
     // Split the output's columns, not its rows: gemm packs the operand that is not
     // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
     // (measured: packing took as long as the products on two threads). By columns each thread
@@ -836,9 +909,15 @@ fn mm_split<T: Real>(threads: usize, m: usize, n: usize, k: usize, dst: &mut [T]
 /// dequantized into a temporary for the forward product and again for the backward one.
 pub fn linear(x: &Tensor, w: &Weight, lora: Option<(&Tensor, &Tensor, f64)>) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let [out, inp] = w.dims()[..] else { return Err(candle_core::Error::Msg(format!("linear: weight of shape {:?}", w.dims())).into()) };
+    let [out, inp] = w.dims()[..] else {
+        return Err(candle_core::Error::Msg(format!("linear: weight of shape {:?}", w.dims())).into());
+    };
     if x.dims().last() != Some(&inp) {
-        return Err(candle_core::Error::Msg(format!("linear: input has {:?} features, weight expects {inp}", x.dims().last())).into());
+        return Err(candle_core::Error::Msg(format!(
+            "linear: input has {:?} features, weight expects {inp}",
+            x.dims().last()
+        ))
+        .into());
     }
     if !w.is_frozen() {
         return Err(candle_core::Error::Msg("linear: the fused product is for frozen weights".into()).into());
@@ -852,7 +931,12 @@ pub fn linear(x: &Tensor, w: &Weight, lora: Option<(&Tensor, &Tensor, f64)>) -> 
         Some((a, b, scale)) => {
             let r = a.dim(0)?;
             if a.dims() != [r, inp] || b.dims() != [out, r] {
-                return Err(candle_core::Error::Msg(format!("linear: LoRA A {:?} and B {:?} do not fit a ({out}, {inp}) weight", a.dims(), b.dims())).into());
+                return Err(candle_core::Error::Msg(format!(
+                    "linear: LoRA A {:?} and B {:?} do not fit a ({out}, {inp}) weight",
+                    a.dims(),
+                    b.dims()
+                ))
+                .into());
             }
             Ok(x.apply_op3(&a.contiguous()?, &b.contiguous()?, FusedLinear { w, scale, xa: Mutex::new(None) })?)
         }
@@ -903,7 +987,14 @@ impl FusedLinear {
     /// cache. xa = s·x·Aᵀ is one unsplit product (split by rows, its m × r × in product gained
     /// nothing on two threads: the tasks' gemm set-up outweighed the halves), computed by the
     /// first slice claimed while the other threads run their base products.
-    fn forward<T: Real>(&self, x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<Vec<T>> {
+    fn forward<T: Real>(
+        &self,
+        x: &[T],
+        m: usize,
+        inp: usize,
+        out: usize,
+        ab: Option<(&[T], &[T])>,
+    ) -> candle_core::Result<Vec<T>> {
         with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
             let mut y = vec![T::ZERO; m * out];
             let Some((a, b)) = ab else {
@@ -941,7 +1032,15 @@ impl FusedLinear {
     /// slices claimed before their columns. (Six regions once, each ending on its slower half,
     /// one of them recomputing xa.)
     #[allow(clippy::type_complexity)]
-    fn backward<T: Real>(&self, g: &[T], x: &[T], m: usize, inp: usize, out: usize, ab: Option<(&[T], &[T])>) -> candle_core::Result<(Vec<T>, Option<(Vec<T>, Vec<T>)>)> {
+    fn backward<T: Real>(
+        &self,
+        g: &[T],
+        x: &[T],
+        m: usize,
+        inp: usize,
+        out: usize,
+        ab: Option<(&[T], &[T])>,
+    ) -> candle_core::Result<(Vec<T>, Option<(Vec<T>, Vec<T>)>)> {
         with_cpu::<T, _>(&self.weight::<T>()?, "fused-linear", |w| {
             let mut dx = vec![T::ZERO; m * inp];
             let Some((a, b)) = ab else {
@@ -961,8 +1060,10 @@ impl FusedLinear {
                 }
             };
             let (mut dxa, mut da, mut db) = (vec![T::ZERO; m * r], vec![T::ZERO; r * inp], vec![T::ZERO; out * r]);
-            let (dxs, dxas, das, dbs) = (Out::new(&mut dx, inp), Out::new(&mut dxa, r), Out::new(&mut da, inp), Out::new(&mut db, r));
-            let (gm, wm, bm, am, xm) = (Mat::rows(g, out), Mat::rows(w, inp), Mat::rows(b, r), Mat::rows(a, inp), Mat::rows(x, inp));
+            let (dxs, dxas, das, dbs) =
+                (Out::new(&mut dx, inp), Out::new(&mut dxa, r), Out::new(&mut da, inp), Out::new(&mut db, r));
+            let (gm, wm, bm, am, xm) =
+                (Mat::rows(g, out), Mat::rows(w, inp), Mat::rows(b, r), Mat::rows(a, inp), Mat::rows(x, inp));
             let (dxam, dxatm) = (dxas.rows(), dxas.t());
             let (gtm, xam) = (Mat::t(g, out), Mat::rows(&xa, r));
             let (dxa_job, db_job) = (OneJob::new(), OneJob::new());
@@ -1014,7 +1115,15 @@ impl CustomOp3 for FusedLinear {
         "fused-linear-lora"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, inp, out) = self.dims(l)?;
         let y = both!(CustomOp3::name(self), s, l, |x, T| {
             let (a, b) = (same::<T>(a, al, "fused-linear-lora")?, same::<T>(b, bl, "fused-linear-lora")?);
@@ -1023,7 +1132,14 @@ impl CustomOp3 for FusedLinear {
         Ok((y, Self::out_shape(l, out)))
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dab) = self.grads(x, g, Some((a, b)))?;
         let (da, db) = match dab {
             Some((da, db)) => (Some(da), Some(db)),
@@ -1035,7 +1151,12 @@ impl CustomOp3 for FusedLinear {
 
 impl FusedLinear {
     /// The gradients as tensors: dx shaped like x, dA like A, dB like B.
-    fn grads(&self, x: &Tensor, g: &Tensor, ab: Option<(&Tensor, &Tensor)>) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    fn grads(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        ab: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let (x, g) = (x.contiguous()?, g.contiguous()?);
         let (out, inp) = self.out_in()?;
         let m = x.elem_count() / inp.max(1);
@@ -1047,12 +1168,16 @@ impl FusedLinear {
                         let (dx, dab) = match ab {
                             None => self.backward::<$t>(gs, xs, m, inp, out, None)?,
                             Some((a, b)) => with_cpu::<$t, _>(a, "fused-linear", |a_| {
-                                with_cpu::<$t, _>(b, "fused-linear", |b_| self.backward::<$t>(gs, xs, m, inp, out, Some((a_, b_))))
+                                with_cpu::<$t, _>(b, "fused-linear", |b_| {
+                                    self.backward::<$t>(gs, xs, m, inp, out, Some((a_, b_)))
+                                })
                             })?,
                         };
                         let dx = Tensor::from_vec(dx, x.shape(), &dev)?;
                         let dab = match (dab, ab) {
-                            (Some((da, db)), Some((a, b))) => Some((Tensor::from_vec(da, a.shape(), &dev)?, Tensor::from_vec(db, b.shape(), &dev)?)),
+                            (Some((da, db)), Some((a, b))) => {
+                                Some((Tensor::from_vec(da, a.shape(), &dev)?, Tensor::from_vec(db, b.shape(), &dev)?))
+                            }
                             _ => None,
                         };
                         Ok((dx, dab))
@@ -1095,7 +1220,9 @@ mod tests {
         let diff = (&out - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-12, "fused and composed forward differ by {diff}");
         let probe = randn(out.dims(), 99);
-        let loss = |ts: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor| (f(ts) * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let loss = |ts: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor| {
+            (f(ts) * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
         let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let composed_grads = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, v) in vars.iter().enumerate() {
@@ -1112,8 +1239,17 @@ mod tests {
                 };
                 let eps = 1e-6;
                 let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-                assert!((fd - g[j]).abs() <= 1e-6 * (1.0 + fd.abs()), "input {i}[{j}]: fused grad {} vs finite difference {fd}", g[j]);
-                assert!((gc[j] - g[j]).abs() <= 1e-10 * (1.0 + g[j].abs()), "input {i}[{j}]: fused grad {} vs composed {}", g[j], gc[j]);
+                assert!(
+                    (fd - g[j]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                    "input {i}[{j}]: fused grad {} vs finite difference {fd}",
+                    g[j]
+                );
+                assert!(
+                    (gc[j] - g[j]).abs() <= 1e-10 * (1.0 + g[j].abs()),
+                    "input {i}[{j}]: fused grad {} vs composed {}",
+                    g[j],
+                    gc[j]
+                );
             }
         }
     }
@@ -1121,37 +1257,53 @@ mod tests {
     #[test]
     fn rms_norm_matches_finite_differences_and_the_composed_norm() {
         let w = randn(&[8], 2);
-        check(&[randn(&[2, 3, 8], 1)], |t| rms_norm(&t[0], &w, 1e-5).unwrap(), |t| {
-            let rms = (t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap();
-            t[0].broadcast_div(&rms).unwrap().broadcast_mul(&w).unwrap()
-        });
+        check(
+            &[randn(&[2, 3, 8], 1)],
+            |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
+            |t| {
+                let rms = (t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap();
+                t[0].broadcast_div(&rms).unwrap().broadcast_mul(&w).unwrap()
+            },
+        );
     }
 
     #[test]
     fn swiglu_matches_finite_differences_and_silu_times_up() {
-        check(&[randn(&[2, 3, 5], 3), randn(&[2, 3, 5], 4)], |t| swiglu(&t[0], &t[1]).unwrap(), |t| (t[0].silu().unwrap() * &t[1]).unwrap());
+        check(
+            &[randn(&[2, 3, 5], 3), randn(&[2, 3, 5], 4)],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
     }
 
     #[test]
     fn rotary_matches_finite_differences_and_rotate_half_after_the_transpose() {
         let (t, d) = (3, 6);
         let (cos, sin) = (randn(&[t, d], 5), randn(&[t, d], 6));
-        check(&[randn(&[2, t, 2, d], 7)], |x| rotary_to_heads(&x[0], &cos, &sin).unwrap(), |x| {
-            let x = x[0].transpose(1, 2).unwrap().contiguous().unwrap();
-            let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
-            let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
-            let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
-            (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
-        });
+        check(
+            &[randn(&[2, t, 2, d], 7)],
+            |x| rotary_to_heads(&x[0], &cos, &sin).unwrap(),
+            |x| {
+                let x = x[0].transpose(1, 2).unwrap().contiguous().unwrap();
+                let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
+                let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
+                let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+                (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
+            },
+        );
     }
 
     #[test]
     fn target_logprobs_match_finite_differences_and_log_softmax_gather() {
         let targets = Tensor::new(&[[3u32, 0, 6], [1, 6, 2]], &Device::Cpu).unwrap();
-        check(&[randn(&[2, 3, 7], 8)], |x| target_logprobs(&x[0], &targets).unwrap(), |x| {
-            let logp = candle_nn_free_log_softmax(&x[0]);
-            logp.gather(&targets.unsqueeze(D::Minus1).unwrap(), D::Minus1).unwrap().squeeze(D::Minus1).unwrap()
-        });
+        check(
+            &[randn(&[2, 3, 7], 8)],
+            |x| target_logprobs(&x[0], &targets).unwrap(),
+            |x| {
+                let logp = candle_nn_free_log_softmax(&x[0]);
+                logp.gather(&targets.unsqueeze(D::Minus1).unwrap(), D::Minus1).unwrap().squeeze(D::Minus1).unwrap()
+            },
+        );
     }
 
     fn candle_nn_free_log_softmax(x: &Tensor) -> Tensor {
@@ -1162,19 +1314,31 @@ mod tests {
     fn linear_with_lora_matches_finite_differences_and_the_composed_products() {
         let (m, inp, out, r) = (5, 7, 6, 3);
         let w = randn(&[out, inp], 10);
-        check(&[randn(&[1, m, inp], 11), randn(&[r, inp], 12), randn(&[out, r], 13)], |t| linear(&t[0], &Weight::Frozen(w.clone()), Some((&t[1], &t[2], 0.7))).unwrap(), |t| {
-            let base = t[0].broadcast_matmul(&w.t().unwrap()).unwrap();
-            let lora = t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap().broadcast_matmul(&t[2].t().unwrap()).unwrap();
-            (base + (lora * 0.7).unwrap()).unwrap()
-        });
-        check(&[randn(&[2, m, inp], 14)], |t| linear(&t[0], &Weight::Frozen(w.clone()), None).unwrap(), |t| t[0].broadcast_matmul(&w.t().unwrap()).unwrap());
+        check(
+            &[randn(&[1, m, inp], 11), randn(&[r, inp], 12), randn(&[out, r], 13)],
+            |t| linear(&t[0], &Weight::Frozen(w.clone()), Some((&t[1], &t[2], 0.7))).unwrap(),
+            |t| {
+                let base = t[0].broadcast_matmul(&w.t().unwrap()).unwrap();
+                let lora =
+                    t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap().broadcast_matmul(&t[2].t().unwrap()).unwrap();
+                (base + (lora * 0.7).unwrap()).unwrap()
+            },
+        );
+        check(
+            &[randn(&[2, m, inp], 14)],
+            |t| linear(&t[0], &Weight::Frozen(w.clone()), None).unwrap(),
+            |t| t[0].broadcast_matmul(&w.t().unwrap()).unwrap(),
+        );
     }
 
     #[test]
     fn linear_splits_large_products_over_threads_without_changing_them() {
         // 300 rows × 200 × 100: above PAR_MIN_WORK, so on more than one thread its columns go to
         // separate gemm calls (every split, at a fixed thread count: split_products_match_a_plain_product)
-        let (x, w) = (randn(&[300, 200], 15).to_dtype(DType::F32).unwrap(), randn(&[100, 200], 16).to_dtype(DType::F32).unwrap());
+        let (x, w) = (
+            randn(&[300, 200], 15).to_dtype(DType::F32).unwrap(),
+            randn(&[100, 200], 16).to_dtype(DType::F32).unwrap(),
+        );
         let got = linear(&x, &Weight::Frozen(w.clone()), None).unwrap();
         let want = x.matmul(&w.t().unwrap()).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -1189,7 +1353,8 @@ mod tests {
     #[test]
     fn linear_with_lora_splits_over_threads_without_changing_the_gradients() {
         let (m, inp, out, r, scale) = (70, 100, 90, 4, 0.7);
-        let (x, a, b, w) = (randn(&[1, m, inp], 30), randn(&[r, inp], 31), randn(&[out, r], 32), randn(&[out, inp], 33));
+        let (x, a, b, w) =
+            (randn(&[1, m, inp], 30), randn(&[r, inp], 31), randn(&[out, r], 32), randn(&[out, inp], 33));
         let probe = randn(&[1, m, out], 34);
         let composed = |x: &Tensor, a: &Tensor, b: &Tensor| {
             let lora = x.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&b.t().unwrap()).unwrap();
@@ -1212,7 +1377,8 @@ mod tests {
         };
         for n in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
-            let got = pool.install(|| grads(&|x, a, b| linear(x, &Weight::Frozen(w.clone()), Some((a, b, scale))).unwrap()));
+            let got =
+                pool.install(|| grads(&|x, a, b| linear(x, &Weight::Frozen(w.clone()), Some((a, b, scale))).unwrap()));
             close(&got, &format!("{n} threads"));
         }
         let op = FusedLinear { w: Weight::Frozen(w.clone()), scale, xa: Mutex::new(None) };
@@ -1249,35 +1415,68 @@ mod tests {
     fn attention_matches_finite_differences_and_the_composed_softmax() {
         // the pool's size sets how the backward pass groups query blocks (1 thread: one group
         // per head; 2 threads, 4 heads and 6 blocks: 4 groups, two of them with two blocks)
-        let pools: Vec<rayon::ThreadPool> = [1, 2].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
-        let cases = [(5, 7, None), (5, 7, Some(3)), (70, 70, None), (70, 70, Some(20)), (330, 340, None), (330, 330, Some(100))];
+        let pools: Vec<rayon::ThreadPool> =
+            [1, 2].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
+        let cases = [
+            (5, 7, None),
+            (5, 7, Some(3)),
+            (70, 70, None),
+            (70, 70, Some(20)),
+            (330, 340, None),
+            (330, 330, Some(100)),
+        ];
         for (pool, (l, s, window)) in pools.iter().flat_map(|p| cases.iter().map(move |c| (p, *c))) {
             let first = s - l;
             let big = l > 64; // several query blocks; only the forward and composed gradients (FD would take long)
             let (q, k, v) = (randn(&[1, 4, l, 4], 20), randn(&[1, 2, s, 4], 21), randn(&[1, 2, s, 4], 22));
             if big {
                 pool.install(|| {
-                let (vars, ts): (Vec<Var>, Vec<Tensor>) = [&q, &k, &v].iter().map(|t| { let v = Var::from_tensor(t).unwrap(); let t = v.as_tensor().clone(); (v, t) }).unzip();
-                let got = attention(&ts[0], &ts[1], &ts[2], first, window).unwrap();
-                let want = attention_composed(&ts[0], &ts[1], &ts[2], first, window);
-                let probe = randn(got.dims(), 23);
-                let g1 = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-                let g2 = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-                assert!((&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
-                for v in &vars {
-                    let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-                    assert!(d < 1e-10, "l={l} window={window:?} on {} threads: gradients differ by {d}", pool.current_num_threads());
-                }
+                    let (vars, ts): (Vec<Var>, Vec<Tensor>) = [&q, &k, &v]
+                        .iter()
+                        .map(|t| {
+                            let v = Var::from_tensor(t).unwrap();
+                            let t = v.as_tensor().clone();
+                            (v, t)
+                        })
+                        .unzip();
+                    let got = attention(&ts[0], &ts[1], &ts[2], first, window).unwrap();
+                    let want = attention_composed(&ts[0], &ts[1], &ts[2], first, window);
+                    let probe = randn(got.dims(), 23);
+                    let g1 = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert!(
+                        (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12
+                    );
+                    for v in &vars {
+                        let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap())
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap();
+                        assert!(
+                            d < 1e-10,
+                            "l={l} window={window:?} on {} threads: gradients differ by {d}",
+                            pool.current_num_threads()
+                        );
+                    }
                 });
                 continue;
             }
-            check(&[q, k, v], |t| attention(&t[0], &t[1], &t[2], first, window).unwrap(), |t| attention_composed(&t[0], &t[1], &t[2], first, window));
+            check(
+                &[q, k, v],
+                |t| attention(&t[0], &t[1], &t[2], first, window).unwrap(),
+                |t| attention_composed(&t[0], &t[1], &t[2], first, window),
+            );
         }
     }
 
     #[test]
     fn target_logprobs_refuse_a_target_outside_the_vocabulary() {
-        let err = target_logprobs(&randn(&[1, 2, 4], 1), &Tensor::new(&[[1u32, 4]], &Device::Cpu).unwrap()).unwrap_err();
+        let err =
+            target_logprobs(&randn(&[1, 2, 4], 1), &Tensor::new(&[[1u32, 4]], &Device::Cpu).unwrap()).unwrap_err();
         assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     }
 

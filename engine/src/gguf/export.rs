@@ -35,7 +35,6 @@ impl GgufType {
             GgufType::Q4KM => 15,
         }
     }
-
 }
 
 /// llama.cpp's `use_more_bits`: the layers Q4_K_M gives more bits.
@@ -60,7 +59,8 @@ fn tensor_type(name: &str, shape: &[usize], ty: GgufType, n_layers: usize, tied:
             }
         }
         GgufType::Q4KM => {
-            let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+            let layer =
+                name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
             let more = |i: Option<usize>| i.is_some_and(|i| use_more_bits(i, n_layers));
             let output = name == "output.weight" || (tied && name == "token_embd.weight");
             let wanted = if output || ((name.contains(".attn_v.") || name.contains(".ffn_down.")) && more(layer)) {
@@ -125,7 +125,13 @@ fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
 /// Writes `weights` (Hugging Face names) of a model with configuration `cfg` to `path` as GGUF
 /// of type `ty`. `metadata` brings `general.*` and `tokenizer.*` (vocabulary, merges, chat
 /// template); the architecture, shape and encoding keys are written here.
-pub fn write(path: &Path, cfg: &ModelConfig, weights: &HashMap<String, Tensor>, metadata: &[(String, MetaValue)], ty: GgufType) -> Result<()> {
+pub fn write(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &HashMap<String, Tensor>,
+    metadata: &[(String, MetaValue)],
+    ty: GgufType,
+) -> Result<()> {
     let arch = arch_name(cfg.family);
     let mut names: Vec<(&String, String)> = Vec::with_capacity(weights.len());
     for name in weights.keys() {
@@ -156,12 +162,25 @@ pub fn write(path: &Path, cfg: &ModelConfig, weights: &HashMap<String, Tensor>, 
         tensors.push(OutTensor { name: g, shape, dtype, data });
     }
     if matches!(cfg.rope_scaling, RopeScaling::Llama3 { .. }) {
-        let f: Vec<f32> = llama3_factors(&cfg.rope_scaling, cfg.rope_theta, cfg.head_dim).iter().map(|&x| x as f32).collect();
+        let f: Vec<f32> =
+            llama3_factors(&cfg.rope_scaling, cfg.rope_theta, cfg.head_dim).iter().map(|&x| x as f32).collect();
         let t = Tensor::from_vec(f, cfg.head_dim / 2, &Device::Cpu)?;
-        tensors.push(OutTensor { name: "rope_freqs.weight".into(), shape: vec![cfg.head_dim / 2], dtype: GgmlDType::F32, data: encode(&t, GgmlDType::F32)? });
+        tensors.push(OutTensor {
+            name: "rope_freqs.weight".into(),
+            shape: vec![cfg.head_dim / 2],
+            dtype: GgmlDType::F32,
+            data: encode(&t, GgmlDType::F32)?,
+        });
     }
     let mut meta: Vec<(String, MetaValue)> = vec![("general.architecture".into(), MetaValue::Str(arch.into()))];
-    meta.extend(metadata.iter().filter(|(k, _)| k != "general.architecture" && k != "general.file_type" && k != "general.quantization_version").cloned());
+    meta.extend(
+        metadata
+            .iter()
+            .filter(|(k, _)| {
+                k != "general.architecture" && k != "general.file_type" && k != "general.quantization_version"
+            })
+            .cloned(),
+    );
     if !meta.iter().any(|(k, _)| k == "general.name") {
         meta.push(("general.name".into(), MetaValue::Str("hearth merged model".into())));
     }

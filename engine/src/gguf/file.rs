@@ -128,10 +128,46 @@ impl MetaValue {
 /// does not read.
 fn ggml_type_name(id: u32) -> String {
     const NAMES: [&str; 40] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-        "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64",
-        "F64", "IQ1_M", "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8",
-        "IQ4_NL_8_8", "MXFP4",
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
+        "MXFP4",
     ];
     NAMES.get(id as usize).map_or_else(|| format!("type {id}"), |n| format!("{n} (type {id})"))
 }
@@ -231,7 +267,10 @@ struct Header<R> {
 impl<R: Read> Header<R> {
     fn bytes(&mut self, n: u64, what: &str) -> std::result::Result<Vec<u8>, String> {
         if n > self.len.saturating_sub(self.pos) {
-            return Err(format!("{what}: {n} bytes at offset {} run past the end of the file ({} bytes)", self.pos, self.len));
+            return Err(format!(
+                "{what}: {n} bytes at offset {} run past the end of the file ({} bytes)",
+                self.pos, self.len
+            ));
         }
         let mut buf = vec![0u8; n as usize];
         self.r.read_exact(&mut buf).map_err(|e| format!("{what} at offset {}: {e}", self.pos))?;
@@ -310,7 +349,9 @@ impl GgufFile {
         let n_tensors = h.u64("tensor count").map_err(bad)?;
         let n_kv = h.u64("metadata count").map_err(bad)?;
         if n_tensors > len / 8 || n_kv > len / 8 {
-            return Err(bad(format!("{n_tensors} tensors and {n_kv} metadata entries cannot fit in {len} bytes: the header is corrupt")));
+            return Err(bad(format!(
+                "{n_tensors} tensors and {n_kv} metadata entries cannot fit in {len} bytes: the header is corrupt"
+            )));
         }
         let mut metadata = Vec::with_capacity(n_kv as usize);
         for i in 0..n_kv {
@@ -341,7 +382,10 @@ impl GgufFile {
             let info = TensorInfo { name, dims, dtype, offset };
             let elems = info.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).unwrap_or(u64::MAX);
             if elems == 0 || elems == u64::MAX || elems % dtype.block_size() as u64 != 0 {
-                return Err(bad(format!("tensor `{}` has dimensions {:?}, which do not fit its type {dtype:?}", info.name, info.dims)));
+                return Err(bad(format!(
+                    "tensor `{}` has dimensions {:?}, which do not fit its type {dtype:?}",
+                    info.name, info.dims
+                )));
             }
             tensors.push(info);
         }
@@ -380,7 +424,12 @@ impl GgufFile {
 
     /// Reads one tensor's blocks as they are stored (on the CPU, in Hugging Face shape), with
     /// its rows reordered by `row_order` (destination row i takes stored row `row_order[i]`).
-    pub fn read_blocks(&self, file: &mut std::fs::File, info: &TensorInfo, row_order: Option<&[usize]>) -> Result<candle_core::quantized::QTensor> {
+    pub fn read_blocks(
+        &self,
+        file: &mut std::fs::File,
+        info: &TensorInfo,
+        row_order: Option<&[usize]>,
+    ) -> Result<candle_core::quantized::QTensor> {
         let bad = |reason: String| EngineError::Gguf { path: self.path.clone(), reason };
         let mut raw = vec![0u8; info.byte_len() as usize];
         file.seek(SeekFrom::Start(self.data_start + info.offset)).map_err(EngineError::io("reading", &self.path))?;
@@ -403,8 +452,13 @@ impl GgufFile {
         let mut raw = vec![0u8; info.byte_len() as usize];
         file.seek(SeekFrom::Start(self.data_start + info.offset)).map_err(EngineError::io("reading", &self.path))?;
         file.read_exact(&mut raw).map_err(|e| bad(format!("reading tensor `{}`: {e}", info.name)))?;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.dtype, &raw, info.shape(), &candle_core::Device::Cpu)
-            .map_err(|e| bad(format!("tensor `{}`: {e}", info.name)))?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            info.dtype,
+            &raw,
+            info.shape(),
+            &candle_core::Device::Cpu,
+        )
+        .map_err(|e| bad(format!("tensor `{}`: {e}", info.name)))?;
         Ok(q.dequantize(&candle_core::Device::Cpu)?)
     }
 }

@@ -52,12 +52,17 @@ pub struct GgufOrigin {
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    path.is_file() && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == file::MAGIC
+    path.is_file()
+        && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && &magic == file::MAGIC
 }
 
 /// Tensors outside the layers: (GGUF name, Hugging Face name).
-const GLOBAL_NAMES: [(&str, &str); 3] =
-    [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
 
 /// Modules of layer N: (GGUF `blk.N.X`, Hugging Face `model.layers.N.X`).
 const LAYER_NAMES: [(&str, &str); 11] = [
@@ -167,9 +172,12 @@ pub fn plan(path: &Path) -> Result<Plan> {
     let heads = num("attention.head_count").map_err(bad)?;
     let kv_heads = match file.get(&key("attention.head_count_kv")) {
         None => heads,
-        Some(v) => v.as_u64().ok_or_else(|| bad(format!("{} varies per layer; hearth needs one value", key("attention.head_count_kv"))))?,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            bad(format!("{} varies per layer; hearth needs one value", key("attention.head_count_kv")))
+        })?,
     };
-    let head_dim = opt_num("attention.key_length").or_else(|| opt_num("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
+    let head_dim =
+        opt_num("attention.key_length").or_else(|| opt_num("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
     let embd = file.tensor("token_embd.weight").ok_or_else(|| bad("token_embd.weight is missing".into()))?;
     let vocab = opt_num("vocab_size").unwrap_or_else(|| embd.shape()[0] as u64);
     let tied = file.tensor("output.weight").is_none();
@@ -181,7 +189,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
     match file.get(&key("rope.scaling.type")).and_then(MetaValue::as_str) {
         None | Some("none") => {}
         Some("linear") => {
-            let factor = float("rope.scaling.factor").ok_or_else(|| bad(format!("{} is missing", key("rope.scaling.factor"))))?;
+            let factor = float("rope.scaling.factor")
+                .ok_or_else(|| bad(format!("{} is missing", key("rope.scaling.factor"))))?;
             rope_scaling = json!({"rope_type": "linear", "factor": factor});
         }
         Some(other) => return Err(bad(format!("rope scaling {other:?} is not supported (linear and Llama 3's are)"))),
@@ -220,7 +229,9 @@ pub fn plan(path: &Path) -> Result<Plan> {
     });
     let config = ModelConfig::from_json(&config_json.to_string(), &path.display().to_string())?;
     if arch == "llama" && o_bias != qkv_bias {
-        return Err(bad("llama with a bias on q/k/v but not on the output projection (or the reverse) is not supported".into()));
+        return Err(bad(
+            "llama with a bias on q/k/v but not on the output projection (or the reverse) is not supported".into(),
+        ));
     }
 
     let mut names = Vec::with_capacity(file.tensors.len());
@@ -228,7 +239,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
         if t.name == "rope_freqs.weight" {
             continue;
         }
-        let hf = hf_name(&t.name).ok_or_else(|| bad(format!("tensor `{}` is not part of a {arch} model as hearth knows it", t.name)))?;
+        let hf = hf_name(&t.name)
+            .ok_or_else(|| bad(format!("tensor `{}` is not part of a {arch} model as hearth knows it", t.name)))?;
         names.push((hf, t.clone()));
     }
     // Every tensor the model needs, with its shape, before anything is read.
@@ -236,7 +248,9 @@ pub fn plan(path: &Path) -> Result<Plan> {
     for (hf, t) in &names {
         match expected.get(hf.as_str()) {
             Some(shape) if *shape == t.shape() => {}
-            Some(shape) => return Err(bad(format!("tensor `{}` has shape {:?}, expected {shape:?}", t.name, t.shape()))),
+            Some(shape) => {
+                return Err(bad(format!("tensor `{}` has shape {:?}, expected {shape:?}", t.name, t.shape())))
+            }
             None => return Err(bad(format!("tensor `{}` does not belong in this {arch} model", t.name))),
         }
     }
@@ -247,7 +261,11 @@ pub fn plan(path: &Path) -> Result<Plan> {
 
     let vocab_meta = tokenizer::GgufVocab::from_metadata(|k| file.get(k)).map_err(bad)?;
     if vocab_meta.tokens.len() > config.vocab_size {
-        return Err(bad(format!("the tokenizer has {} tokens, the embedding {} rows", vocab_meta.tokens.len(), config.vocab_size)));
+        return Err(bad(format!(
+            "the tokenizer has {} tokens, the embedding {} rows",
+            vocab_meta.tokens.len(),
+            config.vocab_size
+        )));
     }
     let tokenizer_json = vocab_meta.to_hf_json().map_err(bad)?;
     let token = |id: Option<u32>| id.and_then(|i| vocab_meta.tokens.get(i as usize)).cloned();
@@ -287,7 +305,9 @@ pub fn expected_shapes(cfg: &ModelConfig) -> HashMap<String, Vec<usize>> {
         let p = format!("model.layers.{i}");
         out.insert(format!("{p}.input_layernorm.weight"), vec![c]);
         out.insert(format!("{p}.post_attention_layernorm.weight"), vec![c]);
-        for (name, rows, cols) in [("q_proj", h * d, c), ("k_proj", k * d, c), ("v_proj", k * d, c), ("o_proj", c, h * d)] {
+        for (name, rows, cols) in
+            [("q_proj", h * d, c), ("k_proj", k * d, c), ("v_proj", k * d, c), ("o_proj", c, h * d)]
+        {
             out.insert(format!("{p}.self_attn.{name}.weight"), vec![rows, cols]);
         }
         if cfg.qkv_bias {
@@ -314,9 +334,15 @@ pub fn expected_shapes(cfg: &ModelConfig) -> HashMap<String, Vec<usize>> {
 fn llama3_scaling(factors: &[f32], theta: f64, head_dim: usize, orig: usize) -> std::result::Result<Value, String> {
     let factor = factors.iter().copied().fold(1.0f32, f32::max) as f64;
     let (low, high) = (1.0, 4.0);
-    let cfg = RopeScaling::Llama3 { factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: orig };
+    let cfg = RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: orig,
+    };
     let want = llama3_factors(&cfg, theta, head_dim);
-    let close = want.len() == factors.len() && want.iter().zip(factors).all(|(a, b)| (a - *b as f64).abs() <= 1e-3 * a.abs().max(1.0));
+    let close = want.len() == factors.len()
+        && want.iter().zip(factors).all(|(a, b)| (a - *b as f64).abs() <= 1e-3 * a.abs().max(1.0));
     if !close {
         return Err(format!(
             "rope_freqs.weight ({} factors, max {factor}) matches no Llama 3 rope scaling (low 1, high 4, original context {orig})",
@@ -329,7 +355,8 @@ fn llama3_scaling(factors: &[f32], theta: f64, head_dim: usize, orig: usize) -> 
 
 /// llama.cpp's `rope_freqs` for Llama 3 scaling: the divisor of each inverse frequency.
 pub fn llama3_factors(scaling: &RopeScaling, theta: f64, head_dim: usize) -> Vec<f64> {
-    let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = *scaling else {
+    let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = *scaling
+    else {
         return vec![1.0; head_dim / 2];
     };
     let old = original_max_position_embeddings as f64;
@@ -360,7 +387,12 @@ pub fn load(plan: &Plan, device: &Device, dtype: DType) -> Result<HashMap<String
 /// where the file stores it quantized (rows reordered for q/k like the dense path), quantized to
 /// `quantize`'s blocks where it stores it as floats. Returns the dense tensors and the quantized
 /// ones (none without `quantize`).
-pub fn load_quantized(plan: &Plan, device: &Device, dtype: DType, quantize: Option<crate::quant::Quantize>) -> Result<(HashMap<String, Tensor>, HashMap<String, crate::quant::QWeight>)> {
+pub fn load_quantized(
+    plan: &Plan,
+    device: &Device,
+    dtype: DType,
+    quantize: Option<crate::quant::Quantize>,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, crate::quant::QWeight>)> {
     use candle_core::quantized::GgmlDType;
     let path = &plan.file.path;
     let mut reader = std::fs::File::open(path).map_err(EngineError::io("reading", path))?;
@@ -382,12 +414,23 @@ pub fn load_quantized(plan: &Plan, device: &Device, dtype: DType, quantize: Opti
                 Some(h) => {
                     let rows = info.shape()[0];
                     let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?;
-                    Some(permute_rows(&idx, h, true)?.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect::<Vec<_>>())
+                    Some(
+                        permute_rows(&idx, h, true)?
+                            .flatten_all()?
+                            .to_vec1::<u32>()?
+                            .into_iter()
+                            .map(|i| i as usize)
+                            .collect::<Vec<_>>(),
+                    )
                 }
                 None => None,
             };
             let q = plan.file.read_blocks(&mut reader, info, order.as_deref())?;
-            let q = if device.is_cpu() { q } else { candle_core::quantized::QTensor::quantize_onto(&q.dequantize(&Device::Cpu)?, q.dtype(), device)? };
+            let q = if device.is_cpu() {
+                q
+            } else {
+                candle_core::quantized::QTensor::quantize_onto(&q.dequantize(&Device::Cpu)?, q.dtype(), device)?
+            };
             quant.insert(hf.clone(), crate::quant::QWeight::from_qtensor(q)?);
             continue;
         }
@@ -414,7 +457,14 @@ mod tests {
 
     #[test]
     fn names_map_both_ways() {
-        for g in ["token_embd.weight", "output.weight", "output_norm.weight", "blk.3.attn_q.bias", "blk.12.ffn_down.weight", "blk.0.attn_k_norm.weight"] {
+        for g in [
+            "token_embd.weight",
+            "output.weight",
+            "output_norm.weight",
+            "blk.3.attn_q.bias",
+            "blk.12.ffn_down.weight",
+            "blk.0.attn_k_norm.weight",
+        ] {
             let hf = hf_name(g).unwrap();
             assert_eq!(gguf_name(&hf).as_deref(), Some(g), "{hf}");
         }
@@ -434,7 +484,12 @@ mod tests {
 
     #[test]
     fn llama3_factors_map_back_to_their_parameters() {
-        let cfg = RopeScaling::Llama3 { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+        let cfg = RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
         let f: Vec<f32> = llama3_factors(&cfg, 500_000.0, 64).iter().map(|&x| x as f32).collect();
         let v = llama3_scaling(&f, 500_000.0, 64, 8192).unwrap();
         assert_eq!(v["factor"], 32.0);

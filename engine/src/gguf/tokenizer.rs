@@ -74,26 +74,42 @@ impl GgufVocab {
         let strings = |key: &str| -> std::result::Result<Vec<String>, String> {
             let v = get(key).ok_or_else(|| format!("{key} is missing"))?;
             let items = v.as_array().ok_or_else(|| format!("{key} is not an array"))?;
-            items.iter().map(|s| s.as_str().map(str::to_string).ok_or_else(|| format!("{key} holds a non-string"))).collect()
+            items
+                .iter()
+                .map(|s| s.as_str().map(str::to_string).ok_or_else(|| format!("{key} holds a non-string")))
+                .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = if get("tokenizer.ggml.merges").is_some() { strings("tokenizer.ggml.merges")? } else { Vec::new() };
+        let merges =
+            if get("tokenizer.ggml.merges").is_some() { strings("tokenizer.ggml.merges")? } else { Vec::new() };
         let token_types = match get("tokenizer.ggml.token_type") {
             Some(v) => {
                 let items = v.as_array().ok_or("tokenizer.ggml.token_type is not an array")?;
-                items.iter().map(|t| t.as_f64().map(|x| x as i32).ok_or("tokenizer.ggml.token_type holds a non-integer")).collect::<std::result::Result<Vec<_>, _>>()?
+                items
+                    .iter()
+                    .map(|t| t.as_f64().map(|x| x as i32).ok_or("tokenizer.ggml.token_type holds a non-integer"))
+                    .collect::<std::result::Result<Vec<_>, _>>()?
             }
             None => vec![1; tokens.len()],
         };
         if token_types.len() != tokens.len() {
-            return Err(format!("tokenizer.ggml.token_type has {} entries for {} tokens", token_types.len(), tokens.len()));
+            return Err(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                token_types.len(),
+                tokens.len()
+            ));
         }
-        let pre = get("tokenizer.ggml.pre").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "default".into());
+        let pre =
+            get("tokenizer.ggml.pre").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "default".into());
         if pre_regexes(&pre).is_none() {
             let known: Vec<&str> = PRE_TOKENIZERS.iter().flat_map(|(n, _)| n.iter().copied()).collect();
-            return Err(format!("tokenizer.ggml.pre = {pre:?} is not a pre-tokenizer hearth knows (known: {})", known.join(", ")));
+            return Err(format!(
+                "tokenizer.ggml.pre = {pre:?} is not a pre-tokenizer hearth knows (known: {})",
+                known.join(", ")
+            ));
         }
-        let id = |key: &str| get(key).and_then(|v| v.as_u64()).map(|v| v as u32).filter(|&v| (v as usize) < tokens.len());
+        let id =
+            |key: &str| get(key).and_then(|v| v.as_u64()).map(|v| v as u32).filter(|&v| (v as usize) < tokens.len());
         Ok(Self {
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
@@ -166,7 +182,8 @@ impl GgufVocab {
             return Err(format!("only BPE tokenizers can go into a GGUF (this one is {})", model["type"]));
         }
         let vocab = model["vocab"].as_object().ok_or("tokenizer.json has no model.vocab")?;
-        let mut pairs: Vec<(u64, &str)> = vocab.iter().filter_map(|(t, id)| id.as_u64().map(|id| (id, t.as_str()))).collect();
+        let mut pairs: Vec<(u64, &str)> =
+            vocab.iter().filter_map(|(t, id)| id.as_u64().map(|id| (id, t.as_str()))).collect();
         let added = tok["added_tokens"].as_array().cloned().unwrap_or_default();
         for a in &added {
             if let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) {
@@ -198,14 +215,17 @@ impl GgufVocab {
                 .iter()
                 .map(|x| match x {
                     Value::String(s) => Ok(s.clone()),
-                    Value::Array(p) if p.len() == 2 => Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))),
+                    Value::Array(p) if p.len() == 2 => {
+                        Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")))
+                    }
                     _ => Err("tokenizer.json has a malformed merge".to_string()),
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?,
             _ => Vec::new(),
         };
-        let pre = detect_pre(&tok["pre_tokenizer"], merges.is_empty())
-            .ok_or("its pre-tokenizer is not one whose llama.cpp name hearth knows (smollm, llama-bpe, qwen2, gpt-2, default)")?;
+        let pre = detect_pre(&tok["pre_tokenizer"], merges.is_empty()).ok_or(
+            "its pre-tokenizer is not one whose llama.cpp name hearth knows (smollm, llama-bpe, qwen2, gpt-2, default)",
+        )?;
         Ok(Self { tokens, token_types, merges, pre: pre.into(), bos: None, eos: None, add_bos: false })
     }
 
@@ -215,7 +235,10 @@ impl GgufVocab {
             ("tokenizer.ggml.model".to_string(), MetaValue::Str("gpt2".into())),
             ("tokenizer.ggml.pre".to_string(), MetaValue::Str(self.pre.clone())),
             ("tokenizer.ggml.tokens".to_string(), MetaValue::strings(self.tokens.iter().cloned())),
-            ("tokenizer.ggml.token_type".to_string(), MetaValue::Array(5, self.token_types.iter().map(|&t| MetaValue::I32(t)).collect())),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                MetaValue::Array(5, self.token_types.iter().map(|&t| MetaValue::I32(t)).collect()),
+            ),
             ("tokenizer.ggml.merges".to_string(), MetaValue::strings(self.merges.iter().cloned())),
             ("tokenizer.ggml.add_bos_token".to_string(), MetaValue::Bool(self.add_bos)),
         ];
@@ -246,7 +269,11 @@ fn detect_pre(pre: &Value, no_merges: bool) -> Option<&'static str> {
                 plain_byte_level = true;
             }
         }
-        Some("Digits") => regexes.push(if p["individual_digits"].as_bool() == Some(true) { r"\p{N}".into() } else { r"\p{N}+".into() }),
+        Some("Digits") => regexes.push(if p["individual_digits"].as_bool() == Some(true) {
+            r"\p{N}".into()
+        } else {
+            r"\p{N}+".into()
+        }),
         _ => {}
     };
     match pre["type"].as_str() {
@@ -257,10 +284,14 @@ fn detect_pre(pre: &Value, no_merges: bool) -> Option<&'static str> {
     if no_merges && (plain_byte_level || !regexes.is_empty()) {
         return Some("default");
     }
-    let norm = |r: &str| r.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])");
+    let norm = |r: &str| {
+        r.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])")
+    };
     let got: Vec<String> = regexes.iter().map(|r| norm(r).trim_end_matches("|\\s+").to_string()).collect();
     let trimmed = |rs: &[&str]| -> Vec<String> { rs.iter().map(|r| r.trim_end_matches("|\\s+").to_string()).collect() };
-    ["smollm", "llama-bpe", "qwen2", "gpt-2"].into_iter().find(|name| pre_regexes(name).is_some_and(|rs| trimmed(rs) == got))
+    ["smollm", "llama-bpe", "qwen2", "gpt-2"]
+        .into_iter()
+        .find(|name| pre_regexes(name).is_some_and(|rs| trimmed(rs) == got))
 }
 
 #[cfg(test)]
@@ -269,8 +300,11 @@ mod tests {
 
     #[test]
     fn unknown_pre_tokenizers_are_refused_by_name() {
-        let (model, tokens, pre) =
-            (MetaValue::Str("gpt2".into()), MetaValue::strings(["a".to_string(), "b".to_string()]), MetaValue::Str("tekken".into()));
+        let (model, tokens, pre) = (
+            MetaValue::Str("gpt2".into()),
+            MetaValue::strings(["a".to_string(), "b".to_string()]),
+            MetaValue::Str("tekken".into()),
+        );
         let meta = |key: &str| match key {
             "tokenizer.ggml.model" => Some(&model),
             "tokenizer.ggml.tokens" => Some(&tokens),
@@ -284,7 +318,15 @@ mod tests {
     #[test]
     fn every_known_regex_compiles_in_the_tokenizers_crate() {
         for (names, _) in PRE_TOKENIZERS {
-            let v = GgufVocab { tokens: vec!["a".into(), "b".into(), "ab".into()], token_types: vec![1; 3], merges: vec!["a b".into()], pre: names[0].into(), bos: None, eos: None, add_bos: false };
+            let v = GgufVocab {
+                tokens: vec!["a".into(), "b".into(), "ab".into()],
+                token_types: vec![1; 3],
+                merges: vec!["a b".into()],
+                pre: names[0].into(),
+                bos: None,
+                eos: None,
+                add_bos: false,
+            };
             let json = v.to_hf_json().unwrap().to_string();
             let t = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&json).unwrap();
             assert_eq!(t.encode("ab", false).unwrap().get_ids(), &[2], "{}", names[0]);

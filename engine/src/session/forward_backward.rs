@@ -62,7 +62,12 @@ impl TrainingSession {
 
 impl TrainingSession {
     /// Loss terms and this batch's gradients by parameter name, recomputed or from the whole graph.
-    fn gradients(&self, batch: &Batch, loss_fn: &LossFn, recomputed: bool) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
+    fn gradients(
+        &self,
+        batch: &Batch,
+        loss_fn: &LossFn,
+        recomputed: bool,
+    ) -> Result<(LossTerms, BTreeMap<String, Tensor>)> {
         if recomputed {
             recompute::run(&self.model, batch, loss_fn, Some(&self.params))
         } else {

@@ -1,13 +1,15 @@
 //! A training session: one run (a LoRA adapter or full weights, its optimizer and gradients)
 //! over a shared base model. One file per primitive.
 
-mod save_state;
 mod forward_backward;
 mod optim_step;
 mod sample;
+mod save_state;
 
-pub use save_state::{checkpoint_training_config, read_adapter_config, read_manifest, Loaded, Manifest, FORMAT, FORMAT_VERSION};
 pub use sample::{Picked, MAX_SAMPLES};
+pub use save_state::{
+    checkpoint_training_config, read_adapter_config, read_manifest, Loaded, Manifest, FORMAT, FORMAT_VERSION,
+};
 
 use crate::error::{EngineError, Result};
 use crate::model::{Model, NamedParams};
@@ -45,7 +47,16 @@ impl TrainingSession {
             TrainingConfig::Full => 0,
         };
         let rng = std::sync::Mutex::new(crate::rng::Rng::new(seed ^ 0x5A4D_504C_4552)); // "SAMPLER"
-        Ok(Self { base, model, params, grads: BTreeMap::new(), optim: AdamW::default(), training, rng, recompute: Recompute::default() })
+        Ok(Self {
+            base,
+            model,
+            params,
+            grads: BTreeMap::new(),
+            optim: AdamW::default(),
+            training,
+            rng,
+            recompute: Recompute::default(),
+        })
     }
 
     /// When `forward_backward` recomputes activations instead of keeping them.
@@ -109,9 +120,7 @@ impl TrainingSession {
     pub fn set_parameters(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         let mut staged = Vec::with_capacity(self.params.len());
         for (name, var) in &self.params {
-            let t = tensors
-                .get(name)
-                .ok_or_else(|| EngineError::Weights(format!("parameter `{name}` is missing")))?;
+            let t = tensors.get(name).ok_or_else(|| EngineError::Weights(format!("parameter `{name}` is missing")))?;
             if t.dims() != var.dims() {
                 return Err(EngineError::Weights(format!(
                     "parameter `{name}` has shape {:?}, this run expects {:?}",
@@ -135,7 +144,9 @@ impl TrainingSession {
         crate::batch::check_tokens(tokens, "tokens", cfg.vocab_size, cfg.max_position_embeddings)?;
         let t = tokens.len();
         crate::recompute::check_indexable(&self.model, 1, t)?;
-        if !self.base.device.is_cpu() && (t as u64) * (cfg.vocab_size as u64) > crate::recompute::MAX_GPU_TENSOR_ELEMENTS {
+        if !self.base.device.is_cpu()
+            && (t as u64) * (cfg.vocab_size as u64) > crate::recompute::MAX_GPU_TENSOR_ELEMENTS
+        {
             return Err(EngineError::InvalidParam {
                 field: "tokens",
                 value: format!("{t} positions"),
@@ -151,7 +162,11 @@ impl TrainingSession {
                 .step_by(chunk)
                 .map(|s| Ok(model.head(&h.narrow(1, s, chunk.min(t - s))?)?.squeeze(0)?.to_dtype(DType::F32)?))
                 .collect::<Result<Vec<_>>>()?; // (len,V) each
-            Ok(if parts.len() == 1 { parts.into_iter().next().ok_or(EngineError::EmptyBatch)? } else { Tensor::cat(&parts, 0)? })
+            Ok(if parts.len() == 1 {
+                parts.into_iter().next().ok_or(EngineError::EmptyBatch)?
+            } else {
+                Tensor::cat(&parts, 0)?
+            })
         })
     }
 }

@@ -17,7 +17,9 @@ use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, D};
-use hearth_api::{LoraConfig, SampleInput, SampleOutput, SampledSequence, SamplingParams, Stop, StopReason, TrainingConfig};
+use hearth_api::{
+    LoraConfig, SampleInput, SampleOutput, SampledSequence, SamplingParams, Stop, StopReason, TrainingConfig,
+};
 use rayon::prelude::*;
 
 /// Most sequences one call may generate.
@@ -55,7 +57,9 @@ impl Picking {
     }
 }
 fn validate(p: &SamplingParams, num_samples: usize) -> Result<()> {
-    let bad = |field: &'static str, value: String, reason: &'static str| Err(EngineError::InvalidParam { field, value, reason });
+    let bad = |field: &'static str, value: String, reason: &'static str| {
+        Err(EngineError::InvalidParam { field, value, reason })
+    };
     if num_samples == 0 || num_samples > MAX_SAMPLES {
         return bad("num_samples", num_samples.to_string(), "must be between 1 and 256");
     }
@@ -75,7 +79,8 @@ fn validate(p: &SamplingParams, num_samples: usize) -> Result<()> {
 /// candle's CUDA kernels would index them wrongly, so such a call is refused. (Prompt logits are
 /// chunked by position; one position's row fits whenever a step's rows do.)
 fn check_step_size(num_samples: usize, vocab: usize) -> Result<()> {
-    if num_samples as u64 * (vocab.div_ceil(SORT_BLOCK) * SORT_BLOCK) as u64 > crate::recompute::MAX_GPU_TENSOR_ELEMENTS {
+    if num_samples as u64 * (vocab.div_ceil(SORT_BLOCK) * SORT_BLOCK) as u64 > crate::recompute::MAX_GPU_TENSOR_ELEMENTS
+    {
         return Err(EngineError::InvalidParam {
             field: "num_samples",
             value: format!("{num_samples} (vocab_size {vocab})"),
@@ -142,7 +147,11 @@ fn nucleus(ids: &[u32], weights: &[f64], total: f64, top_p: f32, complete: bool,
 /// uniform draw a tempered pick uses (greedy ignores it).
 fn choose(row: &[f32], p: &SamplingParams, u: f64) -> u32 {
     if p.temperature == 0.0 {
-        return row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32);
+        return row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+            .map_or(0, |(i, _)| i as u32);
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let weight = |x: f32| weight(x, max, p.temperature);
@@ -159,7 +168,11 @@ fn choose(row: &[f32], p: &SamplingParams, u: f64) -> u32 {
         return draw(&ids, &weights, u);
     }
     // Nucleus: the mass is over the top-k set; widen the sorted prefix until it holds top_p.
-    let total: f64 = if k == vocab { row.iter().map(|&x| weight(x)).sum() } else { top(row, k).iter().map(|&i| weight(row[i as usize])).sum() };
+    let total: f64 = if k == vocab {
+        row.iter().map(|&x| weight(x)).sum()
+    } else {
+        top(row, k).iter().map(|&i| weight(row[i as usize])).sum()
+    };
     let mut width = k.min(256);
     loop {
         let ids = top(row, width);
@@ -195,7 +208,7 @@ fn choose_among(xs: &[f32], p: &SamplingParams, vocab: usize, total: Option<f64>
 fn greedy_picks(logits: &Tensor) -> Result<Vec<(u32, f32)>> {
     let (_n, v) = logits.dims2()?;
     let max = logits.max_keepdim(D::Minus1)?; // (n,1)
-    // lowest id among the maxima: ids where the row equals its max, others pushed past the end
+                                              // lowest id among the maxima: ids where the row equals its max, others pushed past the end
     let ids = Tensor::arange(0u32, v as u32, logits.device())?.to_dtype(DType::F32)?.unsqueeze(0)?; // (1,V)
     let at_max = logits.broadcast_eq(&max)?; // (n,V) u8
     let beyond = Tensor::full(v as f32, logits.shape(), logits.device())?;
@@ -248,7 +261,13 @@ fn pad_columns(x: &Tensor, width: usize, value: f32) -> Result<Tensor> {
 /// log Σ exp(x) of each row of `x` (R, V) whose largest are `max` (R, 1), as [`log_sum_exp`]
 /// computes it (exponentials and sum in f64) → (R, 1) f32.
 fn log_normalisers(x: &Tensor, max: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_sub(max)?.to_dtype(DType::F64)?.exp()?.sum_keepdim(1)?.log()?.to_dtype(DType::F32)?.broadcast_add(max)?)
+    Ok(x.broadcast_sub(max)?
+        .to_dtype(DType::F64)?
+        .exp()?
+        .sum_keepdim(1)?
+        .log()?
+        .to_dtype(DType::F32)?
+        .broadcast_add(max)?)
 }
 
 /// [`weight`] of every logit of `x` (R, W) → (R, W) f64. The quotient is taken in f64 and
@@ -256,7 +275,12 @@ fn log_normalisers(x: &Tensor, max: &Tensor) -> Result<Tensor> {
 /// 2·24 + 2 bits), whatever the device's own f32 division does (fast-math CUDA's is not exact).
 fn tempered(x: &Tensor, max: &Tensor, temperature: f32) -> Result<Tensor> {
     let t = Tensor::new(&[temperature as f64], x.device())?;
-    Ok(x.broadcast_sub(max)?.to_dtype(DType::F64)?.broadcast_div(&t)?.to_dtype(DType::F32)?.to_dtype(DType::F64)?.exp()?)
+    Ok(x.broadcast_sub(max)?
+        .to_dtype(DType::F64)?
+        .broadcast_div(&t)?
+        .to_dtype(DType::F32)?
+        .to_dtype(DType::F64)?
+        .exp()?)
 }
 
 /// The `m` (≤ [`MAX_CANDIDATES`]) largest keys of each row of `keys` (R, W) f32, largest
@@ -309,7 +333,8 @@ fn best(logits: &Tensor, m: usize) -> Result<(Tensor, Tensor)> {
     let tau = largest.narrow(1, m - 1, 1)?.contiguous()?; // (R,1)
     let above = logits.broadcast_gt(&tau)?.to_dtype(DType::F32)?.affine(2.0, 0.0)?;
     let class = (above + logits.broadcast_eq(&tau)?.to_dtype(DType::F32)?)?; // (R,V) in {0,1,2}
-    let rank = Tensor::arange(0u32, vocab as u32, logits.device())?.to_dtype(DType::F32)?.affine(-1.0, (vocab - 1) as f64)?; // (V): V−1−id
+    let rank =
+        Tensor::arange(0u32, vocab as u32, logits.device())?.to_dtype(DType::F32)?.affine(-1.0, (vocab - 1) as f64)?; // (V): V−1−id
     let keys = class.affine(vocab as f64, 0.0)?.broadcast_add(&rank.unsqueeze(0)?)?; // (R,V)
     let (_, ids) = keep_largest(&keys, m, -1.0)?; // (R,m)
     Ok((ids.to_dtype(DType::F32)?, logits.gather(&ids, 1)?))
@@ -330,9 +355,10 @@ fn full_picks(logits: &Tensor, rows: &[usize], us: &[f64], temperature: f32) -> 
     let max = logits.max_keepdim(1)?; // (R,1)
     let sums = tempered(&padded, &max, temperature)?.reshape((r, nb, SUM_BLOCK))?.sum(2)?; // (R,nb·S) -> (R,nb,S) -> (R,nb)
     let lse = log_normalisers(logits, &max)?;
-    let stats: Vec<Vec<f64>> = Tensor::cat(&[&sums, &lse.to_dtype(DType::F64)?, &max.to_dtype(DType::F64)?], 1)?.to_vec2()?; // (R,nb+2)
-    // (block, what is left of u·total where it starts); None past the last block, where draw
-    // falls back to the last id
+    let stats: Vec<Vec<f64>> =
+        Tensor::cat(&[&sums, &lse.to_dtype(DType::F64)?, &max.to_dtype(DType::F64)?], 1)?.to_vec2()?; // (R,nb+2)
+                                                                                                      // (block, what is left of u·total where it starts); None past the last block, where draw
+                                                                                                      // falls back to the last id
     let landing: Vec<(usize, Option<f64>)> = rows
         .iter()
         .zip(us)
@@ -418,7 +444,8 @@ fn device_picks(logits: &Tensor, rows: &[usize], us: &[f64], p: &SamplingParams)
         let max = part.max_keepdim(1)?; // (R,1)
         let (ids, xs) = best(&part, m)?;
         let found: Vec<Vec<f32>> = Tensor::cat(&[&ids, &xs, &log_normalisers(&part, &max)?], 1)?.to_vec2()?; // (R,2m+1)
-        let totals: Option<Vec<f64>> = if k == vocab { Some(tempered(&part, &max, p.temperature)?.sum(1)?.to_vec1()?) } else { None };
+        let totals: Option<Vec<f64>> =
+            if k == vocab { Some(tempered(&part, &max, p.temperature)?.sum(1)?.to_vec1()?) } else { None };
         let mut left = Vec::new();
         for (j, r) in pending {
             let (ids, rest) = found[r].split_at(m);
@@ -479,7 +506,8 @@ fn score_prompt(model: &Model, hidden: &Tensor, prompt: &[u32]) -> Result<(Vec<O
             last = Some(logits.narrow(0, n - 1, 1)?);
         }
     }
-    let last = last.ok_or(EngineError::InvalidParam { field: "prompt", value: "[]".into(), reason: "must not be empty" })?;
+    let last =
+        last.ok_or(EngineError::InvalidParam { field: "prompt", value: "[]".into(), reason: "must not be empty" })?;
     Ok((logprobs, last))
 }
 
@@ -508,7 +536,10 @@ impl TrainingSession {
         detokenize: &(dyn Fn(&[u32]) -> String + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<SampleOutput> {
-        crate::fused::in_pool_for(&self.base.device, || self.sample_in_pool(input, Picking::Device, detokenize, cancelled, &|_| {})).map_err(crate::recompute::classify)
+        crate::fused::in_pool_for(&self.base.device, || {
+            self.sample_in_pool(input, Picking::Device, detokenize, cancelled, &|_| {})
+        })
+        .map_err(crate::recompute::classify)
     }
 
     /// [`sample`](Self::sample), reporting each step's new tokens as they are picked:
@@ -524,7 +555,10 @@ impl TrainingSession {
         // Decoding is a long chain of small ops; run it on a pool thread so each parallel
         // kernel splits work with a warm sibling instead of waking the pool from outside.
         let picking = Picking::for_device(&self.base.device);
-        crate::fused::in_pool_for(&self.base.device, || self.sample_in_pool(input, picking, detokenize, cancelled, on_tokens)).map_err(crate::recompute::classify)
+        crate::fused::in_pool_for(&self.base.device, || {
+            self.sample_in_pool(input, picking, detokenize, cancelled, on_tokens)
+        })
+        .map_err(crate::recompute::classify)
     }
 
     fn sample_in_pool(
@@ -558,14 +592,15 @@ impl TrainingSession {
         let device = &self.base.device;
         let mut prefill = KvCache::with_capacity(input.prompt.len() + p.max_tokens);
         let prompt = Tensor::new(input.prompt.as_slice(), device)?.unsqueeze(0)?; // (1,P)
-        // the logits of the step to pick from, (R,V) f32: the prompt's last position (R = 1,
-        // shared by every sequence), then one row per sequence
+                                                                                  // the logits of the step to pick from, (R,V) f32: the prompt's last position (R = 1,
+                                                                                  // shared by every sequence), then one row per sequence
         let (prompt_logprobs, mut logits) = if input.prompt_logprobs {
             let hidden = model.forward_cached_hidden(&prompt, &mut prefill)?; // (1,P,C)
             let (logprobs, last) = score_prompt(&model, &hidden, &input.prompt)?;
             (Some(logprobs), last)
         } else {
-            (None, model.forward_cached(&prompt, &mut prefill, false)?.squeeze(0)?.to_dtype(DType::F32)?) // (1,1,V) -> (1,V)
+            (None, model.forward_cached(&prompt, &mut prefill, false)?.squeeze(0)?.to_dtype(DType::F32)?)
+            // (1,1,V) -> (1,V)
         };
         let mut cache = prefill.expand(n)?;
         // No seed: the run's own generator picks one (so a resumed `state` samples as the
@@ -575,10 +610,13 @@ impl TrainingSession {
             Err(poisoned) => poisoned.into_inner().clone(),
         };
         let mut rng = Rng::new(p.seed.unwrap_or_else(|| run_rng.next_u64()));
-        let stop_ids: Vec<u32> = p.stop.iter().filter_map(|s| if let Stop::Token(t) = s { Some(*t) } else { None }).collect();
-        let stop_texts: Vec<&str> = p.stop.iter().filter_map(|s| if let Stop::Text(t) = s { Some(t.as_str()) } else { None }).collect();
-        let mut seqs: Vec<SampledSequence> =
-            (0..n).map(|_| SampledSequence { tokens: Vec::new(), logprobs: Vec::new(), stop_reason: StopReason::Length }).collect();
+        let stop_ids: Vec<u32> =
+            p.stop.iter().filter_map(|s| if let Stop::Token(t) = s { Some(*t) } else { None }).collect();
+        let stop_texts: Vec<&str> =
+            p.stop.iter().filter_map(|s| if let Stop::Text(t) = s { Some(t.as_str()) } else { None }).collect();
+        let mut seqs: Vec<SampledSequence> = (0..n)
+            .map(|_| SampledSequence { tokens: Vec::new(), logprobs: Vec::new(), stop_reason: StopReason::Length })
+            .collect();
         let mut done = vec![false; n];
         for step in 0..p.max_tokens {
             if cancelled() {
@@ -611,7 +649,8 @@ impl TrainingSession {
                 break;
             }
             let ids = Tensor::from_vec(next, (n, 1), device)?; // (n,1)
-            logits = model.forward_cached(&ids, &mut cache, false)?.squeeze(1)?.to_dtype(DType::F32)?; // (n,1,V) -> (n,V)
+            logits = model.forward_cached(&ids, &mut cache, false)?.squeeze(1)?.to_dtype(DType::F32)?;
+            // (n,1,V) -> (n,V)
         }
         if p.seed.is_none() {
             if let Ok(mut r) = self.rng.lock() {
@@ -726,8 +765,17 @@ mod tests {
                     let host = host_picks(&logits, &picks, &us, &p).unwrap();
                     let device = device_picks(&logits, &picks, &us, &p).unwrap();
                     for (j, (h, d)) in host.iter().zip(&device).enumerate() {
-                        assert_eq!(h.0, d.0, "T {temperature}, top_k {top_k}, top_p {top_p}: pick {j} (row {})", picks[j]);
-                        assert!((h.1 - d.1).abs() < 1e-5, "T {temperature}, top_k {top_k}, top_p {top_p}: logprob {} vs {}", h.1, d.1);
+                        assert_eq!(
+                            h.0, d.0,
+                            "T {temperature}, top_k {top_k}, top_p {top_p}: pick {j} (row {})",
+                            picks[j]
+                        );
+                        assert!(
+                            (h.1 - d.1).abs() < 1e-5,
+                            "T {temperature}, top_k {top_k}, top_p {top_p}: logprob {} vs {}",
+                            h.1,
+                            d.1
+                        );
                     }
                 }
             }
@@ -738,7 +786,11 @@ mod tests {
     fn steps_past_two_to_the_32_logits_are_refused() {
         assert!(check_step_size(256, 128_256).is_ok());
         let err = check_step_size(256, 20_000_000).unwrap_err();
-        assert!(err.to_string().contains("invalid num_samples = 256 (vocab_size 20000000)") && err.to_string().contains("2^32"), "{err}");
+        assert!(
+            err.to_string().contains("invalid num_samples = 256 (vocab_size 20000000)")
+                && err.to_string().contains("2^32"),
+            "{err}"
+        );
     }
 
     #[test]

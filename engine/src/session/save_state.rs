@@ -93,7 +93,8 @@ fn load_tensors(dir: &Path, file: &str) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         return Err(bad(dir, format!("{file} is missing")));
     }
-    candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| bad(dir, format!("{file} is unreadable (truncated or corrupt?): {e}")))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| bad(dir, format!("{file} is unreadable (truncated or corrupt?): {e}")))
 }
 
 /// PEFT's `adapter_config.json` for a LoRA config.
@@ -125,12 +126,15 @@ fn adapter_config(l: &LoraConfig, base_model: &str) -> serde_json::Value {
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| bad(dir, format!("adapter_config.json: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(dir, format!("adapter_config.json: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(dir, format!("adapter_config.json: {e}")))?;
     let field = |k: &str| v.get(k).filter(|x| !x.is_null());
     if let Some(t) = field("peft_type").and_then(|t| t.as_str()).filter(|t| *t != "LORA") {
         return Err(bad(dir, format!("peft_type {t} is not supported (LORA only)")));
     }
-    for (key, what) in [("use_rslora", "rank-stabilised LoRA"), ("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
+    for (key, what) in
+        [("use_rslora", "rank-stabilised LoRA"), ("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")]
+    {
         if field(key).and_then(|x| x.as_bool()) == Some(true) {
             return Err(bad(dir, format!("{what} ({key}: true) is not supported")));
         }
@@ -148,7 +152,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
             return Err(bad(dir, format!("{key} is not supported")));
         }
     }
-    let rank = field("r").and_then(|r| r.as_u64()).ok_or_else(|| bad(dir, "adapter_config.json has no integer `r`"))? as usize;
+    let rank =
+        field("r").and_then(|r| r.as_u64()).ok_or_else(|| bad(dir, "adapter_config.json has no integer `r`"))? as usize;
     let alpha = field("lora_alpha").and_then(|a| a.as_f64()).unwrap_or(8.0);
     let target_modules = match field("target_modules") {
         Some(serde_json::Value::String(s)) if s == "all-linear" => TargetModule::ALL.to_vec(),
@@ -156,7 +161,10 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
             let mut out = Vec::new();
             for n in names {
                 let name = n.as_str().unwrap_or_default();
-                out.push(TargetModule::from_name(name).ok_or_else(|| bad(dir, format!("target module {name:?} is not a projection hearth adapts")))?);
+                out.push(
+                    TargetModule::from_name(name)
+                        .ok_or_else(|| bad(dir, format!("target module {name:?} is not a projection hearth adapts")))?,
+                );
             }
             out.sort_by_key(|m| TargetModule::EVERY.iter().position(|x| x == m));
             out
@@ -178,7 +186,13 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
         return Err(bad(dir, format!("hearth.json has format {:?}, expected {FORMAT:?}", m.format)));
     }
     if m.format_version > FORMAT_VERSION {
-        return Err(bad(dir, format!("format version {} is newer than this hearth reads ({FORMAT_VERSION}); upgrade hearth", m.format_version)));
+        return Err(bad(
+            dir,
+            format!(
+                "format version {} is newer than this hearth reads ({FORMAT_VERSION}); upgrade hearth",
+                m.format_version
+            ),
+        ));
     }
     Ok(Some(m))
 }
@@ -186,8 +200,12 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
 /// The training config a checkpoint folder was made with (hearth checkpoint or PEFT adapter).
 pub fn checkpoint_training_config(dir: &Path) -> Result<TrainingConfig> {
     match read_manifest(dir)? {
-        Some(m) if m.kind == CheckpointKind::Merged => Err(bad(dir, "a merged checkpoint is a model folder: load it as a base model")),
-        Some(m) if m.kind.is_gguf() => Err(bad(dir, format!("a GGUF export is a model: load {GGUF_FILE} as a base model"))),
+        Some(m) if m.kind == CheckpointKind::Merged => {
+            Err(bad(dir, "a merged checkpoint is a model folder: load it as a base model"))
+        }
+        Some(m) if m.kind.is_gguf() => {
+            Err(bad(dir, format!("a GGUF export is a model: load {GGUF_FILE} as a base model")))
+        }
         Some(m) => Ok(m.training),
         None if dir.join("adapter_config.json").is_file() => Ok(TrainingConfig::Lora(read_adapter_config(dir)?)),
         None => Err(bad(dir, "neither hearth.json nor adapter_config.json: not a checkpoint")),
@@ -206,14 +224,21 @@ impl TrainingSession {
             training: self.training.clone(),
             base_fingerprint: self.base.fingerprint.clone(),
             base_model_type: self.base.config.family.model_type().into(),
-            rng: (kind == CheckpointKind::State).then(|| self.rng.lock().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())),
+            rng: (kind == CheckpointKind::State)
+                .then(|| self.rng.lock().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())),
         };
-        let params: HashMap<String, Tensor> =
-            self.params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+        let params: HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
         publish_dir(dir, true, |tmp| {
             match (kind, &self.training) {
                 (CheckpointKind::Adapter | CheckpointKind::State, TrainingConfig::Lora(l)) => {
-                    write_json(&tmp.join("adapter_config.json"), &adapter_config(l, &self.base.source.to_string_lossy()))?;
+                    write_json(
+                        &tmp.join("adapter_config.json"),
+                        &adapter_config(l, &self.base.source.to_string_lossy()),
+                    )?;
                     save_tensors(&params, &tmp.join("adapter_model.safetensors"))?;
                 }
                 (CheckpointKind::Adapter, TrainingConfig::Full) => {
@@ -257,9 +282,14 @@ impl TrainingSession {
             }
             TrainingConfig::Lora(l) => {
                 let scale = l.alpha / l.rank as f64;
-                let by_name: HashMap<&str, &Tensor> = self.params.iter().map(|(n, v)| (n.as_str(), v.as_tensor())).collect();
+                let by_name: HashMap<&str, &Tensor> =
+                    self.params.iter().map(|(n, v)| (n.as_str(), v.as_tensor())).collect();
                 for (name, a) in &by_name {
-                    let Some(prefix) = name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight")) else { continue };
+                    let Some(prefix) =
+                        name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight"))
+                    else {
+                        continue;
+                    };
                     let b = by_name
                         .get(format!("base_model.model.{prefix}.lora_B.weight").as_str())
                         .ok_or_else(|| EngineError::Weights(format!("lora_B of {prefix} is missing")))?;
@@ -267,7 +297,10 @@ impl TrainingSession {
                     // LoRA on a tied lm_head: the merged model gets an lm_head of its own
                     let tied_head = prefix == "lm_head" && self.base.config.tie_word_embeddings;
                     let w_source = if tied_head { "model.embed_tokens.weight" } else { w_name.as_str() };
-                    let w = self.base.weight_value(w_source)?.ok_or_else(|| EngineError::Weights(format!("`{w_source}` is missing")))?;
+                    let w = self
+                        .base
+                        .weight_value(w_source)?
+                        .ok_or_else(|| EngineError::Weights(format!("`{w_source}` is missing")))?;
                     let delta = (b.matmul(a)? * scale)?; // (out, r) @ (r, in) -> (out, in)
                     let merged = (w.to_dtype(delta.dtype())? + delta)?.to_dtype(self.base.dtype)?;
                     out.insert(w_name, merged);
@@ -288,12 +321,16 @@ impl TrainingSession {
 
     /// Whether the merged model unties `lm_head` (LoRA on a tied output projection).
     fn unties_head(&self) -> bool {
-        self.base.config.tie_word_embeddings && matches!(&self.training, TrainingConfig::Lora(l) if l.target_modules.contains(&TargetModule::LmHead))
+        self.base.config.tie_word_embeddings
+            && matches!(&self.training, TrainingConfig::Lora(l) if l.target_modules.contains(&TargetModule::LmHead))
     }
 
     fn write_merged(&self, dir: &Path) -> Result<()> {
-        let weights: HashMap<String, Tensor> =
-            self.merged_weights()?.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+        let weights: HashMap<String, Tensor> = self
+            .merged_weights()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
         save_tensors(&weights, &dir.join("model.safetensors"))?;
         let untie = |mut config: serde_json::Value| {
             if self.unties_head() {
@@ -308,7 +345,13 @@ impl TrainingSession {
             return write_json(&dir.join("tokenizer_config.json"), &g.tokenizer_config_json);
         }
         let src = &self.base.source;
-        for file in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        for file in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
             let from = src.join(file);
             if from.is_file() {
                 let to = dir.join(file);
@@ -317,12 +360,16 @@ impl TrainingSession {
             }
         }
         if !dir.join("config.json").is_file() {
-            return Err(EngineError::Weights(format!("{} has no config.json to copy into the merged model", src.display())));
+            return Err(EngineError::Weights(format!(
+                "{} has no config.json to copy into the merged model",
+                src.display()
+            )));
         }
         if self.unties_head() {
             let path = dir.join("config.json");
             let text = std::fs::read_to_string(&path).map_err(EngineError::io("reading", &path))?;
-            let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
+            let config: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
             write_json(&path, &untie(config))?;
         }
         Ok(())
@@ -347,8 +394,14 @@ impl TrainingSession {
             value: format!("gguf ({reason})"),
             reason: "GGUF export needs a byte-level BPE tokenizer that llama.cpp knows",
         };
-        let text = self.base.text.as_ref().ok_or_else(|| refuse(format!("{} has no tokenizer.json", self.base.source.display())))?;
-        let mut vocab = crate::gguf::tokenizer::GgufVocab::from_hf_json(&text.tokenizer_json()?, self.base.config.vocab_size).map_err(refuse)?;
+        let text = self
+            .base
+            .text
+            .as_ref()
+            .ok_or_else(|| refuse(format!("{} has no tokenizer.json", self.base.source.display())))?;
+        let mut vocab =
+            crate::gguf::tokenizer::GgufVocab::from_hf_json(&text.tokenizer_json()?, self.base.config.vocab_size)
+                .map_err(refuse)?;
         let (bos, eos) = text.special_tokens();
         vocab.bos = bos.and_then(|b| text.token_to_id(b));
         vocab.eos = eos.and_then(|e| text.token_to_id(e)).or_else(|| self.base.config.eos_token_ids.first().copied());
@@ -406,7 +459,10 @@ impl TrainingSession {
         if !same_shape {
             return Err(bad(
                 dir,
-                format!("it holds {training:?}, this run is {:?}; create a run from the checkpoint instead", self.training),
+                format!(
+                    "it holds {training:?}, this run is {:?}; create a run from the checkpoint instead",
+                    self.training
+                ),
             ));
         }
         let file = match training {
@@ -430,16 +486,27 @@ impl TrainingSession {
                     // the f32 master copy of a bf16/f16 weight (absent: it starts from the weight)
                     let master = raw.get(&format!("{name}.master"));
                     if master.is_some_and(|t| t.dims() != *dims) {
-                        return Err(bad(dir, format!("optimizer.safetensors has a master copy of the wrong shape for `{name}`")));
+                        return Err(bad(
+                            dir,
+                            format!("optimizer.safetensors has a master copy of the wrong shape for `{name}`"),
+                        ));
                     }
                     match (m_t, v_t) {
                         (Some(mt), Some(vt)) if mt.dims() == *dims && vt.dims() == *dims => {
                             let dev = &self.base.device;
                             let master = master.map(|t| t.to_dtype(DType::F32)?.to_device(dev)).transpose()?;
-                            moments.insert(name.to_string(), Moments { m: mt.to_device(dev)?, v: vt.to_device(dev)?, master });
+                            moments.insert(
+                                name.to_string(),
+                                Moments { m: mt.to_device(dev)?, v: vt.to_device(dev)?, master },
+                            );
                         }
                         (None, None) if m.step == 0 => {}
-                        _ => return Err(bad(dir, format!("optimizer.safetensors lacks moments of the right shape for `{name}`"))),
+                        _ => {
+                            return Err(bad(
+                                dir,
+                                format!("optimizer.safetensors lacks moments of the right shape for `{name}`"),
+                            ))
+                        }
                     }
                 }
                 let masters = moments.values().filter(|m| m.master.is_some()).count();
@@ -485,7 +552,11 @@ impl TrainingSession {
     /// snapshot that later steps of this run do not change.
     pub fn snapshot(&self) -> Result<Self> {
         let mut s = TrainingSession::new(self.base.clone(), self.training.clone())?;
-        let tensors: HashMap<String, Tensor> = self.params.iter().map(|(n, v)| v.as_tensor().copy().map(|t| (n.clone(), t))).collect::<std::result::Result<_, _>>()?;
+        let tensors: HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(n, v)| v.as_tensor().copy().map(|t| (n.clone(), t)))
+            .collect::<std::result::Result<_, _>>()?;
         s.set_parameters(&tensors)?;
         Ok(s)
     }

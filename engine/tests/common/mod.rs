@@ -37,7 +37,11 @@ pub fn pg_datum(text: &str, advantage: f32) -> Datum {
     let n = t.len() - 1;
     Datum::new(
         t[..n].to_vec(),
-        LossFnInputs::policy_gradient(t[1..].to_vec(), vec![-5.5; n], (0..n).map(|i| advantage * (1.0 + i as f32 * 0.1)).collect()),
+        LossFnInputs::policy_gradient(
+            t[1..].to_vec(),
+            vec![-5.5; n],
+            (0..n).map(|i| advantage * (1.0 + i as f32 * 0.1)).collect(),
+        ),
     )
 }
 

@@ -10,7 +10,10 @@ pub(super) fn tensor_values(name: &str, t: &proto::Tensor) -> Result<Vec<f64>, A
     };
     let chunks = |n: usize| -> Result<std::slice::ChunksExact<'_, u8>, ApiError> {
         if bytes.len() % n != 0 {
-            return Err(ApiError::invalid(format!("loss_fn_inputs.{name}: {} bytes is not a whole number of {n}-byte values", bytes.len())));
+            return Err(ApiError::invalid(format!(
+                "loss_fn_inputs.{name}: {} bytes is not a whole number of {n}-byte values",
+                bytes.len()
+            )));
         }
         Ok(bytes.chunks_exact(n))
     };
@@ -20,18 +23,32 @@ pub(super) fn tensor_values(name: &str, t: &proto::Tensor) -> Result<Vec<f64>, A
         a
     };
     let v: Vec<f64> = match proto::DType::try_from(t.dtype) {
-        Ok(proto::DType::Float32) => chunks(4)?.map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+        Ok(proto::DType::Float32) => {
+            chunks(4)?.map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
+        }
         Ok(proto::DType::Int64) => chunks(8)?.map(|c| i64::from_le_bytes(arr(c, 8)) as f64).collect(),
-        Ok(proto::DType::Int32) => chunks(4)?.map(|c| f64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
-        Ok(proto::DType::Bfloat16) => chunks(2)?.map(|c| f64::from(f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))).collect(),
-        _ => return Err(ApiError::invalid(format!("loss_fn_inputs.{name}: dtype {} is not float32, int64, int32 or bfloat16", t.dtype))),
+        Ok(proto::DType::Int32) => {
+            chunks(4)?.map(|c| f64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
+        }
+        Ok(proto::DType::Bfloat16) => {
+            chunks(2)?.map(|c| f64::from(f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))).collect()
+        }
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "loss_fn_inputs.{name}: dtype {} is not float32, int64, int32 or bfloat16",
+                t.dtype
+            )))
+        }
     };
     let elems: i64 = t.shape.iter().product();
     if !t.shape.is_empty() && elems as usize != v.len() {
         return Err(ApiError::invalid(format!("loss_fn_inputs.{name}: shape {:?} but {} values", t.shape, v.len())));
     }
     if t.shape.len() > 1 {
-        return Err(ApiError::invalid(format!("loss_fn_inputs.{name}: shape {:?}; hearth takes one value per position", t.shape)));
+        return Err(ApiError::invalid(format!(
+            "loss_fn_inputs.{name}: shape {:?}; hearth takes one value per position",
+            t.shape
+        )));
     }
     Ok(v)
 }
@@ -47,10 +64,18 @@ pub(super) fn datum_of(i: usize, d: &proto::Datum) -> Result<Datum, ApiError> {
                 }
                 for b in t.tokens.chunks_exact(4) {
                     let id = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    tokens.push(u32::try_from(id).map_err(|_| ApiError::invalid(format!("data[{i}].model_input: token id {id} is negative")))?);
+                    tokens.push(
+                        u32::try_from(id).map_err(|_| {
+                            ApiError::invalid(format!("data[{i}].model_input: token id {id} is negative"))
+                        })?,
+                    );
                 }
             }
-            None => return Err(ApiError::invalid(format!("data[{i}].model_input: only encoded_text chunks are taken (images are not supported)"))),
+            None => {
+                return Err(ApiError::invalid(format!(
+                    "data[{i}].model_input: only encoded_text chunks are taken (images are not supported)"
+                )))
+            }
         }
     }
     let mut inputs = LossFnInputs::default();
@@ -59,13 +84,25 @@ pub(super) fn datum_of(i: usize, d: &proto::Datum) -> Result<Datum, ApiError> {
         let f32s = || v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         match name.as_str() {
             "target_tokens" => {
-                let ids = v.iter().map(|&x| if x >= 0.0 && x <= f64::from(u32::MAX) && x.fract() == 0.0 { Ok(x as u32) } else { Err(x) });
-                inputs.target_tokens = Some(ids.collect::<Result<_, _>>().map_err(|x| ApiError::invalid(format!("data[{i}].loss_fn_inputs.target_tokens: {x} is not a token id")))?);
+                let ids = v.iter().map(|&x| {
+                    if x >= 0.0 && x <= f64::from(u32::MAX) && x.fract() == 0.0 {
+                        Ok(x as u32)
+                    } else {
+                        Err(x)
+                    }
+                });
+                inputs.target_tokens = Some(ids.collect::<Result<_, _>>().map_err(|x| {
+                    ApiError::invalid(format!("data[{i}].loss_fn_inputs.target_tokens: {x} is not a token id"))
+                })?);
             }
             "weights" => inputs.weights = Some(f32s()),
             "logprobs" => inputs.logprobs = Some(f32s()),
             "advantages" => inputs.advantages = Some(f32s()),
-            other => return Err(ApiError::invalid(format!("data[{i}].loss_fn_inputs.{other}: hearth takes target_tokens, weights, logprobs and advantages"))),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "data[{i}].loss_fn_inputs.{other}: hearth takes target_tokens, weights, logprobs and advantages"
+                )))
+            }
         }
     }
     Ok(Datum::new(tokens, inputs))
@@ -83,11 +120,17 @@ pub(super) fn fb_input(req: &proto::ForwardBackwardRequest) -> Result<ForwardBac
             Some(proto::loss_config_value::Value::Number(x)) => {
                 config.insert(k.clone(), json!(x));
             }
-            Some(proto::loss_config_value::Value::Text(t)) => return Err(ApiError::invalid(format!("loss_fn_config.{k} = {t:?}: hearth's losses take numbers"))),
+            Some(proto::loss_config_value::Value::Text(t)) => {
+                return Err(ApiError::invalid(format!("loss_fn_config.{k} = {t:?}: hearth's losses take numbers")))
+            }
             None => {}
         }
     }
-    let loss = if config.is_empty() { json!({"loss_fn": req.loss_fn}) } else { json!({"loss_fn": req.loss_fn, "loss_fn_config": config}) };
+    let loss = if config.is_empty() {
+        json!({"loss_fn": req.loss_fn})
+    } else {
+        json!({"loss_fn": req.loss_fn, "loss_fn_config": config})
+    };
     let mut wire = loss;
     wire["data"] = serde_json::to_value(&data).map_err(|e| ApiError::invalid(e.to_string()))?;
     serde_json::from_value(wire).map_err(|e| ApiError::invalid(format!("loss: {e}")))
@@ -114,9 +157,9 @@ pub(super) fn fb_output(out: &ForwardBackwardOutput) -> Vec<u8> {
     };
     // the SDK splits every key on ':' into name and reduction
     let metrics = out.metrics.iter().filter(|(k, _)| k.split(':').count() == 2).map(|(k, v)| (k.clone(), *v)).collect();
-    proto::ForwardBackwardOutput { loss_fn_output_type: "ArrayRecord".into(), loss_fn_outputs: vec![record], metrics }.encode_to_vec()
+    proto::ForwardBackwardOutput { loss_fn_output_type: "ArrayRecord".into(), loss_fn_outputs: vec![record], metrics }
+        .encode_to_vec()
 }
-
 
 /// hearth's samples as Tinker's protobuf.
 pub(super) fn sample_output(out: &SampleOutput) -> Vec<u8> {
@@ -133,8 +176,12 @@ pub(super) fn sample_output(out: &SampleOutput) -> Vec<u8> {
             topk_sampled_logprobs: None,
         })
         .collect();
-    let prompt_logprobs = out.prompt_logprobs.as_ref().map(|p| proto::f32_bytes(&p.iter().map(|x| x.unwrap_or(f32::NAN)).collect::<Vec<_>>()));
-    proto::SampleResponse { sequences, prompt_logprobs, topk_prompt_logprobs: None, prompt_cache_hit_tokens: 0 }.encode_to_vec()
+    let prompt_logprobs = out
+        .prompt_logprobs
+        .as_ref()
+        .map(|p| proto::f32_bytes(&p.iter().map(|x| x.unwrap_or(f32::NAN)).collect::<Vec<_>>()));
+    proto::SampleResponse { sequences, prompt_logprobs, topk_prompt_logprobs: None, prompt_cache_hit_tokens: 0 }
+        .encode_to_vec()
 }
 
 #[cfg(test)]
@@ -143,14 +190,25 @@ mod tests {
 
     #[test]
     fn protobuf_datums_become_hearths() {
-        let t = |dtype: proto::DType, bytes: Vec<u8>, n: i64| proto::Tensor { encoding: Some(proto::tensor::Encoding::Dense(bytes)), dtype: dtype as i32, shape: vec![n] };
+        let t = |dtype: proto::DType, bytes: Vec<u8>, n: i64| proto::Tensor {
+            encoding: Some(proto::tensor::Encoding::Dense(bytes)),
+            dtype: dtype as i32,
+            shape: vec![n],
+        };
         let req = proto::ForwardBackwardRequest {
             model_id: "s1:train:0".into(),
             seq_id: 1,
             data: vec![proto::Datum {
-                model_input: vec![proto::Chunk { chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk { tokens: proto::i32_bytes([1, 2, 3]) })) }],
+                model_input: vec![proto::Chunk {
+                    chunk: Some(proto::chunk::Kind::EncodedText(proto::EncodedTextChunk {
+                        tokens: proto::i32_bytes([1, 2, 3]),
+                    })),
+                }],
                 loss_fn_inputs: HashMap::from([
-                    ("target_tokens".to_string(), t(proto::DType::Int64, [2i64, 3, 4].iter().flat_map(|x| x.to_le_bytes()).collect(), 3)),
+                    (
+                        "target_tokens".to_string(),
+                        t(proto::DType::Int64, [2i64, 3, 4].iter().flat_map(|x| x.to_le_bytes()).collect(), 3),
+                    ),
                     ("weights".to_string(), t(proto::DType::Float32, proto::f32_bytes(&[0.0, 1.0, -0.5]), 3)),
                 ]),
             }],
@@ -167,7 +225,9 @@ mod tests {
         let mut ppo = back.clone();
         ppo.loss_fn = "ppo".into();
         ppo.loss_fn_config.insert("clip_low_threshold".into(), 0.7);
-        assert!(matches!(fb_input(&ppo).unwrap().loss_fn, hearth_api::LossFn::Ppo(c) if (c.clip_low_threshold - 0.7).abs() < 1e-9));
+        assert!(
+            matches!(fb_input(&ppo).unwrap().loss_fn, hearth_api::LossFn::Ppo(c) if (c.clip_low_threshold - 0.7).abs() < 1e-9)
+        );
         let mut foreign = back.clone();
         foreign.data[0].loss_fn_inputs.insert("mask".into(), t(proto::DType::Float32, proto::f32_bytes(&[1.0; 3]), 3));
         assert!(fb_input(&foreign).unwrap_err().message.contains("loss_fn_inputs.mask"));

@@ -33,7 +33,10 @@ pub(super) async fn finish_jobs(jobs: Result<Jobs, ApiError>, tx: watch::Sender<
     };
     let mut results = Vec::new();
     for mut rx in jobs.rxs {
-        let state = rx.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await.map(|s| s.clone());
+        let state = rx
+            .wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. }))
+            .await
+            .map(|s| s.clone());
         match state {
             Ok(RequestState::Done { result }) => results.push(result),
             Ok(RequestState::Failed { status, error }) => {
@@ -90,7 +93,9 @@ pub(super) fn seq_error(e: SeqError) -> ApiError {
     let message = e.to_string();
     match e {
         SeqError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "seq_id_conflict", message),
-        SeqError::Passed { .. } | SeqError::Refused { .. } => ApiError::new(StatusCode::CONFLICT, "out_of_order", message),
+        SeqError::Passed { .. } | SeqError::Refused { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "out_of_order", message)
+        }
         SeqError::TooFar { .. } | SeqError::Gap { .. } => ApiError::invalid(message),
     }
 }
@@ -135,7 +140,11 @@ pub(super) async fn retrieve_future(State(app): State<Arc<App>>, b: Result<Bytes
         _ => Fut::Pending,
     };
     match state {
-        Fut::Pending => (StatusCode::REQUEST_TIMEOUT, Json(json!({"type": "try_again", "request_id": req.request_id, "queue_state": "active"}))).into_response(),
+        Fut::Pending => (
+            StatusCode::REQUEST_TIMEOUT,
+            Json(json!({"type": "try_again", "request_id": req.request_id, "queue_state": "active"})),
+        )
+            .into_response(),
         Fut::Json(v) => Json(v).into_response(),
         Fut::Proto(bytes) => ([(header::CONTENT_TYPE, "application/x-protobuf")], bytes).into_response(),
         Fut::Failed { error, category } => Json(json!({"error": error, "category": category})).into_response(),

@@ -66,7 +66,11 @@ impl CkKind {
 
 /// `tinker://<model>/<weights|sampler_weights>/<name>` → (run, kind, Tinker name).
 pub(super) fn parse_path(path: &str) -> Result<(String, CkKind, String), ApiError> {
-    let bad = || ApiError::invalid(format!("path {path:?}: expected tinker://<model_id>/weights/<name> or tinker://<model_id>/sampler_weights/<name>"));
+    let bad = || {
+        ApiError::invalid(format!(
+            "path {path:?}: expected tinker://<model_id>/weights/<name> or tinker://<model_id>/sampler_weights/<name>"
+        ))
+    };
     let rest = path.strip_prefix("tinker://").ok_or_else(bad)?;
     let parts: Vec<&str> = rest.split('/').collect();
     let [model, kind, name] = parts[..] else { return Err(bad()) };
@@ -100,11 +104,17 @@ pub(super) fn tokenizer_dir(app: &App) -> Result<String, ApiError> {
     let Some(g) = &base.gguf else { return Ok(base.source.display().to_string()) };
     let dir = app.shared.home.join("tokenizers").join(&base.fingerprint);
     if !dir.join("tokenizer.json").is_file() {
-        let io = |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("writing the tokenizer folder: {e}"));
+        let io = |e: std::io::Error| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("writing the tokenizer folder: {e}"))
+        };
         // written beside, then renamed into place: a reader never sees half a folder
         let tmp = app.shared.home.join("tokenizers").join(format!(".{}.tmp-{}", base.fingerprint, std::process::id()));
         std::fs::create_dir_all(&tmp).map_err(io)?;
-        for (file, value) in [("config.json", &g.config_json), ("tokenizer.json", &g.tokenizer_json), ("tokenizer_config.json", &g.tokenizer_config_json)] {
+        for (file, value) in [
+            ("config.json", &g.config_json),
+            ("tokenizer.json", &g.tokenizer_json),
+            ("tokenizer_config.json", &g.tokenizer_config_json),
+        ] {
             std::fs::write(tmp.join(file), value.to_string()).map_err(io)?;
         }
         if std::fs::rename(&tmp, &dir).is_err() {
@@ -121,7 +131,10 @@ pub(super) fn metadata_path(app: &App, run: &str) -> std::path::PathBuf {
 
 pub(super) fn save_metadata(app: &App, run: &str, meta: &HashMap<String, String>) {
     let path = metadata_path(app, run);
-    let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&path, json!(meta).to_string()));
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&path, json!(meta).to_string()));
     if let Err(e) = written {
         log::warn!("run {run}: user_metadata not saved ({e})");
     }

@@ -54,12 +54,18 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use convert::*;
+use futures::*;
 use hearth_api::{
-    AdamParams, CheckpointKind, CreateRunRequest, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateRequest, LoraConfig,
-    LossFnInputs, RequestState, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest, Stop, TargetModule, TrainingConfig,
+    AdamParams, CheckpointKind, CreateRunRequest, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateRequest,
+    LoraConfig, LossFnInputs, RequestState, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest, Stop,
+    TargetModule, TrainingConfig,
 };
+use ids::*;
 use place::{body_key, fb_key, json_request, proto_place, read_body, typed, Place};
 use prost::Message;
+use rest::*;
+use sampling::*;
 use sequencer::{Admitted, SeqError, Sequencer};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -69,11 +75,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use training::*;
-use convert::*;
-use futures::*;
-use ids::*;
-use rest::*;
-use sampling::*;
 
 /// How long `retrieve_future` holds a poll before answering `try_again` (the SDK gives up on
 /// one poll after 45 s).

@@ -54,7 +54,10 @@ pub(super) fn fb_key(req: &proto::ForwardBackwardRequest) -> u64 {
 
 /// A JSON training request: its body as a value, the body's key (of its canonical text, so
 /// spacing does not matter), and its place if it names a `model_id` and an integer `seq_id`.
-pub(super) fn json_request(route: &str, b: Result<Bytes, BytesRejection>) -> Result<(Value, u64, Option<Place>), ApiError> {
+pub(super) fn json_request(
+    route: &str,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<(Value, u64, Option<Place>), ApiError> {
     let v: Value = crate::http::parse_body(b)?;
     let key = body_key(route, v.to_string().as_bytes());
     let place = match (v.get("model_id").and_then(Value::as_str), v.get("seq_id").and_then(Value::as_i64)) {
@@ -126,7 +129,12 @@ mod tests {
 
     #[test]
     fn a_forward_backward_names_its_place_in_its_first_bytes() {
-        let req = proto::ForwardBackwardRequest { model_id: "s1:train:0".into(), seq_id: 7, loss_fn: "cross_entropy".into(), ..Default::default() };
+        let req = proto::ForwardBackwardRequest {
+            model_id: "s1:train:0".into(),
+            seq_id: 7,
+            loss_fn: "cross_entropy".into(),
+            ..Default::default()
+        };
         let bytes = req.encode_to_vec();
         let place = |b: &[u8]| proto_place(b).map(|p| (p.model_id, p.seq_id));
         let want = Some(("s1:train:0".to_string(), 7));
@@ -138,7 +146,10 @@ mod tests {
         let neg = proto::ForwardBackwardRequest { seq_id: -3, ..req.clone() }.encode_to_vec();
         assert_eq!(place(&neg).map(|p| p.1), Some(-3));
         // the key: what was asked, whatever order the maps were encoded in
-        let with = |pairs: &[(&str, f64)]| proto::ForwardBackwardRequest { loss_fn_config: pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect(), ..req.clone() };
+        let with = |pairs: &[(&str, f64)]| proto::ForwardBackwardRequest {
+            loss_fn_config: pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            ..req.clone()
+        };
         let (ab, ba) = (with(&[("a", 1.0), ("b", 2.0), ("c", 3.0)]), with(&[("c", 3.0), ("b", 2.0), ("a", 1.0)]));
         assert_eq!(fb_key(&ab), fb_key(&ba));
         assert_ne!(fb_key(&ab), fb_key(&with(&[("a", 1.0), ("b", 2.5), ("c", 3.0)])));

@@ -9,11 +9,16 @@ pub(super) async fn client_config() -> Json<Value> {
 
 pub(super) async fn capabilities(State(app): State<Arc<App>>) -> Json<Value> {
     let ctx = app.shared.base.config.max_position_embeddings;
-    Json(json!({"supported_models": [{"model_name": model_name(&app), "max_context_length": ctx, "trainable": true, "sampleable": true}]}))
+    Json(
+        json!({"supported_models": [{"model_name": model_name(&app), "max_context_length": ctx, "trainable": true, "sampleable": true}]}),
+    )
 }
 
 pub(super) async fn create_session() -> Json<Value> {
-    let id = format!("s{:08x}", hearth_engine::rng::Rng::new(crate::worker::now_ms() ^ u64::from(std::process::id())).next_u64() as u32);
+    let id = format!(
+        "s{:08x}",
+        hearth_engine::rng::Rng::new(crate::worker::now_ms() ^ u64::from(std::process::id())).next_u64() as u32
+    );
     Json(json!({"session_id": id, "type": "create_session"}))
 }
 
@@ -32,7 +37,6 @@ pub(super) async fn heartbeat(b: Result<Bytes, BytesRejection>) -> Response {
     Json(json!({"type": "session_heartbeat"})).into_response()
 }
 
-
 /// Unix seconds as an ISO 8601 UTC time.
 pub(super) fn iso_time(secs: f64) -> String {
     let s = secs.max(0.0) as i64;
@@ -42,13 +46,21 @@ pub(super) fn iso_time(secs: f64) -> String {
 }
 
 pub(super) fn modified(path: &std::path::Path) -> f64 {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0.0, |d| d.as_secs_f64())
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// A run's checkpoints in Tinker's shape (`state` ones as `weights/`, sampler adapters as
 /// `sampler_weights/`; merged and GGUF exports are hearth's own and not listed).
 pub(super) fn checkpoints_of(app: &App, run: &str) -> Result<Vec<Value>, ApiError> {
-    let rows = app.shared.registry.checkpoints(app.shared.base_key(), run).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")))?;
+    let rows = app
+        .shared
+        .registry
+        .checkpoints(app.shared.base_key(), run)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")))?;
     let model = model_of(run);
     let mut out = Vec::new();
     for r in rows {
@@ -61,7 +73,9 @@ pub(super) fn checkpoints_of(app: &App, run: &str) -> Result<Vec<Value>, ApiErro
         if !dir.is_dir() {
             continue;
         }
-        let size: u64 = std::fs::read_dir(dir).map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+        let size: u64 = std::fs::read_dir(dir)
+            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
         out.push(json!({
             "checkpoint_id": format!("{}/{name}", kind.dir()),
             "checkpoint_type": if kind == CkKind::Weights { "training" } else { "sampler" },
@@ -136,7 +150,10 @@ pub(super) async fn list_all_checkpoints(State(app): State<Arc<App>>, Query(p): 
     Json(json!({"checkpoints": page, "cursor": {"offset": p.offset, "limit": p.limit, "total_count": total}}))
 }
 
-pub(super) async fn delete_checkpoint(State(app): State<Arc<App>>, Path((id, ckpt)): Path<(String, String)>) -> Response {
+pub(super) async fn delete_checkpoint(
+    State(app): State<Arc<App>>,
+    Path((id, ckpt)): Path<(String, String)>,
+) -> Response {
     let run = || -> Result<Value, ApiError> {
         let run = run_of(&id)?;
         let path = format!("tinker://{}/{}", model_of(&run), ckpt.trim_start_matches('/'));
@@ -146,8 +163,13 @@ pub(super) async fn delete_checkpoint(State(app): State<Arc<App>>, Path((id, ckp
         if !dir.is_dir() {
             return Err(ApiError::not_found(format!("no checkpoint {path}")));
         }
-        app.shared.registry.remove_checkpoint(app.shared.base_key(), &run, &hname).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")))?;
-        std::fs::remove_dir_all(&dir).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("removing {path}: {e}")))?;
+        app.shared
+            .registry
+            .remove_checkpoint(app.shared.base_key(), &run, &hname)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")))?;
+        std::fs::remove_dir_all(&dir).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("removing {path}: {e}"))
+        })?;
         Ok(json!({"deleted": path}))
     };
     run().map(Json).map_or_else(err, IntoResponse::into_response)

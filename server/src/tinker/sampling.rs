@@ -44,7 +44,9 @@ pub(super) async fn create_sampling_session(State(app): State<Arc<App>>, b: Resu
 
 pub(super) async fn get_sampler(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     match lock(&app.tinker.samplers).get(&id) {
-        Some(s) => Json(json!({"sampler_id": id, "base_model": s.base_model, "model_path": s.model_path})).into_response(),
+        Some(s) => {
+            Json(json!({"sampler_id": id, "base_model": s.base_model, "model_path": s.model_path})).into_response()
+        }
         None => err(ApiError::not_found(format!("no sampler {id:?} (samplers live until the server stops)"))),
     }
 }
@@ -108,11 +110,19 @@ pub(super) fn sampling_of(app: &App, p: SamplingIn) -> Result<SamplingParams, Ap
             .into_iter()
             .map(|v| match v {
                 Value::String(s) => Ok(Stop::Text(s)),
-                Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(Stop::Token).ok_or_else(|| ApiError::invalid(format!("sampling_params.stop: {n} is not a token id"))),
-                other => Err(ApiError::invalid(format!("sampling_params.stop: {other} is neither text nor a token id"))),
+                Value::Number(n) => n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(Stop::Token)
+                    .ok_or_else(|| ApiError::invalid(format!("sampling_params.stop: {n} is not a token id"))),
+                other => {
+                    Err(ApiError::invalid(format!("sampling_params.stop: {other} is neither text nor a token id")))
+                }
             })
             .collect::<Result<_, _>>()?,
-        Some(other) => return Err(ApiError::invalid(format!("sampling_params.stop: {other} is neither text nor a list"))),
+        Some(other) => {
+            return Err(ApiError::invalid(format!("sampling_params.stop: {other} is neither text nor a list")))
+        }
     };
     Ok(SamplingParams {
         max_tokens: p.max_tokens.unwrap_or(d.max_tokens),
@@ -129,12 +139,17 @@ pub(super) async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesR
         let v: Value = body(b)?;
         let key = body_key("asample", v.to_string().as_bytes());
         let req: ASample = typed(v)?;
-        let sampler = req.sampling_session_id.clone().ok_or_else(|| ApiError::invalid("asample: sampling_session_id is missing"))?;
+        let sampler = req
+            .sampling_session_id
+            .clone()
+            .ok_or_else(|| ApiError::invalid("asample: sampling_session_id is missing"))?;
         if !lock(&app.tinker.samplers).contains_key(&sampler) {
             return Err(ApiError::not_found(format!("no sampler {sampler:?} (samplers live until the server stops)")));
         }
         if req.topk_prompt_logprobs > 0 || req.topk_sample_logprobs > 0 {
-            return Err(ApiError::invalid("topk_prompt_logprobs / topk_sample_logprobs: hearth returns the chosen tokens' logprobs only"));
+            return Err(ApiError::invalid(
+                "topk_prompt_logprobs / topk_sample_logprobs: hearth returns the chosen tokens' logprobs only",
+            ));
         }
         if !(1..=1024).contains(&req.num_samples) {
             return Err(ApiError::invalid(format!("num_samples = {}: expected 1 to 1024", req.num_samples)));
@@ -142,14 +157,26 @@ pub(super) async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesR
         let mut prompt = Vec::new();
         for (i, c) in req.prompt.chunks.iter().enumerate() {
             if c.kind.as_deref().is_some_and(|k| k != "encoded_text") {
-                return Err(ApiError::invalid(format!("prompt.chunks[{i}]: type {:?}; hearth takes encoded_text only", c.kind)));
+                return Err(ApiError::invalid(format!(
+                    "prompt.chunks[{i}]: type {:?}; hearth takes encoded_text only",
+                    c.kind
+                )));
             }
             for &t in &c.tokens {
-                prompt.push(u32::try_from(t).map_err(|_| ApiError::invalid(format!("prompt.chunks[{i}]: {t} is not a token id")))?);
+                prompt.push(
+                    u32::try_from(t)
+                        .map_err(|_| ApiError::invalid(format!("prompt.chunks[{i}]: {t} is not a token id")))?,
+                );
             }
         }
         let params = sampling_of(&app, req.sampling_params.unwrap_or_default())?;
-        let input = SampleInput { prompt, num_samples: req.num_samples, sampling_params: params, prompt_logprobs: req.prompt_logprobs, base_model_only: false };
+        let input = SampleInput {
+            prompt,
+            num_samples: req.num_samples,
+            sampling_params: params,
+            prompt_logprobs: req.prompt_logprobs,
+            base_model_only: false,
+        };
         // checked and recorded under one lock: two copies of a request make one future
         let mut seen = lock(&app.tinker.samples_seen);
         let place = req.seq_id.map(|seq| (sampler.clone(), seq));
@@ -168,7 +195,8 @@ pub(super) async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesR
             &app,
             vec![(sampler.clone(), Op::SamplerSample(input))],
             Box::new(|mut r| {
-                let out: SampleOutput = serde_json::from_value(r.remove(0)).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+                let out: SampleOutput = serde_json::from_value(r.remove(0))
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
                 Ok(Fut::Proto(sample_output(&out)))
             }),
         );

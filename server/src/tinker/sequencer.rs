@@ -47,7 +47,9 @@ pub enum SeqError {
         next: i64,
     },
     /// The id was consumed by a request refused with an error.
-    #[error("model {model}: seq_id {seq} was already answered with an error; send the next request with the next seq_id")]
+    #[error(
+        "model {model}: seq_id {seq} was already answered with an error; send the next request with the next seq_id"
+    )]
     Refused {
         /// The model id.
         model: String,
@@ -55,7 +57,9 @@ pub enum SeqError {
         seq: i64,
     },
     /// The id is more than [`WINDOW`] ahead of `next`.
-    #[error("model {model}: seq_id {seq} is too far ahead of the next expected, {next}: at most {WINDOW} ahead are taken")]
+    #[error(
+        "model {model}: seq_id {seq} is too far ahead of the next expected, {next}: at most {WINDOW} ahead are taken"
+    )]
     TooFar {
         /// The model id.
         model: String,
@@ -100,7 +104,11 @@ fn lock<S>(m: &Mutex<S>) -> std::sync::MutexGuard<'_, S> {
 
 impl<T: Clone> Queue<T> {
     fn new(model: &str, first: i64) -> Self {
-        Queue { model: model.to_string(), next: watch::channel(first).0, state: Mutex::new(State { seen: BTreeMap::new(), consumed: BTreeSet::new() }) }
+        Queue {
+            model: model.to_string(),
+            next: watch::channel(first).0,
+            state: Mutex::new(State { seen: BTreeMap::new(), consumed: BTreeSet::new() }),
+        }
     }
 
     /// Whether `seq` may take a place: not seen, not passed, not consumed, within the window.
@@ -163,7 +171,12 @@ impl<T: Clone> Ticket<T> {
             Ok(Ok(n)) if n == self.seq => Ok(()),
             // `next` moves past an id only once it is answered, and this one is not yet
             Ok(Ok(next)) => Err(SeqError::Passed { model: self.queue.model.clone(), seq: self.seq, next }),
-            Ok(Err(_)) | Err(_) => Err(SeqError::Gap { model: self.queue.model.clone(), seq: self.seq, missing: *self.queue.next.borrow(), waited: self.gap_wait }),
+            Ok(Err(_)) | Err(_) => Err(SeqError::Gap {
+                model: self.queue.model.clone(),
+                seq: self.seq,
+                missing: *self.queue.next.borrow(),
+                waited: self.gap_wait,
+            }),
         }
     }
 }
@@ -210,7 +223,11 @@ impl<T: Clone> Sequencer<T> {
         let queue = self.queue(model, seq);
         let mut st = lock(&queue.state);
         if let Some((k, p)) = st.seen.get(&seq) {
-            return if *k == key { Ok(Admitted::Again(p.clone())) } else { Err(SeqError::Conflict { model: model.to_string(), seq }) };
+            return if *k == key {
+                Ok(Admitted::Again(p.clone()))
+            } else {
+                Err(SeqError::Conflict { model: model.to_string(), seq })
+            };
         }
         queue.check(&st, seq)?;
         let p = payload();
@@ -277,7 +294,12 @@ mod tests {
         let Admitted::First(10, _t) = first else { panic!("a first admission") };
         assert!(matches!(s.admit("m", 1, 7, || 11), Ok(Admitted::Again(10))));
         assert_eq!(s.admit("m", 1, 8, || 12).err(), Some(SeqError::Conflict { model: "m".into(), seq: 1 }));
-        assert!(s.admit("m", 1, 8, || 12).err().unwrap().to_string().contains("seq_id 1 was already used by a different request"));
+        assert!(s
+            .admit("m", 1, 8, || 12)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("seq_id 1 was already used by a different request"));
     }
 
     #[test]

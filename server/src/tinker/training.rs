@@ -53,7 +53,9 @@ pub(super) fn lora_of(c: &LoraCfg) -> Result<TrainingConfig, ApiError> {
         modules.push(TargetModule::LmHead);
     }
     if modules.is_empty() {
-        return Err(ApiError::invalid("lora_config: train_mlp, train_attn and train_unembed are all false: nothing to train"));
+        return Err(ApiError::invalid(
+            "lora_config: train_mlp, train_attn and train_unembed are all false: nothing to train",
+        ));
     }
     if !(1..=1024).contains(&c.rank) {
         return Err(ApiError::invalid(format!("lora_config.rank = {}: expected 1 to 1024", c.rank)));
@@ -69,7 +71,9 @@ pub(super) fn check_base(app: &App, base_model: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         // one server, one base model: say which one it is
-        Err(ApiError::invalid(format!("base_model {base_model:?}: this server holds {served:?} (one base model per server)")))
+        Err(ApiError::invalid(format!(
+            "base_model {base_model:?}: this server holds {served:?} (one base model per server)"
+        )))
     }
 }
 
@@ -139,7 +143,10 @@ pub(super) fn model_info(app: &App, model_id: &str) -> Result<Value, ApiError> {
 }
 
 pub(super) async fn get_info(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
-    body::<ModelId>(b).and_then(|r| model_info(&app, &r.model_id)).map(Json).map_or_else(err, IntoResponse::into_response)
+    body::<ModelId>(b)
+        .and_then(|r| model_info(&app, &r.model_id))
+        .map(Json)
+        .map_or_else(err, IntoResponse::into_response)
 }
 
 pub(super) async fn forward_backward(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -155,12 +162,18 @@ pub(super) async fn forward_backward(State(app): State<Arc<App>>, headers: Heade
     };
     let run = || -> Result<Value, ApiError> {
         let Some(decoded) = decoded else {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is larger than --max-body-bytes"));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body is larger than --max-body-bytes",
+            ));
         };
         if headers.get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity") {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_input", "Content-Encoding: this server reads uncompressed protobuf (client/config says proto_compress_fwdbwd: false)"));
         }
-        let req = decoded.map_err(|e| ApiError::invalid(format!("forward_backward: not a tinker_public.ForwardBackwardRequest protobuf: {e}")))?;
+        let req = decoded.map_err(|e| {
+            ApiError::invalid(format!("forward_backward: not a tinker_public.ForwardBackwardRequest protobuf: {e}"))
+        })?;
         let run = known_run(&app, &req.model_id)?;
         let key = fb_key(&req);
         // a bad datum fails the future (its seq_id is used: the SDK has counted it)
@@ -173,7 +186,8 @@ pub(super) async fn forward_backward(State(app): State<Arc<App>>, headers: Heade
                 app,
                 vec![(run, op)],
                 Box::new(|mut r| {
-                    let out: ForwardBackwardOutput = serde_json::from_value(r.remove(0)).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+                    let out: ForwardBackwardOutput = serde_json::from_value(r.remove(0))
+                        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
                     Ok(Fut::Proto(fb_output(&out)))
                 }),
             )
@@ -221,7 +235,10 @@ pub(super) async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, Byt
                     grad_clip_norm: a.grad_clip_norm.unwrap_or(d.grad_clip_norm),
                 })
             }
-            (None, Some(p)) => Err(ApiError::invalid(format!("optimizer_params {}: hearth's optimizer is AdamW (adam_params)", p.get("type").unwrap_or(&Value::Null)))),
+            (None, Some(p)) => Err(ApiError::invalid(format!(
+                "optimizer_params {}: hearth's optimizer is AdamW (adam_params)",
+                p.get("type").unwrap_or(&Value::Null)
+            ))),
             (None, None) => Err(ApiError::invalid("optim_step: adam_params is missing")),
         };
         let id = ordered(&app, &req.model_id, req.seq_id, key, move |app| {
@@ -329,7 +346,10 @@ pub(super) async fn save_weights(State(app): State<Arc<App>>, b: Result<Bytes, B
     save(&app, "save_weights", b, CkKind::Weights)
 }
 
-pub(super) async fn save_weights_for_sampler(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn save_weights_for_sampler(
+    State(app): State<Arc<App>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     save(&app, "save_weights_for_sampler", b, CkKind::Sampler)
 }
 

@@ -39,7 +39,8 @@ impl Server {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert!(line.contains("listening on"), "server did not start: {line:?}");
-        let session: Value = serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).unwrap()).unwrap();
+        let session: Value =
+            serde_json::from_str(&std::fs::read_to_string(home.join("session.json")).unwrap()).unwrap();
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
         Server {
             child,
@@ -52,18 +53,25 @@ impl Server {
 
     /// POST JSON with the token; (status, body).
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.call(self.agent.post(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)), Some(body))
+        self.call(
+            self.agent.post(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)),
+            Some(body),
+        )
     }
 
     /// POST raw bytes with the token.
     pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
-        let req = self.agent.post(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token));
+        let req =
+            self.agent.post(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token));
         respond(req.send_bytes(body))
     }
 
     /// GET with the token.
     pub fn get(&self, path: &str) -> (u16, Value) {
-        self.call(self.agent.get(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)), None)
+        self.call(
+            self.agent.get(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)),
+            None,
+        )
     }
 
     fn call(&self, req: ureq::Request, body: Option<&Value>) -> (u16, Value) {
@@ -136,6 +144,9 @@ pub fn batch(text: &str) -> Value {
 pub fn train_step(s: &Server, run: &str, i: u64) -> (f64, u64) {
     let texts = ["hearth keeps the model warm", "one cell at a time", "nothing is ever lost"];
     let fb = s.ok(&format!("/v1/runs/{run}/forward_backward"), &batch(texts[(i % 3) as usize]));
-    let st = s.ok(&format!("/v1/runs/{run}/optim_step"), &json!({"learning_rate": 5e-3, "weight_decay": 0.1, "grad_clip_norm": 1.0}));
+    let st = s.ok(
+        &format!("/v1/runs/{run}/optim_step"),
+        &json!({"learning_rate": 5e-3, "weight_decay": 0.1, "grad_clip_norm": 1.0}),
+    );
     (fb["metrics"]["loss:sum"].as_f64().unwrap(), st["step"].as_u64().unwrap())
 }
