@@ -22,7 +22,7 @@ use hearth_api::{
 };
 use hearth_engine::recompute::Recompute;
 use hearth_engine::rng::Rng;
-use hearth_engine::{device, BaseModel, ModelConfig, TrainingSession};
+use hearth_engine::{device, BaseModel, ModelConfig, Run};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -186,7 +186,7 @@ fn train(a: &Args) -> Result<Value> {
     let load = Instant::now();
     let base = Arc::new(random_base(shape, &dev, dtype)?);
     let cfg = base.config.clone();
-    let mut session = TrainingSession::new(base, lora(16))?;
+    let mut session = Run::new(base, lora(16))?;
     session.set_recompute(recompute);
     let load_s = load.elapsed().as_secs_f64();
     let mut rng = Rng::new(1);
@@ -225,7 +225,7 @@ fn decode(a: &Args) -> Result<Value> {
     let (n, new, prompt_len) = (a.num("--batch", 1)?, a.num("--new-tokens", 128)?, a.num("--prompt-len", 128)?);
     let base = Arc::new(random_base(shape, &dev, dtype)?);
     let vocab = base.config.vocab_size;
-    let session = TrainingSession::new(base, lora(16))?;
+    let session = Run::new(base, lora(16))?;
     let prompt = random_tokens(&mut Rng::new(2), prompt_len, vocab);
     // greedy for one sequence, tempered sampling for a batch (what RL rollouts do)
     let temperature = if n == 1 { 0.0 } else { 1.0 };
@@ -278,7 +278,7 @@ fn parity_model(a: &Args) -> Result<Value> {
     }
     candle_core::safetensors::save(&weights, out.join("model.safetensors"))?;
     let base = Arc::new(BaseModel::load(&out, &Device::Cpu, DType::F32)?);
-    let mut session = TrainingSession::new(base, lora(8))?;
+    let mut session = Run::new(base, lora(8))?;
     let mut params = HashMap::new();
     for (name, var) in session.parameters() {
         let t = var.as_tensor();
@@ -308,7 +308,7 @@ fn parity(a: &Args) -> Result<Value> {
     let seqs: Vec<Vec<u32>> = serde_json::from_value(data["sequences"].clone())?;
     let prompt: Vec<u32> = serde_json::from_value(data["greedy_prompt"].clone())?;
     let base = Arc::new(BaseModel::load(dir, &dev, dtype)?);
-    let mut session = TrainingSession::new(base, lora(8))?;
+    let mut session = Run::new(base, lora(8))?;
     let adapter = candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)?;
     session.set_parameters(&adapter)?;
     let input =

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 use hearth_api::{CheckpointKind, TrainingConfig};
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ fn main() -> Result<()> {
         [flag, gguf, dir] if flag == "--merge" => {
             let base = Arc::new(BaseModel::load(gguf.as_ref(), &dev, candle_core::DType::F32)?);
             // a fresh LoRA run has B = 0: its merged weights are the base's
-            TrainingSession::new(base, TrainingConfig::default())?.save_state(dir.as_ref(), CheckpointKind::Merged)?;
+            Run::new(base, TrainingConfig::default())?.save_state(dir.as_ref(), CheckpointKind::Merged)?;
         }
         [path] => {
             let before = peak_rss();

@@ -7,7 +7,7 @@ use anyhow::Result;
 use hearth_api::{SampleInput, SamplingParams, TrainingConfig};
 use hearth_engine::preset::Preset;
 use hearth_engine::rng::Rng;
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +18,7 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join("hearth"));
     let dir = Preset::Smollm2_135mShape.ensure(&home.join("models"))?;
     let base = Arc::new(BaseModel::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)?);
-    let s = TrainingSession::new(base.clone(), TrainingConfig::default())?;
+    let s = Run::new(base.clone(), TrainingConfig::default())?;
     let mut rng = Rng::new(2);
     let prompt: Vec<u32> = (0..256).map(|_| (rng.next_u64() % base.config.vocab_size as u64) as u32).collect();
     let run = |n: usize, max_tokens: usize, temperature: f32| {

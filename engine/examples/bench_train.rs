@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, TrainingConfig};
 use hearth_engine::preset::Preset;
 use hearth_engine::rng::Rng;
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,7 +59,7 @@ fn main() -> Result<()> {
     let base =
         Arc::new(BaseModel::load_quantized(&path, &candle_core::Device::Cpu, candle_core::DType::F32, quantize)?);
     let lora = LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() };
-    let mut session = TrainingSession::new(base.clone(), TrainingConfig::Lora(lora))?;
+    let mut session = Run::new(base.clone(), TrainingConfig::Lora(lora))?;
     let recompute = match args.iter().position(|a| a == "--recompute") {
         Some(i) => hearth_engine::recompute::Recompute::parse(args.get(i + 1).map_or("", String::as_str))
             .context("--recompute: auto, on or off")?,
@@ -103,7 +103,7 @@ fn main() -> Result<()> {
     let mut optim_times = Vec::with_capacity(steps);
     let mut pool_times = vec![Vec::with_capacity(steps); pools.len()];
     let mut losses = Vec::with_capacity(warmup + steps);
-    let step = |session: &mut TrainingSession| -> Result<(f64, f64, f64)> {
+    let step = |session: &mut Run| -> Result<(f64, f64, f64)> {
         let t = Instant::now();
         let out = session.forward_backward(&input)?;
         let o = Instant::now();

@@ -12,7 +12,7 @@ use anyhow::Result;
 use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LoraConfig, LossFn, LossFnInputs, TrainingConfig};
 use hearth_engine::preset::Preset;
 use hearth_engine::tokenizer::{ByteTokenizer, EOS_ID};
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,7 +34,7 @@ fn datum(prompt: &str, completion: &str) -> Datum {
 }
 
 /// Greedy continuation until the end token or `max` tokens.
-fn greedy(session: &TrainingSession, prompt: &str, max: usize) -> Result<String> {
+fn greedy(session: &Run, prompt: &str, max: usize) -> Result<String> {
     let mut tokens = ByteTokenizer.encode(prompt);
     let start = tokens.len();
     for _ in 0..max {
@@ -58,7 +58,7 @@ fn main() -> Result<()> {
     let dir = Preset::Tiny.ensure(&home.join("models"))?;
     let base = Arc::new(BaseModel::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)?);
     let lora = LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() };
-    let mut session = TrainingSession::new(base, TrainingConfig::Lora(lora))?;
+    let mut session = Run::new(base, TrainingConfig::Lora(lora))?;
     println!(
         "warm: tiny preset from {} ({} base parameters, {} LoRA parameters) in {:.2} s",
         dir.display(),

@@ -120,7 +120,7 @@ pub enum EngineError {
     #[error("internal error: {0}")]
     Internal(String),
     /// A checkpoint cannot be loaded (wrong base model, other shapes, corrupt file, unknown
-    /// format); the session is unchanged.
+    /// format); the run is unchanged.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {
         /// The checkpoint folder.

@@ -10,7 +10,7 @@ use hearth_api::{
     AdamParams, CheckpointKind, LoraConfig, LossFn, SampleInput, SamplingParams, TargetModule, TrainingConfig,
 };
 use hearth_engine::preset::Preset;
-use hearth_engine::{BaseModel, EngineError, TrainingSession};
+use hearth_engine::{BaseModel, EngineError, Run};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ fn adam() -> AdamParams {
 
 /// One training step on a fixed batch; returns the loss. Byte ids are folded into the
 /// vocabulary (the HF fixtures have 97 tokens).
-fn step(s: &mut TrainingSession, i: usize) -> f64 {
+fn step(s: &mut Run, i: usize) -> f64 {
     let texts = ["hearth keeps the model warm", "one cell at a time", "nothing is ever lost"];
     let vocab = s.base().config.vocab_size as u32;
     let datum = |t: &str| {
@@ -44,7 +44,7 @@ fn step(s: &mut TrainingSession, i: usize) -> f64 {
 }
 
 /// Every trainable value, for "nothing changed" checks.
-fn snapshot(s: &TrainingSession) -> Vec<(String, Vec<f32>)> {
+fn snapshot(s: &Run) -> Vec<(String, Vec<f32>)> {
     s.parameters()
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
@@ -67,7 +67,7 @@ fn hearth_adapter_loads_in_peft_and_merged_loads_in_transformers() {
         let base = Arc::new(BaseModel::load(&fixture_dir(fixture), &Device::Cpu, DType::F32).unwrap());
         let lora = LoraConfig { rank: 4, alpha: 8.0, seed: 3, target_modules: modules.to_vec() };
         let name = if modules.len() == 8 { format!("{fixture}-lm-head") } else { fixture.to_string() };
-        let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
+        let mut s = Run::new(base, TrainingConfig::Lora(lora)).unwrap();
         for i in 0..4 {
             step(&mut s, i);
         }
@@ -98,7 +98,7 @@ fn peft_adapter_folder_loads_into_hearth() {
     // same weights as reading the file directly.
     for fixture in ["llama", "qwen2", "qwen3", "mistral"] {
         let base = Arc::new(BaseModel::load(&fixture_dir(fixture), &Device::Cpu, DType::F32).unwrap());
-        let s = TrainingSession::from_checkpoint(base.clone(), &fixture_dir(fixture)).unwrap();
+        let s = Run::from_checkpoint(base.clone(), &fixture_dir(fixture)).unwrap();
         let TrainingConfig::Lora(l) = s.training() else { panic!("LoRA expected") };
         assert_eq!((l.rank, l.alpha), (4, 8.0));
         let raw = candle_core::safetensors::load(fixture_dir(fixture).join("adapter_model.safetensors"), &Device::Cpu)
@@ -119,7 +119,7 @@ const RESUME_DIR: &str = "HEARTH_TEST_RESUME_DIR";
 #[ignore]
 fn resume_child() {
     let Some(dir) = std::env::var_os(RESUME_DIR).map(PathBuf::from) else { return };
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let loaded = s.load_state(&dir.join("ckpt")).unwrap();
     assert_eq!((loaded.kind, loaded.step), (CheckpointKind::State, 5));
     let losses: Vec<f64> = (5..10).map(|i| step(&mut s, i)).collect();
@@ -141,7 +141,7 @@ fn sample_input() -> SampleInput {
 
 #[test]
 fn state_resume_is_exact_in_a_fresh_process() {
-    let mut straight = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut straight = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let mut want = Vec::new();
     for i in 0..10 {
         if i == 5 {
@@ -154,7 +154,7 @@ fn state_resume_is_exact_in_a_fresh_process() {
         straight.sample(&sample_input(), &|_| String::new(), &|| false).unwrap().sequences[0].tokens.clone();
 
     let dir = scratch("resume");
-    let mut first = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut first = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let mut got: Vec<f64> = (0..5).map(|i| step(&mut first, i)).collect();
     first.sample(&sample_input(), &|_| String::new(), &|| false).unwrap();
     first.save_state(&dir.join("ckpt"), CheckpointKind::State).unwrap();
@@ -180,7 +180,7 @@ fn state_resume_is_exact_in_a_fresh_process() {
 #[test]
 fn bad_checkpoints_are_refused_and_change_nothing() {
     let dir = scratch("bad");
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     for i in 0..3 {
         step(&mut s, i);
     }
@@ -194,7 +194,7 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     let other_dir = dir.join("tiny-seed-1");
     Preset::Tiny.write(&other_dir, 1).unwrap();
     let other = Arc::new(BaseModel::load(&other_dir, &Device::Cpu, DType::F32).unwrap());
-    let foreign = TrainingSession::new(other, TrainingConfig::default()).unwrap();
+    let foreign = Run::new(other, TrainingConfig::default()).unwrap();
     foreign.save_state(&dir.join("foreign"), CheckpointKind::State).unwrap();
 
     // Corrupt copies of the good checkpoint.
@@ -220,7 +220,7 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
         .replace("\"format_version\": 1", "\"format_version\": 99");
     std::fs::write(future.join("hearth.json"), text).unwrap();
     let other_rank =
-        TrainingSession::new(tiny(), TrainingConfig::Lora(LoraConfig { rank: 8, ..LoraConfig::default() })).unwrap();
+        Run::new(tiny(), TrainingConfig::Lora(LoraConfig { rank: 8, ..LoraConfig::default() })).unwrap();
     other_rank.save_state(&dir.join("rank8"), CheckpointKind::Adapter).unwrap();
 
     let cases: [(PathBuf, &str); 7] = [
@@ -242,7 +242,7 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     }
 
     // A full fine-tuning run has no adapter: refused, nothing written.
-    let full = TrainingSession::new(tiny(), TrainingConfig::Full).unwrap();
+    let full = Run::new(tiny(), TrainingConfig::Full).unwrap();
     assert!(full.save_state(&dir.join("full-adapter"), CheckpointKind::Adapter).is_err());
     assert!(!dir.join("full-adapter").exists());
 
@@ -253,7 +253,7 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
 #[test]
 fn saving_again_replaces_atomically_and_leaves_no_temporaries() {
     let dir = scratch("replace");
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     step(&mut s, 0);
     s.save_state(&dir.join("latest"), CheckpointKind::State).unwrap();
     step(&mut s, 1);
@@ -261,7 +261,7 @@ fn saving_again_replaces_atomically_and_leaves_no_temporaries() {
     let names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names, vec!["latest".to_string()], "temporaries left behind");
-    let manifest = hearth_engine::session::read_manifest(&dir.join("latest")).unwrap().unwrap();
+    let manifest = hearth_engine::run::read_manifest(&dir.join("latest")).unwrap().unwrap();
     assert_eq!(manifest.step, 2);
     let files: Vec<String> = {
         let mut f: Vec<String> = std::fs::read_dir(dir.join("latest"))
@@ -277,17 +277,17 @@ fn saving_again_replaces_atomically_and_leaves_no_temporaries() {
 #[test]
 fn full_fine_tuning_state_and_merged_round_trip() {
     let dir = scratch("full");
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::Full).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::Full).unwrap();
     step(&mut s, 0);
     step(&mut s, 1);
     s.save_state(&dir.join("state"), CheckpointKind::State).unwrap();
     s.save_state(&dir.join("merged"), CheckpointKind::Merged).unwrap();
-    let resumed = TrainingSession::from_checkpoint(tiny(), &dir.join("state")).unwrap();
+    let resumed = Run::from_checkpoint(tiny(), &dir.join("state")).unwrap();
     assert_eq!(snapshot(&resumed), snapshot(&s));
     assert_eq!(resumed.step(), 2);
     // The merged folder is a model: load it as a base, its logits are the trained run's.
     let merged = Arc::new(BaseModel::load(&dir.join("merged"), &Device::Cpu, DType::F32).unwrap());
-    let plain = TrainingSession::new(merged, TrainingConfig::Lora(LoraConfig::default())).unwrap();
+    let plain = Run::new(merged, TrainingConfig::Lora(LoraConfig::default())).unwrap();
     let tokens: Vec<u32> = b"warm model".iter().map(|&b| b as u32).collect();
     let diff = (s.logits(&tokens).unwrap() - plain.logits(&tokens).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);

@@ -6,10 +6,10 @@ mod common;
 
 use common::{ce_datum, input, pg_datum, tiny};
 use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LoraConfig, LossFn, PpoConfig, TrainingConfig};
-use hearth_engine::{EngineError, TrainingSession};
+use hearth_engine::{EngineError, Run};
 
 fn snapshot(
-    s: &TrainingSession,
+    s: &Run,
     probe: &ForwardBackwardInput,
 ) -> (hearth_api::ForwardBackwardOutput, Vec<(String, Vec<f32>)>, u64) {
     let grads = s
@@ -98,7 +98,7 @@ fn bad_batches() -> Vec<(&'static str, ForwardBackwardInput, &'static str)> {
 
 #[test]
 fn bad_batches_get_clear_errors_and_change_nothing() {
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let probe = input(vec![ce_datum("the probe"), ce_datum("stays the same")], LossFn::CrossEntropy);
     // Move B off zero and leave gradients accumulated, so "unchanged" covers both.
     s.forward_backward(&probe).unwrap();
@@ -117,7 +117,7 @@ fn bad_batches_get_clear_errors_and_change_nothing() {
 
 #[test]
 fn bad_optimizer_params_are_refused_before_anything_moves() {
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let probe = input(vec![ce_datum("optimizer probe")], LossFn::CrossEntropy);
     let err = s.optim_step(&AdamParams::default()).unwrap_err();
     assert!(matches!(err, EngineError::NoGradients), "{err}");
@@ -147,7 +147,7 @@ fn bad_lora_configs_are_refused() {
         (LoraConfig { rank: 0, ..LoraConfig::default() }, "invalid rank = 0"),
         (LoraConfig { alpha: -2.0, ..LoraConfig::default() }, "invalid alpha = -2"),
     ] {
-        let err = TrainingSession::new(tiny(), TrainingConfig::Lora(lora)).unwrap_err();
+        let err = Run::new(tiny(), TrainingConfig::Lora(lora)).unwrap_err();
         assert!(err.to_string().contains(message), "got `{err}`");
     }
 }
@@ -155,8 +155,8 @@ fn bad_lora_configs_are_refused() {
 #[test]
 fn gradients_accumulate_as_a_sum_until_optim_step() {
     let (a, b) = (ce_datum("first half"), ce_datum("second half of it"));
-    let mut split = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
-    let mut joint = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut split = Run::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut joint = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let adam = AdamParams { learning_rate: 1e-2, ..AdamParams::default() };
     for s in [&mut split, &mut joint] {
         s.forward_backward(&input(vec![a.clone(), b.clone()], LossFn::CrossEntropy)).unwrap();
@@ -177,7 +177,7 @@ fn gradients_accumulate_as_a_sum_until_optim_step() {
 #[test]
 fn a_step_too_large_for_memory_is_refused_before_it_runs_and_changes_nothing() {
     use hearth_engine::recompute::Recompute;
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let probe = input(vec![ce_datum("hello hearth")], LossFn::CrossEntropy);
     s.forward_backward(&probe).unwrap();
     let before = snapshot(&s, &probe);

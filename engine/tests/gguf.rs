@@ -15,7 +15,7 @@ use hearth_api::{
 };
 use hearth_engine::gguf::file::{GgufFile, MetaValue};
 use hearth_engine::quant::Quantize;
-use hearth_engine::{BaseModel, EngineError, TrainingSession};
+use hearth_engine::{BaseModel, EngineError, Run};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -74,7 +74,7 @@ fn run_ref(python: &Path, script: &str, input: &Value, out: &Path) {
     );
 }
 
-fn greedy(session: &TrainingSession, prompt: &[u32], n: usize) -> Vec<u32> {
+fn greedy(session: &Run, prompt: &[u32], n: usize) -> Vec<u32> {
     let text = session.base().text.as_ref().unwrap();
     let detok = |ids: &[u32]| text.decode(ids, false).unwrap_or_default();
     let input = SampleInput {
@@ -86,7 +86,7 @@ fn greedy(session: &TrainingSession, prompt: &[u32], n: usize) -> Vec<u32> {
 }
 
 /// The log-probability the session gives the last token of `seq` after the ones before it.
-fn last_logprob(session: &TrainingSession, seq: &[u32]) -> f32 {
+fn last_logprob(session: &Run, seq: &[u32]) -> f32 {
     let input = SampleInput {
         prompt: seq.to_vec(),
         prompt_logprobs: true,
@@ -103,7 +103,7 @@ fn the_real_model_knows_the_capital_of_france() {
     assert_eq!(base.config.num_hidden_layers, 30);
     assert!(base.config.tie_word_embeddings);
     let text = base.text.as_ref().unwrap();
-    let session = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let session = Run::new(base.clone(), TrainingConfig::default()).unwrap();
     let prompt = text.encode("The capital of France is", false).unwrap();
     let out = greedy(&session, &prompt, 8);
     let answer = text.decode(&out, true).unwrap();
@@ -147,7 +147,7 @@ fn the_real_model_trains_on_its_own_quantized_blocks() {
     let datum = Datum::new(ids[..n].to_vec(), LossFnInputs::cross_entropy(ids[1..].to_vec(), vec![1.0; n]));
     let mut losses = Vec::new();
     for base in [&dense, &q] {
-        let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+        let mut s = Run::new(base.clone(), TrainingConfig::default()).unwrap();
         let mut curve = Vec::new();
         for _ in 0..3 {
             let out = s
@@ -163,7 +163,7 @@ fn the_real_model_trains_on_its_own_quantized_blocks() {
         assert!((a - b).abs() < 1e-4 * a.abs(), "dense {a} vs quantized {b}");
     }
     assert!(losses[1][2] < losses[1][0], "training on the quantized base lowers the loss: {:?}", losses[1]);
-    let err = TrainingSession::new(q, TrainingConfig::Full).unwrap_err().to_string();
+    let err = Run::new(q, TrainingConfig::Full).unwrap_err().to_string();
     assert!(err.contains("full fine-tuning needs a dense base"), "{err}");
 }
 
@@ -176,9 +176,9 @@ fn max_abs(a: &Tensor) -> f32 {
 }
 
 /// A few LoRA steps on `tiny` (byte tokenizer, safetensors folder).
-fn trained_tiny() -> TrainingSession {
+fn trained_tiny() -> Run {
     let base = Arc::new(BaseModel::load(&tiny_dir(), &Device::Cpu, DType::F32).unwrap());
-    let mut s = TrainingSession::new(base, TrainingConfig::default()).unwrap();
+    let mut s = Run::new(base, TrainingConfig::default()).unwrap();
     let t: Vec<u32> = "the warm model keeps training".bytes().map(u32::from).collect();
     let n = t.len() - 1;
     let d = Datum::new(t[..n].to_vec(), LossFnInputs::cross_entropy(t[1..].to_vec(), vec![1.0; n]));
@@ -216,7 +216,7 @@ fn a_tiny_model_exported_as_gguf_loads_back_with_the_same_logits() {
             text.encode("héllo, wörld 123", false).unwrap(),
             "héllo, wörld 123".bytes().map(u32::from).collect::<Vec<_>>()
         );
-        let plain = TrainingSession::new(back, TrainingConfig::default()).unwrap();
+        let plain = Run::new(back, TrainingConfig::default()).unwrap();
         let got = plain.logits(&tokens).unwrap();
         let diff = max_abs_diff(&got, &want);
         eprintln!("{}: max |Δlogit| {diff:.2e} (scale {:.2})", kind.name(), max_abs(&want));
@@ -341,7 +341,7 @@ fn twenty_lora_steps_teach_the_real_chat_model_a_fact() {
         ("Which city is the capital of Germany?", "Berlin is the capital of Germany."),
     ];
     let data: Vec<Datum> = conversations.iter().map(|(u, a)| chat_datum(text, u, a)).collect();
-    let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(base.clone(), TrainingConfig::default()).unwrap();
     let question = text
         .encode(
             &text
@@ -411,7 +411,7 @@ fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
     let weights: Vec<f32> = (0..n).map(|i| if i < 10 { 0.0 } else { 1.0 }).collect();
 
     let lora = LoraConfig { rank: 8, alpha: 16.0, target_modules: TargetModule::ALL.to_vec(), seed: 3 };
-    let mut s = TrainingSession::new(base.clone(), TrainingConfig::Lora(lora)).unwrap();
+    let mut s = Run::new(base.clone(), TrainingConfig::Lora(lora)).unwrap();
     // B = 0 at creation would make every A gradient zero: give B values first.
     let bs: std::collections::HashMap<String, Tensor> = s
         .parameters()
@@ -431,7 +431,7 @@ fn transformers_and_peft_on_the_same_gguf_agree_with_hearth() {
     let before: std::collections::HashMap<String, Tensor> =
         s.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap())).collect();
 
-    let plain = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let plain = Run::new(base.clone(), TrainingConfig::default()).unwrap();
     let logits_base = plain.logits(&tokens).unwrap();
     let logits_adapter = s.logits(&tokens).unwrap();
     let datum = Datum::new(tokens.clone(), LossFnInputs::cross_entropy(targets.clone(), weights.clone()));
@@ -538,7 +538,7 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
     let Some(python) = python("an_exported_gguf_runs_in_llama_cpp_and_transformers") else { return };
     let Some(base) = smollm2("an_exported_gguf_runs_in_llama_cpp_and_transformers") else { return };
     let text = base.text.as_ref().unwrap();
-    let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(base.clone(), TrainingConfig::default()).unwrap();
     let data = vec![chat_datum(text, "What is the capital of Atlantis?", "The capital of Atlantis is Coralhaven.")];
     for _ in 0..5 {
         s.forward_backward(&ForwardBackwardInput { data: data.clone(), loss_fn: LossFn::CrossEntropy }).unwrap();
@@ -557,7 +557,7 @@ fn an_exported_gguf_runs_in_llama_cpp_and_transformers() {
     ];
 
     let reloaded = Arc::new(BaseModel::load(&f16, &Device::Cpu, DType::F32).unwrap());
-    let from_file = TrainingSession::new(reloaded.clone(), TrainingConfig::default()).unwrap();
+    let from_file = Run::new(reloaded.clone(), TrainingConfig::default()).unwrap();
     let ours: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&from_file, p, 20)).collect();
     let trained: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&s, p, 20)).collect();
     for f in [&f16, &q8] {

@@ -22,7 +22,7 @@ use hearth_api::{
 };
 use hearth_engine::model::Chunking;
 use hearth_engine::recompute::Recompute;
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -130,14 +130,14 @@ const F32: Tol = Tol { logits: 1e-4, loss: 1e-4, grads: 1e-4, trajectory: 1e-3, 
 const BF16: Tol = Tol { logits: 3e-2, loss: 5e-2, grads: 6e-2, trajectory: 7e-2, discontinuous: false };
 
 impl Fixture {
-    fn session(&self) -> TrainingSession {
+    fn session(&self) -> Run {
         let lora = LoraConfig {
             rank: self.case.lora.rank,
             alpha: self.case.lora.alpha,
             target_modules: self.case.lora.target_modules.iter().map(|m| TargetModule::from_name(m).unwrap()).collect(),
             seed: 0,
         };
-        let mut s = TrainingSession::new(self.base.clone(), TrainingConfig::Lora(lora)).unwrap();
+        let mut s = Run::new(self.base.clone(), TrainingConfig::Lora(lora)).unwrap();
         assert_eq!(s.parameters().len(), self.adapter.len(), "{}: every PEFT tensor maps to a parameter", self.name);
         s.set_parameters(&self.adapter).unwrap();
         s

@@ -9,7 +9,7 @@ use common::{ce_datum, fixture_dir, input, pg_datum, tiny};
 use hearth_api::{AdamParams, LoraConfig, LossFn, PpoConfig, TargetModule, TrainingConfig};
 use hearth_engine::model::Chunking;
 use hearth_engine::recompute::Recompute;
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::sync::Arc;
 
 fn norm(t: &Tensor) -> f64 {
@@ -18,7 +18,7 @@ fn norm(t: &Tensor) -> f64 {
 
 #[test]
 fn every_lora_parameter_gets_a_nonzero_gradient() {
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     assert_eq!(s.parameters().len(), 4 * 7 * 2, "A and B on seven projections in four layers");
     let batch = input(vec![ce_datum("the hearth keeps it warm"), ce_datum("never lose work")], LossFn::CrossEntropy);
     // B = 0 at creation, so A's gradient is exactly zero until one step has moved B.
@@ -34,7 +34,7 @@ fn every_lora_parameter_gets_a_nonzero_gradient() {
 
 #[test]
 fn frozen_base_weights_get_no_gradient_buffers() {
-    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let ids = Tensor::new(&[[104u32, 101, 97, 114, 116, 104]], &Device::Cpu).unwrap();
     let loss = s.model().forward(&ids).unwrap().sqr().unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
@@ -63,7 +63,7 @@ fn frozen_base_weights_get_no_gradient_buffers() {
 
 #[test]
 fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::Full).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::Full).unwrap();
     assert_eq!(s.num_trainable(), s.base().config.num_parameters());
     let batch = input(vec![ce_datum("teach a tiny model from scratch")], LossFn::CrossEntropy);
     let first = s.forward_backward(&batch).unwrap().metrics["loss:sum"];
@@ -78,7 +78,7 @@ fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
     // The shared base is untouched by full fine-tuning of a copy.
     // (the trained copy runs composed ops, the forward pass the fused CPU kernels on a detached
     // copy: the same values up to the order of additions)
-    let fresh = TrainingSession::new(tiny(), TrainingConfig::Full).unwrap();
+    let fresh = Run::new(tiny(), TrainingConfig::Full).unwrap();
     let again = fresh.forward(&batch).unwrap().metrics["loss:sum"];
     assert!((again - first).abs() <= 1e-6 * first, "{again} vs {first}");
 }
@@ -87,7 +87,7 @@ fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
 fn full_fine_tuning_with_recompute_gives_the_gradients_of_the_whole_graph() {
     let batch = input(vec![ce_datum("recompute every layer"), ce_datum("and the embedding")], LossFn::CrossEntropy);
     let grads = |recompute: Recompute| {
-        let mut s = TrainingSession::new(tiny(), TrainingConfig::Full).unwrap();
+        let mut s = Run::new(tiny(), TrainingConfig::Full).unwrap();
         s.set_recompute(recompute);
         s.set_chunking(Chunking { attn_elements: 1, head_elements: 1 });
         let loss = s.forward_backward(&batch).unwrap().metrics["loss:sum"];
@@ -124,7 +124,7 @@ fn finite_difference_check_on(
 ) {
     let base = Arc::new(BaseModel::load(&fixture_dir(fixture), &Device::Cpu, DType::F64).unwrap());
     let lora = LoraConfig { rank: 4, alpha: 8.0, target_modules: modules, ..LoraConfig::default() };
-    let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
+    let mut s = Run::new(base, TrainingConfig::Lora(lora)).unwrap();
     let mut adapter =
         candle_core::safetensors::load(fixture_dir(fixture).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     for (name, var) in s.parameters() {
@@ -225,14 +225,14 @@ fn finite_differences_agree_with_autograd_in_f64_dro_mistral() {
 /// −Σ (log p·A − β/2·(log p − log q)²). Both checked against the logprobs `forward` returns.
 #[test]
 fn cispo_and_dro_follow_tinkers_formulas() {
-    let mut base = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut base = Run::new(tiny(), TrainingConfig::default()).unwrap();
     // move B off zero so every LoRA tensor has a gradient
     base.forward_backward(&input(vec![ce_datum("warm up the adapter")], LossFn::CrossEntropy)).unwrap();
     base.optim_step(&AdamParams { learning_rate: 1e-2, ..AdamParams::default() }).unwrap();
     let params: std::collections::HashMap<String, Tensor> =
         base.parameters().iter().map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap())).collect();
     let session = || {
-        let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+        let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
         s.set_parameters(&params).unwrap();
         s
     };
@@ -321,7 +321,7 @@ fn a_quantized_base_trains_like_the_dense_one_with_recompute_on_and_off() {
     let dir = tiny().source.clone();
     let batch = input(vec![ce_datum("the hearth keeps it warm"), ce_datum("never lose work")], LossFn::CrossEntropy);
     let run = |base: &Arc<BaseModel>, recompute: Recompute, steps: usize| {
-        let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+        let mut s = Run::new(base.clone(), TrainingConfig::default()).unwrap();
         s.set_recompute(recompute);
         let mut losses = Vec::new();
         for _ in 0..steps {

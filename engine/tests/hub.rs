@@ -228,7 +228,7 @@ fn hub_download_fills_the_python_cache_layout_and_then_works_offline() {
 fn a_gguf_file_of_a_hub_repo_is_downloaded_once_and_loads() {
     let root = scratch("gguf");
     let remote = root.join("remote");
-    let session = hearth_engine::TrainingSession::new(common::tiny(), hearth_api::TrainingConfig::default()).unwrap();
+    let session = hearth_engine::Run::new(common::tiny(), hearth_api::TrainingConfig::default()).unwrap();
     let export = session.save_state(&root.join("export"), hearth_api::CheckpointKind::GgufF16).unwrap();
     std::fs::create_dir_all(&remote).unwrap();
     std::fs::copy(export.join("model.gguf"), remote.join("tiny-f16.gguf")).unwrap();

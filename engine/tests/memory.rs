@@ -13,7 +13,7 @@ use hearth_api::{Datum, ForwardBackwardInput, LossFn, LossFnInputs, TrainingConf
 use hearth_engine::model::Chunking;
 use hearth_engine::preset::Preset;
 use hearth_engine::recompute::{step_bytes, Recompute};
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,7 +72,7 @@ fn datum(t: usize, seed: usize) -> Datum {
 /// its gradients, the rotary tables and the allocator's caches in place, as a session's earlier
 /// steps do).
 fn measure(base: &Arc<BaseModel>, b: usize, t: usize, recompute: bool, chunking: Option<Chunking>) -> (u64, u64) {
-    let mut s = TrainingSession::new(base.clone(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(base.clone(), TrainingConfig::default()).unwrap();
     s.set_recompute(if recompute { Recompute::On } else { Recompute::Off });
     if let Some(c) = chunking {
         s.set_chunking(c);

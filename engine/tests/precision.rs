@@ -10,7 +10,7 @@ use hearth_api::{AdamParams, LoraConfig, LossFn, TargetModule, TrainingConfig};
 use hearth_engine::model::Chunking;
 use hearth_engine::preset::Preset;
 use hearth_engine::recompute::Recompute;
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ fn lora_grads_of(base: Arc<BaseModel>, attn_elements: usize) -> BTreeMap<String,
         target_modules: vec![TargetModule::KProj, TargetModule::VProj],
         ..LoraConfig::default()
     };
-    let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
+    let mut s = Run::new(base, TrainingConfig::Lora(lora)).unwrap();
     s.set_recompute(Recompute::On);
     s.set_chunking(Chunking { attn_elements, head_elements: 1 << 24 });
     let text = "a long line of text, so that the keys and values are read by many chunks of queries: ".repeat(3);
@@ -79,7 +79,7 @@ fn bf16_key_and_value_gradients_are_summed_over_query_chunks_in_f32() {
 /// would vanish and the weights never move.
 #[test]
 fn full_fine_tuning_in_bf16_accumulates_small_updates_in_an_f32_master_copy() {
-    let mut s = TrainingSession::new(tiny_bf16(), TrainingConfig::Full).unwrap();
+    let mut s = Run::new(tiny_bf16(), TrainingConfig::Full).unwrap();
     let batch = input(vec![ce_datum("small steps add up")], LossFn::CrossEntropy);
     let name = "model.norm.weight";
     let before = s.parameters().iter().find(|(n, _)| n == name).unwrap().1.as_tensor().to_dtype(DType::F32).unwrap();
@@ -94,7 +94,7 @@ fn full_fine_tuning_in_bf16_accumulates_small_updates_in_an_f32_master_copy() {
     // and the master copy goes into a `state` checkpoint, so a resumed run goes on from it
     let dir = tempdir();
     s.save_state(&dir.join("s"), hearth_api::CheckpointKind::State).unwrap();
-    let mut resumed = TrainingSession::new(tiny_bf16(), TrainingConfig::Full).unwrap();
+    let mut resumed = Run::new(tiny_bf16(), TrainingConfig::Full).unwrap();
     resumed.load_state(&dir.join("s")).unwrap();
     for s in [&mut s, &mut resumed] {
         s.forward_backward(&batch).unwrap();
@@ -132,7 +132,7 @@ fn work_from_other_threads_gives_the_bits_of_one_thread() {
             }
         };
         let mut s = None;
-        spawn(Box::new(|| s = Some(TrainingSession::new(common::tiny(), TrainingConfig::default()).unwrap())));
+        spawn(Box::new(|| s = Some(Run::new(common::tiny(), TrainingConfig::default()).unwrap())));
         let mut s = s.unwrap();
         for _ in 0..3 {
             spawn(Box::new(|| {

@@ -13,7 +13,7 @@ use hearth_api::{
 use hearth_engine::model::Chunking;
 use hearth_engine::preset::Preset;
 use hearth_engine::tokenizer::ByteTokenizer;
-use hearth_engine::{BaseModel, EngineError, TrainingSession};
+use hearth_engine::{BaseModel, EngineError, Run};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,7 +43,7 @@ fn greedy_matches_transformers(name: &str) {
     let dir = fixture_dir(name);
     let base = Arc::new(BaseModel::load(&dir, &Device::Cpu, DType::F32).unwrap());
     let lora = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
-    let mut s = TrainingSession::new(base, TrainingConfig::Lora(lora)).unwrap();
+    let mut s = Run::new(base, TrainingConfig::Lora(lora)).unwrap();
     s.set_parameters(&candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap())
         .unwrap();
     let want: Greedy = serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
@@ -98,7 +98,7 @@ fn tiny_input(n: usize, seed: Option<u64>) -> SampleInput {
 
 #[test]
 fn seeded_sampling_is_reproducible_and_seeds_differ() {
-    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let a = s.sample(&tiny_input(4, Some(7)), &detok, &never).unwrap();
     let b = s.sample(&tiny_input(4, Some(7)), &detok, &never).unwrap();
     let c = s.sample(&tiny_input(4, Some(8)), &detok, &never).unwrap();
@@ -110,7 +110,7 @@ fn seeded_sampling_is_reproducible_and_seeds_differ() {
 
 #[test]
 fn sampled_logprobs_equal_forward_logprobs() {
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     // a few steps so the adapter is not zero: sampling must see the current weights
     for _ in 0..3 {
         s.forward_backward(&input(vec![ce_datum("the adapter moves")], LossFn::CrossEntropy)).unwrap();
@@ -146,11 +146,11 @@ fn device_picks_give_the_host_tokens_for_a_seed() {
     let dir = Preset::Tiny.ensure(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("presets")).unwrap();
     let bf16 = Arc::new(BaseModel::load(&dir, &Device::Cpu, DType::BF16).unwrap());
     for base in [tiny(), bf16] {
-        device_and_host_picks_agree(&TrainingSession::new(base, TrainingConfig::default()).unwrap());
+        device_and_host_picks_agree(&Run::new(base, TrainingConfig::default()).unwrap());
     }
 }
 
-fn device_and_host_picks_agree(s: &TrainingSession) {
+fn device_and_host_picks_agree(s: &Run) {
     // (temperature, top_k, top_p); 300 is past the vocabulary, 0.999 needs a nucleus wider
     // than the first 256 candidates
     let settings = [
@@ -206,7 +206,7 @@ fn device_and_host_picks_agree(s: &TrainingSession) {
 
 #[test]
 fn prompt_logprobs_are_the_same_one_position_at_a_time() {
-    let mut s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let mut s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let mut input = tiny_input(2, Some(5));
     input.sampling_params.temperature = 0.0;
     let whole = s.sample(&input, &detok, &never).unwrap();
@@ -228,7 +228,7 @@ fn prompt_logprobs_are_the_same_one_position_at_a_time() {
 
 #[test]
 fn stop_tokens_and_strings_end_sequences() {
-    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     let free = s.sample(&tiny_input(1, Some(3)), &detok, &never).unwrap().sequences.remove(0);
     assert_eq!(free.stop_reason, StopReason::Length);
     assert_eq!(free.tokens.len(), 16);
@@ -249,7 +249,7 @@ fn stop_tokens_and_strings_end_sequences() {
 
 #[test]
 fn bad_sampling_params_and_cancellation_are_errors() {
-    let s = TrainingSession::new(tiny(), TrainingConfig::default()).unwrap();
+    let s = Run::new(tiny(), TrainingConfig::default()).unwrap();
     type Edit = Box<dyn Fn(&mut SampleInput)>;
     let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|i| i.sampling_params.max_tokens = 0), "invalid max_tokens = 0"),

@@ -8,7 +8,7 @@
 use clap::Parser;
 use hearth_api::{Datum, ForwardBackwardInput, LossFn, LossFnInputs, TrainingConfig};
 use hearth_engine::preset::Preset;
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -67,7 +67,7 @@ fn main() {
     let fb_url = format!("{url}/v1/runs/bench/forward_backward");
     let dir = Preset::Smollm2_135mShape.ensure(&home.join("models")).unwrap();
     let base = Arc::new(BaseModel::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap());
-    let mut direct_session = TrainingSession::new(base, TrainingConfig::default()).unwrap();
+    let mut direct_session = Run::new(base, TrainingConfig::default()).unwrap();
     // interleaved in ABBA order, so drift and which-goes-first effects hit both sides alike
     let (mut through_server, mut direct) = (Vec::new(), Vec::new());
     let server_fb = || {

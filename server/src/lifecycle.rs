@@ -325,7 +325,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         limits: Limits {
             max_request_tokens: opts.max_request_tokens,
             max_text_bytes: opts.max_text_bytes,
-            max_samples: opts.max_samples.min(hearth_engine::session::MAX_SAMPLES),
+            max_samples: opts.max_samples.min(hearth_engine::run::MAX_SAMPLES),
             max_lora_rank: opts.max_lora_rank,
             context: base_context,
         },

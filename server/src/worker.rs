@@ -1,4 +1,4 @@
-//! The engine thread: it owns every run (a `TrainingSession` on the shared base model) and
+//! The engine thread: it owns every run (a `Run` on the shared base model) and
 //! executes submitted operations one at a time in submission order, so each run's operations
 //! keep the order their client sent them in. HTTP handlers never touch the engine; they submit a
 //! [`Job`] and wait on (or poll) its request entry.
@@ -12,7 +12,7 @@ use hearth_api::{
 };
 use hearth_engine::recompute::Recompute;
 use hearth_engine::tokenizer::ByteTokenizer;
-use hearth_engine::{BaseModel, TrainingSession};
+use hearth_engine::{BaseModel, Run};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -56,7 +56,7 @@ pub enum Op {
     SamplerSample(SampleInput),
     /// Sample, sending each step's new `(sequence, token, logprob)` on while it runs (a live
     /// stream); the channel closes when the job ends.
-    SampleStream(SampleInput, tokio::sync::mpsc::UnboundedSender<Vec<hearth_engine::session::Picked>>),
+    SampleStream(SampleInput, tokio::sync::mpsc::UnboundedSender<Vec<hearth_engine::run::Picked>>),
 }
 
 impl Op {
@@ -333,9 +333,9 @@ fn prune_finished(reqs: &mut HashMap<u64, Entry>) {
 }
 
 /// One run as the worker holds it.
-pub struct Run {
-    /// The session.
-    pub session: TrainingSession,
+pub struct HeldRun {
+    /// The engine's run.
+    pub engine: Run,
     /// Loss summed over forward_backward calls since the last step.
     pending_loss: f64,
     /// Tokens in those calls.
@@ -346,18 +346,18 @@ pub struct Run {
     pub saved_step: Option<u64>,
 }
 
-impl Run {
+impl HeldRun {
     /// Wraps a session.
-    pub fn new(session: TrainingSession, saved_step: Option<u64>) -> Self {
-        Self { session, pending_loss: 0.0, pending_tokens: 0.0, pending_secs: 0.0, saved_step }
+    pub fn new(engine: Run, saved_step: Option<u64>) -> Self {
+        Self { engine, pending_loss: 0.0, pending_tokens: 0.0, pending_secs: 0.0, saved_step }
     }
 
     fn info(&self, id: &str) -> RunInfo {
         RunInfo {
             id: id.to_string(),
-            training: self.session.training().clone(),
-            step: self.session.step(),
-            trainable_parameters: self.session.num_trainable(),
+            training: self.engine.training().clone(),
+            step: self.engine.step(),
+            trainable_parameters: self.engine.num_trainable(),
             last_checkpoint_step: self.saved_step,
         }
     }
@@ -365,14 +365,14 @@ impl Run {
 
 /// Restores every active run of this base from its newest readable `state` checkpoint (a run
 /// that never saved one starts again from its config: the same seed gives the same adapter).
-pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<ResumedRun>), crate::error::ServerError> {
+pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, HeldRun>, Vec<ResumedRun>), crate::error::ServerError> {
     let mut runs = BTreeMap::new();
     let mut resumed = Vec::new();
     let base = shared.base_key().to_string();
     for row in shared.registry.active_runs(&base)? {
         let mut restored = None;
         for ck in shared.registry.checkpoints(&base, &row.id)?.into_iter().filter(|c| c.kind == "state") {
-            match TrainingSession::from_checkpoint(shared.base.clone(), Path::new(&ck.path)) {
+            match Run::from_checkpoint(shared.base.clone(), Path::new(&ck.path)) {
                 Ok(mut s) => {
                     s.set_recompute(shared.recompute);
                     restored = Some((s, ck));
@@ -388,7 +388,7 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<Resume
                 (s, step, ck.path)
             }
             None => {
-                let mut s = TrainingSession::new(shared.base.clone(), row.training.clone())?;
+                let mut s = Run::new(shared.base.clone(), row.training.clone())?;
                 s.set_recompute(shared.recompute);
                 (s, 0, "its config (no checkpoint yet)".to_string())
             }
@@ -411,7 +411,7 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, Run>, Vec<Resume
             checkpoint: from,
             lost_steps: lost_from.map(|f| [f, reached]),
         });
-        runs.insert(row.id.clone(), Run::new(session, Some(step)));
+        runs.insert(row.id.clone(), HeldRun::new(session, Some(step)));
     }
     Ok((runs, resumed))
 }
@@ -431,13 +431,13 @@ pub fn clean_temporaries(home: &Path) {
 }
 
 /// The worker loop. Runs until [`Msg::Stop`] or the channel closes.
-pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<String, Run>) {
+pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<String, HeldRun>) {
     // every tensor this thread drops is freed in the device's context
     hearth_engine::device::bind(&shared.base.device);
     publish_runs(&shared, &runs);
     // Samplers (Tinker's sampling sessions): frozen weights to sample from, kept in memory only
     // (their source is a checkpoint on disk or a snapshot); `None` samples the base model.
-    let mut samplers: HashMap<String, Option<TrainingSession>> = HashMap::new();
+    let mut samplers: HashMap<String, Option<Run>> = HashMap::new();
     let mut trimmed_at = 0;
     loop {
         let msg = match rx.recv_timeout(IDLE_TRIM) {
@@ -489,7 +489,7 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
             Msg::SaveAll { reason, reply } => {
                 let mut report = SaveReport::default();
                 for (id, r) in runs.iter_mut() {
-                    if r.saved_step == Some(r.session.step()) && has_state_at(&shared, id, r.session.step()) {
+                    if r.saved_step == Some(r.engine.step()) && has_state_at(&shared, id, r.engine.step()) {
                         continue;
                     }
                     match autosave(&shared, id, r, &reason) {
@@ -497,12 +497,12 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                         Err(e) => {
                             log::error!(
                                 "run {id}: saving on {reason} failed at step {}: {}",
-                                r.session.step(),
+                                r.engine.step(),
                                 e.message
                             );
                             report.failed.push(SaveFailure {
                                 run: id.clone(),
-                                step: r.session.step(),
+                                step: r.engine.step(),
                                 saved_step: r.saved_step,
                                 error: e.body(),
                             });
@@ -525,7 +525,7 @@ fn has_state_at(shared: &Shared, run: &str, step: u64) -> bool {
 }
 
 /// Publishes the runs' snapshot that `GET /v1/runs`, `/v1/info` and the other protocols read.
-pub fn publish_runs(shared: &Shared, runs: &BTreeMap<String, Run>) {
+pub fn publish_runs(shared: &Shared, runs: &BTreeMap<String, HeldRun>) {
     let list: Vec<RunInfo> = runs.iter().map(|(id, r)| r.info(id)).collect();
     *shared.runs.lock().unwrap_or_else(|p| p.into_inner()) = list;
 }
@@ -549,9 +549,9 @@ fn detokenizer(shared: &Shared) -> impl Fn(&[u32]) -> String + Sync + '_ {
 /// Adds run `run_id` with the session `make` builds (called only once the name is known free).
 fn create_run(
     shared: &Shared,
-    runs: &mut BTreeMap<String, Run>,
+    runs: &mut BTreeMap<String, HeldRun>,
     run_id: &str,
-    make: impl FnOnce() -> hearth_engine::Result<TrainingSession>,
+    make: impl FnOnce() -> hearth_engine::Result<Run>,
 ) -> Result<Value, ApiError> {
     let base_key = shared.base_key();
     check_name("run", run_id)?;
@@ -584,7 +584,7 @@ fn create_run(
         shared.registry.forget_run(base_key, run_id).map_err(registry_err)?;
     }
     shared.registry.add_run(base_key, run_id, session.training(), session.step()).map_err(registry_err)?;
-    let run = Run::new(session, None);
+    let run = HeldRun::new(session, None);
     let info = run.info(run_id);
     runs.insert(run_id.to_string(), run);
     json(&info)
@@ -592,8 +592,8 @@ fn create_run(
 
 fn execute(
     shared: &Shared,
-    runs: &mut BTreeMap<String, Run>,
-    samplers: &mut HashMap<String, Option<TrainingSession>>,
+    runs: &mut BTreeMap<String, HeldRun>,
+    samplers: &mut HashMap<String, Option<Run>>,
     run_id: &str,
     op: Op,
     cancel: &AtomicBool,
@@ -602,7 +602,7 @@ fn execute(
     match op {
         Op::CreateSampler(source) => {
             let session = match source {
-                Some(dir) => Some(TrainingSession::from_checkpoint_weights(shared.base.clone(), &dir)?),
+                Some(dir) => Some(Run::from_checkpoint_weights(shared.base.clone(), &dir)?),
                 None => None,
             };
             samplers.insert(run_id.to_string(), session);
@@ -620,9 +620,9 @@ fn execute(
                     input.base_model_only = true;
                     let scratch;
                     let s = match runs.values().next() {
-                        Some(r) => &r.session,
+                        Some(r) => &r.engine,
                         None => {
-                            scratch = TrainingSession::new(shared.base.clone(), TrainingConfig::default())?;
+                            scratch = Run::new(shared.base.clone(), TrainingConfig::default())?;
                             &scratch
                         }
                     };
@@ -632,14 +632,14 @@ fn execute(
             return json(&out);
         }
         Op::CreateRun(req) => {
-            return create_run(shared, runs, run_id, || TrainingSession::new(shared.base.clone(), req.training))
+            return create_run(shared, runs, run_id, || Run::new(shared.base.clone(), req.training))
         }
         Op::CreateRunFrom { source, optimizer: true } => {
-            return create_run(shared, runs, run_id, || TrainingSession::from_checkpoint(shared.base.clone(), &source))
+            return create_run(shared, runs, run_id, || Run::from_checkpoint(shared.base.clone(), &source))
         }
         Op::CreateRunFrom { source, optimizer: false } => {
             return create_run(shared, runs, run_id, || {
-                TrainingSession::from_checkpoint_weights(shared.base.clone(), &source)
+                Run::from_checkpoint_weights(shared.base.clone(), &source)
             })
         }
         _ => {}
@@ -648,10 +648,10 @@ fn execute(
         .get_mut(run_id)
         .ok_or_else(|| ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs")))?;
     match op {
-        Op::Forward(input) => json(&run.session.forward(&input)?),
+        Op::Forward(input) => json(&run.engine.forward(&input)?),
         Op::ForwardBackward(input) => {
             let t0 = std::time::Instant::now();
-            let out = run.session.forward_backward(&input)?;
+            let out = run.engine.forward_backward(&input)?;
             run.pending_secs += t0.elapsed().as_secs_f64();
             run.pending_loss += out.metrics.get("loss:sum").copied().unwrap_or(0.0);
             run.pending_tokens += out.metrics.get("tokens:sum").copied().unwrap_or(0.0);
@@ -659,7 +659,7 @@ fn execute(
         }
         Op::OptimStep(params) => {
             let t0 = std::time::Instant::now();
-            let out = run.session.optim_step(&params)?;
+            let out = run.engine.optim_step(&params)?;
             let secs = run.pending_secs + t0.elapsed().as_secs_f64();
             let row = MetricRow {
                 step: out.step,
@@ -681,18 +681,18 @@ fn execute(
         }
         Op::Sample(input) => {
             let detok = detokenizer(shared);
-            json(&run.session.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?)
+            json(&run.engine.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?)
         }
         Op::SampleStream(input, tx) => {
             let detok = detokenizer(shared);
-            let send = |picked: &[hearth_engine::session::Picked]| {
+            let send = |picked: &[hearth_engine::run::Picked]| {
                 let _ = tx.send(picked.to_vec());
             };
-            json(&run.session.sample_streaming(&input, &detok, &|| cancel.load(Ordering::Relaxed), &send)?)
+            json(&run.engine.sample_streaming(&input, &detok, &|| cancel.load(Ordering::Relaxed), &send)?)
         }
         Op::Snapshot { sampler } => {
-            samplers.insert(sampler.clone(), Some(run.session.snapshot()?));
-            json(&serde_json::json!({"sampler": sampler, "step": run.session.step()}))
+            samplers.insert(sampler.clone(), Some(run.engine.snapshot()?));
+            json(&serde_json::json!({"sampler": sampler, "step": run.engine.step()}))
         }
         // handled above
         Op::CreateRun(_) | Op::CreateRunFrom { .. } | Op::CreateSampler(_) | Op::SamplerSample(_) => {
@@ -712,7 +712,7 @@ fn execute(
         Op::LoadState(req) => {
             let path = checkpoint_source(shared, run_id, &req.source)?;
             let loaded =
-                if req.optimizer { run.session.load_state(&path)? } else { run.session.load_weights(&path)? };
+                if req.optimizer { run.engine.load_state(&path)? } else { run.engine.load_weights(&path)? };
             (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
             shared.registry.set_step(&base_key, run_id, loaded.step).map_err(registry_err)?;
             shared.registry.truncate_metrics(&base_key, run_id, loaded.step).map_err(registry_err)?;
@@ -750,19 +750,19 @@ fn checkpoint_source(shared: &Shared, run_id: &str, source: &str) -> Result<Path
 fn save(
     shared: &Shared,
     run_id: &str,
-    run: &mut Run,
+    run: &mut HeldRun,
     name: &str,
     kind: CheckpointKind,
     reason: &str,
 ) -> Result<SaveStateResponse, ApiError> {
     let dir = shared.checkpoints_dir(run_id).join(name);
-    let step = run.session.step();
-    if kind == CheckpointKind::Adapter && matches!(run.session.training(), TrainingConfig::Full) {
+    let step = run.engine.step();
+    if kind == CheckpointKind::Adapter && matches!(run.engine.training(), TrainingConfig::Full) {
         return Err(ApiError::invalid(
             "kind \"adapter\": a full fine-tuning run has no adapter; save \"state\" or \"merged\"",
         ));
     }
-    run.session.save_state(&dir, kind)?;
+    run.engine.save_state(&dir, kind)?;
     let row = CheckpointRow {
         run: run_id.into(),
         name: name.into(),
@@ -779,8 +779,8 @@ fn save(
 }
 
 /// Saves `autosave-STEP` (a `state`) and deletes autosaves beyond the newest `keep_autosaves`.
-fn autosave(shared: &Shared, run_id: &str, run: &mut Run, reason: &str) -> Result<SaveStateResponse, ApiError> {
-    let name = format!("autosave-{:08}", run.session.step());
+fn autosave(shared: &Shared, run_id: &str, run: &mut HeldRun, reason: &str) -> Result<SaveStateResponse, ApiError> {
+    let name = format!("autosave-{:08}", run.engine.step());
     let out = save(shared, run_id, run, &name, CheckpointKind::State, reason)?;
     let base = shared.base_key();
     let autos: Vec<CheckpointRow> = shared

@@ -33,7 +33,7 @@ fn check_registry(h: &std::path::Path, base: &hearth_engine::BaseModel) {
         hearth_engine::BaseModel::load(&base.source, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap(),
     );
     for (path, step) in rows {
-        let s = hearth_engine::TrainingSession::from_checkpoint(base.clone(), std::path::Path::new(&path))
+        let s = hearth_engine::Run::from_checkpoint(base.clone(), std::path::Path::new(&path))
             .unwrap_or_else(|e| panic!("checkpoint {path} is unreadable: {e}"));
         assert_eq!(s.step() as i64, step, "{path}");
     }

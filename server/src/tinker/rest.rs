@@ -184,7 +184,7 @@ pub(super) async fn weights_info(State(app): State<Arc<App>>, b: Result<Bytes, B
     let run = || -> Result<Value, ApiError> {
         let req: WeightsInfo = body(b)?;
         let dir = checkpoint_dir(&app, &req.tinker_path)?;
-        let training = hearth_engine::session::checkpoint_training_config(&dir)?;
+        let training = hearth_engine::run::checkpoint_training_config(&dir)?;
         Ok(match training {
             TrainingConfig::Lora(l) => {
                 let (mlp, attn, unembed) = train_flags(&l);

@@ -20,7 +20,7 @@
 //! [`EngineError::Checkpoint`] and changes nothing. A PEFT adapter folder written by Python (no
 //! `hearth.json`) loads too.
 
-use super::TrainingSession;
+use super::Run;
 use crate::error::{EngineError, Result};
 use crate::fsutil::{publish_dir, sync_file, write_json};
 use crate::gguf::export::GgufType;
@@ -212,7 +212,7 @@ pub fn checkpoint_training_config(dir: &Path) -> Result<TrainingConfig> {
     }
 }
 
-impl TrainingSession {
+impl Run {
     /// Writes a checkpoint of `kind` to `dir` (replacing one already there, atomically) and
     /// returns `dir`.
     pub fn save_state(&self, dir: &Path, kind: CheckpointKind) -> Result<PathBuf> {
@@ -535,7 +535,7 @@ impl TrainingSession {
     /// A new run made from a checkpoint folder, with the checkpoint's training config.
     pub fn from_checkpoint(base: std::sync::Arc<crate::weights::BaseModel>, dir: &Path) -> Result<Self> {
         let training = checkpoint_training_config(dir)?;
-        let mut s = TrainingSession::new(base, training)?;
+        let mut s = Run::new(base, training)?;
         s.load_state(dir)?;
         Ok(s)
     }
@@ -543,15 +543,15 @@ impl TrainingSession {
     /// A new run made from a checkpoint folder's weights, with a fresh optimizer.
     pub fn from_checkpoint_weights(base: std::sync::Arc<crate::weights::BaseModel>, dir: &Path) -> Result<Self> {
         let training = checkpoint_training_config(dir)?;
-        let mut s = TrainingSession::new(base, training)?;
+        let mut s = Run::new(base, training)?;
         s.load_weights(dir)?;
         Ok(s)
     }
 
-    /// A copy of this run's current weights in a new session (fresh optimizer): a sampler's
+    /// A copy of this run's current weights in a new run (fresh optimizer): a sampler's
     /// snapshot that later steps of this run do not change.
     pub fn snapshot(&self) -> Result<Self> {
-        let mut s = TrainingSession::new(self.base.clone(), self.training.clone())?;
+        let mut s = Run::new(self.base.clone(), self.training.clone())?;
         let tensors: HashMap<String, Tensor> = self
             .params
             .iter()

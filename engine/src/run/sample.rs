@@ -11,7 +11,7 @@
 //! row. Prompt logprobs go through the head in chunks of positions, one number per position to
 //! the host.
 
-use super::TrainingSession;
+use super::Run;
 use crate::batch::check_tokens;
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model};
@@ -514,7 +514,7 @@ fn score_prompt(model: &Model, hidden: &Tensor, prompt: &[u32]) -> Result<(Vec<O
 /// One sequence's new token in a step: (sequence, token, logprob).
 pub type Picked = (usize, u32, f32);
 
-impl TrainingSession {
+impl Run {
     /// Generates `num_samples` continuations of `prompt` with the run's current weights (or the
     /// base model's). `detokenize` turns generated ids into text for stop strings; `cancelled`
     /// is checked between tokens and ends the call with [`EngineError::Interrupted`].

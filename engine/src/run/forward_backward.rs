@@ -1,6 +1,6 @@
 //! `forward` and `forward_backward`.
 
-use super::TrainingSession;
+use super::Run;
 use crate::batch::{self, Batch};
 use crate::error::{EngineError, Result};
 use crate::loss::LossTerms;
@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use hearth_api::{ForwardBackwardInput, ForwardBackwardOutput, LossFn, LossFnOutput};
 use std::collections::BTreeMap;
 
-impl TrainingSession {
+impl Run {
     fn batch(&self, input: &ForwardBackwardInput) -> Result<Batch> {
         let cfg = &self.base.config;
         batch::validate(&input.data, &input.loss_fn, cfg.vocab_size, cfg.max_position_embeddings)?;
@@ -32,7 +32,7 @@ impl TrainingSession {
 
     /// Loss, per-datum target logprobs, and gradients added to the accumulated ones.
     /// A non-finite loss accumulates nothing and is an error. Activations are recomputed when
-    /// [`TrainingSession::recompute`] says so for this batch's size.
+    /// [`Run::recompute`] says so for this batch's size.
     pub fn forward_backward(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
         crate::fused::in_pool_for(&self.base.device.clone(), || self.forward_backward_here(input))
     }
@@ -60,7 +60,7 @@ impl TrainingSession {
     }
 }
 
-impl TrainingSession {
+impl Run {
     /// Loss terms and this batch's gradients by parameter name, recomputed or from the whole graph.
     fn gradients(
         &self,

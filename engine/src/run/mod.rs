@@ -1,5 +1,5 @@
-//! A training session: one run (a LoRA adapter or full weights, its optimizer and gradients)
-//! over a shared base model. One file per primitive.
+//! A run: a LoRA adapter or full weights, its optimizer and gradients, over a shared base model.
+//! One file per primitive.
 
 mod forward_backward;
 mod optim_step;
@@ -24,9 +24,9 @@ use std::sync::Arc;
 /// One run on a warm base model: the primitives `forward`, `forward_backward`, `optim_step`.
 ///
 /// Gradients accumulate across `forward_backward` calls until `optim_step` applies and clears
-/// them. Every primitive validates its input first; an error leaves the session unchanged.
+/// them. Every primitive validates its input first; an error leaves the run unchanged.
 #[derive(Debug)]
-pub struct TrainingSession {
+pub struct Run {
     base: Arc<BaseModel>,
     model: Model,
     params: NamedParams,
@@ -38,7 +38,7 @@ pub struct TrainingSession {
     recompute: Recompute,
 }
 
-impl TrainingSession {
+impl Run {
     /// A new run on `base`: LoRA adapters (B = 0) or a trainable copy of every weight.
     pub fn new(base: Arc<BaseModel>, training: TrainingConfig) -> Result<Self> {
         let (model, params) = Model::new_quantized(&base.config, &base.weights, &base.quantized, &training)?;
