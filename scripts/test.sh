@@ -8,7 +8,7 @@
 #     by tests that load hearth's checkpoints with Hugging Face tools;
 #   - the Jupyter peers (jupyter_client, jupyter_kernel_test, nbclient, pytest, jupyterlab) and the
 #     `openai` client into tests/.venv, the `tinker` SDK (0.38) into the reference virtualenv and tinker-cookbook into its own over it, Chromium (apt, as root) and playwright-core (npm ci in tests/browser).
-# Then `cargo test` (Rust, incl. the server and client tests), bench/gpu.sh --cpu, the CUDA build
+# Then the gates (`cargo fmt --check`, clippy with -D warnings), `cargo test` (Rust, incl. the server and client tests), bench/gpu.sh --cpu, the CUDA build
 # (scripts/build-cuda.sh: NVIDIA's toolchain wheels into ~/.cache/hearth/cuda-venv, about 7 minutes
 # the first time) and pytest (the kernel under real Jupyter clients). One profile (release) for everything: candle is unusably slow unoptimised,
 # and building the workspace twice in two profiles doubles the time on a 2-core machine.
@@ -58,8 +58,23 @@ export HEARTH_REQUIRE_REFERENCE=1
 # (llama-cpp-python) live in the reference virtualenv too: engine/tests/gguf.rs and notebooks
 # 05-06 use them (HEARTH_SMOLLM2_GGUF is exported by bench/reference.sh).
 export HEARTH_PYTHON="$HEARTH_REF_PYTHON"
+# CI clones afresh for every run. Its build folder lives under ~/.cache/hearth so that what did not
+# change (the crates.io dependencies, and everything when the clone lands at the same path) compiles
+# once per machine, not once per run; cargo's fingerprints decide what is stale, as in any target
+# folder. Builds from many clone paths pile up, so past 40 GB it starts over.
+if [ "${CI:-}" = true ] && [ ! -e target ]; then
+  ci_target="$HOME/.cache/hearth/ci-target"
+  if [ -d "$ci_target" ] && [ "$(du -s --block-size=1G "$ci_target" | cut -f1)" -gt 40 ]; then
+    rm -rf "$ci_target"
+  fi
+  mkdir -p "$ci_target"
+  ln -s "$ci_target" target
+fi
 # The vendored crates are the crates.io releases plus third_party/patches (nothing edited by hand).
 scripts/vendor.sh --check
+# Gates: the format rustfmt.toml states, and the lints the workspace declares (Cargo.toml), as errors.
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
 cargo test --release --workspace --locked "$@"
 cargo build --release --workspace --locked --bins
 # The GPU check in its CPU mode: parity against PyTorch + PEFT (f32 and bf16), training and decode
