@@ -1,28 +1,26 @@
 //! Allocator tuning for processes that host the engine.
 //!
 //! glibc's malloc serves large tensors (over 32 MiB by default, or less after its dynamic
-//! threshold adapts) with `mmap` and returns them with `munmap`, so every training step faults
-//! and zeroes its activation memory again: a third of a CPU step on the SmolLM2-135M shape went to
-//! `clear_page`. Binaries that host a warm model call [`keep_freed_memory`] once at start.
+//! threshold adapts) with `mmap` and returns them with `munmap`, so every training step would
+//! fault and zero its activation memory again. Binaries that host a warm model call
+//! [`keep_freed_memory`] once at start (the figures are in bench/RESULTS.md).
 
 /// Keeps freed memory in the process for reuse (Linux with glibc; a no-op elsewhere).
-/// Measured on the training benchmark: 85 → 130 tokens/s, peak memory 2.64 → 2.69 GB.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // the largest value glibc accepts
-                                                             // Blocks above that threshold (the (B, T, V) logits and their gradient: 50 MB each
-                                                             // at T=256 on SmolLM2) are mmap'd whatever it says, and faulted in again every step:
-                                                             // none at all comes from mmap (glibc still falls back to it if the heap cannot grow).
-                                                             // Measured: 4× fewer page faults a step, two-thread step about 8% faster, same peak.
+            // The largest threshold glibc accepts; blocks above it (the (B, T, V) logits and
+            // their gradient) would still be mmap'd and faulted in again every step, so no
+            // block at all comes from mmap (glibc still falls back to it if the heap cannot grow).
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_MMAP_MAX, 0);
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
             libc::mallopt(libc::M_TOP_PAD, 1 << 30);
             // One arena: other threads' arenas live in 64 MiB mmap'd heaps that glibc unmaps
             // when they empty, whatever the thresholds above say, so a model run from a worker
-            // thread (the server's engine thread) faulted its memory in again every step.
+            // thread (the server's engine thread) would fault its memory in again every step.
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
