@@ -65,12 +65,18 @@ impl Bundle {
         self
     }
 
+    /// The marker line (without its newline) that shows this bundle, or with `update` replaces
+    /// the display shown earlier with the same `display_id`: [`MARKER`] + `{"data", "display_id",
+    /// "update"}`. The front-ends parse it back with `hearth_cells::marker::Marker::parse`.
+    pub fn marker_line(&self, update: bool) -> String {
+        let json = serde_json::to_string(&Line { bundle: self, update }).unwrap_or_default();
+        format!("{MARKER}{json}")
+    }
+
     fn emit(&self, update: bool) {
         let mut out = std::io::stdout().lock();
         if std::env::var_os("HEARTH_DISPLAY").is_some_and(|v| v == "1") {
-            if let Ok(json) = serde_json::to_string(&Line { bundle: self, update }) {
-                let _ = writeln!(out, "{MARKER}{json}");
-            }
+            let _ = writeln!(out, "{}", self.marker_line(update));
         } else if let Some(text) = self.data.get("text/plain") {
             let _ = writeln!(out, "{text}");
         }
@@ -102,9 +108,21 @@ impl Bundle {
 pub fn clear_output(wait: bool) {
     if std::env::var_os("HEARTH_DISPLAY").is_some_and(|v| v == "1") {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{MARKER}{}", serde_json::json!({"clear": true, "wait": wait}));
+        let _ = writeln!(out, "{}", clear_marker(wait));
         let _ = out.flush();
     }
+}
+
+/// The marker line (without its newline) of [`clear_output`]: [`MARKER`] + `{"clear", "wait"}`.
+pub fn clear_marker(wait: bool) -> String {
+    format!("{MARKER}{}", serde_json::json!({"clear": true, "wait": wait}))
+}
+
+/// The marker line (without its newline) that makes the running cell fail with `ename: evalue`
+/// (a panic, a `?` that stopped the cell): [`MARKER`] + `{"error": {"ename", "evalue"}}`, written
+/// on stderr.
+pub fn error_marker(ename: &str, evalue: &str) -> String {
+    format!("{MARKER}{}", serde_json::json!({"error": {"ename": ename, "evalue": evalue}}))
 }
 
 /// A line plot of one or more series, rendered to SVG with plotters.

@@ -96,8 +96,7 @@ pub fn install_panic_hook() {
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         if std::env::var_os("HEARTH_DISPLAY").is_some_and(|v| v == "1") {
             // the front-end turns this into the cell's error
-            let err = serde_json::json!({"error": {"ename": "Panic", "evalue": format!("panicked{at}: {msg}")}});
-            let _ = writeln!(std::io::stderr(), "{}{err}", display::MARKER);
+            let _ = writeln!(std::io::stderr(), "{}", display::error_marker("Panic", &format!("panicked{at}: {msg}")));
         } else {
             let _ = writeln!(std::io::stderr(), "panicked{at}: {msg}");
         }
@@ -143,8 +142,8 @@ pub fn install_error_watch() {
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
                 if line.strip_suffix(b"\n").is_some_and(|l| l == EVCXR_USER_ERROR.as_bytes()) {
-                    let err = serde_json::json!({"error": {"ename": "Error", "evalue": "the cell stopped at a `?`: the error is printed above; variables it defined are gone"}});
-                    let _ = writeln!(std::io::stderr(), "{}{err}", display::MARKER);
+                    let evalue = "the cell stopped at a `?`: the error is printed above; variables it defined are gone";
+                    let _ = writeln!(std::io::stderr(), "{}", display::error_marker("Error", evalue));
                 }
                 if out.write_all(&line).and_then(|()| out.flush()).is_err() {
                     break;
