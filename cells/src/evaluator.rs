@@ -15,6 +15,15 @@ pub struct CellOutput {
     pub data: HashMap<String, String>,
 }
 
+impl CellOutput {
+    /// Whether there is a value to show: a cell ending in a loop or a block has the value `()`,
+    /// which is nothing to show.
+    pub fn has_value(&self) -> bool {
+        let unit = self.data.len() == 1 && self.data.get("text/plain").is_some_and(|t| t.trim() == "()");
+        !self.data.is_empty() && !unit
+    }
+}
+
 /// Why a cell failed.
 #[derive(Debug, Clone)]
 pub struct CellError {
@@ -541,6 +550,18 @@ impl Evaluator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unit_value_or_none_is_nothing_to_show() {
+        let out = |pairs: &[(&str, &str)]| CellOutput {
+            data: pairs.iter().map(|(m, c)| (m.to_string(), c.to_string())).collect(),
+        };
+        assert!(!out(&[]).has_value());
+        assert!(!out(&[("text/plain", "()")]).has_value());
+        assert!(!out(&[("text/plain", " ()\n")]).has_value());
+        assert!(out(&[("text/plain", "42")]).has_value());
+        assert!(out(&[("text/plain", "()"), ("text/html", "<b>()</b>")]).has_value());
+    }
 
     /// A flock belongs to the open file, which a child shares from fork until its exec closes the
     /// close-on-exec descriptors: a process spawned by one test while the other drops a slot's lock

@@ -4,17 +4,18 @@
 //! own task so an interrupt arrives while a cell runs; iopub has one owner task (XPUB, answering
 //! each subscription with `iopub_welcome`).
 
-use crate::evaluator::{CellError, Evaluator, LineSink};
-use crate::magics;
-use crate::scanner::{input_status, Completeness};
-use hearth::display::{front_end_only, MARKER};
+use hearth::display::front_end_only;
+use hearth_cells::evaluator::{route_stderr, write_fd, CellError, StderrLine};
+use hearth_cells::magics;
+use hearth_cells::marker::Display;
+use hearth_cells::runner::{Output, Runner};
+use hearth_cells::scanner::{input_status, Completeness};
 use jupyter_protocol::messaging::*;
 use jupyter_protocol::{ConnectionInfo, ExecutionCount, JupyterMessage, JupyterMessageContent, Media};
 use jupyter_zmq_client::connection::SubscriptionEvent;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
@@ -26,38 +27,42 @@ fn log(msg: impl std::fmt::Display) {
 
 /// State shared by the handlers.
 struct Kernel {
-    iopub: UnboundedSender<JupyterMessage>,
-    evaluator: OnceLock<Evaluator>,
-    session: OnceLock<hearth::Session>,
-    /// The execute request whose output is streaming now.
-    current: Mutex<Option<JupyterMessage>>,
-    executing: AtomicBool,
-    /// Set by an interrupt or a panic marker: the running cell ends with this error.
-    cell_error: Mutex<Option<CellError>>,
+    iopub: Arc<Iopub>,
+    runner: Arc<Runner>,
     count: Mutex<ExecutionCount>,
     /// (input, text/plain output) per executed cell, line i+1 of session 1.
     history: Mutex<Vec<(String, String)>>,
     /// Execute requests sent before this instant are aborted (stop_on_error).
     abort_before: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
-    /// Child output lines being published right now, so a cell's streams all precede its `idle`.
-    publishing: AtomicUsize,
+}
+
+/// The iopub side: the runner's [`Output`], publishing the running cell's lines and displays
+/// under its execute request.
+struct Iopub {
+    tx: UnboundedSender<JupyterMessage>,
+    /// The execute request whose output is streaming now; lines outside a cell are dropped.
+    current: Mutex<Option<JupyterMessage>>,
     /// The display id of this cell's "compiling x…" status and the crates counted, while shown.
     compile_status: Mutex<Option<(String, usize)>>,
 }
 
-impl Kernel {
+impl Iopub {
     fn publish(&self, content: impl Into<JupyterMessageContent>, parent: &JupyterMessage) {
-        let _ = self.iopub.send(JupyterMessage::new(content, Some(parent)));
+        let _ = self.tx.send(JupyterMessage::new(content, Some(parent)));
     }
 
     fn status(&self, state: ExecutionState, parent: &JupyterMessage) {
         self.publish(Status { execution_state: state }, parent);
     }
 
+    fn parent(&self) -> Option<JupyterMessage> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// cargo compiles `krate` for the running cell: one quiet display, updated in place and
-    /// emptied when the cell ends ([`Kernel::end_compile_status`]).
+    /// emptied when the cell ends ([`Iopub::end_compile_status`]).
     fn compiling(&self, krate: &str) {
-        let Some(parent) = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let Some(parent) = self.parent() else { return };
         let mut status = self.compile_status.lock().unwrap_or_else(|p| p.into_inner());
         let n = status.as_ref().map_or(0, |s| s.1) + 1;
         let text = format!("compiling {krate} ({n})…");
@@ -89,65 +94,50 @@ impl Kernel {
             self.publish(UpdateDisplayData::new(data, &id), parent);
         }
     }
+}
 
-    /// One line of the child's stdout or stderr, counted while it is being published. Display
-    /// markers come on stdout (in order with the cell's prints), error markers on stderr.
-    fn child_line(&self, line: &str, stderr: bool) {
-        self.publishing.fetch_add(1, Ordering::SeqCst);
-        if stderr || line.starts_with(MARKER) {
-            self.child_stderr(line);
-        } else {
-            self.child_stdout(line);
+impl Output for Iopub {
+    fn stdout(&self, line: &str) {
+        if let Some(parent) = self.parent() {
+            self.publish(StreamContent::stdout(&format!("{line}\n")), &parent);
         }
-        self.publishing.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// A marker line of the child (display or error), or a plain stderr line.
-    fn child_stderr(&self, line: &str) {
-        let Some(parent) = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-        if let Some(json) = line.strip_prefix(MARKER) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
-                if let Some(e) = v.get("error") {
-                    let err = CellError {
-                        ename: e["ename"].as_str().unwrap_or("Error").into(),
-                        evalue: e["evalue"].as_str().unwrap_or_default().into(),
-                        traceback: vec![],
-                    };
-                    // an interrupt's own error wins over the `?` error it caused
-                    let mut flagged = self.cell_error.lock().unwrap_or_else(|p| p.into_inner());
-                    if flagged.as_ref().is_none_or(|f| f.ename != "Interrupted") {
-                        *flagged = Some(err);
-                    }
-                    return;
-                }
-                if v["clear"] == true {
-                    self.publish(ClearOutput { wait: v["wait"] == true }, &parent);
-                    return;
-                }
-                let mut data = v["data"].clone();
-                if let Some(map) = data.as_object_mut() {
-                    map.retain(|mime, _| !front_end_only(mime));
-                }
-                let data: Media = serde_json::from_value(data).unwrap_or_default();
-                let id = v["display_id"].as_str();
-                if v["update"] == true {
-                    if let Some(id) = id {
-                        self.publish(UpdateDisplayData::new(data, id), &parent);
-                    }
-                } else {
-                    let mut d = DisplayData::new(data);
-                    d.transient = id.map(|id| Transient { display_id: Some(id.to_string()) });
-                    self.publish(d, &parent);
-                }
-                return;
+    fn stderr(&self, line: &str) {
+        if let Some(parent) = self.parent() {
+            self.publish(StreamContent::stderr(&format!("{line}\n")), &parent);
+        }
+    }
+
+    fn display(&self, d: &Display) {
+        let Some(parent) = self.parent() else { return };
+        let data = media(d.data.iter());
+        match (d.update, d.display_id.as_deref()) {
+            (true, Some(id)) => self.publish(UpdateDisplayData::new(data, id), &parent),
+            (true, None) => {}
+            (false, id) => {
+                let mut shown = DisplayData::new(data);
+                shown.transient = id.map(|id| Transient { display_id: Some(id.to_string()) });
+                self.publish(shown, &parent);
             }
         }
-        self.publish(StreamContent::stderr(&format!("{line}\n")), &parent);
     }
 
-    fn child_stdout(&self, line: &str) {
-        if let Some(parent) = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            self.publish(StreamContent::stdout(&format!("{line}\n")), &parent);
+    fn clear(&self, wait: bool) {
+        if let Some(parent) = self.parent() {
+            self.publish(ClearOutput { wait }, &parent);
+        }
+    }
+
+    fn evaluated(&self) {
+        if let Some(parent) = self.parent() {
+            self.end_compile_status(&parent);
+        }
+    }
+
+    fn connected(&self, session: &Result<hearth::Session, String>) {
+        if let Err(e) = session {
+            log(format!("session server: {e}"));
         }
     }
 }
@@ -259,48 +249,24 @@ pub async fn run(connection_file: &Path) -> Res<()> {
     });
     tokio::spawn(async move { while heartbeat.single_heartbeat().await.is_ok() {} });
 
+    let io = Arc::new(Iopub { tx: iopub_tx, current: Mutex::new(None), compile_status: Mutex::new(None) });
+    // evcxr writes cargo's `Compiling x` lines to this process's stderr (Jupyter's log): they
+    // become one status display in the running cell instead; the rest goes on to the log
+    let status = io.clone();
+    route_stderr(move |line, saved| match line {
+        StderrLine::Compiling(krate) => status.compiling(krate),
+        StderrLine::Other(line) => write_fd(saved, format!("{line}\n").as_bytes()),
+    });
+    // In the background, so kernel_info answers at once: evcxr's context is created while the
+    // runner attaches to (or starts) the session server; the prelude waits for the connection
+    // (its own `Session::connect` then finds that server instead of starting a second one)
+    let runner = Runner::start(io.clone(), || hearth::Session::connect().map_err(|e| e.to_string()));
     let kernel = Arc::new(Kernel {
-        iopub: iopub_tx,
-        evaluator: OnceLock::new(),
-        session: OnceLock::new(),
-        current: Mutex::new(None),
-        executing: AtomicBool::new(false),
-        cell_error: Mutex::new(None),
+        iopub: io,
+        runner,
         count: Mutex::new(ExecutionCount::new(0)),
         history: Mutex::new(Vec::new()),
         abort_before: Mutex::new(None),
-        publishing: AtomicUsize::new(0),
-        compile_status: Mutex::new(None),
-    });
-    // evcxr writes cargo's `Compiling x` lines to this process's stderr (Jupyter's log): they
-    // become one status display in the running cell instead; the rest goes on to the log
-    let k = kernel.clone();
-    crate::evaluator::route_stderr(move |line, saved| match line {
-        crate::evaluator::StderrLine::Compiling(krate) => k.compiling(krate),
-        crate::evaluator::StderrLine::Other(line) => crate::evaluator::write_fd(saved, format!("{line}\n").as_bytes()),
-    });
-
-    // In the background, so kernel_info answers at once: evcxr's context is created while this
-    // thread attaches to (or starts) the session server; the prelude waits for the connection
-    // (its own `Session::connect` then finds that server instead of starting a second one)
-    let k = kernel.clone();
-    std::thread::spawn(move || {
-        let (k1, k2) = (k.clone(), k.clone());
-        let out: LineSink = Arc::new(move |l: &str| k1.child_line(l, false));
-        let err: LineSink = Arc::new(move |l: &str| k2.child_line(l, true));
-        let (gate, wait) = std::sync::mpsc::channel::<()>();
-        let ev = Evaluator::start_after(out, err, move || {
-            let _ = wait.recv();
-            Ok(())
-        });
-        let _ = k.evaluator.set(ev);
-        match hearth::Session::connect() {
-            Ok(s) => {
-                let _ = k.session.set(s);
-            }
-            Err(e) => log(format!("session server: {e}")),
-        }
-        let _ = gate.send(());
     });
 
     let (mut shell_tx, mut shell_rx) = shell.split();
@@ -331,12 +297,12 @@ pub async fn run(connection_file: &Path) -> Res<()> {
                     Some(JupyterMessageContent::KernelInfoReply(Box::new(kernel_info())))
                 }
                 JupyterMessageContent::InterruptRequest(_) => {
-                    interrupt(&kc);
+                    kc.runner.interrupt();
                     Some(InterruptReply::new().into())
                 }
                 JupyterMessageContent::ShutdownRequest(r) => {
                     let restart = r.restart;
-                    if let Some(s) = kc.session.get().cloned() {
+                    if let Some(s) = kc.runner.session_now().cloned() {
                         // the server keeps running (a restart must find it warm); it saves now
                         let _ = tokio::task::spawn_blocking(move || s.autosave()).await;
                     }
@@ -376,58 +342,22 @@ pub async fn run(connection_file: &Path) -> Res<()> {
             ));
             break;
         }
-        kernel.status(ExecutionState::Busy, &msg);
+        kernel.iopub.status(ExecutionState::Busy, &msg);
         let reply = handle_shell(&kernel, &msg).await;
         if let Some(r) = reply {
             let _ = shell_reply_tx.send(JupyterMessage::new(r, Some(&msg)));
         }
-        kernel.status(ExecutionState::Idle, &msg);
+        kernel.iopub.status(ExecutionState::Idle, &msg);
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // let the last replies leave
                                                           // evcxr's build directory goes with its context
-    if let Some(ev) = kernel.evaluator.get().cloned() {
-        let _ = tokio::task::spawn_blocking(move || ev.shutdown(Duration::from_secs(5))).await;
-    }
+    let runner = kernel.runner.clone();
+    let _ = tokio::task::spawn_blocking(move || runner.shutdown(Duration::from_secs(5))).await;
     Ok(())
 }
 
-/// Interrupt, step 1: ask the server to cancel what runs (the cell's call returns
-/// `interrupted`); step 2, if the cell still runs after a grace period: kill the child.
-fn interrupt(k: &Arc<Kernel>) {
-    if !k.executing.load(Ordering::SeqCst) {
-        return;
-    }
-    let current = k.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.header.msg_id.clone());
-    *k.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(CellError {
-        ename: "Interrupted".into(),
-        evalue:
-            "the cell was interrupted; the server's operation was cancelled and changed nothing (variables are kept)"
-                .into(),
-        traceback: vec![],
-    });
-    let k = k.clone();
-    std::thread::spawn(move || {
-        if let Some(s) = k.session.get() {
-            let _ = s.cancel_all();
-        }
-        let grace = std::env::var("HEARTH_INTERRUPT_GRACE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
-        std::thread::sleep(Duration::from_millis(grace));
-        let still = k.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.header.msg_id.clone());
-        if k.executing.load(Ordering::SeqCst) && still == current {
-            if let Some(ev) = k.evaluator.get() {
-                ev.kill_child();
-            }
-        }
-    });
-}
-
-async fn evaluator(k: &Arc<Kernel>) -> Evaluator {
-    loop {
-        if let Some(e) = k.evaluator.get() {
-            return e.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+fn internal(evalue: String) -> CellError {
+    CellError { ename: "InternalError".into(), evalue, traceback: vec![] }
 }
 
 fn error_content(e: &CellError) -> ErrorOutput {
@@ -461,9 +391,12 @@ async fn handle_shell(k: &Arc<Kernel>, msg: &JupyterMessage) -> Option<JupyterMe
                     .collect();
                 (m, req.code.len() - req.code.trim_start().len(), pos)
             } else {
-                let ev = evaluator(k).await;
-                let code = req.code.clone();
-                tokio::task::spawn_blocking(move || ev.complete(&code, pos)).await.unwrap_or((Vec::new(), pos, pos))
+                let (runner, code) = (k.runner.clone(), req.code.clone());
+                tokio::task::spawn_blocking(move || runner.evaluator().complete(&code, pos)).await.unwrap_or((
+                    Vec::new(),
+                    pos,
+                    pos,
+                ))
             };
             Some(
                 CompleteReply {
@@ -480,8 +413,8 @@ async fn handle_shell(k: &Arc<Kernel>, msg: &JupyterMessage) -> Option<JupyterMe
         JupyterMessageContent::InspectRequest(req) => {
             let pos = char_to_byte(&req.code, req.cursor_pos);
             let word = word_at(&req.code, pos);
-            let ev = evaluator(k).await;
-            let vars = tokio::task::spawn_blocking(move || ev.variables()).await.unwrap_or_default();
+            let runner = k.runner.clone();
+            let vars = tokio::task::spawn_blocking(move || runner.evaluator().variables()).await.unwrap_or_default();
             let found = vars.iter().find(|(n, _)| *n == word);
             let data = match found {
                 Some((n, t)) => Media::new(vec![MediaType::Plain(format!("{n}: {t}"))]),
@@ -525,7 +458,7 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
         };
     }
     if !req.silent {
-        k.publish(ExecuteInput { code: req.code.clone(), execution_count: count }, msg);
+        k.iopub.publish(ExecuteInput { code: req.code.clone(), execution_count: count }, msg);
         if req.store_history {
             k.history.lock().unwrap_or_else(|p| p.into_inner()).push((req.code.clone(), String::new()));
         }
@@ -535,7 +468,7 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
             *k.abort_before.lock().unwrap_or_else(|p| p.into_inner()) = Some(chrono::Utc::now());
         }
         let content = error_content(&e);
-        k.publish(content.clone(), msg);
+        k.iopub.publish(content.clone(), msg);
         ExecuteReply {
             status: ReplyStatus::Error,
             execution_count: count,
@@ -569,19 +502,15 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
         });
     }
     // a magic: answered here, no compile
-    if let Some((m, _)) = magics::find(&req.code) {
-        let session = k.session.get().cloned();
-        let code = req.code.clone();
-        let name = m.name;
-        let out = tokio::task::spawn_blocking(move || match session {
-            Some(s) => magics::run(&code, &s).unwrap_or_else(|| Err("not a magic".into())),
-            None => Err("no session server".into()),
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+    if magics::find(&req.code).is_some() {
+        let (runner, code) = (k.runner.clone(), req.code.clone());
+        let out = tokio::task::spawn_blocking(move || runner.magic(&code))
+            .await
+            .map_err(|e| internal(e.to_string()))
+            .and_then(|out| out.unwrap_or_else(|| Err(internal("not a magic".into()))));
         return match out {
             Ok(bundle) => {
-                k.publish(DisplayData::new(bundle_media(&bundle)), msg);
+                k.iopub.publish(DisplayData::new(bundle_media(&bundle)), msg);
                 ExecuteReply {
                     status: ReplyStatus::Ok,
                     execution_count: count,
@@ -589,39 +518,16 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
                     ..Default::default()
                 }
             }
-            Err(e) => fail(CellError { ename: format!("Magic:{name}"), evalue: e, traceback: vec![] }),
+            Err(e) => fail(e),
         };
     }
-    let ev = evaluator(k).await;
-    *k.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-    *k.cell_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    k.executing.store(true, Ordering::SeqCst);
-    let code = req.code.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        ev.wait_ready().map_err(|e| CellError { ename: "PreludeError".into(), evalue: e, traceback: vec![] })?;
-        ev.eval(&code)
-    })
-    .await
-    .unwrap_or_else(|e| Err(CellError { ename: "InternalError".into(), evalue: e.to_string(), traceback: vec![] }));
-    k.executing.store(false, Ordering::SeqCst);
-    k.end_compile_status(msg);
-    // let the child's last lines reach iopub before this cell's idle
-    tokio::time::sleep(Duration::from_millis(15)).await;
-    for _ in 0..100 {
-        if k.publishing.load(Ordering::SeqCst) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    *k.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let flagged = k.cell_error.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let result = match (result, flagged) {
-        (Ok(_), Some(e)) => Err(e),
-        (Err(e), Some(f)) if f.ename == "Interrupted" && e.ename == "ChildRestarted" => {
-            Err(CellError { ename: "Interrupted".into(), evalue: e.evalue, traceback: vec![] })
-        }
-        (r, _) => r,
-    };
+    *k.iopub.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+    let (runner, code) = (k.runner.clone(), req.code.clone());
+    let result =
+        tokio::task::spawn_blocking(move || runner.run(&code)).await.unwrap_or_else(|e| Err(internal(e.to_string())));
+    // a cell that never ran (no server, the prelude failed) may still show the prelude's status
+    k.iopub.end_compile_status(msg);
+    *k.iopub.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
     match result {
         Ok(out) => {
             if let (Some(text), true) = (out.data.get("text/plain"), req.store_history && !req.silent) {
@@ -629,13 +535,11 @@ async fn execute(k: &Arc<Kernel>, msg: &JupyterMessage, req: &ExecuteRequest) ->
                     last.1 = text.clone();
                 }
             }
-            // a cell ending in a loop or a block has the value `()`: nothing to show
-            let unit = out.data.len() == 1 && out.data.get("text/plain").is_some_and(|t| t.trim() == "()");
-            if !out.data.is_empty() && !req.silent && !unit {
+            if out.has_value() && !req.silent {
                 let media = media(out.data.iter());
                 let mut result = ExecuteResult::new(count, media);
                 result.transient = Some(Transient { display_id: None });
-                k.publish(result, msg);
+                k.iopub.publish(result, msg);
             }
             ExecuteReply {
                 status: ReplyStatus::Ok,

@@ -1,15 +1,13 @@
-//! hearth's Jupyter kernel, and the front-end logic it shares with the REPL.
+//! hearth's Jupyter kernel: the Jupyter protocol side. Everything about a cell (the evaluator,
+//! the runner and its two-step interrupt, the display markers, the magics, the completeness
+//! scanner) is `hearth-cells`, shared with the terminal REPL.
 //!
-//! - [`scanner`]: is a cell complete (brackets, strings, comments)?
-//! - [`magics`]: the magics table (`:status`, `:runs`, `:sample`, `:plot`, `:save`, `:resume`,
-//!   `:help`), answered without compiling.
-//! - [`evaluator`]: the thread that owns evcxr, with the prelude preloaded so every cell has
-//!   `session`; re-run after a child restart.
-//! - [`jupyter`]: sockets, HMAC-verified messages, handlers, interrupts in two steps.
+//! - [`jupyter`]: sockets, HMAC-verified messages, handlers; the runner's output as iopub messages.
 //! - [`install`]: the kernelspec.
+//! - [`magics`]: `hearth_cells::magics`, re-exported for the server's magics test, which reaches
+//!   the table through this crate.
 
-pub mod evaluator;
 pub mod install;
 pub mod jupyter;
-pub mod magics;
-pub mod scanner;
+
+pub use hearth_cells::magics;

@@ -29,7 +29,7 @@ fn main() {
             let Some(file) = args.get(1) else { usage() };
             // cells' displays come to us as marker lines on the child's stderr
             std::env::set_var("HEARTH_DISPLAY", "1");
-            let tmp = hearth_kernel::evaluator::use_private_tmpdir().ok();
+            let tmp = hearth_cells::evaluator::use_private_tmpdir().ok();
             // Jupyter sends interrupt_request (interrupt_mode: message); a stray SIGINT is ignored.
             // SAFETY: setting SIGINT to SIG_IGN installs no handler code.
             unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };

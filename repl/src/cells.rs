@@ -1,9 +1,9 @@
 //! Splitting a script into cells, the way a person would type it into the REPL: a cell ends at a
-//! blank line once its code is complete (by the kernel's scanner), and a `:command` line at the
+//! blank line once its code is complete (by hearth-cells' scanner), and a `:command` line at the
 //! start of a cell is a cell of its own. A first line starting with `#!` (not `#![`) is skipped,
 //! so a script can be executable with `#!/usr/bin/env -S hearth run`.
 
-use hearth_kernel::scanner::{is_complete, Completeness};
+use hearth_cells::scanner::{is_complete, Completeness};
 
 /// The cells of `script`, in order, each without its trailing blank lines.
 pub fn split(script: &str) -> Vec<String> {

@@ -114,7 +114,7 @@ fn repl(opts: Options, launched: std::time::Instant) -> i32 {
     }
     std::env::set_var("HEARTH_DISPLAY", "1");
     // evcxr builds cells in <temp>/hearth-evcxr/<pid>; folders of processes gone are swept
-    let tmp = hearth_kernel::evaluator::use_private_tmpdir().ok();
+    let tmp = hearth_cells::evaluator::use_private_tmpdir().ok();
     let connect = match &opts.attach {
         Some(url) => {
             let token = match &opts.token_file {

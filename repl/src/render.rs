@@ -1,5 +1,5 @@
-//! The terminal face of hearth's displays: what a cell prints (stdout, stderr, the display
-//! channel's marker lines, the final value) rendered for a terminal or, when output is a pipe,
+//! The terminal face of hearth's displays: what a cell prints (stdout, stderr, the displays of
+//! its marker lines, the final value) rendered for a terminal or, when output is a pipe,
 //! as plain deterministic text with no escape codes.
 //!
 //! - progress bars ([`hearth::display::PROGRESS_MIME`]) redraw in place with indicatif on a
@@ -9,8 +9,8 @@
 //!   a text plot and the path of a PNG saved under `$HEARTH_HOME/plots/`.
 
 use crate::image::{self, Protocol};
-use hearth::display::{MARKER, PROGRESS_MIME, SAMPLES_MIME};
-use hearth_kernel::evaluator::CellError;
+use hearth::display::{PROGRESS_MIME, SAMPLES_MIME};
+use hearth_cells::evaluator::CellError;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
@@ -96,30 +96,9 @@ impl Terminal {
         self.out(line);
     }
 
-    /// A marker line of the cell (a display, shown; an error, returned: the cell fails with it)
-    /// or a line of its stderr.
-    pub fn child_stderr(&self, line: &str) -> Option<CellError> {
-        let Some(json) = line.strip_prefix(MARKER) else {
-            self.write(true, format!("{line}\n").as_bytes());
-            return None;
-        };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-            self.write(true, format!("{line}\n").as_bytes());
-            return None;
-        };
-        if let Some(e) = v.get("error") {
-            return Some(CellError {
-                ename: e["ename"].as_str().unwrap_or("Error").into(),
-                evalue: e["evalue"].as_str().unwrap_or_default().into(),
-                traceback: vec![],
-            });
-        }
-        if v["clear"] == true {
-            return None; // a terminal keeps its scrollback
-        }
-        let data: BTreeMap<String, String> = serde_json::from_value(v["data"].clone()).unwrap_or_default();
-        self.show(&data, v["display_id"].as_str(), v["update"] == true);
-        None
+    /// A line of the cell's stderr.
+    pub fn child_stderr(&self, line: &str) {
+        self.write(true, format!("{line}\n").as_bytes());
     }
 
     /// Shows a MIME bundle: a cell's final value, a magic's answer, or a display.
