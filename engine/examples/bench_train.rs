@@ -1,6 +1,6 @@
 //! Training-step benchmark: forward + backward + AdamW on the `smollm2-135m-shape` preset with
 //! LoRA r=16 on all seven projections, f32, batch 1 × T tokens (`--seq-len`, `--recompute
-//! auto|on|off`, `--fused on|off`: the fused CPU kernels of `hearth_engine::fused`, `--base f32|q8|q4`:
+//! auto|on|off`, `--fused on|off`: the fused CPU kernels of `hearth_engine::kernels`, `--base f32|q8|q4`:
 //! the base dense or quantized at load (QLoRA), `--model PATH` instead of the preset, `--lr`).
 //! Prints one JSON line, with the loss of every step and the base weights' bytes.
 //!
@@ -74,7 +74,7 @@ fn main() -> Result<()> {
         },
         None => true,
     };
-    hearth_engine::fused::set_enabled(fused);
+    hearth_engine::kernels::set_enabled(fused);
     let mut rng = Rng::new(1);
     let vocab = base.config.vocab_size as u64;
     let tokens: Vec<u32> = (0..=seq_len).map(|_| (rng.next_u64() % vocab) as u32).collect();

@@ -12,7 +12,7 @@
 //! read it is still queued. (candle's `Device::new_cuda` uses the per-thread default stream,
 //! which orders nothing across threads.) Work is ordered by the stream alone, so cudarc's
 //! per-operand event tracking is turned off, and the engine runs CUDA work on the calling
-//! thread (see `crate::fused::in_pool_for`). A thread binds the context before it drops device
+//! thread (see `crate::kernels::in_pool_for`). A thread binds the context before it drops device
 //! memory ([`bind`]): cudarc frees without binding it.
 //!
 //! # The memory pool keeps what it has

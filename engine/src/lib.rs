@@ -6,25 +6,15 @@
 //! `forward`, `forward_backward` and `optim_step` over the [`hearth_api`] data types. Models come
 //! from a local Hugging Face folder ([`weights`]), a GGUF file ([`gguf`]) or a generated [`preset`],
 //! dense or with a quantized frozen base ([`quant`], QLoRA). On the CPU the step runs through
-//! fused kernels with hand-written backward passes ([`fused`]).
+//! hand-written kernels with their own backward passes ([`kernels`], the layer below the model's
+//! layers).
 //!
 //! This crate knows nothing of HTTP, async runtimes or front-ends.
 //!
 //! # Threads
 //!
-//! - A primitive runs for one caller at a time (the server's engine thread, a cell's session) and
-//!   `fused::in_pool_for` puts it where its device wants it: on the CPU into rayon's global pool,
-//!   so every parallel kernel starts among warm siblings; on a GPU on the calling thread, bound
-//!   to the device's one stream ([`device`]).
-//! - Training kernels ([`fused`]) split large products by output columns over rayon, each task
-//!   running gemm on one thread; small products stay on the calling thread.
-//! - Decoding's few-rows products (`gemv`) use candle's barrier pool, whose workers spin between
-//!   ops; candle's large element-wise ops use rayon (vendored candle-core).
-//! - rayon's idle workers look for work for 1 ms before they sleep (vendored rayon-core,
-//!   `HEARTH_POOL_SPIN_US`), so a step's short serial stretches do not put the sibling to sleep.
-//! - malloc keeps freed memory in one arena ([`alloc`]) instead of returning and re-faulting it,
-//!   and gemm keeps its packing buffer per thread (vendored gemm-common), so threads do not queue
-//!   on that arena.
+//! The threading model (where each kind of work runs, and which vendored patch keeps which pool
+//! awake) is stated once, in [`kernels`], beside the scheduler that implements it.
 //!
 //! ```
 //! use hearth_api::{AdamParams, Datum, ForwardBackwardInput, LossFn, LossFnInputs, TrainingConfig};
@@ -54,15 +44,13 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod fsutil;
-pub mod fused;
-mod gemv;
 pub mod gguf;
 pub mod hub;
+pub mod kernels;
 pub mod linear;
 mod lora_ops;
 pub mod loss;
 pub mod model;
-pub mod ops;
 pub mod optim;
 pub mod preset;
 pub mod quant;

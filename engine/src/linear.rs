@@ -1,7 +1,7 @@
 //! The one linear type where LoRA attaches, and the RMSNorm beside it.
 
-use crate::error::Result;
-use crate::ops::{add_const, frozen_matmul, mul_const};
+use crate::error::{EngineError, Result};
+use crate::kernels::{self, add_const, frozen_matmul, mul_const, Frozen};
 use crate::quant::QWeight;
 use candle_core::{DType, Tensor, Var, D};
 
@@ -21,10 +21,10 @@ impl Weight {
     /// `x @ selfᵀ`: x (…, in), self (out, in) → (…, out); a frozen weight gets no gradient.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Frozen(w) if crate::fused::applies(x) && w.dtype() == x.dtype() => {
-                crate::fused::linear(x, self, None)
+            Weight::Frozen(w) if kernels::applies(x) && w.dtype() == x.dtype() => {
+                kernels::linear(x, Frozen::Dense(w.clone()), None)
             }
-            Weight::Quantized(_) if crate::fused::applies(x) => crate::fused::linear(x, self, None),
+            Weight::Quantized(q) if kernels::applies(x) => kernels::linear(x, Frozen::Quantized(q.clone()), None),
             Weight::Frozen(w) => frozen_matmul(x, w),
             // elsewhere than the fused CPU path the dequantized copy lives until backward
             Weight::Quantized(q) => frozen_matmul(x, &q.dequantize(x.dtype())?),
@@ -45,6 +45,16 @@ impl Weight {
     /// Whether this weight stays fixed during training (frozen or quantized).
     pub fn is_frozen(&self) -> bool {
         !matches!(self, Weight::Trainable(_))
+    }
+
+    /// The kernels' view of a weight that stays fixed during training (sharing its storage);
+    /// `None` for a trained one.
+    pub fn frozen(&self) -> Option<Frozen> {
+        match self {
+            Weight::Frozen(t) => Some(Frozen::Dense(t.clone())),
+            Weight::Quantized(q) => Some(Frozen::Quantized(q.clone())),
+            Weight::Trainable(_) => None,
+        }
     }
 
     /// Its shape.
@@ -131,7 +141,7 @@ impl Linear {
                     Some(Lora { a, bt: Some(bt), scale, .. }) => Some(Some((a, bt, *scale))),
                     Some(Lora { bt: None, .. }) => None,
                 };
-                if let Some(y) = lora.and_then(|lora| crate::gemv::linear_few_rows(x, w, bias, lora)) {
+                if let Some(y) = lora.and_then(|lora| kernels::linear_few_rows(x, w, bias, lora)) {
                     return Ok(y);
                 }
             }
@@ -139,17 +149,25 @@ impl Linear {
         // the fused CPU product takes a frozen weight of x's dtype and a LoRA pair of the same
         let dense_fits = self.weight.tensor().is_none_or(|w| w.dtype() == x.dtype());
         let fused_lora = self.lora.as_ref().filter(|l| l.a.dtype() == x.dtype()).map(|l| (&l.a, &l.b, l.scale));
-        let fused = self.weight.is_frozen()
-            && crate::fused::applies(x)
-            && dense_fits
-            && (fused_lora.is_some() || self.lora.is_none());
+        let fused_weight = self
+            .weight
+            .frozen()
+            .filter(|_| kernels::applies(x) && dense_fits && (fused_lora.is_some() || self.lora.is_none()));
+        let fused = fused_weight.is_some();
         if let (Some(lora), false) = (&self.lora, fused) {
             if lora.a.is_variable() {
-                // training: one op that keeps only x, A and B for backward (see crate::lora_ops)
-                return crate::lora_ops::lora_linear(x, &self.weight, self.bias.as_ref(), lora);
+                // training: one op that keeps only x, A and B for backward (see crate::lora_ops);
+                // the model gives a LoRA pair only to a frozen base (full fine-tuning has none)
+                let trained = || EngineError::Internal("a LoRA pair on a trained base weight or bias".into());
+                let weight = self.weight.frozen().ok_or_else(trained)?;
+                let bias = self.bias.as_ref().map(|b| b.frozen().ok_or_else(trained)).transpose()?;
+                return crate::lora_ops::lora_linear(x, &weight, bias.as_ref(), lora);
             }
         }
-        let mut y = if fused { crate::fused::linear(x, &self.weight, fused_lora)? } else { self.weight.matmul_t(x)? };
+        let mut y = match fused_weight {
+            Some(w) => kernels::linear(x, w, fused_lora)?,
+            None => self.weight.matmul_t(x)?,
+        };
         match &self.bias {
             Some(Weight::Frozen(b)) => y = add_const(&y, b)?,
             Some(b @ Weight::Quantized(_)) => y = add_const(&y, &b.frozen_value(y.dtype())?)?,
@@ -181,7 +199,7 @@ impl Linear {
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self.weight.dims()[..] {
             [out, inp] => Ok((out, inp)),
-            ref d => Err(crate::error::EngineError::Weights(format!("a projection weight has shape {d:?}"))),
+            ref d => Err(EngineError::Weights(format!("a projection weight has shape {d:?}"))),
         }
     }
 }
@@ -204,8 +222,8 @@ impl RmsNorm {
     /// x (…, C) → (…, C), computed in f32 or wider.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Weight::Frozen(w) = &self.weight {
-            if crate::fused::applies(x) {
-                return crate::fused::rms_norm(x, w, self.eps);
+            if kernels::applies(x) {
+                return kernels::rms_norm(x, w, self.eps);
             }
         }
         let dtype = x.dtype();

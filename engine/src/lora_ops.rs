@@ -11,25 +11,21 @@
 //! A's dtype and the sum is rounded once to the base dtype. The input's gradient is the sum of
 //! the base product's (in the base dtype) and the LoRA term's (computed in f32, rounded), as
 //! autograd gives it for PEFT's module. The frozen weight and bias are constants held by the op,
-//! so they get no gradient (see [`crate::ops`]); a quantized weight is dequantized into a
+//! so they get no gradient (see [`crate::kernels::Frozen`]); a quantized weight is dequantized into a
 //! temporary in the forward and again in the backward pass, never kept.
 
 use crate::error::{EngineError, Result};
-use crate::linear::{Lora, Weight};
+use crate::kernels::Frozen;
+use crate::linear::Lora;
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Shape, Storage, Tensor};
 
 /// `x (…, in)` through a frozen `weight (out, in)`, an optional frozen `bias (out)` and a
 /// trained LoRA pair → `(…, out)` in x's dtype, with gradients for x, A and B only.
-pub fn lora_linear(x: &Tensor, weight: &Weight, bias: Option<&Weight>, lora: &Lora) -> Result<Tensor> {
-    if !weight.is_frozen() || bias.is_some_and(|b| !b.is_frozen()) {
-        return Err(EngineError::Weights(
-            "a LoRA pair on a trained base weight or bias: train the adapter or the base, not both".into(),
-        ));
-    }
+pub fn lora_linear(x: &Tensor, weight: &Frozen, bias: Option<&Frozen>, lora: &Lora) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let bias = bias.map(|b| b.frozen_value(x.dtype())).transpose()?;
+    let bias = bias.map(|b| b.value(x.dtype())).transpose()?;
     let op = LoraLinear { weight: weight.clone(), bias, scale: lora.scale };
     Ok(x.apply_op3(&lora.a, &lora.b, op)?)
 }
@@ -37,7 +33,7 @@ pub fn lora_linear(x: &Tensor, weight: &Weight, bias: Option<&Weight>, lora: &Lo
 /// The op behind [`lora_linear`]: arguments x, A (r, in), B (out, r); constants the base weight
 /// and bias.
 struct LoraLinear {
-    weight: Weight,
+    weight: Frozen,
     bias: Option<Tensor>,
     scale: f64,
 }
@@ -101,7 +97,7 @@ impl LoraLinear {
         let m: usize = batch.iter().product();
         let (r, ak) = a_l.shape().dims2()?;
         let (n, br) = b_l.shape().dims2()?;
-        let w_t = self.weight.frozen_value(x.dtype()).map_err(wrap)?; // a temporary only when quantized
+        let w_t = self.weight.value(x.dtype()).map_err(wrap)?; // a temporary only when quantized
         let (w, w_l) = w_t.storage_and_layout();
         let w =
             S::of(&w).ok_or_else(|| candle_core::Error::Msg("lora_linear: the weight is on another device".into()))?;
@@ -217,7 +213,7 @@ impl CustomOp3 for LoraLinear {
         drop(x32);
         let g_x_lora = g_xa.matmul(&a)?.to_dtype(x.dtype())?; // (M, r) @ (r, in) -> (M, in)
                                                               // through the frozen base
-        let w = self.weight.frozen_value(x.dtype()).map_err(wrap)?;
+        let w = self.weight.value(x.dtype()).map_err(wrap)?;
         let g_x = (g2.matmul(&w)? + g_x_lora)?.reshape(in_dims)?; // (M, out) @ (out, in) -> (M, in)
         Ok((Some(g_x), Some(g_a), Some(g_b)))
     }

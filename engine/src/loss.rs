@@ -10,8 +10,8 @@
 
 use crate::batch::Batch;
 use crate::error::Result;
+use crate::kernels::{add_const, mul_const};
 use crate::model::{log_softmax_last_dim, wide};
-use crate::ops::{add_const, mul_const};
 use candle_core::{Tensor, D};
 use hearth_api::LossFn;
 
@@ -34,8 +34,8 @@ impl LossTerms {
 /// Computes the loss terms from logits (B, T, V).
 pub fn compute(logits: &Tensor, batch: &Batch, loss: &LossFn) -> Result<LossTerms> {
     let logits = logits.to_dtype(wide(logits.dtype()))?; // f32 for a bf16 model
-    let target_logprobs = if crate::fused::applies(&logits) {
-        crate::fused::target_logprobs(&logits, &batch.targets)? // (B,T,V) -> (B,T), no log-softmax copy
+    let target_logprobs = if crate::kernels::applies(&logits) {
+        crate::kernels::target_logprobs(&logits, &batch.targets)? // (B,T,V) -> (B,T), no log-softmax copy
     } else {
         let logp = log_softmax_last_dim(&logits)?; // (B,T,V)
         logp.gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?

@@ -4,7 +4,7 @@
 //! `modeling_qwen2.py`, `modeling_qwen3.py`; candle-transformers `models/llama.rs`. Unlike
 //! candle-transformers, nothing here uses candle's fused softmax / rms_norm / rope kernels (their
 //! backward is missing and gradients vanish silently), and logits come back for every position.
-//! On the CPU in f32/f64 the hand-written kernels of [`crate::fused`] (each with its own
+//! On the CPU in f32/f64 the hand-written kernels of [`crate::kernels`] (each with its own
 //! backward) stand in for the composed norm, rotary, attention, SwiGLU, projections and loss;
 //! the composed forms below run everywhere else and are those kernels' reference.
 //!
@@ -16,8 +16,8 @@
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
+use crate::kernels::{add_const, mul_const};
 use crate::linear::{Linear, Lora, RmsNorm, Weight};
-use crate::ops::{add_const, mul_const};
 use crate::quant::QWeight;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -118,13 +118,13 @@ impl Rotary {
     }
 
     /// Moves x (B, T, N, D) to heads, (B, N, T, D), rotated for positions start..start+T: one
-    /// fused pass on the CPU ([`crate::fused::rotary_to_heads`]), a transpose and
+    /// fused pass on the CPU ([`crate::kernels::rotary_to_heads`]), a transpose and
     /// [`Rotary::apply`] elsewhere.
     pub fn apply_to_heads(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        if crate::fused::applies(x) {
+        if crate::kernels::applies(x) {
             let (_b, t, _n, _d) = x.dims4()?;
             let (cos, sin) = self.rows(start, t)?;
-            return crate::fused::rotary_to_heads(x, &cos, &sin);
+            return crate::kernels::rotary_to_heads(x, &cos, &sin);
         }
         self.apply(&x.transpose(1, 2)?.contiguous()?, start)
     }
@@ -156,7 +156,8 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?; // (B, T, F)
         let up = self.up_proj.forward(x)?; // (B, T, F)
-        let act = if crate::fused::applies(&gate) { crate::fused::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
+        let act =
+            if crate::kernels::applies(&gate) { crate::kernels::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
         self.down_proj.forward(&act)
     }
 }
@@ -297,9 +298,9 @@ impl Attention {
     /// One chunk: q (B, H, L, D) at positions first..first+L, k and v (B, K, first+L, D) →
     /// (B, H, L, D).
     pub fn attend(&self, q: &Tensor, kk: &Tensor, v: &Tensor, attn: &AttnSpec, first: usize) -> Result<Tensor> {
-        if crate::fused::applies(q) && kk.dtype() == q.dtype() {
+        if crate::kernels::applies(q) && kk.dtype() == q.dtype() {
             // one op, softmax in place, only the output and a log-sum-exp per row kept
-            return crate::fused::attention(q, kk, v, first, attn.window);
+            return crate::kernels::attention(q, kk, v, first, attn.window);
         }
         let (b, h, len, d) = q.dims4()?;
         let (k, keys) = (self.num_kv_heads, kk.dim(2)?);

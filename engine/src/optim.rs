@@ -74,7 +74,7 @@ pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
 
 /// Whether the fused passes below take `t`: f32 on the CPU, fused kernels on.
 fn fusable(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && crate::fused::applies(t)
+    t.dtype() == DType::F32 && crate::kernels::applies(t)
 }
 
 /// [`global_norm`], `fused`: each gradient's squares summed in one pass (f32 on the CPU).
@@ -87,7 +87,7 @@ fn global_norm_with(grads: &BTreeMap<String, Tensor>, fused: bool) -> Result<f64
             .collect::<Vec<_>>()
             .par_iter()
             .map(|g| {
-                crate::fused::with_cpu::<f32, _>(g, "global-norm", |g| {
+                crate::kernels::with_cpu::<f32, _>(g, "global-norm", |g| {
                     Ok(g.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
                 })
             })
@@ -133,7 +133,7 @@ struct Coefs {
 /// scalar product of those is an affine op computing `x · c + 0` in f32), so both give the same
 /// bits.
 fn fused_update(param: &Tensor, g: &Tensor, moments: Option<&Moments>, c: Coefs) -> Result<(Tensor, Moments)> {
-    use crate::fused::with_cpu;
+    use crate::kernels::with_cpu;
     let op = "adamw";
     let n = param.elem_count();
     let (mut p1, mut m1, mut v1) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);

@@ -3,7 +3,7 @@
 //! A [`QWeight`] holds a 2-D base weight as ggml blocks (`Q8_0`: 8.5 bits a weight; `Q4_1`: 5
 //! bits; or whatever block type a GGUF file stored). The training graph never multiplies by the
 //! blocks: each projection dequantizes its weight into a temporary for the forward product and
-//! again on backward for the input gradient (`crate::fused::linear` holds the blocks, not the
+//! again on backward for the input gradient (`crate::kernels::linear` holds the blocks, not the
 //! dequantized copy, so nothing weight-sized outlives one product). candle's `QMatMul` has no
 //! backward and is not used here. LoRA, the optimizer and the loss stay f32.
 //!

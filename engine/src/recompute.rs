@@ -22,9 +22,9 @@
 
 use crate::batch::Batch;
 use crate::error::{EngineError, Result};
+use crate::kernels::mul_const;
 use crate::loss::{self, LossTerms};
 use crate::model::{AttnSpec, DecoderLayer, Model, NamedParams, Rotary};
-use crate::ops::mul_const;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use hearth_api::LossFn;
@@ -108,12 +108,12 @@ fn head_chunk_elements(model: &Model, b: usize, t: usize) -> u64 {
 /// head and the new gradients. Composed ops (the GPU's): per layer and token about 16 C-sized and
 /// 6 F-sized values in the model's dtype and 8 f32 values per attention score (scores, their
 /// scaled, masked, shifted and exponentiated copies, probabilities). The fused CPU kernels
-/// (`crate::fused`) keep about 12 C- and 4 F-sized f32 values per layer and token and nothing
+/// (`crate::kernels`) keep about 12 C- and 4 F-sized f32 values per layer and token and nothing
 /// T-sized. Both measured on the CPU against a counting allocator (engine/tests/memory.rs).
 pub fn activation_bytes(model: &Model, b: usize, t: usize) -> u64 {
     let c = model.config();
     let (l, cw, fw) = (c.num_hidden_layers as u64, c.hidden_size as u64, c.intermediate_size as u64);
-    let per_token = if crate::fused::applies_to(model.dtype(), model.device()) {
+    let per_token = if crate::kernels::applies_to(model.dtype(), model.device()) {
         l * (12 * cw + 4 * fw) * 4
     } else {
         let dt = model.dtype().size_in_bytes() as u64;
@@ -148,7 +148,7 @@ pub fn step_bytes(model: &Model, b: usize, t: usize, recompute: bool) -> u64 {
     let (qw, kw) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     let kept = (2 * c.num_hidden_layers as u64 + 2) * tokens * cw * dt;
     let head = head_chunk_elements(model, b, t) * LOGIT_BYTES;
-    let phase = if crate::fused::applies_to(model.dtype(), model.device()) {
+    let phase = if crate::kernels::applies_to(model.dtype(), model.device()) {
         (tokens * (16 * cw + 6 * fw) * 4).max(head)
     } else {
         let layer = tokens * (dt * (16 * cw + 12 * qw + 13 * kw + 12 * fw) + 4 * (5 * cw + 2 * fw));

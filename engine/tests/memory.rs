@@ -95,7 +95,7 @@ fn the_step_estimate_is_within_15_percent_of_the_measured_peak() {
     for (name, dtype, fused) in
         [("bf16 composed", DType::BF16, false), ("f32 composed", DType::F32, false), ("f32 fused", DType::F32, true)]
     {
-        hearth_engine::fused::set_enabled(fused);
+        hearth_engine::kernels::set_enabled(fused);
         let base = Arc::new(BaseModel::load(&dir, &Device::Cpu, dtype).unwrap());
         for (b, t) in [(1, 256), (2, 512), (1, 1024)] {
             for (recompute, chunking) in [(false, None), (true, None), (true, Some(small))] {
@@ -115,6 +115,6 @@ fn the_step_estimate_is_within_15_percent_of_the_measured_peak() {
             }
         }
     }
-    hearth_engine::fused::set_enabled(true);
+    hearth_engine::kernels::set_enabled(true);
     assert!(failures.is_empty(), "estimates off by more than 15%:\n{}", failures.join("\n"));
 }

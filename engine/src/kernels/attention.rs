@@ -3,7 +3,9 @@
 //! the backward recomputes the probabilities block by block. No (B, H, T, S) tensor outlives a
 //! call, and blocks above the diagonal are never computed.
 
-use super::{as_task, mm, same, storage, Mat, Real};
+use super::matmul::{mm, Mat};
+use super::pool::as_task;
+use super::real::{both, same, storage, with_cpu, Real};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -107,7 +109,7 @@ impl Attention {
             let sum = T::sum_f64(row);
             let inv = T::from_f64(1.0 / sum);
             for x in row.iter_mut() {
-                *x = *x * inv;
+                *x *= inv;
             }
             lse[r] = max.to_f64() + sum.ln();
         }
@@ -353,11 +355,11 @@ impl CustomOp3 for Attention {
         let (q, k, v, res, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, res.contiguous()?, g.contiguous()?);
         macro_rules! go {
             ($t:ty) => {
-                super::with_cpu::<$t, _>(&g, "fused-attention", |g| {
-                    super::with_cpu::<$t, _>(&res, "fused-attention", |y| {
-                        super::with_cpu::<$t, _>(&q, "fused-attention", |qs| {
-                            super::with_cpu::<$t, _>(&k, "fused-attention", |ks| {
-                                super::with_cpu::<$t, _>(&v, "fused-attention", |vs| {
+                with_cpu::<$t, _>(&g, "fused-attention", |g| {
+                    with_cpu::<$t, _>(&res, "fused-attention", |y| {
+                        with_cpu::<$t, _>(&q, "fused-attention", |qs| {
+                            with_cpu::<$t, _>(&k, "fused-attention", |ks| {
+                                with_cpu::<$t, _>(&v, "fused-attention", |vs| {
                                     Ok(self.run_backward::<$t>(g, y, &lse, qs, ks, vs, b, dm))
                                 })
                             })
@@ -377,5 +379,105 @@ impl CustomOp3 for Attention {
         let dk = all.narrow(0, nq, nkv)?.reshape(k.shape())?;
         let dv = all.narrow(0, nq + nkv, nkv)?.reshape(v.shape())?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{check, randn};
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// Softmax over the last dim from differentiable ops (the model's composed form).
+    fn softmax_last_dim(x: &Tensor) -> Tensor {
+        let neg_max = x.max_keepdim(D::Minus1).unwrap().detach().neg().unwrap();
+        let e = super::super::frozen::add_const(x, &neg_max).unwrap().exp().unwrap();
+        e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+    }
+
+    /// The composed reference: scores, additive mask, softmax, GQA by repeating kv heads.
+    fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, first: usize, window: Option<usize>) -> Tensor {
+        let (_b, h, l, d) = q.dims4().unwrap();
+        let (_, kh, s, _) = k.dims4().unwrap();
+        let rep = |t: &Tensor| {
+            let parts: Vec<Tensor> = (0..h).map(|i| t.narrow(1, i / (h / kh), 1).unwrap()).collect();
+            Tensor::cat(&parts, 1).unwrap()
+        };
+        let (k, v) = (rep(k), rep(v));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let mut mask = vec![0f64; l * s];
+        for i in 0..l {
+            for j in 0..s {
+                let p = first + i;
+                if j > p || window.is_some_and(|w| p - j >= w) {
+                    mask[i * s + j] = f64::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (l, s), &Device::Cpu).unwrap();
+        let probs = softmax_last_dim(&scores.broadcast_add(&mask).unwrap());
+        probs.matmul(&v).unwrap()
+    }
+
+    #[test]
+    fn attention_matches_finite_differences_and_the_composed_softmax() {
+        // the pool's size sets how the backward pass groups query blocks (1 thread: one group
+        // per head; 2 threads, 4 heads and 6 blocks: 4 groups, two of them with two blocks)
+        let pools: Vec<rayon::ThreadPool> =
+            [1, 2].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
+        let cases = [
+            (5, 7, None),
+            (5, 7, Some(3)),
+            (70, 70, None),
+            (70, 70, Some(20)),
+            (330, 340, None),
+            (330, 330, Some(100)),
+        ];
+        for (pool, (l, s, window)) in pools.iter().flat_map(|p| cases.iter().map(move |c| (p, *c))) {
+            let first = s - l;
+            let big = l > 64; // several query blocks; only the forward and composed gradients (FD would take long)
+            let (q, k, v) = (randn(&[1, 4, l, 4], 20), randn(&[1, 2, s, 4], 21), randn(&[1, 2, s, 4], 22));
+            if big {
+                pool.install(|| {
+                    let (vars, ts): (Vec<Var>, Vec<Tensor>) = [&q, &k, &v]
+                        .iter()
+                        .map(|t| {
+                            let v = Var::from_tensor(t).unwrap();
+                            let t = v.as_tensor().clone();
+                            (v, t)
+                        })
+                        .unzip();
+                    let got = attention(&ts[0], &ts[1], &ts[2], first, window).unwrap();
+                    let want = attention_composed(&ts[0], &ts[1], &ts[2], first, window);
+                    let probe = randn(got.dims(), 23);
+                    let g1 = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert!(
+                        (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12
+                    );
+                    for v in &vars {
+                        let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap())
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap();
+                        assert!(
+                            d < 1e-10,
+                            "l={l} window={window:?} on {} threads: gradients differ by {d}",
+                            pool.current_num_threads()
+                        );
+                    }
+                });
+                continue;
+            }
+            check(
+                &[q, k, v],
+                |t| attention(&t[0], &t[1], &t[2], first, window).unwrap(),
+                |t| attention_composed(&t[0], &t[1], &t[2], first, window),
+            );
+        }
     }
 }

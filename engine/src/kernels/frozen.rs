@@ -1,15 +1,49 @@
-//! Ops with a constant operand whose backward returns the input's gradient only.
+//! Frozen operands: the [`Frozen`] base weight the kernels take, and the ops with a constant
+//! operand whose backward returns the input's gradient only.
 //!
 //! candle's backward computes the gradient of *both* operands of a matmul or a binary op and
 //! keeps the one for an untracked operand until the end of `backward`. For a frozen base weight
 //! that is a weight-sized buffer and an extra matmul per layer per step; for norm weights, rotary
 //! tables and masks it is an activation-sized buffer per layer. These custom ops hold the
-//! constant inside the op, so the graph only sees the input.
+//! constant inside the op, so the graph only sees the input. They run on every backend.
 
 use crate::error::Result;
+use crate::quant::QWeight;
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Mul};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Shape, Storage, Tensor};
+
+/// A frozen base weight as the kernels read it: dense values or quantized blocks, sharing the
+/// layer's storage (a clone copies a handle, not the weight). There is no trained variant: a
+/// trained weight needs candle's graph for its gradient, which the ops holding a `Frozen` (the
+/// fused linear, the training LoRA op) never give it, so they take frozen weights by type. An op
+/// keeps its `Frozen` until its backward pass, hence a shared handle rather than a borrow.
+#[derive(Debug, Clone)]
+pub enum Frozen {
+    /// Dense values, held as they are.
+    Dense(Tensor),
+    /// Quantized blocks (QLoRA), dequantized into a temporary whenever a product needs them.
+    Quantized(QWeight),
+}
+
+impl Frozen {
+    /// Its shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Frozen::Dense(t) => t.dims().to_vec(),
+            Frozen::Quantized(q) => vec![q.dims2().0, q.dims2().1],
+        }
+    }
+
+    /// Its value as `dtype`: the tensor itself (shared when already `dtype`) or, for quantized
+    /// blocks, a dequantized temporary.
+    pub fn value(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(t) => Ok(t.to_dtype(dtype)?),
+            Frozen::Quantized(q) => q.dequantize(dtype),
+        }
+    }
+}
 
 /// `x @ wᵀ` for a weight that receives no gradient: x (…, in), w (out, in) → (…, out).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -50,7 +84,7 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (w, w_l) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*w else { candle_core::bail!("frozen_matmul: input on cpu, weight elsewhere") };
-        if let Some(done) = crate::gemv::frozen_matmul_few_rows(x, x_l, w, w_l)? {
+        if let Some(done) = super::gemv::frozen_matmul_few_rows(x, x_l, w, w_l)? {
             return Ok(done);
         }
         self.fwd(x, x_l, w, w_l)

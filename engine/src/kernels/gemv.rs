@@ -55,8 +55,9 @@ fn f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 }
 
 /// A whole untracked linear layer in one pass for a few rows of x: `x Wᵀ + bias +
-/// scale · (x Aᵀ) Bᵀ`, with B given transposed (r, n). Decoding runs hundreds of these per token, and as separate candle ops
-/// (two matmuls, scale, add, bias) their fixed costs were a third of a token's time.
+/// scale · (x Aᵀ) Bᵀ`, with B given transposed (r, n). Decoding runs hundreds of these per
+/// token, and as separate candle ops (two matmuls, scale, add, bias) their fixed costs were a
+/// third of a token's time.
 /// `None` when the fast path does not apply (not CPU f32, too many rows, tracked tensors).
 pub fn linear_few_rows(
     x: &Tensor,

@@ -41,13 +41,7 @@ fn exp1(x: f32) -> f32 {
     const LO: f32 = -87.336_54;
     // n = round(x / ln 2), by the 1.5·2²³ trick (the addition rounds to the nearest integer)
     const MAGIC: f32 = 12_582_912.0;
-    let xc = if x > HI {
-        HI
-    } else if x < LO {
-        LO
-    } else {
-        x
-    }; // NaN passes through
+    let xc = x.clamp(LO, HI); // NaN passes through
     let t = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     // r = x − n·ln 2, ln 2 in two parts so that n·C1 is exact
@@ -57,7 +51,7 @@ fn exp1(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5; // Cephes' 5.0000001e-1, which is 0.5 in f32
     let y = p * (r * r) + r + 1.0;
     // 2ⁿ in the exponent bits: n is in [−126, 128] after the clamp
     let bits = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32).wrapping_add(127) << 23;

@@ -19,7 +19,7 @@ impl Run {
     /// Loss and per-datum target logprobs without gradients. Changes nothing. Records no graph
     /// and computes the loss in chunks of positions (see [`crate::recompute`]).
     pub fn forward(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
-        crate::fused::in_pool_for(&self.base.device, || self.forward_here(input))
+        crate::kernels::in_pool_for(&self.base.device, || self.forward_here(input))
     }
 
     fn forward_here(&self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
@@ -34,7 +34,7 @@ impl Run {
     /// A non-finite loss accumulates nothing and is an error. Activations are recomputed when
     /// [`Run::recompute`] says so for this batch's size.
     pub fn forward_backward(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {
-        crate::fused::in_pool_for(&self.base.device.clone(), || self.forward_backward_here(input))
+        crate::kernels::in_pool_for(&self.base.device.clone(), || self.forward_backward_here(input))
     }
 
     fn forward_backward_here(&mut self, input: &ForwardBackwardInput) -> Result<ForwardBackwardOutput> {

@@ -154,7 +154,7 @@ impl Run {
             });
         }
         let ids = Tensor::new(tokens, &self.base.device)?.unsqueeze(0)?; // (1,T)
-        crate::fused::in_pool_for(&self.base.device, || {
+        crate::kernels::in_pool_for(&self.base.device, || {
             let model = self.model.detached();
             let h = model.hidden(&ids)?; // (1,T,C)
             let chunk = model.chunking().head_positions(1, t, cfg.vocab_size);

@@ -536,7 +536,7 @@ impl Run {
         detokenize: &(dyn Fn(&[u32]) -> String + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<SampleOutput> {
-        crate::fused::in_pool_for(&self.base.device, || {
+        crate::kernels::in_pool_for(&self.base.device, || {
             self.sample_in_pool(input, Picking::Device, detokenize, cancelled, &|_| {})
         })
         .map_err(crate::recompute::classify)
@@ -555,7 +555,7 @@ impl Run {
         // Decoding is a long chain of small ops; run it on a pool thread so each parallel
         // kernel splits work with a warm sibling instead of waking the pool from outside.
         let picking = Picking::for_device(&self.base.device);
-        crate::fused::in_pool_for(&self.base.device, || {
+        crate::kernels::in_pool_for(&self.base.device, || {
             self.sample_in_pool(input, picking, detokenize, cancelled, on_tokens)
         })
         .map_err(crate::recompute::classify)
