@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 /// Writes JSON (pretty) and fsyncs it.
 pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::Weights(e.to_string()))?;
+    // a Value always serializes
+    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::Internal(e.to_string()))?;
     std::fs::write(path, text).map_err(EngineError::io("writing", path))?;
     sync_file(path)
 }
@@ -71,8 +72,9 @@ pub fn publish_dir(dir: &Path, replace: bool, fill: impl FnOnce(&Path) -> Result
 #[cfg(target_os = "linux")]
 fn exchange(a: &Path, b: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
+    // both entries exist on disk, so neither path holds a NUL byte
     let cstr =
-        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| EngineError::Weights(e.to_string()));
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| EngineError::Internal(e.to_string()));
     let (ca, cb) = (cstr(a)?, cstr(b)?);
     // SAFETY: both are valid NUL-terminated paths; renameat2 reads them and touches no memory of ours.
     let rc =

@@ -199,7 +199,7 @@ impl Linear {
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self.weight.dims()[..] {
             [out, inp] => Ok((out, inp)),
-            ref d => Err(EngineError::Weights(format!("a projection weight has shape {d:?}"))),
+            ref d => Err(EngineError::Internal(format!("a projection weight has shape {d:?}"))),
         }
     }
 }

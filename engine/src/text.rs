@@ -88,8 +88,9 @@ impl TextModel {
 
     /// The tokenizer's `tokenizer.json`, as `tokenizers` writes it.
     pub fn tokenizer_json(&self) -> Result<Value> {
-        let text = self.tokenizer.to_string(false).map_err(|e| EngineError::Weights(format!("tokenizer: {e}")))?;
-        serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("tokenizer: {e}")))
+        // a loaded tokenizer serializes, and its own output parses: a failure here is a bug
+        let text = self.tokenizer.to_string(false).map_err(|e| EngineError::Internal(format!("tokenizer: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| EngineError::Internal(format!("tokenizer: {e}")))
     }
 
     /// Text → ids; `add_special_tokens` applies the tokenizer's post-processor (e.g. a BOS).

@@ -265,7 +265,7 @@ impl Run {
                 }
                 save_tensors(&moments, &tmp.join("optimizer.safetensors"))?;
             }
-            let manifest = serde_json::to_value(&manifest).map_err(|e| EngineError::Weights(e.to_string()))?;
+            let manifest = serde_json::to_value(&manifest).map_err(|e| EngineError::Internal(e.to_string()))?;
             write_json(&tmp.join("hearth.json"), &manifest)
         })?;
         Ok(dir.to_path_buf())
@@ -290,9 +290,11 @@ impl Run {
                     else {
                         continue;
                     };
+                    // the run's own parameters (loading fills them by name): every A has its B, and
+                    // every base weight it adapts was there when the model was built
                     let b = by_name
                         .get(format!("base_model.model.{prefix}.lora_B.weight").as_str())
-                        .ok_or_else(|| EngineError::Weights(format!("lora_B of {prefix} is missing")))?;
+                        .ok_or_else(|| EngineError::Internal(format!("lora_B of {prefix} is missing")))?;
                     let w_name = format!("{prefix}.weight");
                     // LoRA on a tied lm_head: the merged model gets an lm_head of its own
                     let tied_head = prefix == "lm_head" && self.base.config.tie_word_embeddings;
@@ -300,7 +302,7 @@ impl Run {
                     let w = self
                         .base
                         .weight_value(w_source)?
-                        .ok_or_else(|| EngineError::Weights(format!("`{w_source}` is missing")))?;
+                        .ok_or_else(|| EngineError::Internal(format!("`{w_source}` is missing")))?;
                     let delta = (b.matmul(a)? * scale)?; // (out, r) @ (r, in) -> (out, in)
                     let merged = (w.to_dtype(delta.dtype())? + delta)?.to_dtype(self.base.dtype)?;
                     out.insert(w_name, merged);
