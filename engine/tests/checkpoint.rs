@@ -219,8 +219,7 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
         .unwrap()
         .replace("\"format_version\": 1", "\"format_version\": 99");
     std::fs::write(future.join("hearth.json"), text).unwrap();
-    let other_rank =
-        Run::new(tiny(), TrainingConfig::Lora(LoraConfig { rank: 8, ..LoraConfig::default() })).unwrap();
+    let other_rank = Run::new(tiny(), TrainingConfig::Lora(LoraConfig { rank: 8, ..LoraConfig::default() })).unwrap();
     other_rank.save_state(&dir.join("rank8"), CheckpointKind::Adapter).unwrap();
 
     let cases: [(PathBuf, &str); 7] = [
