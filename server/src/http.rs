@@ -3,6 +3,7 @@
 //! ([`crate::native`], [`crate::openai`], [`crate::tinker`]); [`crate::routes`] composes them.
 
 use crate::error::ApiError;
+use crate::job::{JobState, Outcome};
 use crate::worker::now_ms;
 use crate::App;
 use axum::body::Bytes;
@@ -12,7 +13,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hearth_api::{ErrorResponse, RequestState};
+
 use serde::de::DeserializeOwned;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -153,8 +154,8 @@ pub(crate) fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>
 pub(crate) async fn wait_answer(
     app: &App,
     id: u64,
-    rx: tokio::sync::watch::Receiver<RequestState>,
-) -> Result<serde_json::Value, Response> {
+    rx: tokio::sync::watch::Receiver<JobState>,
+) -> Result<Outcome, Response> {
     struct CancelOnDrop<'a>(&'a App, u64);
     impl Drop for CancelOnDrop<'_> {
         fn drop(&mut self) {
@@ -169,23 +170,19 @@ pub(crate) async fn wait_answer(
     answer
 }
 
-/// Waits for a request's end: the operation's result, or the error response the blocking call
+/// Waits for a request's end: the operation's outcome, or the error response the blocking call
 /// answers with.
-pub(crate) async fn wait_result(
-    mut rx: tokio::sync::watch::Receiver<RequestState>,
-) -> Result<serde_json::Value, Response> {
-    let state = match rx.wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. })).await {
+pub(crate) async fn wait_result(mut rx: tokio::sync::watch::Receiver<JobState>) -> Result<Outcome, Response> {
+    let state = match rx.wait_for(JobState::is_over).await {
         Ok(s) => s.clone(),
         Err(_) => return Err(ApiError::shutting_down().into_response()),
     };
     match state {
-        RequestState::Done { result } => Ok(result),
-        RequestState::Failed { status, error } => Err((
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            Json(ErrorResponse { error }),
-        )
-            .into_response()),
-        _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result")
-            .into_response()),
+        JobState::Done(outcome) => Ok(outcome),
+        JobState::Failed(e) => Err(e.into_response()),
+        JobState::Queued | JobState::Running => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result")
+                .into_response())
+        }
     }
 }

@@ -3,10 +3,13 @@
 //! - [`options`]: the command line; [`run`] starts everything.
 //! - [`worker`]: the engine thread that owns every run and executes operations in submission
 //!   order; HTTP handlers submit jobs and wait on (or poll) them.
+//! - [`job`]: what a job is and what it answers, typed: an [`job::Op`] in, a [`job::JobState`]
+//!   ending in the operation's own response ([`job::Outcome`]) out.
 //! - [`limits`]: what one request may cost, checked before any work or allocation.
-//! - [`routes`]: the `/v1` API, bearer-token auth, body limits, JSON errors.
-//! - [`openai`]: OpenAI-compatible sampling (`/v1/completions`, `/v1/chat/completions`).
-//! - [`tinker`]: Tinker's wire protocol under `/api/v1`, for the official `tinker` SDK.
+//! - [`routes`]: composes the three protocols behind [`http`]'s one auth layer, body limit and
+//!   JSON errors: [`native`] (the `/v1` API), [`openai`] (OpenAI-compatible sampling,
+//!   `/v1/completions`, `/v1/chat/completions`) and [`tinker`] (Tinker's wire protocol under
+//!   `/api/v1`, for the official `tinker` SDK).
 //! - [`registry`]: runs, checkpoints and metrics in SQLite under the hearth home.
 //! - [`lifecycle`]: the session file, token, idle timeout, signals, autosave on the way out,
 //!   resume on the way in, cost accounting.
@@ -19,6 +22,7 @@
 
 pub mod error;
 pub mod http;
+pub mod job;
 pub mod lifecycle;
 pub mod limits;
 pub mod native;

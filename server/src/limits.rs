@@ -1,13 +1,12 @@
 //! What one request may cost, checked in one place before any work or allocation.
 //!
 //! Every operation of the three protocols reaches the worker through [`crate::worker::Shared::submit`],
-//! which checks it here first; text is checked here before it is tokenized (tokenizing is the one
-//! cost the HTTP side pays before submitting). A refusal is a 4xx that names the limit and the
+//! which checks it with these functions first; text is checked here before it is tokenized
+//! (tokenizing is the one cost the HTTP side pays before submitting). A refusal is a 4xx that names the limit and the
 //! flag that sets it, and changes nothing. The body size is bounded before parsing by
 //! `--max-body-bytes`.
 
 use crate::error::ApiError;
-use crate::worker::Op;
 use axum::http::StatusCode;
 use hearth_api::{ForwardBackwardInput, SampleInput, Stop, TrainingConfig};
 
@@ -40,16 +39,6 @@ fn too_large(message: String) -> ApiError {
 }
 
 impl Limits {
-    /// Checks an operation before it is queued.
-    pub fn check(&self, op: &Op) -> Result<(), ApiError> {
-        match op {
-            Op::CreateRun(req) => self.check_training(&req.training),
-            Op::Forward(input) | Op::ForwardBackward(input) => self.check_batch(input),
-            Op::Sample(input) | Op::SamplerSample(input) | Op::SampleStream(input, _) => self.check_sample(input),
-            _ => Ok(()),
-        }
-    }
-
     /// A run's training config: rank and alpha in range, target modules given once each.
     pub fn check_training(&self, training: &TrainingConfig) -> Result<(), ApiError> {
         let TrainingConfig::Lora(l) = training else { return Ok(()) };

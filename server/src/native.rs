@@ -5,7 +5,8 @@
 
 use crate::error::ApiError;
 use crate::http::{parse_body, wait_answer};
-use crate::worker::{check_name, Op};
+use crate::job::{JobState, Op};
+use crate::worker::check_name;
 use crate::App;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -66,9 +67,9 @@ fn yes() -> bool {
 
 /// Waits for a request's end and turns it into the operation's response; a client that goes
 /// away first cancels it.
-async fn finish(app: &App, id: u64, rx: tokio::sync::watch::Receiver<RequestState>) -> Response {
+async fn finish(app: &App, id: u64, rx: tokio::sync::watch::Receiver<JobState>) -> Response {
     match wait_answer(app, id, rx).await {
-        Ok(result) => Json(result).into_response(),
+        Ok(outcome) => Json(outcome).into_response(),
         Err(failed) => failed,
     }
 }
@@ -189,11 +190,11 @@ struct PollQuery {
     timeout_s: f64,
 }
 
-fn status_of(app: &App, id: u64) -> Result<(RequestStatus, tokio::sync::watch::Receiver<RequestState>), ApiError> {
+fn status_of(app: &App, id: u64) -> Result<(RequestStatus, tokio::sync::watch::Receiver<JobState>), ApiError> {
     let reqs = app.shared.requests.lock().unwrap_or_else(|p| p.into_inner());
     let e = reqs.get(&id).ok_or_else(|| ApiError::not_found(format!("no request {id}")))?;
     let rx = e.state.subscribe();
-    let state = rx.borrow().clone();
+    let state = rx.borrow().to_api();
     Ok((RequestStatus { request_id: id, run: e.run.clone(), op: e.op.into(), state }, rx))
 }
 
@@ -204,11 +205,11 @@ async fn poll(State(app): State<Arc<App>>, Path(id): Path<u64>, Query(q): Query<
     };
     if q.timeout_s > 0.0 {
         let limit = Duration::from_secs_f64(q.timeout_s.min(300.0));
-        let done = |s: &RequestState| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. });
-        let waited = tokio::time::timeout(limit, async { rx.wait_for(done).await.map(|s| s.clone()) }).await;
+        let waited =
+            tokio::time::timeout(limit, async { rx.wait_for(JobState::is_over).await.map(|s| s.to_api()) }).await;
         status.state = match waited {
             Ok(Ok(s)) => s,
-            _ => rx.borrow().clone(),
+            _ => rx.borrow().to_api(),
         };
     }
     Json(status).into_response()

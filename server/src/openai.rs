@@ -20,8 +20,8 @@
 
 use crate::error::ApiError;
 use crate::http::{parse_body, wait_answer};
+use crate::job::{JobState, Op};
 use crate::limits::chat_bytes;
-use crate::worker::Op;
 use crate::App;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -30,7 +30,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hearth_api::{ChatMessage, RequestState, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
+use hearth_api::{ChatMessage, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -125,9 +125,7 @@ fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
 async fn sample(app: &App, run: &str, input: SampleInput) -> Result<SampleOutput, Response> {
     app.check_budget()?;
     let (id, rx) = app.shared.submit(run.to_string(), Op::Sample(input))?;
-    let result = wait_answer(app, id, rx).await?;
-    Ok(serde_json::from_value(result)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("sample result: {e}")))?)
+    Ok(wait_answer(app, id, rx).await?.into_sample()?)
 }
 
 fn params(c: &Common, default_max: usize, stop: Vec<Stop>) -> SamplingParams {
@@ -241,17 +239,18 @@ fn live_stream(
                     }
                 }
             }
-            let ended = state
-                .wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. }))
-                .await
-                .map(|s| s.clone());
-            let out = match ended {
-                Ok(RequestState::Done { result }) => serde_json::from_value::<SampleOutput>(result).ok(),
-                Ok(RequestState::Failed { error, .. }) => {
-                    let _ = frames.send(event(&json!({"error": {"message": error.message, "type": error.kind}}))).await;
+            let ended = state.wait_for(JobState::is_over).await.map(|s| s.clone());
+            let out = match ended.map(|s| match s {
+                JobState::Done(outcome) => outcome.into_sample(),
+                JobState::Failed(e) => Err(e),
+                JobState::Queued | JobState::Running => Err(ApiError::shutting_down()),
+            }) {
+                Ok(Ok(out)) => Some(out),
+                Ok(Err(e)) => {
+                    let _ = frames.send(event(&json!({"error": {"message": e.message, "type": e.kind}}))).await;
                     break 'inputs;
                 }
-                _ => None,
+                Err(_) => None,
             };
             let Some(out) = out else { break };
             for (i, seq) in out.sequences.iter().enumerate() {

@@ -1,95 +1,24 @@
 //! The engine thread: it owns every run (a `Run` on the shared base model) and
 //! executes submitted operations one at a time in submission order, so each run's operations
-//! keep the order their client sent them in. HTTP handlers never touch the engine; they submit a
-//! [`Job`] and wait on (or poll) its request entry.
+//! keep the order their client sent them in. HTTP handlers never touch the engine; they submit an
+//! [`Op`] and wait on (or poll) its request entry, whose [`JobState`] ends in a typed [`Outcome`].
 
 use crate::error::ApiError;
+use crate::job::{JobState, Op, Outcome, SamplerMade};
+use crate::limits::Limits;
 use crate::registry::{CheckpointRow, Registry};
 use axum::http::StatusCode;
 use hearth_api::{
-    AdamParams, CheckpointKind, CreateRunRequest, ForwardBackwardInput, LoadStateRequest, LoadStateResponse, MetricRow,
-    RequestState, ResumedRun, RunInfo, SampleInput, SaveStateRequest, SaveStateResponse, TrainingConfig,
+    CheckpointKind, LoadStateResponse, MetricRow, ResumedRun, RunInfo, SaveStateResponse, TrainingConfig,
 };
 use hearth_engine::recompute::Recompute;
 use hearth_engine::tokenizer::ByteTokenizer;
 use hearth_engine::{BaseModel, Run};
-use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use tokio::sync::watch;
-
-/// An operation on a run.
-#[derive(Debug)]
-pub enum Op {
-    /// Create the run.
-    CreateRun(CreateRunRequest),
-    /// Logprobs and loss, no gradients.
-    Forward(ForwardBackwardInput),
-    /// Accumulate gradients.
-    ForwardBackward(ForwardBackwardInput),
-    /// Apply them.
-    OptimStep(AdamParams),
-    /// Generate.
-    Sample(SampleInput),
-    /// Checkpoint.
-    SaveState(SaveStateRequest),
-    /// Restore.
-    LoadState(LoadStateRequest),
-    /// Create the run from a checkpoint folder (with its optimizer state, or weights only).
-    CreateRunFrom {
-        /// The checkpoint folder.
-        source: PathBuf,
-        /// Restore the optimizer too.
-        optimizer: bool,
-    },
-    /// Copy the run's current weights into a new sampler (the job's run names the source).
-    Snapshot {
-        /// The sampler's id.
-        sampler: String,
-    },
-    /// Create a sampler (the job's run is its id) from a checkpoint folder, or the base model
-    /// alone (`None`).
-    CreateSampler(Option<PathBuf>),
-    /// Sample from a sampler (the job's run is its id).
-    SamplerSample(SampleInput),
-    /// Sample, sending each step's new `(sequence, token, logprob)` on while it runs (a live
-    /// stream); the channel closes when the job ends.
-    SampleStream(SampleInput, tokio::sync::mpsc::UnboundedSender<Vec<hearth_engine::run::Picked>>),
-}
-
-impl Op {
-    /// The route name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::CreateRun(_) => "create_run",
-            Op::Forward(_) => "forward",
-            Op::ForwardBackward(_) => "forward_backward",
-            Op::OptimStep(_) => "optim_step",
-            Op::Sample(_) => "sample",
-            Op::SaveState(_) => "save_state",
-            Op::LoadState(_) => "load_state",
-            Op::CreateRunFrom { .. } => "create_run",
-            Op::Snapshot { .. } => "snapshot",
-            Op::CreateSampler(_) => "create_sampler",
-            Op::SamplerSample(_) | Op::SampleStream(..) => "sample",
-        }
-    }
-
-    /// Spends device time (refused once the budget is spent).
-    pub fn uses_device(&self) -> bool {
-        matches!(
-            self,
-            Op::Forward(_)
-                | Op::ForwardBackward(_)
-                | Op::OptimStep(_)
-                | Op::Sample(_)
-                | Op::SamplerSample(_)
-                | Op::SampleStream(..)
-        )
-    }
-}
 
 /// One submitted request's entry: its state (watched by waiters) and its cancel flag.
 pub struct Entry {
@@ -98,7 +27,7 @@ pub struct Entry {
     /// The op name.
     pub op: &'static str,
     /// Current state; waiters subscribe.
-    pub state: watch::Sender<RequestState>,
+    pub state: watch::Sender<JobState>,
     /// Set by `cancel`.
     pub cancel: Arc<AtomicBool>,
     /// Unix millis when it ended (0 while queued or running); its result is kept
@@ -111,8 +40,8 @@ impl Entry {
     /// running `sample` stops between tokens; other running operations finish.
     pub fn try_cancel(&self) -> bool {
         let stoppable = match &*self.state.borrow() {
-            RequestState::Queued => true,
-            RequestState::Running => self.op == "sample",
+            JobState::Queued => true,
+            JobState::Running => self.op == "sample",
             _ => false,
         };
         if stoppable {
@@ -203,7 +132,7 @@ pub struct Shared {
     /// The queue into the worker.
     pub tx: Mutex<mpsc::Sender<Msg>>,
     /// What one request may cost; every submitted operation is checked against it.
-    pub limits: crate::limits::Limits,
+    pub limits: Limits,
 }
 
 /// Unix time in milliseconds.
@@ -249,13 +178,13 @@ impl Shared {
     }
 
     /// Queues a job; returns its id and a receiver of its state.
-    pub fn submit(&self, run: String, op: Op) -> Result<(u64, watch::Receiver<RequestState>), ApiError> {
+    pub fn submit(&self, run: String, op: Op) -> Result<(u64, watch::Receiver<JobState>), ApiError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::shutting_down());
         }
-        self.limits.check(&op)?;
+        op.check(&self.limits)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let (state, rx) = watch::channel(RequestState::Queued);
+        let (state, rx) = watch::channel(JobState::Queued);
         {
             let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             if reqs.len() >= 256 {
@@ -281,10 +210,10 @@ impl Shared {
         Ok((id, rx))
     }
 
-    fn set_state(&self, id: u64, state: RequestState) {
+    fn set_state(&self, id: u64, state: JobState) {
         let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = reqs.get(&id) {
-            if matches!(state, RequestState::Done { .. } | RequestState::Failed { .. }) {
+            if state.is_over() {
                 e.ended_ms.store(now_ms(), Ordering::SeqCst);
             }
             e.state.send_replace(state);
@@ -462,7 +391,7 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 } else if shared.shutting_down.load(Ordering::SeqCst) {
                     Err(ApiError::shutting_down())
                 } else {
-                    shared.set_state(id, RequestState::Running);
+                    shared.set_state(id, JobState::Running);
                     let t0 = std::time::Instant::now();
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         execute(&shared, &mut runs, &mut samplers, &run, op, &cancel)
@@ -478,8 +407,8 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                     r
                 };
                 let state = match result {
-                    Ok(result) => RequestState::Done { result },
-                    Err(e) => RequestState::Failed { status: e.status.as_u16(), error: e.body() },
+                    Ok(outcome) => JobState::Done(outcome),
+                    Err(e) => JobState::Failed(e),
                 };
                 publish_runs(&shared, &runs);
                 shared.set_state(id, state);
@@ -530,10 +459,6 @@ pub fn publish_runs(shared: &Shared, runs: &BTreeMap<String, HeldRun>) {
     *shared.runs.lock().unwrap_or_else(|p| p.into_inner()) = list;
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
-}
-
 fn registry_err(e: rusqlite::Error) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}"))
 }
@@ -552,7 +477,7 @@ fn create_run(
     runs: &mut BTreeMap<String, HeldRun>,
     run_id: &str,
     make: impl FnOnce() -> hearth_engine::Result<Run>,
-) -> Result<Value, ApiError> {
+) -> Result<Outcome, ApiError> {
     let base_key = shared.base_key();
     check_name("run", run_id)?;
     if runs.contains_key(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(registry_err)? {
@@ -587,7 +512,7 @@ fn create_run(
     let run = HeldRun::new(session, None);
     let info = run.info(run_id);
     runs.insert(run_id.to_string(), run);
-    json(&info)
+    Ok(Outcome::Run(info))
 }
 
 fn execute(
@@ -597,7 +522,7 @@ fn execute(
     run_id: &str,
     op: Op,
     cancel: &AtomicBool,
-) -> Result<Value, ApiError> {
+) -> Result<Outcome, ApiError> {
     let base_key = shared.base_key().to_string();
     match op {
         Op::CreateSampler(source) => {
@@ -606,7 +531,7 @@ fn execute(
                 None => None,
             };
             samplers.insert(run_id.to_string(), session);
-            return Ok(serde_json::json!({"sampler": run_id}));
+            return Ok(Outcome::Sampler(SamplerMade { sampler: run_id.to_string(), step: None }));
         }
         Op::SamplerSample(mut input) => {
             let sampler = samplers.get(run_id).ok_or_else(|| {
@@ -629,18 +554,14 @@ fn execute(
                     s.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?
                 }
             };
-            return json(&out);
+            return Ok(Outcome::Sample(out));
         }
-        Op::CreateRun(req) => {
-            return create_run(shared, runs, run_id, || Run::new(shared.base.clone(), req.training))
-        }
+        Op::CreateRun(req) => return create_run(shared, runs, run_id, || Run::new(shared.base.clone(), req.training)),
         Op::CreateRunFrom { source, optimizer: true } => {
             return create_run(shared, runs, run_id, || Run::from_checkpoint(shared.base.clone(), &source))
         }
         Op::CreateRunFrom { source, optimizer: false } => {
-            return create_run(shared, runs, run_id, || {
-                Run::from_checkpoint_weights(shared.base.clone(), &source)
-            })
+            return create_run(shared, runs, run_id, || Run::from_checkpoint_weights(shared.base.clone(), &source))
         }
         _ => {}
     }
@@ -648,14 +569,14 @@ fn execute(
         .get_mut(run_id)
         .ok_or_else(|| ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs")))?;
     match op {
-        Op::Forward(input) => json(&run.engine.forward(&input)?),
+        Op::Forward(input) => Ok(Outcome::Forward(run.engine.forward(&input)?)),
         Op::ForwardBackward(input) => {
             let t0 = std::time::Instant::now();
             let out = run.engine.forward_backward(&input)?;
             run.pending_secs += t0.elapsed().as_secs_f64();
             run.pending_loss += out.metrics.get("loss:sum").copied().unwrap_or(0.0);
             run.pending_tokens += out.metrics.get("tokens:sum").copied().unwrap_or(0.0);
-            json(&out)
+            Ok(Outcome::Forward(out))
         }
         Op::OptimStep(params) => {
             let t0 = std::time::Instant::now();
@@ -677,22 +598,27 @@ fn execute(
             if shared.autosave_every > 0 && out.step % shared.autosave_every == 0 {
                 autosave(shared, run_id, run, "autosave")?;
             }
-            json(&out)
+            Ok(Outcome::OptimStep(out))
         }
         Op::Sample(input) => {
             let detok = detokenizer(shared);
-            json(&run.engine.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?)
+            Ok(Outcome::Sample(run.engine.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?))
         }
         Op::SampleStream(input, tx) => {
             let detok = detokenizer(shared);
             let send = |picked: &[hearth_engine::run::Picked]| {
                 let _ = tx.send(picked.to_vec());
             };
-            json(&run.engine.sample_streaming(&input, &detok, &|| cancel.load(Ordering::Relaxed), &send)?)
+            Ok(Outcome::Sample(run.engine.sample_streaming(
+                &input,
+                &detok,
+                &|| cancel.load(Ordering::Relaxed),
+                &send,
+            )?))
         }
         Op::Snapshot { sampler } => {
             samplers.insert(sampler.clone(), Some(run.engine.snapshot()?));
-            json(&serde_json::json!({"sampler": sampler, "step": run.engine.step()}))
+            Ok(Outcome::Sampler(SamplerMade { sampler, step: Some(run.engine.step()) }))
         }
         // handled above
         Op::CreateRun(_) | Op::CreateRunFrom { .. } | Op::CreateSampler(_) | Op::SamplerSample(_) => {
@@ -707,17 +633,20 @@ fn execute(
                 )));
             }
             let out = save(shared, run_id, run, &req.name, req.kind, "user")?;
-            json(&out)
+            Ok(Outcome::SaveState(out))
         }
         Op::LoadState(req) => {
             let path = checkpoint_source(shared, run_id, &req.source)?;
-            let loaded =
-                if req.optimizer { run.engine.load_state(&path)? } else { run.engine.load_weights(&path)? };
+            let loaded = if req.optimizer { run.engine.load_state(&path)? } else { run.engine.load_weights(&path)? };
             (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
             shared.registry.set_step(&base_key, run_id, loaded.step).map_err(registry_err)?;
             shared.registry.truncate_metrics(&base_key, run_id, loaded.step).map_err(registry_err)?;
             run.saved_step = None;
-            json(&LoadStateResponse { path: path.display().to_string(), kind: loaded.kind, step: loaded.step })
+            Ok(Outcome::LoadState(LoadStateResponse {
+                path: path.display().to_string(),
+                kind: loaded.kind,
+                step: loaded.step,
+            }))
         }
     }
 }
@@ -802,7 +731,7 @@ fn autosave(shared: &Shared, run_id: &str, run: &mut HeldRun, reason: &str) -> R
 mod tests {
     use super::*;
 
-    fn entry(state: RequestState, ended_ms: u64) -> Entry {
+    fn entry(state: JobState, ended_ms: u64) -> Entry {
         Entry {
             run: "r".into(),
             op: "sample",
@@ -817,12 +746,12 @@ mod tests {
     #[test]
     fn finished_results_are_kept_for_a_while_not_until_thousands_pile_up() {
         let now = now_ms();
-        let done = || RequestState::Done { result: Value::Null };
+        let done = || JobState::Done(Outcome::Sampler(SamplerMade { sampler: "s".into(), step: None }));
         let mut reqs: HashMap<u64, Entry> = HashMap::from([
             (1, entry(done(), now - KEEP_RESULTS_MS - 1)),
             (2, entry(done(), now - 1000)),
-            (3, entry(RequestState::Queued, 0)),
-            (4, entry(RequestState::Running, 0)),
+            (3, entry(JobState::Queued, 0)),
+            (4, entry(JobState::Running, 0)),
         ]);
         prune_finished(&mut reqs);
         let mut kept: Vec<u64> = reqs.keys().copied().collect();

@@ -4,11 +4,11 @@
 use super::*;
 
 /// What an operation's worker jobs turn into once they end.
-pub(super) type Convert = Box<dyn FnOnce(Vec<Value>) -> Result<Fut, ApiError> + Send>;
+pub(super) type Convert = Box<dyn FnOnce(Vec<Outcome>) -> Result<Fut, ApiError> + Send>;
 
 /// Submits worker jobs now; their results are converted when they end.
 pub(super) struct Jobs {
-    rxs: Vec<watch::Receiver<RequestState>>,
+    rxs: Vec<watch::Receiver<JobState>>,
     convert: Convert,
 }
 
@@ -33,14 +33,11 @@ pub(super) async fn finish_jobs(jobs: Result<Jobs, ApiError>, tx: watch::Sender<
     };
     let mut results = Vec::new();
     for mut rx in jobs.rxs {
-        let state = rx
-            .wait_for(|s| matches!(s, RequestState::Done { .. } | RequestState::Failed { .. }))
-            .await
-            .map(|s| s.clone());
+        let state = rx.wait_for(JobState::is_over).await.map(|s| s.clone());
         match state {
-            Ok(RequestState::Done { result }) => results.push(result),
-            Ok(RequestState::Failed { status, error }) => {
-                tx.send_replace(Fut::failed_with(status, error.message));
+            Ok(JobState::Done(outcome)) => results.push(outcome),
+            Ok(JobState::Failed(e)) => {
+                tx.send_replace(Fut::failed(&e));
                 return;
             }
             _ => {

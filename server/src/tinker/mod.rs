@@ -45,7 +45,8 @@ mod sequencer;
 mod training;
 
 use crate::error::ApiError;
-use crate::worker::{check_name, Op};
+use crate::job::{JobState, Op, Outcome};
+use crate::worker::check_name;
 use crate::App;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -58,8 +59,8 @@ use convert::*;
 use futures::*;
 use hearth_api::{
     AdamParams, CheckpointKind, CreateRunRequest, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateRequest,
-    LoraConfig, LossFnInputs, RequestState, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest, Stop,
-    TargetModule, TrainingConfig,
+    LoraConfig, LossFnInputs, RunInfo, SampleInput, SampleOutput, SamplingParams, SaveStateRequest, Stop, TargetModule,
+    TrainingConfig,
 };
 use ids::*;
 use place::{body_key, fb_key, json_request, proto_place, read_body, typed, Place};

@@ -194,11 +194,7 @@ pub(super) async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesR
         let jobs = submit_jobs(
             &app,
             vec![(sampler.clone(), Op::SamplerSample(input))],
-            Box::new(|mut r| {
-                let out: SampleOutput = serde_json::from_value(r.remove(0))
-                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-                Ok(Fut::Proto(sample_output(&out)))
-            }),
+            Box::new(|mut r| Ok(Fut::Proto(sample_output(&r.remove(0).into_sample()?)))),
         );
         let id = unordered(&app, jobs);
         let tag = req.seq_id.map_or_else(|| id.clone(), |seq| seq.to_string());

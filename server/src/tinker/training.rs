@@ -182,15 +182,7 @@ pub(super) async fn forward_backward(State(app): State<Arc<App>>, headers: Heade
         let id = ordered(&app, &req.model_id, i64::from(req.seq_id), key, move |app| {
             let input = input?;
             let op = if forward_only { Op::Forward(input) } else { Op::ForwardBackward(input) };
-            submit_jobs(
-                app,
-                vec![(run, op)],
-                Box::new(|mut r| {
-                    let out: ForwardBackwardOutput = serde_json::from_value(r.remove(0))
-                        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-                    Ok(Fut::Proto(fb_output(&out)))
-                }),
-            )
+            submit_jobs(app, vec![(run, op)], Box::new(|mut r| Ok(Fut::Proto(fb_output(&r.remove(0).into_forward()?)))))
         })?;
         Ok(json!({"request_id": id, "model_id": req.model_id}))
     };
@@ -245,10 +237,10 @@ pub(super) async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, Byt
             submit_jobs(
                 app,
                 vec![(run, Op::OptimStep(params?))],
-                Box::new(|r| {
-                    let o = &r[0];
+                Box::new(|mut r| {
+                    let o = r.remove(0).into_optim_step()?;
                     Ok(Fut::Json(json!({"type": "optim_step", "metrics": {
-                        "grad_norm:mean": o["grad_norm"], "learning_rate:mean": o["learning_rate"], "step:max": o["step"]
+                        "grad_norm:mean": o.grad_norm, "learning_rate:mean": o.learning_rate, "step:max": o.step
                     }})))
                 }),
             )
