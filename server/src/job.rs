@@ -129,6 +129,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome as a JSON body. It goes through [`serde_json::Value`], as every other answer
+    /// does (the polled state, the OpenAI and Tinker bodies): an `f32` field is written as its
+    /// `f64` widening there, so every route prints the same digits for the same logprob (written
+    /// straight from the struct it would be the shorter `f32` form, which a Python client reads
+    /// as a different float).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
     /// The samples of a sampling job.
     pub fn into_sample(self) -> Result<SampleOutput, ApiError> {
         match self {

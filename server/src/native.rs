@@ -69,7 +69,7 @@ fn yes() -> bool {
 /// away first cancels it.
 async fn finish(app: &App, id: u64, rx: tokio::sync::watch::Receiver<JobState>) -> Response {
     match wait_answer(app, id, rx).await {
-        Ok(outcome) => Json(outcome).into_response(),
+        Ok(outcome) => Json(outcome.to_json()).into_response(),
         Err(failed) => failed,
     }
 }
