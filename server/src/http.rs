@@ -100,13 +100,32 @@ pub(crate) async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) 
     match given {
         Some(t) if constant_time_eq(t.as_bytes(), app.token.as_bytes()) => {
             app.shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
-            next.run(req).await
+            match read_whole_body(req, app.max_body_bytes).await {
+                Ok(req) => next.run(req).await,
+                Err(e) => envelope(tinker, e),
+            }
         }
         Some(_) if tinker => refuse("wrong X-API-Key: use tml-<token>, the token of hearth's session file"),
         Some(_) => refuse("wrong bearer token"),
         None if tinker => refuse("missing X-API-Key: use tml-<token>, the token of hearth's session file"),
         None => refuse("missing `Authorization: Bearer <token>` (the token is in the session file)"),
     }
+}
+
+/// The request with its body read whole, when its declared length is within `limit`; any other
+/// request as it came (the handler's own body extractor answers a body over the limit, or one of
+/// no declared length). hyper keeps a connection alive only if the request's body has been read
+/// by the time the response is written: a handler that needs no body (a Tinker session,
+/// telemetry, a cancel) would answer before a body sent a moment after its head arrived, and the
+/// connection would close under a client about to send its next request on it.
+async fn read_whole_body(req: Request, limit: usize) -> Result<Request, ApiError> {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if !declared.is_some_and(|n| n > 0 && n <= limit) {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// A body's bytes, or a clear 4xx: 413 over `--max-body-bytes`, 400 otherwise.

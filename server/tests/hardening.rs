@@ -508,3 +508,62 @@ fn a_restarted_server_lists_every_run_before_it_answers_anything() {
         drop(s);
     }
 }
+
+/// One request on a kept-alive connection, its body written `body_delay` after its head; the
+/// response's status line.
+fn raw_post(conn: &mut std::net::TcpStream, path: &str, auth: &str, body: &str, body_delay: Duration) -> String {
+    use std::io::Read;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    if let Err(e) = conn.write_all(head.as_bytes()) {
+        return format!("connection closed: {e}");
+    }
+    std::thread::sleep(body_delay);
+    if let Err(e) = conn.write_all(body.as_bytes()) {
+        return format!("connection closed: {e}");
+    }
+    // read one response: its head, then Content-Length bytes of body
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            _ => return format!("connection closed after {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0);
+    let mut rest = vec![0u8; len];
+    conn.read_exact(&mut rest).unwrap();
+    head.lines().next().unwrap_or_default().to_string()
+}
+
+/// A handler that needs no body (a Tinker session, telemetry, a cancel) still reads it before
+/// answering: hyper keeps a connection alive only if the request's body was read by then, so a
+/// body that arrives a moment after its head (a loaded machine, a client that writes head and
+/// body apart) would close the connection under a client about to send its next request on it.
+#[test]
+fn a_body_that_arrives_after_its_head_keeps_the_connection_alive() {
+    let s = quiet("late-body");
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let tinker = format!("X-API-Key: tml-{}", s.token);
+    let bearer = format!("Authorization: Bearer {}", s.token);
+    for (path, auth) in [
+        ("/api/v1/create_session", tinker.as_str()),
+        ("/api/v1/telemetry", tinker.as_str()),
+        ("/api/v1/client/config", tinker.as_str()),
+        ("/v1/cancel", bearer.as_str()),
+    ] {
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        for i in 0..3 {
+            let status = raw_post(&mut conn, path, auth, "{}", Duration::from_millis(200));
+            assert!(status.starts_with("HTTP/1.1 200"), "{path}, request {i} on one connection: {status}");
+        }
+    }
+}
