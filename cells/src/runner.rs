@@ -347,7 +347,7 @@ mod tests {
     fn a_flagged_cell_fails_and_a_killed_interrupted_cell_reads_interrupted() {
         let ok = || Ok(CellOutput::default());
         assert!(settle(ok(), None).is_ok());
-        assert_eq!(settle(ok(), Some(err("Panic"))).map_err(|e| e.ename), Err("Panic".into()));
+        assert_eq!(settle(ok(), Some(err("Panic"))).unwrap_err().ename, "Panic");
         let restarted = settle(Err(err("ChildRestarted")), Some(interrupted())).unwrap_err();
         assert_eq!((restarted.ename.as_str(), restarted.evalue.as_str()), ("Interrupted", "ChildRestarted happened"));
         // evcxr's own error stands when nothing interrupted the cell
