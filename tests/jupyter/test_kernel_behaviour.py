@@ -60,6 +60,38 @@ def test_interrupt_during_a_long_sample_ends_the_cell_and_keeps_variables(kernel
     assert results == ["42"], outputs
 
 
+def test_a_second_interrupt_restarts_the_cell_process_and_session_comes_back():
+    """A cell the cancel cannot stop (a loop that never asks the server): the second interrupt kills
+    the cell process at once, well before the grace period (set to 2 minutes here) would."""
+    env = {**os.environ, "HEARTH_INTERRUPT_GRACE_MS": "120000"}
+    km, kc = start_new_kernel(kernel_name="hearth", startup_timeout=120, env=env)
+    try:
+        reply, _ = execute(kc, "let keep = 41;", timeout=300)
+        assert reply["content"]["status"] == "ok"
+        msg_id = kc.execute('println!("spinning");\nloop { std::thread::sleep(std::time::Duration::from_millis(50)); }')
+        while True:  # wait until the cell runs
+            msg = kc.get_iopub_msg(timeout=300)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream" and "spinning" in msg["content"]["text"]:
+                break
+        km.interrupt_kernel()
+        time.sleep(0.5)
+        t0 = time.time()
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=60)
+        assert reply["content"]["status"] == "error", reply["content"]
+        assert reply["content"]["ename"] == "Interrupted", reply["content"]
+        assert time.time() - t0 < 30
+        reply, outputs = execute(kc, "session.run_name().to_string()", timeout=300)
+        assert reply["content"]["status"] == "ok", outputs
+        reply, _ = execute(kc, "keep", timeout=120)
+        assert reply["content"]["status"] == "error", "the variables went with the cell process"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
 def test_restart_keeps_the_server_warm_and_the_next_cell_has_session(kernel):
     km, kc = kernel
     execute(kc, "session.run_name().to_string()", timeout=300)
