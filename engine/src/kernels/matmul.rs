@@ -45,8 +45,8 @@ pub(super) fn mm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<
 }
 
 /// Guided slices of a split product are at least this many columns wide: each slice is a gemm
-/// call of its own (its set-up, its pass over the whole m × k left operand). Measured on the
-/// training step at 2 threads: 32, 64 and 96 within the noise of each other; 16 slower.
+/// call of its own (its set-up, its pass over the whole m × k left operand), so a narrow slice
+/// pays that set-up for little work (widths compared in bench/RESULTS.md).
 pub(super) const MIN_COLUMNS: usize = 64;
 
 /// A row-major (rows, n) output written by several tasks, each its own block.
@@ -139,8 +139,8 @@ fn mm_split<T: Real>(
     beta: T,
 ) {
     // Split the output's columns, not its rows: gemm packs the operand that is not
-    // column-major (for x·Wᵀ the weight), and split by rows every thread packed all of it
-    // (measured: packing took as long as the products on two threads). By columns each thread
+    // column-major (for x·Wᵀ the weight), and split by rows every thread would pack all of it
+    // (as long as the products themselves, on two threads). By columns each thread
     // reads and packs only its slice of the weight. Slices are multiples of 16 columns. An output
     // narrower than 32 columns a thread (LoRA's x·Aᵀ when the backward pass computes it again:
     // r columns) is split by rows instead, when each thread gets at least 64 (gemm's AVX-512 row

@@ -6,11 +6,9 @@
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-/// Output elements × depth below which a matmul runs on one thread: splitting it costs more
-/// than it saves (measured: gemm's own splitting of a 256×576×576 product ran slower on two
-/// threads and of the LoRA products 3× slower; with the split below, LoRA's rank-wide products
-/// gain on two threads, and left on the calling thread they were 4% of a two-thread step while
-/// the other core waited).
+/// Output elements × depth below which a matmul runs on one thread: below it, splitting costs
+/// more than it saves; above it, even LoRA's rank-wide products gain from the split, where left
+/// on the calling thread they would keep the other cores waiting (figures in bench/RESULTS.md).
 const PAR_MIN_WORK: usize = 1 << 19;
 
 thread_local! {
