@@ -32,7 +32,7 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 const LATE_LINES: Duration = Duration::from_millis(15);
 
 /// Then the lines being handed to the front-end are waited for, at most this long, checked every
-/// [`POLL`]. The wait ends as soon as none is left; the limit only matters for a slow one (the
+/// `POLL`. The wait ends as soon as none is left; the limit only matters for a slow one (the
 /// terminal rasterising a plot), whose output would otherwise come after the cell's result.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 

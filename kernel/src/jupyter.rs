@@ -3,7 +3,7 @@
 //! Shell requests are handled one at a time; control (interrupt, shutdown, kernel_info) has its
 //! own task so an interrupt arrives while a cell runs; iopub has one owner task (XPUB, answering
 //! each subscription with `iopub_welcome`). Cells run in hearth-cells' [`Runner`] (the same as
-//! the REPL's); [`Iopub`] is its output, publishing the lines under the running execute request.
+//! the REPL's); `Iopub` is its output, publishing the lines under the running execute request.
 
 use hearth::display::front_end_only;
 use hearth_cells::evaluator::{route_stderr, write_fd, CellError, StderrLine};
