@@ -4,10 +4,6 @@
 //!
 //! - [`jupyter`]: sockets, HMAC-verified messages, handlers; the runner's output as iopub messages.
 //! - [`install`]: the kernelspec.
-//! - [`magics`]: `hearth_cells::magics`, re-exported for the server's magics test, which reaches
-//!   the table through this crate.
 
 pub mod install;
 pub mod jupyter;
-
-pub use hearth_cells::magics;

@@ -5,7 +5,7 @@ mod common;
 
 use common::{home, Server};
 use hearth::{AdamParams, Session};
-use hearth_kernel::magics;
+use hearth_cells::magics;
 
 #[test]
 fn every_magic_answers_against_a_real_server() {
