@@ -161,7 +161,7 @@ impl Linear {
                 let trained = || EngineError::Internal("a LoRA pair on a trained base weight or bias".into());
                 let weight = self.weight.frozen().ok_or_else(trained)?;
                 let bias = self.bias.as_ref().map(|b| b.frozen().ok_or_else(trained)).transpose()?;
-                return crate::lora_ops::lora_linear(x, &weight, bias.as_ref(), lora);
+                return crate::lora_ops::lora_linear(x, &weight, bias.as_ref(), (&lora.a, &lora.b, lora.scale));
             }
         }
         let mut y = match fused_weight {

@@ -16,18 +16,23 @@
 
 use crate::error::{EngineError, Result};
 use crate::kernels::Frozen;
-use crate::linear::Lora;
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Shape, Storage, Tensor};
 
 /// `x (…, in)` through a frozen `weight (out, in)`, an optional frozen `bias (out)` and a
-/// trained LoRA pair → `(…, out)` in x's dtype, with gradients for x, A and B only.
-pub fn lora_linear(x: &Tensor, weight: &Frozen, bias: Option<&Frozen>, lora: &Lora) -> Result<Tensor> {
+/// trained LoRA pair `(A (r, in), B (out, r), alpha / r)` → `(…, out)` in x's dtype, with
+/// gradients for x, A and B only.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Frozen,
+    bias: Option<&Frozen>,
+    (lora_a, lora_b, scale): (&Tensor, &Tensor, f64),
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let bias = bias.map(|b| b.value(x.dtype())).transpose()?;
-    let op = LoraLinear { weight: weight.clone(), bias, scale: lora.scale };
-    Ok(x.apply_op3(&lora.a, &lora.b, op)?)
+    let op = LoraLinear { weight: weight.clone(), bias, scale };
+    Ok(x.apply_op3(lora_a, lora_b, op)?)
 }
 
 /// The op behind [`lora_linear`]: arguments x, A (r, in), B (out, r); constants the base weight
