@@ -192,16 +192,5 @@ pub(crate) async fn wait_answer(
 /// Waits for a request's end: the operation's outcome, or the error response the blocking call
 /// answers with.
 pub(crate) async fn wait_result(mut rx: tokio::sync::watch::Receiver<JobState>) -> Result<Outcome, Response> {
-    let state = match rx.wait_for(JobState::is_over).await {
-        Ok(s) => s.clone(),
-        Err(_) => return Err(ApiError::shutting_down().into_response()),
-    };
-    match state {
-        JobState::Done(outcome) => Ok(outcome),
-        JobState::Failed(e) => Err(e.into_response()),
-        JobState::Queued | JobState::Running => {
-            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result")
-                .into_response())
-        }
-    }
+    crate::job::outcome(&mut rx).await.map_err(IntoResponse::into_response)
 }

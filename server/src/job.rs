@@ -12,6 +12,7 @@ use hearth_api::{
 };
 use serde::Serialize;
 use std::path::PathBuf;
+use tokio::sync::watch;
 
 /// An operation on a run.
 #[derive(Debug)]
@@ -62,9 +63,7 @@ impl Op {
             _ => Ok(()),
         }
     }
-}
 
-impl Op {
     /// The route name.
     pub fn name(&self) -> &'static str {
         match self {
@@ -200,6 +199,17 @@ impl JobState {
         matches!(self, JobState::Done(_) | JobState::Failed(_))
     }
 
+    /// The outcome of an ended request, or its error.
+    pub fn into_outcome(self) -> Result<Outcome, ApiError> {
+        match self {
+            JobState::Done(outcome) => Ok(outcome),
+            JobState::Failed(e) => Err(e),
+            JobState::Queued | JobState::Running => {
+                Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request ended without a result"))
+            }
+        }
+    }
+
     /// The state as `GET /v1/requests/{id}` shows it.
     pub fn to_api(&self) -> RequestState {
         match self {
@@ -210,5 +220,14 @@ impl JobState {
             }
             JobState::Failed(e) => RequestState::Failed { status: e.status.as_u16(), error: e.body() },
         }
+    }
+}
+
+/// Waits for a request's end: its outcome, or its error (a worker gone before it ended: shutting
+/// down).
+pub async fn outcome(rx: &mut watch::Receiver<JobState>) -> Result<Outcome, ApiError> {
+    match rx.wait_for(JobState::is_over).await {
+        Ok(state) => state.clone().into_outcome(),
+        Err(_) => Err(ApiError::shutting_down()),
     }
 }

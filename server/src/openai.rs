@@ -239,20 +239,20 @@ fn live_stream(
                     }
                 }
             }
-            let ended = state.wait_for(JobState::is_over).await.map(|s| s.clone());
-            let out = match ended.map(|s| match s {
-                JobState::Done(outcome) => outcome.into_sample(),
-                JobState::Failed(e) => Err(e),
-                JobState::Queued | JobState::Running => Err(ApiError::shutting_down()),
-            }) {
-                Ok(Ok(out)) => Some(out),
-                Ok(Err(e)) => {
+            // a worker gone mid-stream (shutting down) ends the stream without an error event
+            let ended = state.wait_for(JobState::is_over).await.map(|s| s.clone().into_outcome());
+            let out = match ended {
+                Ok(Ok(outcome)) => outcome.into_sample(),
+                Ok(Err(e)) => Err(e),
+                Err(_) => break,
+            };
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
                     let _ = frames.send(event(&json!({"error": {"message": e.message, "type": e.kind}}))).await;
                     break 'inputs;
                 }
-                Err(_) => None,
             };
-            let Some(out) = out else { break };
             for (i, seq) in out.sequences.iter().enumerate() {
                 let kept: Vec<u32> = seq.tokens.iter().copied().filter(|&x| Some(x) != drop_token).collect();
                 let text = cut_at_stop(&t.decode(&kept, false).unwrap_or_default(), &stop);

@@ -33,15 +33,10 @@ pub(super) async fn finish_jobs(jobs: Result<Jobs, ApiError>, tx: watch::Sender<
     };
     let mut results = Vec::new();
     for mut rx in jobs.rxs {
-        let state = rx.wait_for(JobState::is_over).await.map(|s| s.clone());
-        match state {
-            Ok(JobState::Done(outcome)) => results.push(outcome),
-            Ok(JobState::Failed(e)) => {
+        match crate::job::outcome(&mut rx).await {
+            Ok(outcome) => results.push(outcome),
+            Err(e) => {
                 tx.send_replace(Fut::failed(&e));
-                return;
-            }
-            _ => {
-                tx.send_replace(Fut::failed(&ApiError::shutting_down()));
                 return;
             }
         }
