@@ -68,6 +68,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 500: an invariant of the server's own broke (the registry, a file it wrote).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
     /// 503 while the server saves and exits.
     pub fn shutting_down() -> Self {
         Self::new(

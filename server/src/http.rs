@@ -4,7 +4,7 @@
 
 use crate::error::ApiError;
 use crate::job::{JobState, Outcome};
-use crate::worker::now_ms;
+use crate::users::{token_hash, Caller};
 use crate::App;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use serde::de::DeserializeOwned;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Whether `path` belongs to Tinker's protocol (`/api/v1/...`), whose errors and credentials
@@ -87,28 +86,48 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The one auth layer of every protocol: the session file's token, as `Authorization: Bearer
-/// <token>` (native and OpenAI routes) or, under Tinker's `/api/v1`, also as `X-API-Key:
-/// tml-<token>` (the SDK accepts only keys starting `tml-`) or the bare token. A request that
-/// passes counts as activity for the idle timeout.
-pub(crate) async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// Who holds token `given`: the admin (the session file's token, compared in constant time), a
+/// user whose token is not revoked (looked up by its SHA-256, which says nothing about how close
+/// a guess came), or nobody.
+fn caller_of(app: &App, given: &str) -> Result<Option<Caller>, ApiError> {
+    if constant_time_eq(given.as_bytes(), app.token.as_bytes()) {
+        return Ok(Some(Caller::Admin));
+    }
+    let user = app
+        .shared
+        .registry
+        .user_by_token(&token_hash(given))
+        .map_err(|e| ApiError::internal(format!("registry: {e}")))?;
+    Ok(user.map(Caller::User))
+}
+
+/// The one auth layer of every protocol: a token, as `Authorization: Bearer <token>` (native
+/// and OpenAI routes) or, under Tinker's `/api/v1`, also as `X-API-Key: tml-<token>` (the SDK
+/// accepts only keys starting `tml-`) or the bare token. The token is the session file's (the
+/// admin) or a user's; the handlers read who calls as an `Extension<Caller>`. Passing auth is
+/// not activity for the idle timeout: only work is ([`crate::worker::Shared::submit`]).
+pub(crate) async fn auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let tinker = is_tinker(req.uri().path());
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
     let api_key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
     let given = if tinker { api_key.map(|k| k.strip_prefix("tml-").unwrap_or(k)).or(bearer) } else { bearer };
     let refuse = |message: &str| envelope(tinker, ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message));
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), app.token.as_bytes()) => {
-            app.shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
-            match read_whole_body(req, app.max_body_bytes).await {
-                Ok(req) => next.run(req).await,
-                Err(e) => envelope(tinker, e),
-            }
+    let caller = match given.map(|t| caller_of(&app, t)) {
+        Some(Ok(Some(caller))) => caller,
+        Some(Err(e)) => return envelope(tinker, e),
+        Some(Ok(None)) if tinker => {
+            return refuse("wrong X-API-Key: use tml-<token>, with the token of hearth's session file or your own")
         }
-        Some(_) if tinker => refuse("wrong X-API-Key: use tml-<token>, the token of hearth's session file"),
-        Some(_) => refuse("wrong bearer token"),
-        None if tinker => refuse("missing X-API-Key: use tml-<token>, the token of hearth's session file"),
-        None => refuse("missing `Authorization: Bearer <token>` (the token is in the session file)"),
+        Some(Ok(None)) => return refuse("wrong bearer token"),
+        None if tinker => {
+            return refuse("missing X-API-Key: use tml-<token>, with the token of hearth's session file or your own")
+        }
+        None => return refuse("missing `Authorization: Bearer <token>` (the session file's token, or your own)"),
+    };
+    req.extensions_mut().insert(caller);
+    match read_whole_body(req, app.max_body_bytes).await {
+        Ok(req) => next.run(req).await,
+        Err(e) => envelope(tinker, e),
     }
 }
 

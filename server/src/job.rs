@@ -5,6 +5,7 @@
 
 use crate::error::ApiError;
 use crate::limits::Limits;
+use crate::users::Caller;
 use axum::http::StatusCode;
 use hearth_api::{
     AdamParams, CreateRunRequest, ForwardBackwardInput, ForwardBackwardOutput, LoadStateRequest, LoadStateResponse,
@@ -137,6 +138,17 @@ impl Outcome {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 
+    /// The outcome as `caller` sees it: a run or sampler it made, under the name the caller
+    /// gives it (a user's `main`, not the server's `alice/main`).
+    pub fn seen_by(mut self, caller: &Caller) -> Outcome {
+        match &mut self {
+            Outcome::Run(info) => info.id = caller.view(&info.id).unwrap_or_default(),
+            Outcome::Sampler(made) => made.sampler = caller.view(&made.sampler).unwrap_or_default(),
+            _ => {}
+        }
+        self
+    }
+
     /// The samples of a sampling job.
     pub fn into_sample(self) -> Result<SampleOutput, ApiError> {
         match self {
@@ -210,14 +222,12 @@ impl JobState {
         }
     }
 
-    /// The state as `GET /v1/requests/{id}` shows it.
-    pub fn to_api(&self) -> RequestState {
+    /// The state as `GET /v1/requests/{id}` shows it to `caller`.
+    pub fn to_api(&self, caller: &Caller) -> RequestState {
         match self {
             JobState::Queued => RequestState::Queued,
             JobState::Running => RequestState::Running,
-            JobState::Done(outcome) => {
-                RequestState::Done { result: serde_json::to_value(outcome).unwrap_or(serde_json::Value::Null) }
-            }
+            JobState::Done(outcome) => RequestState::Done { result: outcome.clone().seen_by(caller).to_json() },
             JobState::Failed(e) => RequestState::Failed { status: e.status.as_u16(), error: e.body() },
         }
     }

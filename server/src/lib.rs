@@ -10,6 +10,7 @@
 //!   JSON errors: [`native`] (the `/v1` API), [`openai`] (OpenAI-compatible sampling,
 //!   `/v1/completions`, `/v1/chat/completions`) and [`tinker`] (Tinker's wire protocol under
 //!   `/api/v1`, for the official `tinker` SDK).
+//! - [`users`]: who calls (the admin, or a user the admin added) and which runs are theirs.
 //! - [`registry`]: runs, checkpoints and metrics in SQLite under the hearth home.
 //! - [`lifecycle`]: the session file, token, idle timeout, signals, autosave on the way out,
 //!   resume on the way in, cost accounting.
@@ -31,6 +32,7 @@ pub mod options;
 pub mod registry;
 pub mod routes;
 pub mod tinker;
+pub mod users;
 pub mod worker;
 
 pub use error::{ApiError, ServerError};
@@ -61,6 +63,10 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     hearth_engine::alloc::keep_freed_memory();
     let level = std::env::var("HEARTH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Info);
     let _ = log::set_boxed_logger(Box::new(StderrLog(level))).map(|()| log::set_max_level(level));
+    let args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    if args.get(1).is_some_and(|a| a == "users") {
+        return users::cli(&args[1..]);
+    }
     let opts = match options::Options::try_parse_from(args) {
         Ok(o) => o,
         Err(e) => {

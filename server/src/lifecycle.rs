@@ -5,10 +5,11 @@ use crate::error::{ApiError, ServerError};
 use crate::limits::Limits;
 use crate::options::Options;
 use crate::registry::Registry;
+use crate::users::Caller;
 use crate::worker::{self, now_ms, Shared};
 use axum::http::StatusCode;
 use candle_core::{DType, Device};
-use hearth_api::{CostInfo, ResumedRun, ServerInfo, SessionFile};
+use hearth_api::{CostInfo, ResumedRun, RunInfo, ServerInfo, SessionFile};
 use hearth_engine::hub::{self, HubOptions};
 use hearth_engine::preset::Preset;
 use hearth_engine::quant::Quantize;
@@ -57,7 +58,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     std::fs::rename(&tmp, path).map_err(ServerError::io("renaming into", path.display()))
 }
 
-fn fresh_token() -> Result<String, ServerError> {
+/// 256 random bits as 64 hex digits: the server's token, or a user's.
+pub(crate) fn fresh_token() -> Result<String, ServerError> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -152,7 +154,7 @@ pub struct App {
     budget: Option<f64>,
     budget_saved: AtomicBool,
     resumed: Vec<ResumedRun>,
-    /// Seconds without a request before saving and exiting (0 = never); `POST /v1/settings` changes it.
+    /// Seconds without work before saving and exiting (0 = never); `POST /v1/settings` changes it.
     pub idle_timeout: AtomicU64,
     model_loads: u64,
     shutdown_tx: watch::Sender<Option<String>>,
@@ -178,8 +180,14 @@ impl App {
             .ok_or_else(|| crate::error::ApiError::invalid("this model folder has no tokenizer.json"))
     }
 
-    /// `GET /v1/info`.
-    pub fn info(&self) -> ServerInfo {
+    /// The runs `caller` sees, under the names it gives them.
+    pub fn runs_of(&self, caller: &Caller) -> Vec<RunInfo> {
+        let runs = self.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.iter().filter_map(|r| Some(RunInfo { id: caller.view(&r.id)?, ..r.clone() })).collect()
+    }
+
+    /// `GET /v1/info`, as `caller` sees it (their runs).
+    pub fn info(&self, caller: &Caller) -> ServerInfo {
         let base = &self.shared.base;
         ServerInfo {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -193,8 +201,12 @@ impl App {
             model_loads: self.model_loads,
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory_bytes: worker::rss_bytes(),
-            runs: self.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            resumed: self.resumed.clone(),
+            runs: self.runs_of(caller),
+            resumed: self
+                .resumed
+                .iter()
+                .filter_map(|r| Some(ResumedRun { run: caller.view(&r.run)?, ..r.clone() }))
+                .collect(),
             cost: self.cost(),
             idle_timeout_s: self.idle_timeout.load(Ordering::SeqCst),
             autosave_every: self.shared.autosave_every,
@@ -237,14 +249,15 @@ impl App {
         ))
     }
 
-    /// A run name not used yet on this base: `run-N`.
-    pub fn fresh_run_name(&self) -> String {
+    /// A run name `caller` has not used yet on this base: `run-N`.
+    pub fn fresh_run_name(&self, caller: &Caller) -> String {
         let base = self.shared.base_key();
         let mut n = self.shared.registry.run_count(base).unwrap_or(0) + 1;
         loop {
             let name = format!("run-{n}");
-            let taken = self.shared.registry.has_run(base, &name).unwrap_or(false)
-                || self.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r.id == name);
+            let id = caller.run_id(&name);
+            let taken = self.shared.registry.has_run(base, &id).unwrap_or(false)
+                || self.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r.id == id);
             if !taken {
                 return name;
             }
@@ -481,7 +494,7 @@ async fn serve(
         seq_app.shared.shutting_down.store(true, Ordering::SeqCst);
         // queued requests never start, a running sample stops at its next token: the save
         // below waits for neither
-        let cancelled = seq_app.shared.cancel_everything();
+        let cancelled = seq_app.shared.cancel_everything(&crate::users::Caller::Admin);
         if !cancelled.is_empty() {
             log::info!("cancelled {} queued or running request(s)", cancelled.len());
         }

@@ -1,7 +1,7 @@
 //! OpenAI-compatible sampling on a run's current weights: `GET /v1/models`,
 //! `POST /v1/completions` and `POST /v1/chat/completions`, for evaluation tools that speak the
-//! OpenAI API. `model` names a run (`GET /v1/models` lists them); the API key is the server's
-//! bearer token. Each request becomes one `sample` operation in the run's queue, so it sees
+//! OpenAI API. `model` names one of the caller's runs (`GET /v1/models` lists them); the API key
+//! is the caller's token (the server's, or a user's: [`crate::users`]). Each request becomes one `sample` operation in the run's queue, so it sees
 //! exactly the weights a native `sample` at that point would, and its logprobs are the same.
 //!
 //! Decided here: `n`, `max_tokens` (completions default 16, as OpenAI; chat default: the rest of
@@ -22,6 +22,7 @@ use crate::error::ApiError;
 use crate::http::{parse_body, wait_answer};
 use crate::job::{JobState, Op};
 use crate::limits::chat_bytes;
+use crate::users::Caller;
 use crate::App;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -29,7 +30,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use hearth_api::{ChatMessage, SampleInput, SampleOutput, SamplingParams, Stop, StopReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -109,12 +110,14 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn known_run(app: &App, run: &str) -> Result<(), ApiError> {
-    let runs = app.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
-    if runs.iter().any(|r| r.id == run) {
-        return Ok(());
+/// The run id of `caller`'s model `run` (the caller's runs are the models it sees).
+fn known_run(app: &App, caller: &Caller, run: &str) -> Result<String, ApiError> {
+    let id = caller.run_id(run);
+    let runs = app.runs_of(caller);
+    if app.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r.id == id) && caller.owns(&id) {
+        return Ok(id);
     }
-    let names: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+    let names: Vec<String> = runs.into_iter().map(|r| r.id).collect();
     Err(ApiError::not_found(format!(
         "model {run:?} is not a run on this server; the runs are {names:?} (GET /v1/models)"
     )))
@@ -281,9 +284,9 @@ fn live_stream(
 }
 
 /// `GET /v1/models`: every run, as OpenAI lists models.
-pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    let runs = app.shared.runs.lock().unwrap_or_else(|p| p.into_inner());
-    let data: Vec<Value> = runs
+pub async fn models(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>) -> Json<Value> {
+    let data: Vec<Value> = app
+        .runs_of(&caller)
         .iter()
         .map(|r| json!({"id": r.id, "object": "model", "created": 0, "owned_by": "hearth", "step": r.step}))
         .collect();
@@ -291,11 +294,19 @@ pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    completions_inner(&app, body).await.unwrap_or_else(|failed| failed)
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    completions_inner(&app, &caller, body).await.unwrap_or_else(|failed| failed)
 }
 
-async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
+async fn completions_inner(
+    app: &Arc<App>,
+    caller: &Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Response> {
     let req: CompletionRequest = parse_body(body)?;
     if req.echo {
         return Err(ApiError::invalid(
@@ -311,7 +322,7 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
     }
     let n = req.common.n.unwrap_or(1);
     app.shared.limits.check_samples(n)?;
-    known_run(app, &req.common.model)?;
+    let run = known_run(app, caller, &req.common.model)?;
     let t = app.text_model()?;
     let prompts = req.prompt.into_vec();
     if prompts.is_empty() {
@@ -340,7 +351,7 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
             json!({"id": id, "object": "text_completion", "created": unix_now(), "model": model,
                    "choices": [{"index": index, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": reason}]})
         });
-        return live_stream(app.clone(), req.common.model.clone(), inputs, None, false, chunk).map_err(Response::from);
+        return live_stream(app.clone(), run.clone(), inputs, None, false, chunk).map_err(Response::from);
     }
     // every prompt is checked before the first is sampled: a bad second prompt changes nothing
     let inputs = prompts
@@ -359,7 +370,7 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
     let (mut choices, mut prompt_total, mut completion_total) = (Vec::new(), 0, 0);
     for (pi, input) in inputs.into_iter().enumerate() {
         prompt_total += input.prompt.len();
-        let out = sample(app, &req.common.model, input).await?;
+        let out = sample(app, &run, input).await?;
         for (si, seq) in out.sequences.iter().enumerate() {
             completion_total += seq.tokens.len();
             let text = t.decode(&seq.tokens, false).map_err(ApiError::from)?;
@@ -388,8 +399,12 @@ async fn completions_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) 
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    chat_inner(&app, body).await.unwrap_or_else(|failed| failed)
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    chat_inner(&app, &caller, body).await.unwrap_or_else(|failed| failed)
 }
 
 /// The text a chat template writes after an assistant message (`<|im_end|>`, `<|eot_id|>`, …).
@@ -423,7 +438,11 @@ impl TakeStop for Option<OneOrMany> {
     }
 }
 
-async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
+async fn chat_inner(
+    app: &Arc<App>,
+    caller: &Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Response> {
     let req: ChatRequest = parse_body(body)?;
     if req.top_logprobs.unwrap_or(0) > 0 {
         return Err(ApiError::invalid(
@@ -437,7 +456,7 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
     let n = req.common.n.unwrap_or(1);
     app.shared.limits.check_samples(n)?;
     app.shared.limits.check_text("messages", chat_bytes(&req.messages))?;
-    known_run(app, &req.common.model)?;
+    let run = known_run(app, caller, &req.common.model)?;
     let t = app.text_model()?;
     let text = t.render_chat(&req.messages, true).map_err(ApiError::from)?;
     let prompt = t.encode(&text, false).map_err(ApiError::from)?;
@@ -465,15 +484,11 @@ async fn chat_inner(app: &Arc<App>, body: Result<Bytes, BytesRejection>) -> Resu
                    "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": reason}]})
         });
         let input = SampleInput { prompt, num_samples: n, sampling_params: p, ..SampleInput::default() };
-        return live_stream(app.clone(), req.common.model.clone(), vec![input], eos, true, chunk)
-            .map_err(Response::from);
+        return live_stream(app.clone(), run.clone(), vec![input], eos, true, chunk).map_err(Response::from);
     }
-    let out = sample(
-        app,
-        &req.common.model,
-        SampleInput { prompt, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() },
-    )
-    .await?;
+    let out =
+        sample(app, &run, SampleInput { prompt, num_samples: n, sampling_params: p.clone(), ..SampleInput::default() })
+            .await?;
     let id = format!("chatcmpl-{}", unix_now());
     let model = req.common.model.clone();
     let mut choices = Vec::new();

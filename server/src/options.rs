@@ -23,7 +23,8 @@ pub struct Options {
     #[arg(long)]
     pub token_file: Option<PathBuf>,
 
-    /// Seconds without a request before every run is saved and the server exits (0 = never).
+    /// Seconds without work (an operation of a run or a sampler; not a heartbeat, a poll or a
+    /// read) before every run is saved and the server exits (0 = never).
     #[arg(long, default_value_t = 1800)]
     pub idle_timeout: u64,
 

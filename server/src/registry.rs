@@ -1,6 +1,9 @@
 //! The run registry: one SQLite file (`registry.sqlite` in WAL mode) under the hearth home,
 //! shared by every server on the machine. Runs, their checkpoints and per-step metrics.
 //!
+//! Users (a class's students) are rows of `users`: a name and the SHA-256 of their token, never
+//! the token itself; a revoked user keeps the row (and their runs) with `revoked_at` set.
+//!
 //! Order of writes keeps it consistent through `kill -9`: a checkpoint row is added only after
 //! its folder is published, and removed before its folder is deleted; metrics rows are keyed by
 //! (run, step) and replaced when a resumed run redoes a step.
@@ -38,6 +41,17 @@ pub struct RunRow {
     pub step: u64,
 }
 
+/// A user row (the token's hash stays in the registry).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UserRow {
+    /// The user's name.
+    pub name: String,
+    /// Unix seconds when added.
+    pub created_at: f64,
+    /// Unix seconds when revoked.
+    pub revoked_at: Option<f64>,
+}
+
 /// The registry (a connection behind a mutex: writes are small and rare).
 #[derive(Debug)]
 pub struct Registry {
@@ -68,6 +82,8 @@ impl Registry {
              CREATE TABLE IF NOT EXISTS metrics (
                 base TEXT NOT NULL, run TEXT NOT NULL, step INTEGER NOT NULL, loss REAL, tokens REAL, grad_norm REAL,
                 learning_rate REAL, tokens_per_s REAL, memory_bytes INTEGER, time REAL, PRIMARY KEY (base, run, step));
+             CREATE TABLE IF NOT EXISTS users (
+                name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, revoked_at REAL);
              CREATE TABLE IF NOT EXISTS servers (
                 pid INTEGER NOT NULL, url TEXT NOT NULL, model TEXT NOT NULL, started_at REAL NOT NULL,
                 stopped_at REAL, reason TEXT);",
@@ -252,6 +268,48 @@ impl Registry {
                 })
             })?;
             rows.collect()
+        })
+    }
+
+    /// Adds user `name` with the hash of their token; `Ok(false)` when the name is taken (by a
+    /// user revoked or not: a revoked name stays with its runs).
+    pub fn add_user(&self, name: &str, token_sha256: &str) -> Result<bool> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO users (name, token_sha256, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
+                params![name, token_sha256, now()],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    /// The user whose (not revoked) token has this hash.
+    pub fn user_by_token(&self, token_sha256: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name FROM users WHERE token_sha256 = ?1 AND revoked_at IS NULL",
+                params![token_sha256],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// Every user, revoked ones too, in the order they were added.
+    pub fn users(&self) -> Result<Vec<UserRow>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, created_at, revoked_at FROM users ORDER BY created_at, name")?;
+            let rows =
+                st.query_map([], |r| Ok(UserRow { name: r.get(0)?, created_at: r.get(1)?, revoked_at: r.get(2)? }))?;
+            rows.collect()
+        })
+    }
+
+    /// Revokes user `name`'s token; `Ok(false)` when there is no such user or it was revoked.
+    pub fn revoke_user(&self, name: &str) -> Result<bool> {
+        self.with(|c| {
+            c.execute("UPDATE users SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL", params![name, now()])
+                .map(|n| n == 1)
         })
     }
 

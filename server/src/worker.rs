@@ -7,6 +7,7 @@ use crate::error::ApiError;
 use crate::job::{JobState, Op, Outcome, SamplerMade};
 use crate::limits::Limits;
 use crate::registry::{CheckpointRow, Registry};
+use crate::users::{check_run_id, Caller};
 use axum::http::StatusCode;
 use hearth_api::{
     CheckpointKind, LoadStateResponse, MetricRow, ResumedRun, RunInfo, SaveStateResponse, TrainingConfig,
@@ -94,6 +95,8 @@ pub enum Msg {
     SaveAll {
         /// `shutdown`, `idle`, `budget`.
         reason: String,
+        /// Whose runs (the admin: every run).
+        caller: Caller,
         /// Where to send the result.
         reply: mpsc::Sender<SaveReport>,
     },
@@ -119,7 +122,8 @@ pub struct Shared {
     pub runs: Mutex<Vec<RunInfo>>,
     /// Nanoseconds spent executing jobs.
     pub busy_ns: AtomicU64,
-    /// Unix millis of the last request or job end.
+    /// Unix millis of the last work submitted or ended: the idle timer's clock (heartbeats,
+    /// polls and reads do not move it).
     pub last_activity_ms: AtomicU64,
     /// Set once shutdown begins: new jobs are refused, queued ones fail.
     pub shutting_down: AtomicBool,
@@ -172,9 +176,19 @@ impl Shared {
         &self.base.fingerprint
     }
 
+    /// A run's folder: `runs/NAME` for the admin's run `NAME`, `users/USER/runs/NAME` for a
+    /// user's run `USER/NAME` (a run id is [`crate::users::check_run_id`]-checked before any
+    /// folder is made for it).
+    pub fn run_dir(&self, run: &str) -> PathBuf {
+        match run.split_once('/') {
+            None => self.home.join("runs").join(run),
+            Some((user, name)) => self.home.join("users").join(user).join("runs").join(name),
+        }
+    }
+
     /// Where a run's checkpoints live.
     pub fn checkpoints_dir(&self, run: &str) -> PathBuf {
-        self.home.join("runs").join(run).join("checkpoints")
+        self.run_dir(run).join("checkpoints")
     }
 
     /// Queues a job; returns its id and a receiver of its state.
@@ -207,6 +221,7 @@ impl Shared {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::shutting_down());
         }
+        self.last_activity_ms.store(now_ms(), Ordering::SeqCst);
         Ok((id, rx))
     }
 
@@ -223,14 +238,22 @@ impl Shared {
     /// [`Entry::try_cancel`] on request `id`: whether it will stop, `None` if there is no such
     /// request.
     pub fn cancel(&self, id: u64) -> Option<bool> {
-        self.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(Entry::try_cancel)
+        self.cancel_of(&Caller::Admin, id)
     }
 
-    /// [`Entry::try_cancel`] on every request (an interrupt, a shutdown): the ids that will stop,
-    /// in order.
-    pub fn cancel_everything(&self) -> Vec<u64> {
+    /// [`Shared::cancel`] of `caller`'s request `id` (another's is `None`, as one that does not
+    /// exist).
+    pub fn cancel_of(&self, caller: &Caller, id: u64) -> Option<bool> {
         let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cancelled: Vec<u64> = reqs.iter().filter(|(_, e)| e.try_cancel()).map(|(&id, _)| id).collect();
+        reqs.get(&id).filter(|e| caller.owns(&e.run)).map(Entry::try_cancel)
+    }
+
+    /// [`Entry::try_cancel`] on every request of `caller`'s runs and samplers (an interrupt; the
+    /// admin's reaches everyone's): the ids that will stop, in order.
+    pub fn cancel_everything(&self, caller: &Caller) -> Vec<u64> {
+        let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cancelled: Vec<u64> =
+            reqs.iter().filter(|(_, e)| caller.owns(&e.run) && e.try_cancel()).map(|(&id, _)| id).collect();
         cancelled.sort_unstable();
         cancelled
     }
@@ -242,9 +265,15 @@ impl Shared {
 
     /// Asks the worker to save every run and waits for the report (blocking).
     pub fn save_all(&self, reason: &str) -> SaveReport {
+        self.save_runs_of(&Caller::Admin, reason)
+    }
+
+    /// Asks the worker to save every run of `caller`'s (the admin's: every run) and waits for
+    /// the report (blocking).
+    pub fn save_runs_of(&self, caller: &Caller, reason: &str) -> SaveReport {
         let (reply, rx) = mpsc::channel();
-        let sent =
-            self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::SaveAll { reason: reason.into(), reply });
+        let msg = Msg::SaveAll { reason: reason.into(), caller: caller.clone(), reply };
+        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(msg);
         if sent.is_err() {
             return SaveReport::default();
         }
@@ -345,10 +374,12 @@ pub fn resume_runs(shared: &Shared) -> Result<(BTreeMap<String, HeldRun>, Vec<Re
     Ok((runs, resumed))
 }
 
-/// Removes temporaries a killed save left behind (`.NAME.tmp-PID-N` folders).
+/// Removes temporaries a killed save left behind (`.NAME.tmp-PID-N` folders), in the admin's
+/// runs and every user's.
 pub fn clean_temporaries(home: &Path) {
-    let Ok(runs) = std::fs::read_dir(home.join("runs")) else { return };
-    for run in runs.flatten() {
+    let users = std::fs::read_dir(home.join("users")).into_iter().flatten().flatten();
+    let homes = std::iter::once(home.to_path_buf()).chain(users.map(|u| u.path()));
+    for run in homes.filter_map(|h| std::fs::read_dir(h.join("runs")).ok()).flatten().flatten() {
         let Ok(cks) = std::fs::read_dir(run.path().join("checkpoints")) else { continue };
         for ck in cks.flatten() {
             let name = ck.file_name().to_string_lossy().into_owned();
@@ -415,9 +446,9 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
             }
-            Msg::SaveAll { reason, reply } => {
+            Msg::SaveAll { reason, caller, reply } => {
                 let mut report = SaveReport::default();
-                for (id, r) in runs.iter_mut() {
+                for (id, r) in runs.iter_mut().filter(|(id, _)| caller.owns(id)) {
                     if r.saved_step == Some(r.engine.step()) && has_state_at(&shared, id, r.engine.step()) {
                         continue;
                     }
@@ -479,7 +510,7 @@ fn create_run(
     make: impl FnOnce() -> hearth_engine::Result<Run>,
 ) -> Result<Outcome, ApiError> {
     let base_key = shared.base_key();
-    check_name("run", run_id)?;
+    check_run_id("run", run_id)?;
     if runs.contains_key(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(registry_err)? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -492,8 +523,8 @@ fn create_run(
     // an archived run of that name (left by `--no-resume`) is moved aside, files and all, so the
     // name starts afresh and nothing it saved is lost
     if shared.registry.has_run(base_key, run_id).map_err(registry_err)? {
-        let old = shared.home.join("runs").join(run_id);
-        let aside = shared.home.join("archive").join(format!("{run_id}-{}", now_ms()));
+        let old = shared.run_dir(run_id);
+        let aside = shared.home.join("archive").join(format!("{}-{}", run_id.replace('/', "@"), now_ms()));
         if old.exists() {
             std::fs::create_dir_all(shared.home.join("archive")).and_then(|()| std::fs::rename(&old, &aside)).map_err(
                 |e| {
@@ -652,14 +683,15 @@ fn execute(
 }
 
 /// The checkpoint folder `load_state` names: a checkpoint of this run (`NAME`), of another run
-/// (`RUN/NAME`), or the path of a checkpoint folder (one with `hearth.json` or a PEFT
-/// `adapter_config.json`, e.g. an adapter trained in Python). Anything else, a missing folder or
-/// a folder that is not a checkpoint, gets the same answer: the message tells nothing about the
-/// server's other folders.
+/// (`RUN/NAME`, a run id that may be a user's `USER/RUN/NAME`), or the path of a checkpoint
+/// folder (one with `hearth.json` or a PEFT `adapter_config.json`, e.g. an adapter trained in
+/// Python). A user's source reaches here only through [`Caller::checkpoint_source`], so it names
+/// their own runs. Anything else, a missing folder or a folder that is not a checkpoint, gets the
+/// same answer: the message tells nothing about the server's other folders.
 fn checkpoint_source(shared: &Shared, run_id: &str, source: &str) -> Result<PathBuf, ApiError> {
-    let by_name = match source.split_once('/') {
+    let by_name = match source.rsplit_once('/') {
         None if check_name("source", source).is_ok() => Some(shared.checkpoints_dir(run_id).join(source)),
-        Some((run, name)) if check_name("run", run).is_ok() && check_name("source", name).is_ok() => {
+        Some((run, name)) if check_run_id("run", run).is_ok() && check_name("source", name).is_ok() => {
             Some(shared.checkpoints_dir(run).join(name))
         }
         _ => None,
@@ -668,12 +700,17 @@ fn checkpoint_source(shared: &Shared, run_id: &str, source: &str) -> Result<Path
     match by_name.filter(|p| is_checkpoint(p)) {
         Some(p) => Ok(p),
         None if Path::new(source).is_absolute() && is_checkpoint(Path::new(source)) => Ok(PathBuf::from(source)),
-        None => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_checkpoint",
-            format!("source {source:?}: no such checkpoint; give a checkpoint name of this run, RUN/NAME for another run's, or the absolute path of a checkpoint folder"),
-        )),
+        None => Err(no_such_checkpoint(source)),
     }
+}
+
+/// The one answer to a checkpoint source that names nothing this caller may load.
+pub fn no_such_checkpoint(source: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_checkpoint",
+        format!("source {source:?}: no such checkpoint; give a checkpoint name of this run, RUN/NAME for another run's, or (the admin) the absolute path of a checkpoint folder"),
+    )
 }
 
 fn save(

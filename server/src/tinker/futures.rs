@@ -45,19 +45,20 @@ pub(super) async fn finish_jobs(jobs: Result<Jobs, ApiError>, tx: watch::Sender<
     tx.send_replace(out);
 }
 
-/// Runs `make` (which submits the worker jobs) at this request's turn in its model's
-/// `seq_id` order; answers the future's id at once. A retry (same `seq_id`, same body `key`)
-/// gets its first future.
+/// Runs `make` (which submits the worker jobs) at this request's turn in the `seq_id` order of
+/// the model (run `run`); answers the future's id, `caller`'s, at once. A retry (same `seq_id`,
+/// same body `key`) gets its first future.
 pub(super) fn ordered(
     app: &Arc<App>,
-    model_id: &str,
+    caller: &Caller,
+    run: &str,
     seq_id: i64,
     key: u64,
     make: impl FnOnce(&App) -> Result<Jobs, ApiError> + Send + 'static,
 ) -> Result<String, ApiError> {
     let mut tx = None;
-    let admitted = app.tinker.order.admit(model_id, seq_id, key, || {
-        let (id, t) = app.tinker.new_future();
+    let admitted = app.tinker.order.admit(run, seq_id, key, || {
+        let (id, t) = app.tinker.new_future(caller);
         tx = Some(t);
         id
     });
@@ -92,24 +93,24 @@ pub(super) fn seq_error(e: SeqError) -> ApiError {
     }
 }
 
-/// A training request's answer. An error uses up its `seq_id` (of a model that exists), so
-/// that the model's next request does not wait for it; an error of the order itself leaves
-/// the order as it is.
-pub(super) fn answer(app: &App, place: Option<&Place>, r: Result<Value, ApiError>) -> Response {
+/// A training request's answer. An error uses up its `seq_id` (of a model of the caller's that
+/// exists), so that the model's next request does not wait for it; an error of the order
+/// itself leaves the order as it is.
+pub(super) fn answer(app: &App, caller: &Caller, place: Option<&Place>, r: Result<Value, ApiError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => {
-            if let Some(p) = place.filter(|p| known_run(app, &p.model_id).is_ok()) {
-                app.tinker.order.consume(&p.model_id, p.seq_id);
+            if let Some((p, run)) = place.and_then(|p| Some((p, known_run(app, caller, &p.model_id).ok()?))) {
+                app.tinker.order.consume(&run, p.seq_id);
             }
             err(e)
         }
     }
 }
 
-/// A future that is not ordered (creation, sampling).
-pub(super) fn unordered(app: &Arc<App>, jobs: Result<Jobs, ApiError>) -> String {
-    let (id, tx) = app.tinker.new_future();
+/// A future of `caller`'s that is not ordered (creation, sampling).
+pub(super) fn unordered(app: &Arc<App>, caller: &Caller, jobs: Result<Jobs, ApiError>) -> String {
+    let (id, tx) = app.tinker.new_future(caller);
     tokio::spawn(finish_jobs(jobs, tx));
     id
 }
@@ -119,12 +120,17 @@ pub(super) struct RetrieveFuture {
     request_id: String,
 }
 
-pub(super) async fn retrieve_future(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn retrieve_future(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     let req: RetrieveFuture = match body(b) {
         Ok(r) => r,
         Err(e) => return err(e),
     };
-    let Some(mut rx) = lock(&app.tinker.futures).get(&req.request_id).cloned() else {
+    let future = lock(&app.tinker.futures).get(&req.request_id).cloned();
+    let Some(mut rx) = future.filter(|(owner, _)| *owner == caller || caller.is_admin()).map(|(_, rx)| rx) else {
         return err(ApiError::not_found(format!("no future {:?}", req.request_id)));
     };
     let state = match tokio::time::timeout(POLL_HOLD, rx.wait_for(|f| !matches!(f, Fut::Pending))).await {

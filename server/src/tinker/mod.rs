@@ -2,7 +2,11 @@
 //! same warm model and the same runs as the native `/v1` API.
 //!
 //! - **Auth**: `X-API-Key: tml-<token>` (the SDK accepts only keys starting `tml-`; the token is
-//!   the session file's) or the bare token.
+//!   the session file's, or a user's) or the bare token.
+//! - **Owners**: everything here is the caller's ([`crate::users`]): models are runs under the
+//!   caller's names, and sessions, futures and samplers remember who made them. Another user's
+//!   model id, `tinker://` path, future or sampler answers as one that does not exist; the
+//!   admin names a user's model as `USER/<model id>` (`tinker://alice/s1:train:0/weights/x`).
 //! - **Ids**: a Tinker session is `s<hex>`; model `S:train:N` is hearth run `S-train-N` (a run
 //!   made elsewhere, e.g. `main` in a Rust cell, is addressed by its own name); checkpoint
 //!   `tinker://<model>/weights/<name>` is the run's `state` checkpoint `<name>`,
@@ -46,6 +50,7 @@ mod training;
 
 use crate::error::ApiError;
 use crate::job::{JobState, Op, Outcome};
+use crate::users::{check_user_name, Caller};
 use crate::worker::check_name;
 use crate::App;
 use axum::body::{Body, Bytes};
@@ -54,7 +59,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use convert::*;
 use futures::*;
 use hearth_api::{
@@ -108,12 +113,17 @@ struct Sampler {
     model_path: Option<String>,
 }
 
-/// The protocol's state: models' order, futures, samplers (a session is only an id).
+/// The protocol's state: models' order, futures, samplers, and who made each session.
 pub struct Tinker {
-    /// Each model's order; an admitted `seq_id` keeps its future's id.
+    /// Each model's order, by run id; an admitted `seq_id` keeps its future's id.
     order: Sequencer<String>,
-    futures: Mutex<HashMap<String, watch::Receiver<Fut>>>,
+    /// Futures by id, with who asked.
+    futures: Mutex<HashMap<String, (Caller, watch::Receiver<Fut>)>>,
+    /// Sampling sessions by their id in the server (a user's are `USER/<id>`, like runs).
     samplers: Mutex<HashMap<String, Sampler>>,
+    /// Who made each session of this server's life (a session from before a restart is anyone's
+    /// to name again: what it makes is under the caller's own names either way).
+    sessions: Mutex<HashMap<String, Caller>>,
     /// `asample` answers by sampler and `seq_id`, with their body's key.
     samples_seen: Mutex<HashMap<(String, i64), (u64, Value)>>,
     next_future: AtomicU64,
@@ -131,19 +141,21 @@ impl Tinker {
             order: Sequencer::new(gap_wait),
             futures: Mutex::default(),
             samplers: Mutex::default(),
+            sessions: Mutex::default(),
             samples_seen: Mutex::default(),
             next_future: AtomicU64::new(0),
         }
     }
 
-    fn new_future(&self) -> (String, watch::Sender<Fut>) {
+    /// A new future of `owner`'s.
+    fn new_future(&self, owner: &Caller) -> (String, watch::Sender<Fut>) {
         let id = format!("req-{}", self.next_future.fetch_add(1, Ordering::SeqCst) + 1);
         let (tx, rx) = watch::channel(Fut::Pending);
         let mut futs = lock(&self.futures);
         if futs.len() > 4096 {
-            futs.retain(|_, f| matches!(*f.borrow(), Fut::Pending));
+            futs.retain(|_, (_, f)| matches!(*f.borrow(), Fut::Pending));
         }
-        futs.insert(id.clone(), rx);
+        futs.insert(id.clone(), (owner.clone(), rx));
         (id, tx)
     }
 }

@@ -14,27 +14,37 @@ pub(super) async fn capabilities(State(app): State<Arc<App>>) -> Json<Value> {
     )
 }
 
-pub(super) async fn create_session() -> Json<Value> {
-    let id = format!(
-        "s{:08x}",
-        hearth_engine::rng::Rng::new(crate::worker::now_ms() ^ u64::from(std::process::id())).next_u64() as u32
-    );
+pub(super) async fn create_session(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>) -> Json<Value> {
+    let mut sessions = lock(&app.tinker.sessions);
+    let mut seed = crate::worker::now_ms() ^ u64::from(std::process::id());
+    let id = loop {
+        let id = format!("s{:08x}", hearth_engine::rng::Rng::new(seed).next_u64() as u32);
+        if !sessions.contains_key(&id) {
+            break id;
+        }
+        seed = seed.wrapping_add(1);
+    };
+    sessions.insert(id.clone(), caller);
     Json(json!({"session_id": id, "type": "create_session"}))
 }
 
 /// A heartbeat's body: the session id must be there (nothing else is kept of a session).
 #[derive(Deserialize)]
 pub(super) struct SessionId {
-    #[expect(dead_code, reason = "parsed only to require it")]
     session_id: String,
 }
 
-pub(super) async fn heartbeat(b: Result<Bytes, BytesRejection>) -> Response {
-    // sessions hold no state here: a heartbeat only has to be well formed
-    if let Err(e) = body::<SessionId>(b) {
-        return err(e);
+/// A heartbeat keeps nothing alive: it is not work, so the idle timer goes on (the server saves
+/// every run and exits when only heartbeats come).
+pub(super) async fn heartbeat(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    match body::<SessionId>(b).and_then(|s| check_session(&app, &caller, &s.session_id)) {
+        Ok(()) => Json(json!({"type": "session_heartbeat"})).into_response(),
+        Err(e) => err(e),
     }
-    Json(json!({"type": "session_heartbeat"})).into_response()
 }
 
 /// Unix seconds as an ISO 8601 UTC time.
@@ -54,14 +64,15 @@ pub(super) fn modified(path: &std::path::Path) -> f64 {
 }
 
 /// A run's checkpoints in Tinker's shape (`state` ones as `weights/`, sampler adapters as
-/// `sampler_weights/`; merged and GGUF exports are hearth's own and not listed).
-pub(super) fn checkpoints_of(app: &App, run: &str) -> Result<Vec<Value>, ApiError> {
+/// `sampler_weights/`; merged and GGUF exports are hearth's own and not listed), with the
+/// paths `caller` names them by.
+pub(super) fn checkpoints_of(app: &App, caller: &Caller, run: &str) -> Result<Vec<Value>, ApiError> {
     let rows = app
         .shared
         .registry
         .checkpoints(app.shared.base_key(), run)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")))?;
-    let model = model_of(run);
+    let model = model_of(caller, run);
     let mut out = Vec::new();
     for r in rows {
         let (kind, name) = match (r.kind.as_str(), r.name.strip_prefix("sampler-")) {
@@ -88,15 +99,15 @@ pub(super) fn checkpoints_of(app: &App, run: &str) -> Result<Vec<Value>, ApiErro
     Ok(out)
 }
 
-pub(super) fn training_run(app: &App, info: &RunInfo) -> Value {
-    let cks = checkpoints_of(app, &info.id).unwrap_or_default();
+pub(super) fn training_run(app: &App, caller: &Caller, info: &RunInfo) -> Value {
+    let cks = checkpoints_of(app, caller, &info.id).unwrap_or_default();
     let last = |t: &str| cks.iter().find(|c| c["checkpoint_type"] == t).cloned();
     let (is_lora, rank) = match &info.training {
         TrainingConfig::Lora(l) => (true, Some(l.rank)),
         TrainingConfig::Full => (false, None),
     };
     json!({
-        "training_run_id": model_of(&info.id),
+        "training_run_id": model_of(caller, &info.id),
         "base_model": model_name(app),
         "model_owner": "hearth",
         "is_lora": is_lora,
@@ -121,30 +132,51 @@ pub(super) fn twenty() -> usize {
     20
 }
 
-pub(super) async fn list_training_runs(State(app): State<Arc<App>>, Query(p): Query<Page>) -> Json<Value> {
-    let runs = lock(&app.shared.runs).clone();
-    let page: Vec<Value> = runs.iter().skip(p.offset).take(p.limit).map(|r| training_run(&app, r)).collect();
+/// The runs `caller` may see, under the server's ids.
+fn runs_of(app: &App, caller: &Caller) -> Vec<RunInfo> {
+    lock(&app.shared.runs).iter().filter(|r| caller.owns(&r.id)).cloned().collect()
+}
+
+pub(super) async fn list_training_runs(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Query(p): Query<Page>,
+) -> Json<Value> {
+    let runs = runs_of(&app, &caller);
+    let page: Vec<Value> = runs.iter().skip(p.offset).take(p.limit).map(|r| training_run(&app, &caller, r)).collect();
     Json(json!({"training_runs": page, "cursor": {"offset": p.offset, "limit": p.limit, "total_count": runs.len()}}))
 }
 
-pub(super) async fn get_training_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let info = run_of(&id).ok().and_then(|r| run_info(&app, &r));
+pub(super) async fn get_training_run(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    let info = run_of(&caller, &id).ok().and_then(|r| run_info(&app, &r));
     match info {
-        Some(i) => Json(training_run(&app, &i)).into_response(),
+        Some(i) => Json(training_run(&app, &caller, &i)).into_response(),
         None => err(ApiError::not_found(format!("no training run {id:?}"))),
     }
 }
 
-pub(super) async fn list_checkpoints(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match run_of(&id).and_then(|r| checkpoints_of(&app, &r)) {
+pub(super) async fn list_checkpoints(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    match run_of(&caller, &id).and_then(|r| checkpoints_of(&app, &caller, &r)) {
         Ok(c) => Json(json!({"checkpoints": c})).into_response(),
         Err(e) => err(e),
     }
 }
 
-pub(super) async fn list_all_checkpoints(State(app): State<Arc<App>>, Query(p): Query<Page>) -> Json<Value> {
-    let runs = lock(&app.shared.runs).clone();
-    let all: Vec<Value> = runs.iter().flat_map(|r| checkpoints_of(&app, &r.id).unwrap_or_default()).collect();
+pub(super) async fn list_all_checkpoints(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Query(p): Query<Page>,
+) -> Json<Value> {
+    let runs = runs_of(&app, &caller);
+    let all: Vec<Value> = runs.iter().flat_map(|r| checkpoints_of(&app, &caller, &r.id).unwrap_or_default()).collect();
     let total = all.len();
     let page: Vec<Value> = all.into_iter().skip(p.offset).take(p.limit.max(1)).collect();
     Json(json!({"checkpoints": page, "cursor": {"offset": p.offset, "limit": p.limit, "total_count": total}}))
@@ -152,12 +184,13 @@ pub(super) async fn list_all_checkpoints(State(app): State<Arc<App>>, Query(p): 
 
 pub(super) async fn delete_checkpoint(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     Path((id, ckpt)): Path<(String, String)>,
 ) -> Response {
     let run = || -> Result<Value, ApiError> {
-        let run = run_of(&id)?;
-        let path = format!("tinker://{}/{}", model_of(&run), ckpt.trim_start_matches('/'));
-        let (run, kind, name) = parse_path(&path)?;
+        let run = run_of(&caller, &id)?;
+        let path = format!("tinker://{}/{}", model_of(&caller, &run), ckpt.trim_start_matches('/'));
+        let (run, kind, name) = parse_path(&caller, &path)?;
         let hname = kind.hearth_name(&name);
         let dir = app.shared.checkpoints_dir(&run).join(&hname);
         if !dir.is_dir() {
@@ -180,10 +213,14 @@ pub(super) struct WeightsInfo {
     tinker_path: String,
 }
 
-pub(super) async fn weights_info(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn weights_info(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = || -> Result<Value, ApiError> {
         let req: WeightsInfo = body(b)?;
-        let dir = checkpoint_dir(&app, &req.tinker_path)?;
+        let dir = checkpoint_dir(&app, &caller, &req.tinker_path)?;
         let training = hearth_engine::run::checkpoint_training_config(&dir)?;
         Ok(match training {
             TrainingConfig::Lora(l) => {

@@ -10,13 +10,17 @@ pub(super) struct CreateSampling {
     base_model: Option<String>,
 }
 
-pub(super) async fn create_sampling_session(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn create_sampling_session(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     let prepare = || -> Result<(String, Sampler, Op), ApiError> {
         let req: CreateSampling = body(b)?;
-        check_session(&req.session_id)?;
+        check_session(&app, &caller, &req.session_id)?;
         let id = format!("{}:sample:{}", req.session_id, req.sampling_session_seq_id);
         let (source, model_path) = match (req.model_path, req.base_model) {
-            (Some(p), _) => (Some(checkpoint_dir(&app, &p)?), Some(p)),
+            (Some(p), _) => (Some(checkpoint_dir(&app, &caller, &p)?), Some(p)),
             (None, Some(b)) => {
                 check_base(&app, &b)?;
                 (None, None)
@@ -29,21 +33,25 @@ pub(super) async fn create_sampling_session(State(app): State<Arc<App>>, b: Resu
         Ok(x) => x,
         Err(e) => return err(e),
     };
-    let rx = match app.shared.submit(id.clone(), op) {
+    let rx = match app.shared.submit(caller.run_id(&id), op) {
         Ok((_, rx)) => rx,
         Err(e) => return err(e),
     };
     match crate::http::wait_result(rx).await {
         Ok(_) => {
-            lock(&app.tinker.samplers).insert(id.clone(), sampler);
+            lock(&app.tinker.samplers).insert(caller.run_id(&id), sampler);
             Json(json!({"sampling_session_id": id, "type": "create_sampling_session"})).into_response()
         }
         Err(resp) => resp,
     }
 }
 
-pub(super) async fn get_sampler(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match lock(&app.tinker.samplers).get(&id) {
+pub(super) async fn get_sampler(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    match lock(&app.tinker.samplers).get(&caller.run_id(&id)) {
         Some(s) => {
             Json(json!({"sampler_id": id, "base_model": s.base_model, "model_path": s.model_path})).into_response()
         }
@@ -134,17 +142,22 @@ pub(super) fn sampling_of(app: &App, p: SamplingIn) -> Result<SamplingParams, Ap
     })
 }
 
-pub(super) async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn asample(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = || -> Result<Value, ApiError> {
         let v: Value = body(b)?;
         let key = body_key("asample", v.to_string().as_bytes());
         let req: ASample = typed(v)?;
-        let sampler = req
+        let shown = req
             .sampling_session_id
             .clone()
             .ok_or_else(|| ApiError::invalid("asample: sampling_session_id is missing"))?;
+        let sampler = caller.run_id(&shown);
         if !lock(&app.tinker.samplers).contains_key(&sampler) {
-            return Err(ApiError::not_found(format!("no sampler {sampler:?} (samplers live until the server stops)")));
+            return Err(ApiError::not_found(format!("no sampler {shown:?} (samplers live until the server stops)")));
         }
         if req.topk_prompt_logprobs > 0 || req.topk_sample_logprobs > 0 {
             return Err(ApiError::invalid(
@@ -187,7 +200,7 @@ pub(super) async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesR
                 Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "seq_id_conflict",
-                    format!("sampler {sampler}: seq_id {seq} was already used by a different request (a retry must send the same body)"),
+                    format!("sampler {shown}: seq_id {seq} was already used by a different request (a retry must send the same body)"),
                 ))
             };
         }
@@ -196,9 +209,9 @@ pub(super) async fn asample(State(app): State<Arc<App>>, b: Result<Bytes, BytesR
             vec![(sampler.clone(), Op::SamplerSample(input))],
             Box::new(|mut r| Ok(Fut::Proto(sample_output(&r.remove(0).into_sample()?)))),
         );
-        let id = unordered(&app, jobs);
+        let id = unordered(&app, &caller, jobs);
         let tag = req.seq_id.map_or_else(|| id.clone(), |seq| seq.to_string());
-        let ids: Vec<String> = (0..req.num_samples).map(|i| format!("{sampler}:seq:{tag}:{i}")).collect();
+        let ids: Vec<String> = (0..req.num_samples).map(|i| format!("{shown}:seq:{tag}:{i}")).collect();
         let answer = json!({"request_id": id, "sample_sequence_ids": ids});
         if let Some(place) = place {
             if seen.len() > 4096 {

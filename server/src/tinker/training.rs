@@ -77,27 +77,32 @@ pub(super) fn check_base(app: &App, base_model: &str) -> Result<(), ApiError> {
     }
 }
 
-pub(super) async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn create_model(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = || -> Result<Value, ApiError> {
         let req: CreateModel = body(b)?;
         check_base(&app, &req.base_model)?;
-        check_session(&req.session_id)?;
+        check_session(&app, &caller, &req.session_id)?;
         // `user_metadata={"hearth_run": "main"}` drives an existing run (one made in a Rust cell)
         if let Some(existing) = req.user_metadata.as_ref().and_then(|m| m.get("hearth_run")) {
-            let run = known_run(&app, existing)?;
-            let model_id = model_of(&run);
+            let run = known_run(&app, &caller, existing)?;
+            let model_id = model_of(&caller, &run);
             // a new client counts its seq_ids from 1 again
-            app.tinker.order.restart(&model_id, 1);
-            let (id, tx) = app.tinker.new_future();
+            app.tinker.order.restart(&run, 1);
+            let (id, tx) = app.tinker.new_future(&caller);
             tx.send_replace(Fut::Json(json!({"model_id": model_id, "type": "create_model"})));
             return Ok(json!({"request_id": id, "model_id": model_id}));
         }
         let model_id = format!("{}:train:{}", req.session_id, req.model_seq_id);
         let lora = req.lora_config.unwrap_or_default();
         let training = lora_of(&lora)?;
-        let name = run_of(&model_id)?;
+        let name = run_of(&caller, &model_id)?;
         let op = Op::CreateRun(CreateRunRequest { name: Some(name.clone()), training });
         let mid = model_id.clone();
+        let order_key = name.clone();
         let (app2, run2, meta) = (app.clone(), name.clone(), req.user_metadata.unwrap_or_default());
         let jobs = submit_jobs(
             &app,
@@ -107,8 +112,8 @@ pub(super) async fn create_model(State(app): State<Arc<App>>, b: Result<Bytes, B
                 Ok(Fut::Json(json!({"model_id": mid, "type": "create_model"})))
             }),
         );
-        app.tinker.order.open(&model_id, 1);
-        Ok(json!({"request_id": unordered(&app, jobs), "model_id": model_id}))
+        app.tinker.order.open(&order_key, 1);
+        Ok(json!({"request_id": unordered(&app, &caller, jobs), "model_id": model_id}))
     };
     run().map(Json).map_or_else(err, IntoResponse::into_response)
 }
@@ -118,8 +123,8 @@ pub(super) struct ModelId {
     model_id: String,
 }
 
-pub(super) fn model_info(app: &App, model_id: &str) -> Result<Value, ApiError> {
-    let run = run_of(model_id)?;
+pub(super) fn model_info(app: &App, caller: &Caller, model_id: &str) -> Result<Value, ApiError> {
+    let run = run_of(caller, model_id)?;
     let info = run_info(app, &run).ok_or_else(|| ApiError::not_found(format!("unknown model_id {model_id:?}")))?;
     let name = model_name(app);
     let tokenizer = tokenizer_dir(app)?;
@@ -142,14 +147,23 @@ pub(super) fn model_info(app: &App, model_id: &str) -> Result<Value, ApiError> {
     }))
 }
 
-pub(super) async fn get_info(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn get_info(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     body::<ModelId>(b)
-        .and_then(|r| model_info(&app, &r.model_id))
+        .and_then(|r| model_info(&app, &caller, &r.model_id))
         .map(Json)
         .map_or_else(err, IntoResponse::into_response)
 }
 
-pub(super) async fn forward_backward(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+pub(super) async fn forward_backward(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     // read here, not by the `Bytes` extractor: a body over the limit still names its place
     let (bytes, whole) = match read_body(body, app.max_body_bytes).await {
         Ok(b) => b,
@@ -174,19 +188,19 @@ pub(super) async fn forward_backward(State(app): State<Arc<App>>, headers: Heade
         let req = decoded.map_err(|e| {
             ApiError::invalid(format!("forward_backward: not a tinker_public.ForwardBackwardRequest protobuf: {e}"))
         })?;
-        let run = known_run(&app, &req.model_id)?;
+        let run = known_run(&app, &caller, &req.model_id)?;
         let key = fb_key(&req);
         // a bad datum fails the future (its seq_id is used: the SDK has counted it)
         let input = fb_input(&req);
         let forward_only = req.forward_only;
-        let id = ordered(&app, &req.model_id, i64::from(req.seq_id), key, move |app| {
+        let id = ordered(&app, &caller, &run.clone(), i64::from(req.seq_id), key, move |app| {
             let input = input?;
             let op = if forward_only { Op::Forward(input) } else { Op::ForwardBackward(input) };
             submit_jobs(app, vec![(run, op)], Box::new(|mut r| Ok(Fut::Proto(fb_output(&r.remove(0).into_forward()?)))))
         })?;
         Ok(json!({"request_id": id, "model_id": req.model_id}))
     };
-    answer(&app, place.as_ref(), run())
+    answer(&app, &caller, place.as_ref(), run())
 }
 
 #[derive(Deserialize)]
@@ -207,14 +221,18 @@ pub(super) struct AdamIn {
     grad_clip_norm: Option<f64>,
 }
 
-pub(super) async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn optim_step(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     let (v, key, place) = match json_request("optim_step", b) {
         Ok(r) => r,
         Err(e) => return err(e),
     };
     let run = || -> Result<Value, ApiError> {
         let req: OptimStep = typed(v)?;
-        let run = known_run(&app, &req.model_id)?;
+        let run = known_run(&app, &caller, &req.model_id)?;
         let params = match (req.adam_params, req.optimizer_params) {
             (Some(a), _) => {
                 let d = AdamParams::default();
@@ -233,7 +251,7 @@ pub(super) async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, Byt
             ))),
             (None, None) => Err(ApiError::invalid("optim_step: adam_params is missing")),
         };
-        let id = ordered(&app, &req.model_id, req.seq_id, key, move |app| {
+        let id = ordered(&app, &caller, &run.clone(), req.seq_id, key, move |app| {
             submit_jobs(
                 app,
                 vec![(run, Op::OptimStep(params?))],
@@ -247,12 +265,12 @@ pub(super) async fn optim_step(State(app): State<Arc<App>>, b: Result<Bytes, Byt
         })?;
         Ok(json!({"request_id": id, "model_id": req.model_id}))
     };
-    answer(&app, place.as_ref(), run())
+    answer(&app, &caller, place.as_ref(), run())
 }
 
-/// The run of a model id that exists.
-pub(super) fn known_run(app: &App, model_id: &str) -> Result<String, ApiError> {
-    let run = run_of(model_id)?;
+/// The run of `caller`'s model id that exists.
+pub(super) fn known_run(app: &App, caller: &Caller, model_id: &str) -> Result<String, ApiError> {
+    let run = run_of(caller, model_id)?;
     if run_info(app, &run).is_none() {
         return Err(ApiError::not_found(format!("unknown model_id {model_id:?}")));
     }
@@ -267,8 +285,14 @@ pub(super) struct SaveWeights {
     sampling_session_seq_id: Option<u64>,
 }
 
-pub(super) fn save_op(app: &Arc<App>, req: SaveWeights, key: u64, kind: CkKind) -> Result<Value, ApiError> {
-    let run = known_run(app, &req.model_id)?;
+pub(super) fn save_op(
+    app: &Arc<App>,
+    caller: &Caller,
+    req: SaveWeights,
+    key: u64,
+    kind: CkKind,
+) -> Result<Value, ApiError> {
+    let run = known_run(app, caller, &req.model_id)?;
     let model_id = req.model_id.clone();
     let id = match (req.path, kind, req.sampling_session_seq_id) {
         (Some(name), _, _) => {
@@ -279,7 +303,7 @@ pub(super) fn save_op(app: &Arc<App>, req: SaveWeights, key: u64, kind: CkKind) 
                     Ok(name)
                 }
             });
-            ordered(app, &req.model_id, req.seq_id, key, move |app| {
+            ordered(app, caller, &run.clone(), req.seq_id, key, move |app| {
                 let name = named?;
                 let ck = CheckpointKind::from(kind);
                 let tinker_path = format!("tinker://{model_id}/{}/{name}", kind.dir());
@@ -296,18 +320,19 @@ pub(super) fn save_op(app: &Arc<App>, req: SaveWeights, key: u64, kind: CkKind) 
         }
         (None, CkKind::Sampler, Some(n)) => {
             // no name: a snapshot of the current weights to sample from, no file
-            let session = req.model_id.split_once(":train:").map_or(run.as_str(), |(s, _)| s).to_string();
-            let sampler = format!("{session}:sample:{n}");
+            let model = model_of(caller, &run);
+            let session = model.split_once(":train:").map_or(model.as_str(), |(s, _)| s).to_string();
+            let shown = format!("{session}:sample:{n}");
+            let sampler = caller.run_id(&shown);
             let entry = Sampler { base_model: model_name(app), model_path: None };
             let app2 = app.clone();
-            ordered(app, &req.model_id, req.seq_id, key, move |app| {
-                let s = sampler.clone();
+            ordered(app, caller, &run.clone(), req.seq_id, key, move |app| {
                 submit_jobs(
                     app,
                     vec![(run, Op::Snapshot { sampler: sampler.clone() })],
                     Box::new(move |_| {
-                        lock(&app2.tinker.samplers).insert(s.clone(), entry);
-                        Ok(Fut::Json(json!({"sampling_session_id": s, "type": "save_weights_for_sampler"})))
+                        lock(&app2.tinker.samplers).insert(sampler, entry);
+                        Ok(Fut::Json(json!({"sampling_session_id": shown, "type": "save_weights_for_sampler"})))
                     }),
                 )
             })?
@@ -327,22 +352,35 @@ impl From<CkKind> for CheckpointKind {
 }
 
 /// `save_weights` and `save_weights_for_sampler`.
-pub(super) fn save(app: &Arc<App>, route: &str, b: Result<Bytes, BytesRejection>, kind: CkKind) -> Response {
+pub(super) fn save(
+    app: &Arc<App>,
+    caller: &Caller,
+    route: &str,
+    b: Result<Bytes, BytesRejection>,
+    kind: CkKind,
+) -> Response {
     match json_request(route, b) {
-        Ok((v, key, place)) => answer(app, place.as_ref(), typed(v).and_then(|r| save_op(app, r, key, kind))),
+        Ok((v, key, place)) => {
+            answer(app, caller, place.as_ref(), typed(v).and_then(|r| save_op(app, caller, r, key, kind)))
+        }
         Err(e) => err(e),
     }
 }
 
-pub(super) async fn save_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
-    save(&app, "save_weights", b, CkKind::Weights)
+pub(super) async fn save_weights(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    save(&app, &caller, "save_weights", b, CkKind::Weights)
 }
 
 pub(super) async fn save_weights_for_sampler(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
-    save(&app, "save_weights_for_sampler", b, CkKind::Sampler)
+    save(&app, &caller, "save_weights_for_sampler", b, CkKind::Sampler)
 }
 
 #[derive(Deserialize)]
@@ -358,7 +396,11 @@ pub(super) struct LoadWeights {
     user_metadata: Option<HashMap<String, String>>,
 }
 
-pub(super) async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn load_weights(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
     let (v, key, place) = match json_request("load_weights", b) {
         Ok(r) => r,
         Err(e) => return err(e),
@@ -368,10 +410,10 @@ pub(super) async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, B
         match (req.model_id, req.seq_id, req.session_id, req.model_seq_id) {
             // into an existing model, in its order
             (Some(model_id), Some(seq), _, _) => {
-                let run = known_run(&app, &model_id)?;
-                let dir = checkpoint_dir(&app, &req.path);
+                let run = known_run(&app, &caller, &model_id)?;
+                let dir = checkpoint_dir(&app, &caller, &req.path);
                 let (path, optimizer) = (req.path.clone(), req.optimizer);
-                let id = ordered(&app, &model_id, seq, key, move |app| {
+                let id = ordered(&app, &caller, &run.clone(), seq, key, move |app| {
                     let source = dir?.display().to_string();
                     submit_jobs(
                         app,
@@ -383,20 +425,21 @@ pub(super) async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, B
             }
             // a new model made from the checkpoint
             (None, _, Some(session), Some(n)) => {
-                check_session(&session)?;
-                let dir = checkpoint_dir(&app, &req.path)?;
+                check_session(&app, &caller, &session)?;
+                let dir = checkpoint_dir(&app, &caller, &req.path)?;
                 let model_id = format!("{session}:train:{n}");
-                let name = run_of(&model_id)?;
+                let name = run_of(&caller, &model_id)?;
                 let mid = model_id.clone();
                 let path = req.path.clone();
                 // the new run's metadata: the request's, else its source run's
                 let meta = match req.user_metadata {
                     Some(m) => Some(m),
-                    None => parse_path(&req.path)
+                    None => parse_path(&caller, &req.path)
                         .ok()
                         .and_then(|(src, _, _)| std::fs::read_to_string(metadata_path(&app, &src)).ok())
                         .and_then(|t| serde_json::from_str(&t).ok()),
                 };
+                let order_key = name.clone();
                 let (app2, run2) = (app.clone(), name.clone());
                 let jobs = submit_jobs(
                     &app,
@@ -408,12 +451,12 @@ pub(super) async fn load_weights(State(app): State<Arc<App>>, b: Result<Bytes, B
                         Ok(Fut::Json(json!({"path": path, "model_id": mid, "type": "load_weights"})))
                     }),
                 );
-                app.tinker.order.open(&model_id, 1);
-                Ok(json!({"request_id": unordered(&app, jobs), "model_id": model_id}))
+                app.tinker.order.open(&order_key, 1);
+                Ok(json!({"request_id": unordered(&app, &caller, jobs), "model_id": model_id}))
             }
             _ => Err(ApiError::invalid("load_weights: give model_id and seq_id, or session_id and model_seq_id")),
         }
     };
     // a load into an existing model has a place in its order, a new model none
-    answer(&app, place.as_ref(), run())
+    answer(&app, &caller, place.as_ref(), run())
 }
