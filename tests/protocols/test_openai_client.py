@@ -156,3 +156,35 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, clie
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
     assert client.completions.create(model="r", prompt="reverse: dog>", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_a_users_key_sees_and_samples_only_their_own_runs(server, client):
+    def user(name):
+        req = urllib.request.Request(server.url + "/v1/users", data=json.dumps({"name": name}).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            token = json.load(r)["token"]
+        return token, openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+
+    (alice_token, alice), (bob_token, bob) = user("alice"), user("bob")
+    req = urllib.request.Request(server.url + "/v1/runs", data=json.dumps({"name": "r"}).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {alice_token}", "Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=120).close()
+    # alice's `r` is hers, beside the admin's `r`
+    assert [m.id for m in alice.models.list().data] == ["r"]
+    assert [m.id for m in bob.models.list().data] == []
+    assert sorted(m.id for m in client.models.list().data) == ["alice/r", "r"]
+    out = alice.completions.create(model="r", prompt="reverse: cat>", max_tokens=3, temperature=0)
+    assert out.model == "r" and out.usage.completion_tokens == 3
+    # bob: alice's model by any name is no model, as one that does not exist
+    messages = []
+    for model in ("r", "alice/r", "zed/r"):
+        with pytest.raises(openai.NotFoundError) as e:
+            bob.completions.create(model=model, prompt="x", max_tokens=1)
+        messages.append(str(e.value).replace(f'"{model}"', '"MODEL"'))
+        with pytest.raises(openai.NotFoundError):
+            bob.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert messages[0] == messages[1] == messages[2], messages
+    # the admin samples alice's run by its full name
+    admin_out = client.completions.create(model="alice/r", prompt="reverse: cat>", max_tokens=3, temperature=0)
+    assert admin_out.choices[0].text == out.choices[0].text
