@@ -73,6 +73,24 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
+    /// 429: the caller's line in the queue is full.
+    pub fn queue_full(queued: usize) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue_full",
+            format!("you have {queued} requests queued, the most one user may; retry when some have run (Retry-After)"),
+        )
+    }
+
+    /// The headers an error answers with besides its body: `Retry-After` on a 429.
+    pub fn headers(&self) -> Vec<(axum::http::HeaderName, axum::http::HeaderValue)> {
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            vec![(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"))]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// 503 while the server saves and exits.
     pub fn shutting_down() -> Self {
         Self::new(
@@ -117,7 +135,9 @@ impl From<ApiError> for Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(ErrorResponse { error: self.body() })).into_response()
+        let mut resp = (self.status, axum::Json(ErrorResponse { error: self.body() })).into_response();
+        resp.headers_mut().extend(self.headers());
+        resp
     }
 }
 

@@ -27,7 +27,9 @@ pub(crate) fn is_tinker(path: &str) -> bool {
 /// `{"detail", "kind"}` (FastAPI's shape, which the SDK prints as `Error code: N - {...}`).
 pub(crate) fn envelope(tinker: bool, e: ApiError) -> Response {
     if tinker {
-        (e.status, Json(serde_json::json!({"detail": e.message, "kind": e.kind}))).into_response()
+        let mut resp = (e.status, Json(serde_json::json!({"detail": e.message, "kind": e.kind}))).into_response();
+        resp.headers_mut().extend(e.headers());
+        resp
     } else {
         e.into_response()
     }

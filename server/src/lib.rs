@@ -1,8 +1,9 @@
 //! hearth's session server: one warm base model served to kernels, REPLs and scripts over HTTP.
 //!
 //! - [`options`]: the command line; [`run`] starts everything.
-//! - [`worker`]: the engine thread that owns every run and executes operations in submission
-//!   order; HTTP handlers submit jobs and wait on (or poll) them.
+//! - [`worker`]: the engine thread that owns every run and executes operations one at a time,
+//!   each run's in submission order; HTTP handlers submit jobs and wait on (or poll) them.
+//! - [`queue`]: the worker's queue, a line per user served in turn by device time.
 //! - [`job`]: what a job is and what it answers, typed: an [`job::Op`] in, a [`job::JobState`]
 //!   ending in the operation's own response ([`job::Outcome`]) out.
 //! - [`limits`]: what one request may cost, checked before any work or allocation.
@@ -29,6 +30,7 @@ pub mod limits;
 pub mod native;
 pub mod openai;
 pub mod options;
+pub mod queue;
 pub mod registry;
 pub mod routes;
 pub mod tinker;

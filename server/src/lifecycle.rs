@@ -18,7 +18,7 @@ use hearth_engine::BaseModel;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -319,7 +319,6 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     worker::clean_temporaries(&home);
     let token = load_token(opts.token_file.as_deref())?;
 
-    let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared {
         base,
         registry,
@@ -334,12 +333,13 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         autosave_every: opts.autosave_every,
         keep_autosaves: opts.keep_autosaves,
         recompute,
-        tx: Mutex::new(tx),
+        queue: crate::queue::Queue::default(),
         limits: Limits {
             max_request_tokens: opts.max_request_tokens,
             max_text_bytes: opts.max_text_bytes,
             max_samples: opts.max_samples.min(hearth_engine::run::MAX_SAMPLES),
             max_lora_rank: opts.max_lora_rank,
+            max_queued_per_user: opts.max_queued_per_user,
             context: base_context,
         },
     });
@@ -358,7 +358,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     let worker_shared = shared.clone();
     let worker = std::thread::Builder::new()
         .name("hearth-engine".into())
-        .spawn(move || worker::work(worker_shared, rx, runs))
+        .spawn(move || worker::work(worker_shared, runs))
         .map_err(ServerError::io("spawning", "the engine thread"))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(None);
@@ -416,7 +416,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
 
     // The HTTP side has stopped; stop the engine thread and record the stop.
     let reason = app.shutdown_tx.borrow().clone().unwrap_or_else(|| "server error".into());
-    let _ = shared.tx.lock().unwrap_or_else(|p| p.into_inner()).send(worker::Msg::Stop);
+    shared.queue.push_control(worker::Msg::Stop);
     let _ = worker.join();
     let unsaved = std::mem::take(&mut *app.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
     let reason = if unsaved.is_empty() {

@@ -29,6 +29,8 @@ pub struct Limits {
     pub max_samples: usize,
     /// Largest LoRA rank (`--max-lora-rank`).
     pub max_lora_rank: usize,
+    /// Requests one user may have queued (`--max-queued-per-user`).
+    pub max_queued_per_user: usize,
     /// The model's context: a prompt plus `max_tokens` must fit in it.
     pub context: usize,
 }
@@ -159,7 +161,14 @@ mod tests {
     use hearth_api::{Datum, LoraConfig, SamplingParams, TargetModule};
 
     fn limits() -> Limits {
-        Limits { max_request_tokens: 100, max_text_bytes: 1000, max_samples: 8, max_lora_rank: 64, context: 128 }
+        Limits {
+            max_request_tokens: 100,
+            max_text_bytes: 1000,
+            max_samples: 8,
+            max_lora_rank: 64,
+            max_queued_per_user: 8,
+            context: 128,
+        }
     }
 
     #[test]

@@ -195,6 +195,7 @@ fn live_stream(
 ) -> Result<Response, ApiError> {
     app.check_budget()?;
     app.text_model()?;
+    app.shared.check_room(&run)?;
     // what would fail at once fails before the stream starts (and before anything is allocated
     // per choice), as the same error response the request unstreamed gets
     for input in &inputs {

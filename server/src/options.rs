@@ -102,6 +102,11 @@ pub struct Options {
     #[arg(long, default_value_t = 512)]
     pub max_lora_rank: usize,
 
+    /// Requests one user (or the admin) may have queued; past it a request is refused with 429
+    /// and `Retry-After` (the Tinker SDK waits and retries).
+    #[arg(long, default_value_t = 256)]
+    pub max_queued_per_user: usize,
+
     /// Seconds a shutdown waits for open connections (a half-sent request, an unread stream)
     /// after every run is saved, before it closes them.
     #[arg(long, default_value_t = 5)]

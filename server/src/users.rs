@@ -115,6 +115,12 @@ pub fn check_run_id(field: &str, id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The user a run (or sampler) id belongs to: `alice` for `alice/main`, `""` (the admin) for
+/// `main`.
+pub fn owner_of(id: &str) -> &str {
+    id.split_once('/').map_or("", |(user, _)| user)
+}
+
 /// User names: 1-32 lowercase letters, digits, '-' or '_', starting with a letter.
 pub fn check_user_name(name: &str) -> Result<(), ApiError> {
     let ok = (1..=32).contains(&name.len())

@@ -6,8 +6,9 @@
 use crate::error::ApiError;
 use crate::job::{JobState, Op, Outcome, SamplerMade};
 use crate::limits::Limits;
+use crate::queue::{Full, Job, Next, Queue};
 use crate::registry::{CheckpointRow, Registry};
-use crate::users::{check_run_id, Caller};
+use crate::users::{check_run_id, owner_of, Caller};
 use axum::http::StatusCode;
 use hearth_api::{
     CheckpointKind, LoadStateResponse, MetricRow, ResumedRun, RunInfo, SaveStateResponse, TrainingConfig,
@@ -80,17 +81,8 @@ pub struct SaveFailure {
     pub error: hearth_api::ErrorBody,
 }
 
-/// What the worker receives.
+/// What the worker receives besides jobs ([`crate::queue`] takes these first).
 pub enum Msg {
-    /// Execute a request.
-    Job {
-        /// Request id.
-        id: u64,
-        /// Run id.
-        run: String,
-        /// The operation.
-        op: Op,
-    },
     /// Save every run now (`reason`: autosave kind) and report the checkpoints written.
     SaveAll {
         /// `shutdown`, `idle`, `budget`.
@@ -133,8 +125,8 @@ pub struct Shared {
     pub keep_autosaves: usize,
     /// When training steps recompute activations (`--recompute`).
     pub recompute: Recompute,
-    /// The queue into the worker.
-    pub tx: Mutex<mpsc::Sender<Msg>>,
+    /// The queue into the worker: control messages, and a line of jobs per user.
+    pub queue: Queue,
     /// What one request may cost; every submitted operation is checked against it.
     pub limits: Limits,
 }
@@ -191,8 +183,28 @@ impl Shared {
         self.run_dir(run).join("checkpoints")
     }
 
-    /// Queues a job; returns its id and a receiver of its state.
+    /// Queues a job in its owner's line (refused with a 429 when the line is full); returns its
+    /// id and a receiver of its state.
     pub fn submit(&self, run: String, op: Op) -> Result<(u64, watch::Receiver<JobState>), ApiError> {
+        self.submit_within(run, op, self.limits.max_queued_per_user)
+    }
+
+    /// [`Shared::submit`] of a job whose room in the line was checked ([`Shared::check_room`])
+    /// when it was accepted, before it waited for its turn (Tinker's ordered requests).
+    pub fn submit_accepted(&self, run: String, op: Op) -> Result<(u64, watch::Receiver<JobState>), ApiError> {
+        self.submit_within(run, op, usize::MAX)
+    }
+
+    /// A 429 when the line of run `run`'s owner is full.
+    pub fn check_room(&self, run: &str) -> Result<(), ApiError> {
+        let queued = self.queue.queued(owner_of(run));
+        if queued >= self.limits.max_queued_per_user {
+            return Err(ApiError::queue_full(queued));
+        }
+        Ok(())
+    }
+
+    fn submit_within(&self, run: String, op: Op, limit: usize) -> Result<(u64, watch::Receiver<JobState>), ApiError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::shutting_down());
         }
@@ -216,10 +228,15 @@ impl Shared {
             );
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(Msg::Job { id, run, op });
-        if sent.is_err() {
+        let user = owner_of(&run).to_string();
+        let pushed = self.queue.push_job(&user, Job { id, run, op }, limit);
+        if pushed != Ok(true) {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::shutting_down());
+            self.requests.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            return Err(match pushed {
+                Err(Full { queued }) => ApiError::queue_full(queued),
+                _ => ApiError::shutting_down(),
+            });
         }
         self.last_activity_ms.store(now_ms(), Ordering::SeqCst);
         Ok((id, rx))
@@ -272,9 +289,7 @@ impl Shared {
     /// the report (blocking).
     pub fn save_runs_of(&self, caller: &Caller, reason: &str) -> SaveReport {
         let (reply, rx) = mpsc::channel();
-        let msg = Msg::SaveAll { reason: reason.into(), caller: caller.clone(), reply };
-        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(msg);
-        if sent.is_err() {
+        if !self.queue.push_control(Msg::SaveAll { reason: reason.into(), caller: caller.clone(), reply }) {
             return SaveReport::default();
         }
         rx.recv().unwrap_or_default()
@@ -390,8 +405,9 @@ pub fn clean_temporaries(home: &Path) {
     }
 }
 
-/// The worker loop. Runs until [`Msg::Stop`] or the channel closes.
-pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<String, HeldRun>) {
+/// The worker loop. Runs until [`Msg::Stop`]; the jobs still queued then fail as the server
+/// shuts down.
+pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
     // every tensor this thread drops is freed in the device's context
     hearth_engine::device::bind(&shared.base.device);
     publish_runs(&shared, &runs);
@@ -400,9 +416,9 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
     let mut samplers: HashMap<String, Option<Run>> = HashMap::new();
     let mut trimmed_at = 0;
     loop {
-        let msg = match rx.recv_timeout(IDLE_TRIM) {
-            Ok(msg) => msg,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
+        let next = match shared.queue.pop(IDLE_TRIM) {
+            Some(next) => next,
+            None => {
                 // idle: give back what the last requests freed (anything since the last trim)
                 if shared.last_activity_ms.load(Ordering::SeqCst) > trimmed_at {
                     prune_finished(&mut shared.requests.lock().unwrap_or_else(|p| p.into_inner()));
@@ -412,10 +428,9 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 }
                 continue;
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        match msg {
-            Msg::Job { id, run, op } => {
+        match next {
+            Next::Job(user, Job { id, run, op }) => {
                 let cancel = shared.cancel_flag(id);
                 let result = if cancel.load(Ordering::SeqCst) {
                     Err(ApiError::from(hearth_engine::EngineError::Interrupted))
@@ -434,7 +449,9 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                             "the operation panicked; the run is unchanged",
                         ))
                     });
-                    shared.busy_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                    let took = t0.elapsed();
+                    shared.busy_ns.fetch_add(took.as_nanos() as u64, Ordering::SeqCst);
+                    shared.queue.charge(&user, took);
                     r
                 };
                 let state = match result {
@@ -446,7 +463,7 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
             }
-            Msg::SaveAll { reason, caller, reply } => {
+            Next::Control(Msg::SaveAll { reason, caller, reply }) => {
                 let mut report = SaveReport::default();
                 for (id, r) in runs.iter_mut().filter(|(id, _)| caller.owns(id)) {
                     if r.saved_step == Some(r.engine.step()) && has_state_at(&shared, id, r.engine.step()) {
@@ -472,8 +489,13 @@ pub fn work(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut runs: BTreeMap<Str
                 publish_runs(&shared, &runs);
                 let _ = reply.send(report);
             }
-            Msg::Stop => break,
+            Next::Control(Msg::Stop) => break,
         }
+    }
+    shared.queue.close();
+    for job in shared.queue.drain() {
+        shared.set_state(job.id, JobState::Failed(ApiError::shutting_down()));
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

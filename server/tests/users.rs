@@ -347,3 +347,53 @@ fn each_users_session_lands_on_their_own_main() {
     assert_eq!(s.get("/v1/runs/alice/main/metrics").1["rows"].as_array().unwrap().len(), 1);
     assert_eq!(s.get("/v1/runs/bob/main/metrics").1["rows"].as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn a_user_who_pipelines_many_samples_does_not_hold_up_another_users_step() {
+    let s = quiet("users-fair");
+    let (alice, bob) = (add_user(&s, "alice"), add_user(&s, "bob"));
+    ok(&s, &alice, "/v1/runs", json!({"name": "main"}));
+    ok(&s, &bob, "/v1/runs", json!({"name": "main"}));
+    let body = json!({"prompt": [1, 2, 3], "sampling_params": {"max_tokens": 48, "seed": 1}});
+    let ids: Vec<u64> = (0..40)
+        .map(|_| post(&s, &alice, "/v1/runs/main/sample?wait=false", body.clone()).1["request_id"].as_u64().unwrap())
+        .collect();
+    // bob's step is served within a turn or two of alice's, not after her forty samples
+    step(&s, &bob, "main", "bob's turn comes");
+    let (_, last) = get(&s, &alice, &format!("/v1/requests/{}", ids[ids.len() - 1]));
+    assert_eq!(last["state"], "queued", "alice's last sample still waits after bob's step: {last}");
+    for id in ids {
+        let (_, polled) = get(&s, &alice, &format!("/v1/requests/{id}?timeout_s=120"));
+        assert_eq!(polled["state"], "done", "{polled}");
+    }
+}
+
+#[test]
+fn a_full_line_is_a_429_with_retry_after_and_only_its_user_waits() {
+    let s = Server::start(&home("users-bounded"), &["--idle-timeout", "0", "--max-queued-per-user", "3"]);
+    let (alice, bob) = (add_user(&s, "alice"), add_user(&s, "bob"));
+    ok(&s, &alice, "/v1/runs", json!({"name": "main"}));
+    ok(&s, &bob, "/v1/runs", json!({"name": "main"}));
+    let body = json!({"prompt": [1, 2, 3], "num_samples": 8, "sampling_params": {"max_tokens": 200, "seed": 1}});
+    // alice fills her line (one may be running already, so up to five are taken)
+    let mut refused = None;
+    for _ in 0..6 {
+        let resp = ureq::post(&format!("{}/v1/runs/main/sample?wait=false", s.url))
+            .set("Authorization", &format!("Bearer {alice}"))
+            .send_json(body.clone());
+        if let Err(ureq::Error::Status(429, r)) = resp {
+            refused = Some((r.header("Retry-After").map(str::to_string), r.into_json::<Value>().unwrap()));
+            break;
+        }
+        assert_eq!(resp.unwrap().status(), 202);
+    }
+    let (retry_after, v) = refused.expect("a fourth queued request is refused");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(v["error"]["kind"], "queue_full", "{v}");
+    // bob's line is his own
+    let (status, v) = post(&s, &bob, "/v1/runs/main/sample?wait=false", body.clone());
+    assert_eq!(status, 202, "{v}");
+    // the refused request changed nothing: alice's requests are the ones she was answered for
+    let (_, all) = post(&s, &alice, "/v1/cancel", json!({}));
+    assert!(all["cancelled"].as_array().unwrap().len() <= 4, "{all}");
+}

@@ -12,13 +12,15 @@ pub(super) struct Jobs {
     convert: Convert,
 }
 
+/// Submits the jobs of a request whose room in its user's line was checked when it was
+/// accepted ([`crate::worker::Shared::check_room`]).
 pub(super) fn submit_jobs(app: &App, ops: Vec<(String, Op)>, convert: Convert) -> Result<Jobs, ApiError> {
     let mut rxs = Vec::new();
     for (run, op) in ops {
         if op.uses_device() {
             app.check_budget()?;
         }
-        rxs.push(app.shared.submit(run, op)?.1);
+        rxs.push(app.shared.submit_accepted(run, op)?.1);
     }
     Ok(Jobs { rxs, convert })
 }
@@ -56,6 +58,9 @@ pub(super) fn ordered(
     key: u64,
     make: impl FnOnce(&App) -> Result<Jobs, ApiError> + Send + 'static,
 ) -> Result<String, ApiError> {
+    // a full line refuses before the order counts the request: the SDK's retry comes back with
+    // the same seq_id
+    app.shared.check_room(run)?;
     let mut tx = None;
     let admitted = app.tinker.order.admit(run, seq_id, key, || {
         let (id, t) = app.tinker.new_future(caller);
@@ -95,10 +100,12 @@ pub(super) fn seq_error(e: SeqError) -> ApiError {
 
 /// A training request's answer. An error uses up its `seq_id` (of a model of the caller's that
 /// exists), so that the model's next request does not wait for it; an error of the order
-/// itself leaves the order as it is.
+/// itself, and a full line (429: the SDK retries with the same `seq_id`), leave the order as it
+/// is.
 pub(super) fn answer(app: &App, caller: &Caller, place: Option<&Place>, r: Result<Value, ApiError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
+        Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS => err(e),
         Err(e) => {
             if let Some((p, run)) = place.and_then(|p| Some((p, known_run(app, caller, &p.model_id).ok()?))) {
                 app.tinker.order.consume(&run, p.seq_id);

@@ -204,6 +204,7 @@ pub(super) async fn asample(
                 ))
             };
         }
+        app.shared.check_room(&sampler)?;
         let jobs = submit_jobs(
             &app,
             vec![(sampler.clone(), Op::SamplerSample(input))],

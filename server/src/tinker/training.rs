@@ -102,6 +102,7 @@ pub(super) async fn create_model(
         let name = run_of(&caller, &model_id)?;
         let op = Op::CreateRun(CreateRunRequest { name: Some(name.clone()), training });
         let mid = model_id.clone();
+        app.shared.check_room(&name)?;
         let order_key = name.clone();
         let (app2, run2, meta) = (app.clone(), name.clone(), req.user_metadata.unwrap_or_default());
         let jobs = submit_jobs(
@@ -439,6 +440,7 @@ pub(super) async fn load_weights(
                         .and_then(|(src, _, _)| std::fs::read_to_string(metadata_path(&app, &src)).ok())
                         .and_then(|t| serde_json::from_str(&t).ok()),
                 };
+                app.shared.check_room(&name)?;
                 let order_key = name.clone();
                 let (app2, run2) = (app.clone(), name.clone());
                 let jobs = submit_jobs(
