@@ -75,6 +75,7 @@ impl ApiError {
 
     /// 429: the caller's line in the queue is full.
     pub fn queue_full(queued: usize) -> Self {
+        log::debug!("a line of {queued} queued requests is full: answered 429");
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "queue_full",

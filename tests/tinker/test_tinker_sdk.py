@@ -32,12 +32,12 @@ TEXT = "reverse: cat>tac"
 
 
 class Server:
-    def __init__(self):
+    def __init__(self, *args):
         self.home = tempfile.mkdtemp(prefix="hearth-tinker-")
         env = dict(os.environ, RAYON_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "hearth-server"), "--home", self.home, "--listen", "127.0.0.1:0", "--model", "tiny",
-             "--idle-timeout", "0", "--autosave-every", "0", "--max-body-bytes", "1000000"],
+             "--idle-timeout", "0", "--autosave-every", "0", "--max-body-bytes", "1000000", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         line = self.proc.stdout.readline()
         assert "listening on" in line, line

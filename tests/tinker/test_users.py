@@ -135,3 +135,36 @@ def test_nothing_of_alices_is_within_bobs_reach(server):
     # and alice's own clients still reach all of it
     assert alice.create_training_client_from_state(state_path).result().forward([datum], "cross_entropy").result()
     assert tinker.RestClient(base_url=server.url, api_key="tml-" + alice_token).get_training_run(tc.model_id).result()
+
+
+def test_the_sdk_waits_and_retries_when_its_line_is_full():
+    """With room for two queued requests per user, a client that pipelines many samples and
+    training steps gets every answer: the server refuses past the bound with 429 + Retry-After,
+    and the SDK backs off and sends the same request (the same seq_id) again."""
+    os.environ["HEARTH_LOG"] = "debug"
+    try:
+        s = Server("--max-queued-per-user", "2")
+    finally:
+        del os.environ["HEARTH_LOG"]
+    try:
+        token = add_user(s, "carol")
+        sc = tinker.ServiceClient(base_url=s.url, api_key="tml-" + token)
+        tc = sc.create_lora_training_client(base_model="tiny", rank=4, seed=1).result()
+        ids = tc.get_tokenizer().encode(TEXT, add_special_tokens=False)
+        datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                            loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        prompt = types.ModelInput.from_ints(ids[:4])
+        params = types.SamplingParams(max_tokens=32, temperature=1.0)
+        samples = [sampler.sample(prompt, 4, params) for _ in range(12)]
+        steps = []
+        for _ in range(4):
+            steps.append(tc.forward_backward([datum], "cross_entropy"))
+            steps.append(tc.optim_step(types.AdamParams(learning_rate=1e-2)))
+        assert all(len(f.result().sequences) == 4 for f in samples)
+        results = [f.result() for f in steps]
+        assert results[-1].metrics["step:max"] == 4
+        refusals = sum("answered 429" in line for line in s.log)
+        assert refusals > 0, "the line was full at times: the SDK was refused and retried"
+    finally:
+        s.stop()
