@@ -313,3 +313,56 @@ pub struct ErrorResponse {
     /// The error.
     pub error: ErrorBody,
 }
+
+/// A user's quota (`PUT /v1/users/{name}/quota`): what the admin allows them. A field left out
+/// keeps its value; in an answer every field holds the quota in force (the server's default
+/// where the admin set none). `device_seconds` 0 is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Runs the user may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<usize>,
+    /// Largest LoRA rank of a run of theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
+    /// Tokens one request may cost: a batch's tokens, or a sample's prompt plus
+    /// `num_samples × max_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_tokens: Option<usize>,
+    /// Requests they may have queued (past it: 429).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<usize>,
+    /// Seconds of device time their operations may take in all (0: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_seconds: Option<f64>,
+}
+
+/// One user's use of the server (`GET /v1/usage`; the admin's row is named `admin`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// The user.
+    pub user: String,
+    /// Seconds of device time their operations took.
+    pub device_seconds: f64,
+    /// Tokens trained on (weighted target tokens of `forward_backward`).
+    pub tokens_trained: u64,
+    /// Tokens sampled.
+    pub tokens_sampled: u64,
+    /// Their runs on this server now.
+    pub runs: usize,
+    /// Their checkpoints.
+    pub checkpoints: usize,
+    /// Their device time at the server's hourly rate.
+    pub cost_usd: f64,
+    /// Their quota in force (none for the admin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+/// `GET /v1/usage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// One row per user the caller may see (a user: their own; the admin: everyone).
+    pub users: Vec<Usage>,
+}

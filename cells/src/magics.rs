@@ -17,7 +17,18 @@ pub struct Magic {
 /// Every magic, in `:help` order.
 pub const MAGICS: &[Magic] = &[
     Magic { name: "status", args: "", help: "the server: model, device, memory, runs, cost", run: status },
-    Magic { name: "runs", args: "", help: "every run with its step and newest checkpoint", run: runs },
+    Magic {
+        name: "runs",
+        args: "[all]",
+        help: "your runs with their step and newest checkpoint (the admin: every user's)",
+        run: runs,
+    },
+    Magic {
+        name: "usage",
+        args: "",
+        help: "device time, tokens, runs and cost: yours (the admin: every user's)",
+        run: usage,
+    },
     Magic {
         name: "sample",
         args: "<prompt>",
@@ -119,6 +130,21 @@ fn runs(s: &Session, _: &str) -> Result<Bundle, String> {
             r.step,
             saved,
             serde_json::to_string(&r.training).unwrap_or_default()
+        );
+    }
+    Ok(Bundle::text(text))
+}
+
+fn usage(s: &Session, _: &str) -> Result<Bundle, String> {
+    let report = s.usage().map_err(err)?;
+    let mut text = format!(
+        "{:<12} {:>10} {:>14} {:>14} {:>5} {:>11} {:>9}\n",
+        "user", "device s", "tokens trained", "tokens sampled", "runs", "checkpoints", "cost $"
+    );
+    for u in &report.users {
+        text += &format!(
+            "{:<12} {:>10.1} {:>14} {:>14} {:>5} {:>11} {:>9.4}\n",
+            u.user, u.device_seconds, u.tokens_trained, u.tokens_sampled, u.runs, u.checkpoints, u.cost_usd
         );
     }
     Ok(Bundle::text(text))

@@ -455,9 +455,15 @@ impl Session {
         self.get("/v1/info")
     }
 
-    /// Every run on the server.
+    /// Every run on the server this session's token may see (a user's own; the admin's: all).
     pub fn runs(&self) -> Result<Vec<RunInfo>> {
         self.get("/v1/runs")
+    }
+
+    /// Device time, tokens, runs, checkpoints and cost: the caller's own, or every user's for
+    /// the admin.
+    pub fn usage(&self) -> Result<hearth_api::UsageReport> {
+        self.get("/v1/usage")
     }
 
     /// This run's per-step metrics.

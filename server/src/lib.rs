@@ -3,6 +3,7 @@
 //! - [`options`]: the command line; [`run`] starts everything.
 //! - [`worker`]: the engine thread that owns every run and executes operations one at a time,
 //!   each run's in submission order; HTTP handlers submit jobs and wait on (or poll) them.
+//! - [`quota`]: what each user may take (quotas the admin sets) and what they took (usage).
 //! - [`queue`]: the worker's queue, a line per user served in turn by device time.
 //! - [`job`]: what a job is and what it answers, typed: an [`job::Op`] in, a [`job::JobState`]
 //!   ending in the operation's own response ([`job::Outcome`]) out.
@@ -31,6 +32,7 @@ pub mod native;
 pub mod openai;
 pub mod options;
 pub mod queue;
+pub mod quota;
 pub mod registry;
 pub mod routes;
 pub mod tinker;

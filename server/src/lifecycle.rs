@@ -213,6 +213,11 @@ impl App {
         }
     }
 
+    /// USD per hour of the device (`--hourly-rate`, or the GPU's list price).
+    pub fn hourly_rate(&self) -> f64 {
+        self.hourly_rate
+    }
+
     fn cost(&self) -> CostInfo {
         let held_s = self.started.elapsed().as_secs_f64();
         CostInfo {
@@ -318,6 +323,14 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     let registry = Registry::open(&home.join("registry.sqlite"))?;
     worker::clean_temporaries(&home);
     let token = load_token(opts.token_file.as_deref())?;
+    let defaults = hearth_api::Quota {
+        runs: Some(opts.user_runs),
+        lora_rank: Some(opts.user_lora_rank),
+        request_tokens: Some(opts.user_request_tokens),
+        queued: Some(opts.max_queued_per_user),
+        device_seconds: Some(opts.user_device_seconds),
+    };
+    let quotas = crate::quota::Quotas::load(defaults, &registry)?;
 
     let shared = Arc::new(Shared {
         base,
@@ -334,6 +347,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         keep_autosaves: opts.keep_autosaves,
         recompute,
         queue: crate::queue::Queue::default(),
+        quotas,
         limits: Limits {
             max_request_tokens: opts.max_request_tokens,
             max_text_bytes: opts.max_text_bytes,

@@ -49,6 +49,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/settings", post(settings).get(get_settings))
         .merge(crate::users::router())
+        .merge(crate::quota::router())
 }
 
 async fn ping() -> Json<serde_json::Value> {

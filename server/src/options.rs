@@ -107,6 +107,23 @@ pub struct Options {
     #[arg(long, default_value_t = 256)]
     pub max_queued_per_user: usize,
 
+    /// A user's default quota of runs (the admin sets one per user: `PUT /v1/users/NAME/quota`).
+    #[arg(long, default_value_t = 8)]
+    pub user_runs: usize,
+
+    /// A user's default quota: the largest LoRA rank of their runs.
+    #[arg(long, default_value_t = 64)]
+    pub user_lora_rank: usize,
+
+    /// A user's default quota: tokens one request may cost (a batch's tokens; a sample's prompt
+    /// plus num_samples × max_tokens).
+    #[arg(long, default_value_t = 32768)]
+    pub user_request_tokens: usize,
+
+    /// A user's default quota of device-seconds in all (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    pub user_device_seconds: f64,
+
     /// Seconds a shutdown waits for open connections (a half-sent request, an unread stream)
     /// after every run is saved, before it closes them.
     #[arg(long, default_value_t = 5)]

@@ -84,6 +84,10 @@ impl Registry {
                 learning_rate REAL, tokens_per_s REAL, memory_bytes INTEGER, time REAL, PRIMARY KEY (base, run, step));
              CREATE TABLE IF NOT EXISTS users (
                 name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, revoked_at REAL);
+             CREATE TABLE IF NOT EXISTS quotas (name TEXT PRIMARY KEY, quota TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS usage (
+                name TEXT PRIMARY KEY, device_s REAL NOT NULL, tokens_trained INTEGER NOT NULL,
+                tokens_sampled INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS servers (
                 pid INTEGER NOT NULL, url TEXT NOT NULL, model TEXT NOT NULL, started_at REAL NOT NULL,
                 stopped_at REAL, reason TEXT);",
@@ -310,6 +314,71 @@ impl Registry {
         self.with(|c| {
             c.execute("UPDATE users SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL", params![name, now()])
                 .map(|n| n == 1)
+        })
+    }
+
+    /// Every quota the admin set, by user.
+    pub fn quotas(&self) -> Result<Vec<(String, hearth_api::Quota)>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, quota FROM quotas")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, quota) = row?;
+                if let Ok(q) = serde_json::from_str(&quota) {
+                    out.push((name, q));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sets user `name`'s quota.
+    pub fn set_quota(&self, name: &str, quota: &hearth_api::Quota) -> Result<()> {
+        let json = serde_json::to_string(quota).unwrap_or_default();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO quotas (name, quota) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET quota = ?2",
+                params![name, json],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Every user's recorded use: (name, device seconds, tokens trained, tokens sampled).
+    pub fn usage(&self) -> Result<Vec<(String, f64, u64, u64)>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, device_s, tokens_trained, tokens_sampled FROM usage")?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Records users' use (replacing what was recorded), in one transaction.
+    pub fn set_usage(&self, rows: &[(String, f64, u64, u64)]) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        for (name, device_s, trained, sampled) in rows {
+            tx.execute(
+                "INSERT INTO usage (name, device_s, tokens_trained, tokens_sampled) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET device_s = ?2, tokens_trained = ?3, tokens_sampled = ?4",
+                params![name, device_s, *trained as i64, *sampled as i64],
+            )?;
+        }
+        tx.commit()
+    }
+
+    /// Checkpoints of this base's runs of user `owner` (`""`: the admin's runs).
+    pub fn checkpoint_count(&self, base: &str, owner: &str) -> Result<usize> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM checkpoints WHERE base = ?1 AND substr(run, 1, instr(run, '/') - 1) = ?2",
+                params![base, owner],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as usize)
         })
     }
 

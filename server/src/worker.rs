@@ -129,6 +129,8 @@ pub struct Shared {
     pub queue: Queue,
     /// What one request may cost; every submitted operation is checked against it.
     pub limits: Limits,
+    /// Each user's quota and usage.
+    pub quotas: crate::quota::Quotas,
 }
 
 /// Unix time in milliseconds.
@@ -186,7 +188,8 @@ impl Shared {
     /// Queues a job in its owner's line (refused with a 429 when the line is full); returns its
     /// id and a receiver of its state.
     pub fn submit(&self, run: String, op: Op) -> Result<(u64, watch::Receiver<JobState>), ApiError> {
-        self.submit_within(run, op, self.limits.max_queued_per_user)
+        let limit = self.quotas.queued_limit(owner_of(&run), self.limits.max_queued_per_user);
+        self.submit_within(run, op, limit)
     }
 
     /// [`Shared::submit`] of a job whose room in the line was checked ([`Shared::check_room`])
@@ -197,8 +200,9 @@ impl Shared {
 
     /// A 429 when the line of run `run`'s owner is full.
     pub fn check_room(&self, run: &str) -> Result<(), ApiError> {
-        let queued = self.queue.queued(owner_of(run));
-        if queued >= self.limits.max_queued_per_user {
+        let user = owner_of(run);
+        let queued = self.queue.queued(user);
+        if queued >= self.quotas.queued_limit(user, self.limits.max_queued_per_user) {
             return Err(ApiError::queue_full(queued));
         }
         Ok(())
@@ -209,6 +213,7 @@ impl Shared {
             return Err(ApiError::shutting_down());
         }
         op.check(&self.limits)?;
+        self.quotas.check(owner_of(&run), &op)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (state, rx) = watch::channel(JobState::Queued);
         {
@@ -421,6 +426,7 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
             None => {
                 // idle: give back what the last requests freed (anything since the last trim)
                 if shared.last_activity_ms.load(Ordering::SeqCst) > trimmed_at {
+                    shared.quotas.flush(&shared.registry);
                     prune_finished(&mut shared.requests.lock().unwrap_or_else(|p| p.into_inner()));
                     hearth_engine::alloc::give_back_freed_memory();
                     hearth_engine::device::give_back_freed_memory(&shared.base.device);
@@ -431,6 +437,7 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
         };
         match next {
             Next::Job(user, Job { id, run, op }) => {
+                let op_name = op.name();
                 let cancel = shared.cancel_flag(id);
                 let result = if cancel.load(Ordering::SeqCst) {
                     Err(ApiError::from(hearth_engine::EngineError::Interrupted))
@@ -452,6 +459,7 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
                     let took = t0.elapsed();
                     shared.busy_ns.fetch_add(took.as_nanos() as u64, Ordering::SeqCst);
                     shared.queue.charge(&user, took);
+                    shared.quotas.record(&user, took, op_name, r.as_ref().ok());
                     r
                 };
                 let state = match result {
@@ -487,11 +495,13 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
                     }
                 }
                 publish_runs(&shared, &runs);
+                shared.quotas.flush(&shared.registry);
                 let _ = reply.send(report);
             }
             Next::Control(Msg::Stop) => break,
         }
     }
+    shared.quotas.flush(&shared.registry);
     shared.queue.close();
     for job in shared.queue.drain() {
         shared.set_state(job.id, JobState::Failed(ApiError::shutting_down()));
@@ -540,6 +550,8 @@ fn create_run(
             format!("run {run_id:?} already exists; pick another name"),
         ));
     }
+    let user = owner_of(run_id);
+    shared.quotas.check_runs(user, runs.keys().filter(|id| owner_of(id) == user).count())?;
     let mut session = make()?;
     session.set_recompute(shared.recompute);
     // an archived run of that name (left by `--no-resume`) is moved aside, files and all, so the

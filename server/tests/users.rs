@@ -397,3 +397,76 @@ fn a_full_line_is_a_429_with_retry_after_and_only_its_user_waits() {
     let (_, all) = post(&s, &alice, "/v1/cancel", json!({}));
     assert!(all["cancelled"].as_array().unwrap().len() <= 4, "{all}");
 }
+
+#[test]
+fn quotas_the_admin_sets_are_refused_clearly_and_change_nothing_and_usage_is_counted() {
+    let h = home("users-quota");
+    let s = Server::start(&h, &["--idle-timeout", "0", "--autosave-every", "0"]);
+    let (alice, bob) = (add_user(&s, "alice"), add_user(&s, "bob"));
+    let quota = |who: &str, q: Value| call(&s, &s.token, "PUT", &format!("/v1/users/{who}/quota"), Some(&q));
+    let refused = |(status, v): (u16, Value), name: &str| {
+        assert_eq!((status, v["error"]["kind"].as_str()), (403, Some("quota_exceeded")), "{name}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(&format!("quota {name}")), "{v}");
+    };
+    // the defaults hold until the admin says otherwise
+    let (_, q) = get(&s, &alice, "/v1/users/alice/quota");
+    assert_eq!((q["runs"].as_u64(), q["lora_rank"].as_u64()), (Some(8), Some(64)), "{q}");
+    assert_eq!(get(&s, &alice, "/v1/users/bob/quota").0, 404, "a user reads their own quota only");
+    assert_eq!(call(&s, &bob, "PUT", "/v1/users/bob/quota", Some(&json!({"runs": 100}))).0, 403);
+    assert_eq!(quota("nobody", json!({"runs": 1})).0, 404);
+    assert_eq!(quota("alice", json!({"runs": 1, "colour": "red"})).0, 400);
+    let (status, q) = quota("alice", json!({"runs": 1, "request_tokens": 64}));
+    assert_eq!((status, q["runs"].as_u64(), q["lora_rank"].as_u64()), (200, Some(1), Some(64)), "{q}");
+
+    refused(
+        post(&s, &alice, "/v1/runs", json!({"name": "big", "training": {"kind": "lora", "rank": 128}})),
+        "lora_rank",
+    );
+    ok(&s, &alice, "/v1/runs", json!({"name": "main"}));
+    refused(post(&s, &alice, "/v1/runs", json!({"name": "second"})), "runs");
+    assert_eq!(run_ids(&s, &alice), ["main"], "a refused run is not made");
+    let long = "x".repeat(100);
+    refused(post(&s, &alice, "/v1/runs/main/forward_backward", batch(&long)), "request_tokens");
+    refused(
+        post(
+            &s,
+            &alice,
+            "/v1/runs/main/sample",
+            json!({"prompt": [1], "num_samples": 4, "sampling_params": {"max_tokens": 16}}),
+        ),
+        "request_tokens",
+    );
+    assert!(get(&s, &alice, "/v1/runs/main/metrics").1["rows"].as_array().unwrap().is_empty());
+    step(&s, &alice, "main", "short enough");
+    // device time: once spent, device work is refused; reads still answer
+    quota("alice", json!({"device_seconds": 1e-6}));
+    refused(post(&s, &alice, "/v1/runs/main/forward", batch("more work")), "device_seconds");
+    assert_eq!(get(&s, &alice, "/v1/runs").0, 200);
+    // queued requests
+    quota("bob", json!({"queued": 1}));
+    ok(&s, &bob, "/v1/runs", json!({"name": "main"}));
+    let body = json!({"prompt": [1, 2], "num_samples": 16, "sampling_params": {"max_tokens": 512}});
+    let codes: Vec<u16> = (0..4).map(|_| post(&s, &bob, "/v1/runs/main/sample?wait=false", body.clone()).0).collect();
+    assert!(codes.contains(&429), "{codes:?}");
+    post(&s, &bob, "/v1/cancel", json!({}));
+
+    // usage: each user's own, the admin's table of everyone
+    let (_, mine) = get(&s, &alice, "/v1/usage");
+    let rows = mine["users"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0]["user"].as_str(), rows[0]["runs"].as_u64()), (Some("alice"), Some(1)));
+    assert!(rows[0]["device_seconds"].as_f64().unwrap() > 0.0 && rows[0]["tokens_trained"].as_u64().unwrap() > 0);
+    let (_, all) = s.get("/v1/usage");
+    let users: Vec<&str> = all["users"].as_array().unwrap().iter().map(|u| u["user"].as_str().unwrap()).collect();
+    assert_eq!(users, ["admin", "alice", "bob"]);
+    let alice_trained = rows[0]["tokens_trained"].clone();
+    // kept through a restart, with the quotas
+    let mut s = s;
+    s.signal(libc::SIGTERM);
+    assert!(s.wait_exit(120).success());
+    drop(s);
+    let s = Server::start(&h, &["--idle-timeout", "0"]);
+    let (_, mine) = get(&s, &alice, "/v1/usage");
+    assert_eq!(mine["users"][0]["tokens_trained"], alice_trained);
+    assert_eq!(mine["users"][0]["quota"]["runs"], 1);
+}
