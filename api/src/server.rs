@@ -74,6 +74,9 @@ pub struct ServerInfo {
     pub memory_bytes: u64,
     /// The runs.
     pub runs: Vec<RunInfo>,
+    /// Samplers (Tinker's sampling sessions) holding weights in memory.
+    #[serde(default)]
+    pub samplers: usize,
     /// Runs restored from checkpoints at start (`--resume`).
     pub resumed: Vec<ResumedRun>,
     /// Cost so far.

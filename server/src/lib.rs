@@ -5,6 +5,8 @@
 //!   each run's in submission order; HTTP handlers submit jobs and wait on (or poll) them.
 //! - [`quota`]: what each user may take (quotas the admin sets) and what they took (usage).
 //! - [`queue`]: the worker's queue, a line per user served in turn by device time.
+//! - [`resident`]: the runs and samplers the worker holds in memory, within their caps
+//!   (least recently used ones evicted, brought back when used) and memory admission.
 //! - [`job`]: what a job is and what it answers, typed: an [`job::Op`] in, a [`job::JobState`]
 //!   ending in the operation's own response ([`job::Outcome`]) out.
 //! - [`limits`]: what one request may cost, checked before any work or allocation.
@@ -34,6 +36,7 @@ pub mod options;
 pub mod queue;
 pub mod quota;
 pub mod registry;
+pub mod resident;
 pub mod routes;
 pub mod tinker;
 pub mod users;

@@ -202,6 +202,7 @@ impl App {
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory_bytes: worker::rss_bytes(),
             runs: self.runs_of(caller),
+            samplers: self.shared.samplers_in_memory.load(Ordering::SeqCst),
             resumed: self
                 .resumed
                 .iter()
@@ -340,6 +341,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         next_id: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
         runs: Mutex::new(Vec::new()),
+        samplers_in_memory: AtomicUsize::new(0),
         busy_ns: AtomicU64::new(0),
         last_activity_ms: AtomicU64::new(now_ms()),
         shutting_down: AtomicBool::new(false),
@@ -368,11 +370,12 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
     }
     // every run is listed before the first request is answered: a client reconnecting right
     // after a restart must never see "no such run" for a run being restored
-    worker::publish_runs(&shared, &runs);
+    let resident = crate::resident::Resident::new(runs, opts.max_resident_runs, opts.max_samplers);
+    worker::publish_runs(&shared, &resident);
     let worker_shared = shared.clone();
     let worker = std::thread::Builder::new()
         .name("hearth-engine".into())
-        .spawn(move || worker::work(worker_shared, runs))
+        .spawn(move || worker::work(worker_shared, resident))
         .map_err(ServerError::io("spawning", "the engine thread"))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(None);

@@ -107,6 +107,17 @@ pub struct Options {
     #[arg(long, default_value_t = 256)]
     pub max_queued_per_user: usize,
 
+    /// Runs held in memory at most (0: no cap). Past it the least recently used run is saved as
+    /// a `state` checkpoint and dropped; its next operation brings it back, bit for bit.
+    #[arg(long, default_value_t = 0)]
+    pub max_resident_runs: usize,
+
+    /// Tinker samplers holding weights in memory at most (0: no cap). Past it the least
+    /// recently used is evicted: one made from a checkpoint is loaded again when used, a
+    /// snapshot is dropped.
+    #[arg(long, default_value_t = 64)]
+    pub max_samplers: usize,
+
     /// A user's default quota of runs (the admin sets one per user: `PUT /v1/users/NAME/quota`).
     #[arg(long, default_value_t = 8)]
     pub user_runs: usize,

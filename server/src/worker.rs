@@ -8,6 +8,7 @@ use crate::job::{JobState, Op, Outcome, SamplerMade};
 use crate::limits::Limits;
 use crate::queue::{Full, Job, Next, Queue};
 use crate::registry::{CheckpointRow, Registry};
+use crate::resident::{trainable_scalars, Resident};
 use crate::users::{check_run_id, owner_of, Caller};
 use axum::http::StatusCode;
 use hearth_api::{
@@ -92,6 +93,14 @@ pub enum Msg {
         /// Where to send the result.
         reply: mpsc::Sender<SaveReport>,
     },
+    /// Free the samplers whose ids start with `prefix` (a Tinker session finished); `reply`
+    /// gets how many.
+    DropSamplers {
+        /// The session's id prefix (`alice/s1:`).
+        prefix: String,
+        /// Where to send the count.
+        reply: mpsc::Sender<usize>,
+    },
     /// Exit the thread.
     Stop,
 }
@@ -112,6 +121,8 @@ pub struct Shared {
     pub in_flight: AtomicUsize,
     /// Snapshot of the runs for `GET /v1/runs` and `/v1/info` (updated after every job).
     pub runs: Mutex<Vec<RunInfo>>,
+    /// Samplers holding weights in memory (updated after every job).
+    pub samplers_in_memory: AtomicUsize,
     /// Nanoseconds spent executing jobs.
     pub busy_ns: AtomicU64,
     /// Unix millis of the last work submitted or ended: the idle timer's clock (heartbeats,
@@ -285,6 +296,16 @@ impl Shared {
         reqs.get(&id).map(|e| e.cancel.clone()).unwrap_or_default()
     }
 
+    /// Asks the worker to free the samplers whose ids start with `prefix` and waits (blocking);
+    /// how many it freed.
+    pub fn drop_samplers(&self, prefix: String) -> usize {
+        let (reply, rx) = mpsc::channel();
+        if !self.queue.push_control(Msg::DropSamplers { prefix, reply }) {
+            return 0;
+        }
+        rx.recv().unwrap_or(0)
+    }
+
     /// Asks the worker to save every run and waits for the report (blocking).
     pub fn save_all(&self, reason: &str) -> SaveReport {
         self.save_runs_of(&Caller::Admin, reason)
@@ -315,22 +336,24 @@ pub struct HeldRun {
     /// The engine's run.
     pub engine: Run,
     /// Loss summed over forward_backward calls since the last step.
-    pending_loss: f64,
+    pub(crate) pending_loss: f64,
     /// Tokens in those calls.
-    pending_tokens: f64,
+    pub(crate) pending_tokens: f64,
     /// Seconds spent in them.
-    pending_secs: f64,
+    pub(crate) pending_secs: f64,
     /// Step of the newest checkpoint of this run (skip re-saving an unchanged run).
     pub saved_step: Option<u64>,
+    /// When it was last used ([`crate::resident`]'s clock).
+    pub(crate) last_used: u64,
 }
 
 impl HeldRun {
     /// Wraps a session.
     pub fn new(engine: Run, saved_step: Option<u64>) -> Self {
-        Self { engine, pending_loss: 0.0, pending_tokens: 0.0, pending_secs: 0.0, saved_step }
+        Self { engine, pending_loss: 0.0, pending_tokens: 0.0, pending_secs: 0.0, saved_step, last_used: 0 }
     }
 
-    fn info(&self, id: &str) -> RunInfo {
+    pub(crate) fn info(&self, id: &str) -> RunInfo {
         RunInfo {
             id: id.to_string(),
             training: self.engine.training().clone(),
@@ -412,13 +435,10 @@ pub fn clean_temporaries(home: &Path) {
 
 /// The worker loop. Runs until [`Msg::Stop`]; the jobs still queued then fail as the server
 /// shuts down.
-pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
+pub fn work(shared: Arc<Shared>, mut res: Resident) {
     // every tensor this thread drops is freed in the device's context
     hearth_engine::device::bind(&shared.base.device);
-    publish_runs(&shared, &runs);
-    // Samplers (Tinker's sampling sessions): frozen weights to sample from, kept in memory only
-    // (their source is a checkpoint on disk or a snapshot); `None` samples the base model.
-    let mut samplers: HashMap<String, Option<Run>> = HashMap::new();
+    publish_runs(&shared, &res);
     let mut trimmed_at = 0;
     loop {
         let next = match shared.queue.pop(IDLE_TRIM) {
@@ -447,7 +467,7 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
                     shared.set_state(id, JobState::Running);
                     let t0 = std::time::Instant::now();
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&shared, &mut runs, &mut samplers, &run, op, &cancel)
+                        execute(&shared, &mut res, &run, op, &cancel)
                     }))
                     .unwrap_or_else(|_| {
                         Err(ApiError::new(
@@ -466,15 +486,16 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
                     Ok(outcome) => JobState::Done(outcome),
                     Err(e) => JobState::Failed(e),
                 };
-                publish_runs(&shared, &runs);
+                publish_runs(&shared, &res);
                 shared.set_state(id, state);
                 shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
             }
             Next::Control(Msg::SaveAll { reason, caller, reply }) => {
                 let mut report = SaveReport::default();
-                for (id, r) in runs.iter_mut().filter(|(id, _)| caller.owns(id)) {
-                    if r.saved_step == Some(r.engine.step()) && has_state_at(&shared, id, r.engine.step()) {
+                // evicted runs are saved already
+                for (id, r) in res.runs.iter_mut().filter(|(id, _)| caller.owns(id)) {
+                    if r.saved_step == Some(r.engine.step()) && state_at(&shared, id, r.engine.step()).is_some() {
                         continue;
                     }
                     match autosave(&shared, id, r, &reason) {
@@ -494,9 +515,14 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
                         }
                     }
                 }
-                publish_runs(&shared, &runs);
+                publish_runs(&shared, &res);
                 shared.quotas.flush(&shared.registry);
                 let _ = reply.send(report);
+            }
+            Next::Control(Msg::DropSamplers { prefix, reply }) => {
+                let freed = res.drop_samplers(&prefix);
+                publish_runs(&shared, &res);
+                let _ = reply.send(freed);
             }
             Next::Control(Msg::Stop) => break,
         }
@@ -509,17 +535,19 @@ pub fn work(shared: Arc<Shared>, mut runs: BTreeMap<String, HeldRun>) {
     }
 }
 
-/// True when run `run` still has a readable `state` checkpoint at `step` in the registry (one
-/// can be deleted after it was written: the run is then saved again on the way out).
-fn has_state_at(shared: &Shared, run: &str, step: u64) -> bool {
+/// The folder of run `run`'s readable `state` checkpoint at `step` in the registry, if it has
+/// one (one can be deleted after it was written: the run is then saved again on the way out).
+pub(crate) fn state_at(shared: &Shared, run: &str, step: u64) -> Option<PathBuf> {
     let rows = shared.registry.checkpoints(shared.base_key(), run).unwrap_or_default();
-    rows.iter().any(|c| c.kind == "state" && c.step == step && Path::new(&c.path).join("hearth.json").is_file())
+    rows.into_iter()
+        .find(|c| c.kind == "state" && c.step == step && Path::new(&c.path).join("hearth.json").is_file())
+        .map(|c| PathBuf::from(c.path))
 }
 
 /// Publishes the runs' snapshot that `GET /v1/runs`, `/v1/info` and the other protocols read.
-pub fn publish_runs(shared: &Shared, runs: &BTreeMap<String, HeldRun>) {
-    let list: Vec<RunInfo> = runs.iter().map(|(id, r)| r.info(id)).collect();
-    *shared.runs.lock().unwrap_or_else(|p| p.into_inner()) = list;
+pub fn publish_runs(shared: &Shared, res: &Resident) {
+    *shared.runs.lock().unwrap_or_else(|p| p.into_inner()) = res.infos();
+    shared.samplers_in_memory.store(res.samplers_in_memory(), Ordering::SeqCst);
 }
 
 fn registry_err(e: rusqlite::Error) -> ApiError {
@@ -534,16 +562,18 @@ fn detokenizer(shared: &Shared) -> impl Fn(&[u32]) -> String + Sync + '_ {
     }
 }
 
-/// Adds run `run_id` with the session `make` builds (called only once the name is known free).
+/// Adds run `run_id` with the session `make` builds (called only once the name is known free,
+/// within the owner's quota, and the run's `training` fits in memory).
 fn create_run(
     shared: &Shared,
-    runs: &mut BTreeMap<String, HeldRun>,
+    res: &mut Resident,
     run_id: &str,
+    training: &TrainingConfig,
     make: impl FnOnce() -> hearth_engine::Result<Run>,
 ) -> Result<Outcome, ApiError> {
     let base_key = shared.base_key();
     check_run_id("run", run_id)?;
-    if runs.contains_key(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(registry_err)? {
+    if res.contains(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(registry_err)? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "exists",
@@ -551,7 +581,9 @@ fn create_run(
         ));
     }
     let user = owner_of(run_id);
-    shared.quotas.check_runs(user, runs.keys().filter(|id| owner_of(id) == user).count())?;
+    shared.quotas.check_runs(user, res.ids().filter(|id| owner_of(id) == user).count())?;
+    // the adapter (or the full weights), its two optimizer moments and its gradients, in f32
+    crate::resident::admit(shared, "a new run", 16 * trainable_scalars(shared, training) as u64)?;
     let mut session = make()?;
     session.set_recompute(shared.recompute);
     // an archived run of that name (left by `--no-resume`) is moved aside, files and all, so the
@@ -576,14 +608,13 @@ fn create_run(
     shared.registry.add_run(base_key, run_id, session.training(), session.step()).map_err(registry_err)?;
     let run = HeldRun::new(session, None);
     let info = run.info(run_id);
-    runs.insert(run_id.to_string(), run);
+    res.insert(shared, run_id, run);
     Ok(Outcome::Run(info))
 }
 
 fn execute(
     shared: &Shared,
-    runs: &mut BTreeMap<String, HeldRun>,
-    samplers: &mut HashMap<String, Option<Run>>,
+    res: &mut Resident,
     run_id: &str,
     op: Op,
     cancel: &AtomicBool,
@@ -591,48 +622,63 @@ fn execute(
     let base_key = shared.base_key().to_string();
     match op {
         Op::CreateSampler(source) => {
-            let session = match source {
-                Some(dir) => Some(Run::from_checkpoint_weights(shared.base.clone(), &dir)?),
+            let session = match &source {
+                Some(dir) => {
+                    let training = hearth_engine::run::checkpoint_training_config(dir)?;
+                    crate::resident::admit(shared, "a sampler", 4 * trainable_scalars(shared, &training) as u64)?;
+                    Some(Run::from_checkpoint_weights(shared.base.clone(), dir)?)
+                }
                 None => None,
             };
-            samplers.insert(run_id.to_string(), session);
+            res.insert_sampler(run_id, session, source);
             return Ok(Outcome::Sampler(SamplerMade { sampler: run_id.to_string(), step: None }));
         }
         Op::SamplerSample(mut input) => {
-            let sampler = samplers.get(run_id).ok_or_else(|| {
-                ApiError::not_found(format!("sampler {run_id:?} does not exist (samplers live until the server stops)"))
-            })?;
             let detok = detokenizer(shared);
-            let out = match sampler {
-                Some(s) => s.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?,
+            let stop = || cancel.load(Ordering::Relaxed);
+            let out = match res.sampler(shared, run_id)? {
+                Some(s) => s.sample(&input, &detok, &stop)?,
                 None => {
                     // the base model alone: any run's session samples it with `base_model_only`
                     input.base_model_only = true;
                     let scratch;
-                    let s = match runs.values().next() {
-                        Some(r) => &r.engine,
+                    let s = match res.any_run() {
+                        Some(r) => r,
                         None => {
                             scratch = Run::new(shared.base.clone(), TrainingConfig::default())?;
                             &scratch
                         }
                     };
-                    s.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?
+                    s.sample(&input, &detok, &stop)?
                 }
             };
             return Ok(Outcome::Sample(out));
         }
-        Op::CreateRun(req) => return create_run(shared, runs, run_id, || Run::new(shared.base.clone(), req.training)),
-        Op::CreateRunFrom { source, optimizer: true } => {
-            return create_run(shared, runs, run_id, || Run::from_checkpoint(shared.base.clone(), &source))
+        Op::CreateRun(req) => {
+            return create_run(shared, res, run_id, &req.training, || {
+                Run::new(shared.base.clone(), req.training.clone())
+            })
         }
-        Op::CreateRunFrom { source, optimizer: false } => {
-            return create_run(shared, runs, run_id, || Run::from_checkpoint_weights(shared.base.clone(), &source))
+        Op::CreateRunFrom { source, optimizer } => {
+            let training = hearth_engine::run::checkpoint_training_config(&source)?;
+            return create_run(shared, res, run_id, &training, || {
+                if optimizer {
+                    Run::from_checkpoint(shared.base.clone(), &source)
+                } else {
+                    Run::from_checkpoint_weights(shared.base.clone(), &source)
+                }
+            });
         }
         _ => {}
     }
-    let run = runs
-        .get_mut(run_id)
-        .ok_or_else(|| ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs")))?;
+    if let Op::Snapshot { sampler } = &op {
+        let run = res.get_mut(shared, run_id)?.ok_or_else(|| no_such_run(run_id))?;
+        crate::resident::admit(shared, "a sampler", 4 * run.engine.num_trainable() as u64)?;
+        let (snapshot, step) = (run.engine.snapshot()?, run.engine.step());
+        res.insert_sampler(sampler, Some(snapshot), None);
+        return Ok(Outcome::Sampler(SamplerMade { sampler: sampler.clone(), step: Some(step) }));
+    }
+    let run = res.get_mut(shared, run_id)?.ok_or_else(|| no_such_run(run_id))?;
     match op {
         Op::Forward(input) => Ok(Outcome::Forward(run.engine.forward(&input)?)),
         Op::ForwardBackward(input) => {
@@ -681,14 +727,12 @@ fn execute(
                 &send,
             )?))
         }
-        Op::Snapshot { sampler } => {
-            samplers.insert(sampler.clone(), Some(run.engine.snapshot()?));
-            Ok(Outcome::Sampler(SamplerMade { sampler, step: Some(run.engine.step()) }))
-        }
         // handled above
-        Op::CreateRun(_) | Op::CreateRunFrom { .. } | Op::CreateSampler(_) | Op::SamplerSample(_) => {
-            Err(ApiError::invalid("unreachable"))
-        }
+        Op::CreateRun(_)
+        | Op::CreateRunFrom { .. }
+        | Op::CreateSampler(_)
+        | Op::SamplerSample(_)
+        | Op::Snapshot { .. } => Err(ApiError::invalid("unreachable")),
         Op::SaveState(req) => {
             check_name("name", &req.name)?;
             if req.name.starts_with("autosave-") {
@@ -714,6 +758,10 @@ fn execute(
             }))
         }
     }
+}
+
+fn no_such_run(run_id: &str) -> ApiError {
+    ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs"))
 }
 
 /// The checkpoint folder `load_state` names: a checkpoint of this run (`NAME`), of another run
@@ -779,7 +827,12 @@ fn save(
 }
 
 /// Saves `autosave-STEP` (a `state`) and deletes autosaves beyond the newest `keep_autosaves`.
-fn autosave(shared: &Shared, run_id: &str, run: &mut HeldRun, reason: &str) -> Result<SaveStateResponse, ApiError> {
+pub(crate) fn autosave(
+    shared: &Shared,
+    run_id: &str,
+    run: &mut HeldRun,
+    reason: &str,
+) -> Result<SaveStateResponse, ApiError> {
     let name = format!("autosave-{:08}", run.engine.step());
     let out = save(shared, run_id, run, &name, CheckpointKind::State, reason)?;
     let base = shared.base_key();

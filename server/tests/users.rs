@@ -470,3 +470,66 @@ fn quotas_the_admin_sets_are_refused_clearly_and_change_nothing_and_usage_is_cou
     assert_eq!(mine["users"][0]["tokens_trained"], alice_trained);
     assert_eq!(mine["users"][0]["quota"]["runs"], 1);
 }
+
+/// Twelve runs trained in turn (one step each, then a round of gradients accumulated on every
+/// run before any step, then samples): every loss, logprob and token.
+fn twelve_runs(s: &Server) -> Vec<Value> {
+    let texts: Vec<String> = (0..12).map(|i| format!("run {i} learns its own line {}", "ab".repeat(i))).collect();
+    let mut seen = Vec::new();
+    for i in 0..12 {
+        ok(
+            s,
+            &s.token,
+            "/v1/runs",
+            json!({"name": format!("r{i}"), "training": {"kind": "lora", "rank": 4, "seed": i}}),
+        );
+    }
+    for round in 0..2 {
+        for (i, text) in texts.iter().enumerate() {
+            let fb = ok(s, &s.token, &format!("/v1/runs/r{i}/forward_backward"), batch(text));
+            let st = ok(
+                s,
+                &s.token,
+                &format!("/v1/runs/r{i}/optim_step"),
+                json!({"learning_rate": 1e-2 * (round + 1) as f64}),
+            );
+            seen.push(json!([fb["metrics"], st]));
+        }
+    }
+    // gradients waiting on every run at once: none of them may be evicted with its gradients
+    for (i, text) in texts.iter().enumerate() {
+        seen.push(ok(s, &s.token, &format!("/v1/runs/r{i}/forward_backward"), batch(text))["metrics"].clone());
+    }
+    for i in 0..12 {
+        seen.push(ok(s, &s.token, &format!("/v1/runs/r{i}/optim_step"), json!({"learning_rate": 1e-2})));
+    }
+    for (i, text) in texts.iter().enumerate() {
+        seen.push(ok(s, &s.token, &format!("/v1/runs/r{i}/forward"), batch(text))["loss_fn_outputs"].clone());
+        let sample = json!({"prompt": [1, 2, 3], "sampling_params": {"max_tokens": 8}});
+        seen.push(ok(s, &s.token, &format!("/v1/runs/r{i}/sample"), sample)["sequences"].clone());
+    }
+    seen
+}
+
+#[test]
+fn runs_evicted_past_the_cap_come_back_bit_for_bit() {
+    let free = quiet("resident-free");
+    let want = twelve_runs(&free);
+    drop(free);
+    let h = home("resident-capped");
+    let capped = Server::start(&h, &["--idle-timeout", "0", "--autosave-every", "0", "--max-resident-runs", "4"]);
+    let got = twelve_runs(&capped);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "result {i} differs under --max-resident-runs 4");
+    }
+    // the evictions were saves of state checkpoints, registered as autosaves
+    let evicted = (0..12).filter(|i| {
+        std::fs::read_dir(h.join("runs").join(format!("r{i}")).join("checkpoints"))
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("autosave-")))
+            .unwrap_or(false)
+    });
+    assert!(evicted.count() >= 8, "most runs were evicted at some point");
+    let (_, runs) = capped.get("/v1/runs");
+    assert_eq!(runs.as_array().unwrap().len(), 12, "evicted runs are listed");
+}

@@ -168,3 +168,41 @@ def test_the_sdk_waits_and_retries_when_its_line_is_full():
         assert refusals > 0, "the line was full at times: the SDK was refused and retried"
     finally:
         s.stop()
+
+
+def test_sampler_snapshots_are_evicted_past_the_cap_and_freed_when_the_session_ends():
+    """An RL loop makes a sampler every step: past --max-samplers the oldest are evicted (a
+    snapshot is dropped and says so; one from a checkpoint comes back when used), and closing
+    the session frees its samplers."""
+    s = Server("--max-samplers", "3")
+    try:
+        sc = tinker.ServiceClient(base_url=s.url, api_key="tml-" + s.token)
+        tc = sc.create_lora_training_client(base_model="tiny", rank=4, seed=1).result()
+        ids = tc.get_tokenizer().encode(TEXT, add_special_tokens=False)
+        datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                            loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
+        prompt = types.ModelInput.from_ints(ids[:4])
+        greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+        path = tc.save_weights_for_sampler("first").result().path
+        from_path = sc.create_sampling_client(model_path=path).result()
+        first_tokens = from_path.sample(prompt, 1, greedy).result().sequences[0].tokens
+        snapshots = []
+        for _ in range(12):
+            tc.forward_backward([datum], "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            sampler = tc.save_weights_and_get_sampling_client().result()
+            sampler.sample(prompt, 1, greedy).result()
+            snapshots.append(sampler)
+            assert s.native("/v1/info")["samplers"] <= 3
+        # the oldest snapshot was dropped, and says so
+        with pytest.raises(Exception) as e:
+            snapshots[0].sample(prompt, 1, greedy).result()
+        assert "evicted" in str(e.value), e.value
+        # the newest still samples; the sampler from a checkpoint comes back, the same weights
+        snapshots[-1].sample(prompt, 1, greedy).result()
+        assert from_path.sample(prompt, 1, greedy).result().sequences[0].tokens == first_tokens
+        assert s.native("/v1/info")["samplers"] >= 1
+        sc.close("success").result()
+        assert s.native("/v1/info")["samplers"] == 0, "the session's samplers were freed"
+    finally:
+        s.stop()

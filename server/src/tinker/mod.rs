@@ -28,7 +28,8 @@
 //!   fails the requests waiting behind it, and the order stays at the gap. `asample` with a
 //!   `seq_id` is deduplicated the same way, without one never.
 //! - **Samplers**: a sampling session holds frozen weights (a `sampler_weights` checkpoint, a
-//!   snapshot of a run, or the base model alone) in the worker's memory until the server stops.
+//!   snapshot of a run, or the base model alone) in the worker's memory until its session
+//!   finishes, or until newer samplers push it out ([`crate::resident`], `--max-samplers`).
 //!
 //! The engine knows nothing of this: every operation is a worker [`Op`] like the native ones.
 //!
@@ -169,7 +170,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/v1/get_server_capabilities", get(capabilities))
         .route("/api/v1/create_session", post(create_session))
         .route("/api/v1/session_heartbeat", post(heartbeat))
-        .route("/api/v1/sessions/{id}/finish", post(|| async { Json(json!({})) }))
+        .route("/api/v1/sessions/{id}/finish", post(finish_session))
         .route("/api/v1/telemetry", post(|| async { Json(json!({"status": "accepted"})) }))
         .route("/api/v1/create_model", post(create_model))
         .route("/api/v1/get_info", post(get_info))

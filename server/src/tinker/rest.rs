@@ -47,6 +47,23 @@ pub(super) async fn heartbeat(
     }
 }
 
+/// The SDK closing its session: the session's samplers are freed.
+pub(super) async fn finish_session(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(e) = check_session(&app, &caller, &id) {
+        return err(e);
+    }
+    let prefix = caller.run_id(&format!("{id}:"));
+    lock(&app.tinker.samplers).retain(|k, _| !k.starts_with(&prefix));
+    let shared = app.shared.clone();
+    let freed = tokio::task::spawn_blocking(move || shared.drop_samplers(prefix)).await.unwrap_or(0);
+    log::debug!("session {id} finished: {freed} sampler(s) freed");
+    Json(json!({})).into_response()
+}
+
 /// Unix seconds as an ISO 8601 UTC time.
 pub(super) fn iso_time(secs: f64) -> String {
     let s = secs.max(0.0) as i64;
