@@ -139,6 +139,13 @@ async fn run_op(
         "save_state" => parse_body(body).map(Op::SaveState),
         "load_state" => parse_body::<LoadStateRequest>(body).and_then(|mut req| {
             req.source = caller.checkpoint_source(&req.source)?;
+            if let Some(name) = req.source.strip_prefix(crate::users::PUBLISHED) {
+                let dir = crate::users::published_dir(&app, name);
+                if !dir.is_dir() {
+                    return Err(crate::worker::no_such_checkpoint(&req.source));
+                }
+                req.source = dir.display().to_string();
+            }
             Ok(Op::LoadState(req))
         }),
         other => Err(ApiError::not_found(format!(

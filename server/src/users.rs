@@ -93,6 +93,10 @@ impl Caller {
     /// (`RUN/NAME`); a server path, or anything else, is the admin's alone, and answers a user
     /// as a checkpoint that does not exist.
     pub fn checkpoint_source(&self, source: &str) -> Result<String, ApiError> {
+        // a published checkpoint is everyone's to read (the handler resolves it)
+        if source.strip_prefix(PUBLISHED).is_some_and(|name| check_name("source", name).is_ok()) {
+            return Ok(source.to_string());
+        }
         let Caller::User(u) = self else { return Ok(source.to_string()) };
         let ok = match source.split_once('/') {
             None => check_name("source", source).is_ok(),
@@ -105,6 +109,9 @@ impl Caller {
         }
     }
 }
+
+/// How a `load_state` source names a published checkpoint: `published:NAME`.
+pub const PUBLISHED: &str = "published:";
 
 /// A run id inside the server: `NAME` (the admin's) or `USER/NAME` (a user's), each part a
 /// [`check_name`] name.
@@ -163,9 +170,102 @@ pub struct NewUser {
     pub token: String,
 }
 
-/// The user routes under `/v1/users`, the admin's alone.
+/// The user routes under `/v1/users`, the admin's alone, and the published checkpoints (the
+/// admin publishes, everyone reads).
 pub fn router() -> Router<Arc<App>> {
-    Router::new().route("/v1/users", post(create).get(list)).route("/v1/users/{name}", delete(remove))
+    Router::new()
+        .route("/v1/users", post(create).get(list))
+        .route("/v1/users/{name}", delete(remove))
+        .route("/v1/published", post(publish).get(published))
+}
+
+/// Where published checkpoint `name` lives: a copy under the home, so that nothing the admin's
+/// run does later (an autosave pruned, a checkpoint overwritten) changes what was published.
+pub fn published_dir(app: &App, name: &str) -> std::path::PathBuf {
+    app.shared.home.join("published").join(name)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Publish {
+    /// The name users load it by (`published:NAME`).
+    name: String,
+    /// A checkpoint of the admin's: `RUN/NAME` (or `USER/RUN/NAME`), or a checkpoint folder.
+    source: String,
+}
+
+/// `POST /v1/published`: the admin publishes a checkpoint read-only to every user (a starting
+/// adapter for an exercise); users load it with `load_state {"source": "published:NAME"}`.
+async fn publish(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<serde_json::Value, ApiError> {
+        caller.require_admin("publishing a checkpoint")?;
+        let req: Publish = parse_body(body)?;
+        check_name("name", &req.name)?;
+        let src = match req.source.rsplit_once('/') {
+            Some((run, name)) if check_run_id("run", run).is_ok() && check_name("source", name).is_ok() => {
+                app.shared.checkpoints_dir(run).join(name)
+            }
+            _ => std::path::PathBuf::from(&req.source),
+        };
+        let is_checkpoint = src.join("hearth.json").is_file() || src.join("adapter_config.json").is_file();
+        if !is_checkpoint {
+            return Err(crate::worker::no_such_checkpoint(&req.source));
+        }
+        let dest = published_dir(&app, &req.name);
+        if dest.exists() {
+            return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("{:?} is published already", req.name)));
+        }
+        copy_folder(&src, &dest).map_err(|e| ApiError::internal(format!("publishing {:?}: {e}", req.name)))?;
+        log::info!("published {} as {}{}", src.display(), PUBLISHED, req.name);
+        Ok(serde_json::json!({"name": req.name, "source": format!("{PUBLISHED}{}", req.name)}))
+    };
+    match run() {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Copies a checkpoint folder (files and subfolders) beside `dest`, then renames it into place:
+/// a reader never sees half a copy.
+fn copy_folder(src: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()> {
+    fn copy(src: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dest)?;
+        for entry in std::fs::read_dir(src)? {
+            let entry = entry?;
+            let to = dest.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                copy(&entry.path(), &to)?;
+            } else {
+                std::fs::copy(entry.path(), &to)?;
+            }
+        }
+        Ok(())
+    }
+    let parent = dest.parent().unwrap_or(dest);
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    copy(src, &tmp)?;
+    std::fs::rename(&tmp, dest)
+}
+
+/// `GET /v1/published`: every published checkpoint's name, for everyone.
+async fn published(State(app): State<Arc<App>>) -> Response {
+    let mut names: Vec<String> = std::fs::read_dir(app.shared.home.join("published"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let list: Vec<serde_json::Value> =
+        names.iter().map(|n| serde_json::json!({"name": n, "source": format!("{PUBLISHED}{n}")})).collect();
+    Json(list).into_response()
 }
 
 #[derive(Deserialize)]

@@ -533,3 +533,34 @@ fn runs_evicted_past_the_cap_come_back_bit_for_bit() {
     let (_, runs) = capped.get("/v1/runs");
     assert_eq!(runs.as_array().unwrap().len(), 12, "evicted runs are listed");
 }
+
+#[test]
+fn the_admin_publishes_a_starting_checkpoint_that_every_user_can_load_and_none_can_change() {
+    let s = quiet("users-published");
+    let (alice, bob) = (add_user(&s, "alice"), add_user(&s, "bob"));
+    ok(&s, &s.token, "/v1/runs", json!({"name": "starter"}));
+    step(&s, &s.token, "starter", "the exercise starts here");
+    ok(&s, &s.token, "/v1/runs/starter/save_state", json!({"name": "ck"}));
+    let (status, v) = post(&s, &bob, "/v1/published", json!({"name": "exercise1", "source": "starter/ck"}));
+    assert_eq!((status, v["error"]["kind"].as_str()), (403, Some("admin_only")), "{v}");
+    let (status, v) = s.post("/v1/published", &json!({"name": "exercise1", "source": "starter/ck"}));
+    assert_eq!((status, v["source"].as_str()), (201, Some("published:exercise1")), "{v}");
+    assert_eq!(s.post("/v1/published", &json!({"name": "exercise1", "source": "starter/ck"})).0, 409);
+    let (_, list) = get(&s, &alice, "/v1/published");
+    assert_eq!(list[0]["name"], "exercise1");
+    // the admin's run moves on; what was published stays as it was
+    step(&s, &s.token, "starter", "the teacher goes on");
+    for (token, who) in [(&alice, "alice"), (&bob, "bob")] {
+        ok(&s, token, "/v1/runs", json!({"name": "main"}));
+        let loaded = ok(&s, token, "/v1/runs/main/load_state", json!({"source": "published:exercise1"}));
+        assert_eq!(loaded["step"], 1, "{who}: {loaded}");
+    }
+    let loss = |token: &str| ok(&s, token, "/v1/runs/main/forward", batch("probe"))["metrics"]["loss:sum"].clone();
+    assert_eq!(loss(&alice), loss(&bob));
+    step(&s, &alice, "main", "alice's own exercise");
+    let reloaded = ok(&s, &bob, "/v1/runs/main/load_state", json!({"source": "published:exercise1"}));
+    assert_eq!(reloaded["step"], 1, "alice's training changed nothing published");
+    let (status, v) = post(&s, &alice, "/v1/runs/main/load_state", json!({"source": "published:nope"}));
+    assert_eq!((status, v["error"]["kind"].as_str()), (400, Some("bad_checkpoint")), "{v}");
+    assert!(!v.to_string().contains(s.home.to_str().unwrap()), "no server path in the answer: {v}");
+}
