@@ -37,7 +37,8 @@ class Server:
         env = dict(os.environ, RAYON_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "hearth-server"), "--home", self.home, "--listen", "127.0.0.1:0", "--model", "tiny",
-             "--idle-timeout", "0", "--autosave-every", "0", "--max-body-bytes", "1000000", *args],
+             *(a for a in ("--idle-timeout", "0") if "--idle-timeout" not in args),
+             "--autosave-every", "0", "--max-body-bytes", "1000000", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         line = self.proc.stdout.readline()
         assert "listening on" in line, line

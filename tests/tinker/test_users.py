@@ -206,3 +206,45 @@ def test_sampler_snapshots_are_evicted_past_the_cap_and_freed_when_the_session_e
         assert s.native("/v1/info")["samplers"] == 0, "the session's samplers were freed"
     finally:
         s.stop()
+
+
+def test_an_sdk_that_only_heartbeats_does_not_keep_the_server_up():
+    """The SDK heartbeats every 10 s while it is open. Heartbeats are not work: with a 15 s idle
+    timeout the server saves every run and exits although they keep coming, and the next start
+    resumes the run at its step."""
+    import time
+    s = Server("--idle-timeout", "15")
+    sc = tinker.ServiceClient(base_url=s.url, api_key="tml-" + s.token)
+    tc = sc.create_lora_training_client(base_model="tiny", rank=4, seed=1).result()
+    ids = tc.get_tokenizer().encode(TEXT, add_special_tokens=False)
+    datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                        loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
+    tc.forward_backward([datum], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    t0 = time.monotonic()
+    try:
+        code = s.proc.wait(timeout=120)
+    finally:
+        waited = time.monotonic() - t0
+    assert code == 0, "".join(s.log)
+    assert waited > 10, f"the server stopped after {waited:.0f} s: at least one heartbeat came while it idled"
+    session = __import__("json").load(open(os.path.join(s.home, "session.json")))
+    assert session["state"] == "stopped", session
+    # the next start resumes the run at its step
+    again = Server.__new__(Server)
+    home = s.home
+    import subprocess
+    from test_tinker_sdk import BIN
+    proc = subprocess.Popen([os.path.join(BIN, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", "tiny",
+                             "--idle-timeout", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, proc.stderr.read()
+        again.proc, again.home = proc, home
+        info = __import__("json").load(open(os.path.join(home, "session.json")))
+        again.url, again.token = info["url"], info["token"]
+        runs = {r["id"]: r["step"] for r in again.native("/v1/runs")}
+        assert runs == {tc.model_id.replace(":train:", "-train-"): 1}, runs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
