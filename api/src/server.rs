@@ -341,6 +341,15 @@ pub struct Quota {
     pub device_seconds: Option<f64>,
 }
 
+/// `POST /v1/users`: a user just added, with their token (the only time it is shown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewUser {
+    /// The user's name.
+    pub name: String,
+    /// Their token.
+    pub token: String,
+}
+
 /// One user's use of the server (`GET /v1/usage`; the admin's row is named `admin`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Usage {

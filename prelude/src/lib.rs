@@ -28,9 +28,9 @@ pub use display::{clear_output, Bundle, Plot, Progress, SampleTable};
 pub use error::{HearthError, Result};
 pub use hearth_api::{
     AdamParams, ChatMessage, CheckpointKind, Datum, ForwardBackwardInput, ForwardBackwardOutput, LoadStateResponse,
-    LoraConfig, LossFn, LossFnInputs, MetricRow, Metrics, OptimStepOutput, PpoConfig, Quota, RenderChatResponse,
-    RunInfo, SampleInput, SampleOutput, SampledSequence, SamplingParams, SaveStateResponse, ServerInfo, Stop,
-    StopReason, TargetModule, TrainingConfig, Usage, UsageReport,
+    LoraConfig, LossFn, LossFnInputs, MetricRow, Metrics, NewUser, OptimStepOutput, PpoConfig, Quota,
+    RenderChatResponse, RunInfo, SampleInput, SampleOutput, SampledSequence, SamplingParams, SaveStateResponse,
+    ServerInfo, Stop, StopReason, TargetModule, TrainingConfig, Usage, UsageReport,
 };
 pub use session::{home_dir, Pending, Session};
 

@@ -39,6 +39,9 @@ pub struct Session {
     connect_timeout: Duration,
     home: PathBuf,
     run: String,
+    /// Attached by URL and token ([`Session::attach`]: a remote server, or a user's token):
+    /// it never takes the home's session file (the admin's token) or starts a server.
+    attached: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -117,6 +120,7 @@ impl Session {
             connect_timeout: Duration::from_secs(5),
             home: home.to_path_buf(),
             run: run.to_string(),
+            attached: false,
         };
         if conn.is_none() {
             let last = file.map(|f| f.model);
@@ -137,6 +141,7 @@ impl Session {
             connect_timeout: Duration::from_secs(5),
             home: home.to_path_buf(),
             run: run.to_string(),
+            attached: false,
         };
         if s.conn().url.is_empty() {
             s.reconnect()?;
@@ -152,9 +157,35 @@ impl Session {
             connect_timeout: Duration::from_secs(10),
             home: home_dir(),
             run: run.into(),
+            attached: true,
         };
         s.ensure_run(run, None)?;
         Ok(s)
+    }
+
+    /// A handle on the same server with another token, on that token's run `main`: a user's
+    /// session, for a teacher trying the class's view (`add_user` gives the token).
+    pub fn as_user(&self, token: &str) -> Result<Session> {
+        Session::attach(&self.url(), token, "main")
+    }
+
+    /// Adds a user (the admin's token only); their token, shown this once.
+    pub fn add_user(&self, name: &str) -> Result<hearth_api::NewUser> {
+        self.post("/v1/users", &serde_json::json!({ "name": name }))
+    }
+
+    /// Sets fields of user `name`'s quota (the admin's token only); the quota in force after.
+    pub fn set_quota(&self, name: &str, quota: &hearth_api::Quota) -> Result<hearth_api::Quota> {
+        let body = serde_json::to_value(quota).map_err(|e| HearthError::Decode(e.to_string()))?;
+        serde_json::from_value(self.send("PUT", &format!("/v1/users/{name}/quota"), Some(&body))?)
+            .map_err(|e| HearthError::Decode(e.to_string()))
+    }
+
+    /// Publishes this run's checkpoint `checkpoint` read-only to every user as `name` (the admin's
+    /// token only); users load it with `load_state("published:NAME")`.
+    pub fn publish(&self, checkpoint: &str, name: &str) -> Result<()> {
+        let body = serde_json::json!({"name": name, "source": format!("{}/{checkpoint}", self.run)});
+        self.send("POST", "/v1/published", Some(&body)).map(|_| ())
     }
 
     /// The run this handle trains.
@@ -225,7 +256,7 @@ impl Session {
                         self.reconnect()?;
                         continue;
                     }
-                    if status == 401 && attempt == 0 && self.reconnect().is_ok() {
+                    if status == 401 && attempt == 0 && !self.attached && self.reconnect().is_ok() {
                         continue; // a restarted server has a new token
                     }
                     return Err(HearthError::Api { status, kind, message });
@@ -251,8 +282,13 @@ impl Session {
         serde_json::from_value(self.send("GET", path, None)?).map_err(|e| HearthError::Decode(e.to_string()))
     }
 
-    /// Re-reads the session file; starts a server with `--resume` if the last one stopped.
+    /// Re-reads the session file; starts a server with `--resume` if the last one stopped. An
+    /// attached handle keeps its URL and token and only waits a moment before the retry.
     fn reconnect(&self) -> Result<()> {
+        if self.attached {
+            std::thread::sleep(Duration::from_millis(500));
+            return Ok(());
+        }
         if let Some(c) = read_session_file(&self.home).as_ref().and_then(running) {
             *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = c;
             return Ok(());

@@ -27,7 +27,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use axum::{Extension, Json, Router};
-use serde::{Deserialize, Serialize};
+use hearth_api::NewUser;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
@@ -159,15 +160,6 @@ pub fn add_user(registry: &Registry, name: &str) -> Result<NewUser, ApiError> {
         return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("user {name:?} exists already")));
     }
     Ok(NewUser { name: name.to_string(), token })
-}
-
-/// A user just added, with the token (the only time it is shown).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NewUser {
-    /// The user's name.
-    pub name: String,
-    /// Their token.
-    pub token: String,
 }
 
 /// The user routes under `/v1/users`, the admin's alone, and the published checkpoints (the

@@ -224,3 +224,22 @@ def test_07_the_tinker_sdk_from_python_trains_on_the_rust_kernels_server(home, t
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+def test_08_a_class_of_three_trains_privately_on_one_model(home, tmp_path):
+    nb, _ = execute_notebook("08-classroom.ipynb", tmp_path)
+    users = re.findall(r"USER (\S+) token", text(cell(nb, "add_user")))
+    assert [u.split("-")[0] for u in users] == ["alice", "bob", "carol"], users
+    assert text(cell(nb, "as_user")).count("RUN main (1 runs visible)") == 3, text(cell(nb, "as_user"))
+    trained = re.findall(r"TRAINED (\S+) loss ([\d.]+) -> ([\d.]+)", text(cell(nb, "TRAINED")))
+    assert [t[0] for t in trained] == users
+    for name, first, last in trained:
+        assert float(last) < 0.5 * float(first), f"{name}: loss {first} -> {last}"
+    refused = text(cell(nb, "REFUSED"))
+    assert "LEAK" not in refused and "REFUSED" in refused and "does not exist" in refused, refused
+    plot = svgs(cell(nb, "compare_runs"))
+    assert len(plot) == 1 and all(f"{u}/main" in plot[0] for u in users), "the three curves on one chart"
+    usage = text(cell(nb, ":usage"))
+    for u in users:
+        row = [l for l in usage.splitlines() if l.startswith(u)]
+        assert row and int(row[0].split()[2]) > 0, f"no tokens trained for {u}:\n{usage}"
