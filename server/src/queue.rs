@@ -22,7 +22,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 /// The device time a user's turn is credited with.
-pub const QUANTUM: Duration = Duration::from_millis(50);
+pub const QUANTUM: Duration = Duration::from_millis(10);
 
 /// A submitted operation on a run (or a sampler).
 pub struct Job {
