@@ -10,6 +10,9 @@
    user) train and sample on the tiny model for `--minutes`. Printed: operations, errors, 429s
    answered (retried), the server's peak resident memory.
 3. SIGTERM: every run is saved; the next start resumes each at its step (checked, printed).
+4. `--leak N` (needs HEARTH_SMOLLM2_GGUF, as bench/reference.sh sets it): N iterations of the
+   SDK's `save_weights_and_get_sampling_client` + a sample on SmolLM2 (rank 32), the server's
+   resident memory printed along the way: flat once `--max-samplers` (64) samplers are held.
 
 Figures go to stdout; nothing is asserted except what would make the figures meaningless.
 """
@@ -192,17 +195,46 @@ def thirty(bin_dir, minutes):
     again.proc.wait(timeout=60)
 
 
+def leak(bin_dir, iterations):
+    import tinker
+    from tinker import types
+
+    gguf = os.environ["HEARTH_SMOLLM2_GGUF"]
+    home = tempfile.mkdtemp(prefix="hearth-tenants-leak-")
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", gguf,
+         "--idle-timeout", "0", "--autosave-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "listening on" in proc.stdout.readline()
+    info = json.load(open(os.path.join(home, "session.json")))
+    sc = tinker.ServiceClient(base_url=info["url"], api_key="tml-" + info["token"])
+    tc = sc.create_lora_training_client(base_model=gguf, rank=32, seed=1).result()
+    prompt = types.ModelInput.from_ints([1, 2, 3, 4])
+    rss = lambda: next(int(l.split()[1]) / 1024 for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmRSS:"))
+    marks = {}
+    for i in range(1, iterations + 1):
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1)).result()
+        if i in (1, 64, iterations // 2, iterations):
+            marks[i] = rss()
+    print("sampler loop on SmolLM2 (rank 32): server RSS " + ", ".join(f"after {i}: {m:.0f} MB" for i, m in sorted(marks.items())))
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
     ap.add_argument("--skip-thirty", action="store_true")
+    ap.add_argument("--leak", type=int, default=0, help="iterations of the sampler loop on SmolLM2 (0: skip)")
     a = ap.parse_args()
     avx512 = sum("avx512f" in l for l in open("/proc/cpuinfo"))
     print(f"machine: {os.cpu_count()} cores, avx512f lines {avx512}")
     fairness(a.bin)
     if not a.skip_thirty:
         thirty(a.bin, a.minutes)
+    if a.leak:
+        leak(a.bin, a.leak)
 
 
 if __name__ == "__main__":

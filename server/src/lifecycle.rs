@@ -349,6 +349,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(&Ready)) -> Result<(), ServerErr
         keep_autosaves: opts.keep_autosaves,
         recompute,
         queue: crate::queue::Queue::default(),
+        memory_budget: opts.memory_budget_mb.saturating_mul(1 << 20),
         quotas,
         limits: Limits {
             max_request_tokens: opts.max_request_tokens,

@@ -118,6 +118,12 @@ pub struct Options {
     #[arg(long, default_value_t = 64)]
     pub max_samplers: usize,
 
+    /// Memory the server may hold, in MiB (0: as much as the device has available). A new run,
+    /// sampler or sample that would take it past this is refused with 507 before anything is
+    /// allocated.
+    #[arg(long, default_value_t = 0)]
+    pub memory_budget_mb: u64,
+
     /// A user's default quota of runs (the admin sets one per user: `PUT /v1/users/NAME/quota`).
     #[arg(long, default_value_t = 8)]
     pub user_runs: usize,

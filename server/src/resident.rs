@@ -11,7 +11,8 @@
 //!   snapshot of a run's weights (in memory only) is dropped, and a later use of it answers
 //!   404 saying so. The samplers of a Tinker session are freed when the session finishes.
 //! - **Memory admission**: a new run or sampler whose weights and optimizer state would not fit
-//!   in the device's available memory is refused with 507 before anything is allocated.
+//!   in the device's available memory, or a sample whose caches would not, is refused with 507
+//!   before anything is allocated.
 
 use crate::error::ApiError;
 use crate::worker::{HeldRun, Shared};
@@ -261,10 +262,30 @@ pub fn trainable_scalars(shared: &Shared, training: &TrainingConfig) -> usize {
     per_layer * c.num_hidden_layers + head
 }
 
-/// A 507 when `bytes` more would not fit in the device's available memory (with a margin for
-/// the work around them); nothing where the device does not say.
+/// Bytes a sample takes while it runs: every sequence's key/value cache over the prompt and
+/// `max_tokens`, and a row of logits per sequence.
+pub fn sample_bytes(shared: &Shared, input: &hearth_api::SampleInput) -> u64 {
+    let c = &shared.base.config;
+    let elem = shared.base.dtype.size_in_bytes().max(2) as u64;
+    let positions = (input.prompt.len() + input.sampling_params.max_tokens) as u64;
+    let per_position = 2 * (c.num_key_value_heads * c.head_dim * c.num_hidden_layers) as u64 * elem;
+    let rows = input.num_samples.max(1) as u64;
+    rows.saturating_mul(positions.saturating_mul(per_position).saturating_add(4 * c.vocab_size as u64))
+}
+
+/// A 507 when `bytes` more would not fit in the device's available memory, or in what
+/// `--memory-budget-mb` leaves (with a margin for the work around them); nothing where neither
+/// says.
 pub fn admit(shared: &Shared, what: &str, bytes: u64) -> Result<(), ApiError> {
-    let Some(free) = hearth_engine::device::available_memory(&shared.base.device) else { return Ok(()) };
+    let available = hearth_engine::device::available_memory(&shared.base.device);
+    let budget = (shared.memory_budget > 0).then(|| shared.memory_budget.saturating_sub(crate::worker::rss_bytes()));
+    let free = match (available, budget) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => match a.or(b) {
+            Some(f) => f,
+            None => return Ok(()),
+        },
+    };
     let margin = 64 << 20;
     if bytes + margin > free {
         let mb = |b: u64| b >> 20;

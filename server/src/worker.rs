@@ -140,6 +140,8 @@ pub struct Shared {
     pub queue: Queue,
     /// What one request may cost; every submitted operation is checked against it.
     pub limits: Limits,
+    /// `--memory-budget-mb` in bytes (0: none beyond the device's available memory).
+    pub memory_budget: u64,
     /// Each user's quota and usage.
     pub quotas: crate::quota::Quotas,
 }
@@ -634,6 +636,7 @@ fn execute(
             return Ok(Outcome::Sampler(SamplerMade { sampler: run_id.to_string(), step: None }));
         }
         Op::SamplerSample(mut input) => {
+            crate::resident::admit(shared, "this sample", crate::resident::sample_bytes(shared, &input))?;
             let detok = detokenizer(shared);
             let stop = || cancel.load(Ordering::Relaxed);
             let out = match res.sampler(shared, run_id)? {
@@ -712,10 +715,12 @@ fn execute(
             Ok(Outcome::OptimStep(out))
         }
         Op::Sample(input) => {
+            crate::resident::admit(shared, "this sample", crate::resident::sample_bytes(shared, &input))?;
             let detok = detokenizer(shared);
             Ok(Outcome::Sample(run.engine.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?))
         }
         Op::SampleStream(input, tx) => {
+            crate::resident::admit(shared, "this sample", crate::resident::sample_bytes(shared, &input))?;
             let detok = detokenizer(shared);
             let send = |picked: &[hearth_engine::run::Picked]| {
                 let _ = tx.send(picked.to_vec());

@@ -564,3 +564,16 @@ fn the_admin_publishes_a_starting_checkpoint_that_every_user_can_load_and_none_c
     assert_eq!((status, v["error"]["kind"].as_str()), (400, Some("bad_checkpoint")), "{v}");
     assert!(!v.to_string().contains(s.home.to_str().unwrap()), "no server path in the answer: {v}");
 }
+
+#[test]
+fn a_run_or_sample_that_would_not_fit_is_refused_with_507_and_changes_nothing() {
+    let s = Server::start(&home("resident-admission"), &["--idle-timeout", "0", "--memory-budget-mb", "1"]);
+    let out_of_memory = |(status, v): (u16, Value)| {
+        assert_eq!((status, v["error"]["kind"].as_str()), (507, Some("out_of_memory")), "{v}");
+    };
+    out_of_memory(s.post("/v1/runs", &json!({"name": "r"})));
+    assert!(s.get("/v1/runs").1.as_array().unwrap().is_empty(), "nothing was made");
+    let s = Server::start(&home("resident-admission-2"), &["--idle-timeout", "0", "--memory-budget-mb", "100000"]);
+    s.ok("/v1/runs", &json!({"name": "r"}));
+    s.ok("/v1/runs/r/sample", &json!({"prompt": [1, 2], "sampling_params": {"max_tokens": 4}}));
+}
