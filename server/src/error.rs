@@ -73,6 +73,11 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
+    /// 500: the registry (SQLite) failed.
+    pub fn registry(e: rusqlite::Error) -> Self {
+        Self::internal(format!("registry: {e}"))
+    }
+
     /// 429: the caller's line in the queue is full.
     pub fn queue_full(queued: usize) -> Self {
         log::debug!("a line of {queued} queued requests is full: answered 429");

@@ -95,11 +95,7 @@ fn caller_of(app: &App, given: &str) -> Result<Option<Caller>, ApiError> {
     if constant_time_eq(given.as_bytes(), app.token.as_bytes()) {
         return Ok(Some(Caller::Admin));
     }
-    let user = app
-        .shared
-        .registry
-        .user_by_token(&token_hash(given))
-        .map_err(|e| ApiError::internal(format!("registry: {e}")))?;
+    let user = app.shared.registry.user_by_token(&token_hash(given)).map_err(ApiError::registry)?;
     Ok(user.map(Caller::User))
 }
 

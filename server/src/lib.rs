@@ -49,6 +49,12 @@ pub use lifecycle::{run, App, Ready};
 use clap::Parser;
 use std::io::Write;
 
+/// A mutex's guard; a lock poisoned by a panic elsewhere is taken as it is, as everywhere in the
+/// server (a panicking job is caught and answered as an error, and the server goes on).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Log lines on stderr (`HEARTH_LOG=debug` for more); the token is never logged.
 struct StderrLog(log::LevelFilter);
 

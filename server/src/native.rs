@@ -193,9 +193,7 @@ async fn metrics(
     }
     match app.shared.registry.metrics(app.shared.base_key(), &id) {
         Ok(rows) => Json(Metrics { run, rows }).into_response(),
-        Err(e) => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")).into_response()
-        }
+        Err(e) => ApiError::registry(e).into_response(),
     }
 }
 

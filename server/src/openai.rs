@@ -113,11 +113,10 @@ fn unix_now() -> u64 {
 /// The run id of `caller`'s model `run` (the caller's runs are the models it sees).
 fn known_run(app: &App, caller: &Caller, run: &str) -> Result<String, ApiError> {
     let id = caller.run_id(run);
-    let runs = app.runs_of(caller);
-    if app.shared.runs.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r.id == id) && caller.owns(&id) {
+    if crate::lock(&app.shared.runs).iter().any(|r| r.id == id) {
         return Ok(id);
     }
-    let names: Vec<String> = runs.into_iter().map(|r| r.id).collect();
+    let names: Vec<String> = app.runs_of(caller).into_iter().map(|r| r.id).collect();
     Err(ApiError::not_found(format!(
         "model {run:?} is not a run on this server; the runs are {names:?} (GET /v1/models)"
     )))

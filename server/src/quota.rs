@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::job::{Op, Outcome};
 use crate::registry::Registry;
 use crate::users::Caller;
-use crate::App;
+use crate::{lock, App};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -44,10 +44,6 @@ pub struct Quotas {
     taken: Mutex<HashMap<String, Taken>>,
     /// Usage changed since it was last written to the registry.
     dirty: std::sync::atomic::AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn exceeded(message: String) -> ApiError {
@@ -94,7 +90,7 @@ impl Quotas {
         q.request_tokens = change.request_tokens.or(q.request_tokens);
         q.queued = change.queued.or(q.queued);
         q.device_seconds = change.device_seconds.or(q.device_seconds);
-        registry.set_quota(user, &q).map_err(|e| ApiError::internal(format!("registry: {e}")))?;
+        registry.set_quota(user, &q).map_err(ApiError::registry)?;
         set.insert(user.to_string(), q);
         drop(set);
         Ok(self.of(user).unwrap_or_default())
@@ -225,7 +221,7 @@ async fn usage(State(app): State<std::sync::Arc<App>>, Extension(caller): Extens
         Caller::Admin => {
             let names = match app.shared.registry.users() {
                 Ok(rows) => rows.into_iter().map(|r| r.name),
-                Err(e) => return ApiError::internal(format!("registry: {e}")).into_response(),
+                Err(e) => return ApiError::registry(e).into_response(),
             };
             std::iter::once(String::new()).chain(names).map(|u| usage_of(&app, &u)).collect()
         }
@@ -242,7 +238,7 @@ async fn set_quota(
     let set = || -> Result<Quota, ApiError> {
         caller.require_admin("setting quotas")?;
         let change: Quota = crate::http::parse_body(body)?;
-        if !app.shared.registry.users().map_err(|e| ApiError::internal(e.to_string()))?.iter().any(|u| u.name == name) {
+        if !app.shared.registry.users().map_err(ApiError::registry)?.iter().any(|u| u.name == name) {
             return Err(ApiError::not_found(format!("no user {name:?}")));
         }
         if change.device_seconds.is_some_and(|s| !s.is_finite() || s < 0.0) {

@@ -262,6 +262,11 @@ pub fn trainable_scalars(shared: &Shared, training: &TrainingConfig) -> usize {
     per_layer * c.num_hidden_layers + head
 }
 
+/// A 507 when sample `input` would not fit ([`admit`] of [`sample_bytes`]).
+pub fn admit_sample(shared: &Shared, input: &hearth_api::SampleInput) -> Result<(), ApiError> {
+    admit(shared, "this sample", sample_bytes(shared, input))
+}
+
 /// Bytes a sample takes while it runs: every sequence's key/value cache over the prompt and
 /// `max_tokens`, and a row of logits per sequence.
 pub fn sample_bytes(shared: &Shared, input: &hearth_api::SampleInput) -> u64 {

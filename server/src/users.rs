@@ -154,8 +154,7 @@ pub fn token_hash(token: &str) -> String {
 pub fn add_user(registry: &Registry, name: &str) -> Result<NewUser, ApiError> {
     check_user_name(name)?;
     let token = crate::lifecycle::fresh_token().map_err(|e| ApiError::internal(e.to_string()))?;
-    let added =
-        registry.add_user(name, &token_hash(&token)).map_err(|e| ApiError::internal(format!("registry: {e}")))?;
+    let added = registry.add_user(name, &token_hash(&token)).map_err(ApiError::registry)?;
     if !added {
         return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("user {name:?} exists already")));
     }
@@ -197,16 +196,7 @@ async fn publish(
         caller.require_admin("publishing a checkpoint")?;
         let req: Publish = parse_body(body)?;
         check_name("name", &req.name)?;
-        let src = match req.source.rsplit_once('/') {
-            Some((run, name)) if check_run_id("run", run).is_ok() && check_name("source", name).is_ok() => {
-                app.shared.checkpoints_dir(run).join(name)
-            }
-            _ => std::path::PathBuf::from(&req.source),
-        };
-        let is_checkpoint = src.join("hearth.json").is_file() || src.join("adapter_config.json").is_file();
-        if !is_checkpoint {
-            return Err(crate::worker::no_such_checkpoint(&req.source));
-        }
+        let src = crate::worker::checkpoint_source(&app.shared, None, &req.source)?;
         let dest = published_dir(&app, &req.name);
         if dest.exists() {
             return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("{:?} is published already", req.name)));
@@ -285,9 +275,8 @@ async fn create(
 }
 
 async fn list(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>) -> Response {
-    let rows = caller
-        .require_admin("listing users")
-        .and_then(|()| app.shared.registry.users().map_err(|e| ApiError::internal(format!("registry: {e}"))));
+    let rows =
+        caller.require_admin("listing users").and_then(|()| app.shared.registry.users().map_err(ApiError::registry));
     match rows {
         Ok(rows) => Json::<Vec<UserRow>>(rows).into_response(),
         Err(e) => e.into_response(),
@@ -299,9 +288,9 @@ async fn remove(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Response {
-    let revoked = caller.require_admin("removing users").and_then(|()| {
-        app.shared.registry.revoke_user(&name).map_err(|e| ApiError::internal(format!("registry: {e}")))
-    });
+    let revoked = caller
+        .require_admin("removing users")
+        .and_then(|()| app.shared.registry.revoke_user(&name).map_err(ApiError::registry));
     match revoked {
         Ok(true) => {
             log::info!("user {name} removed: their token no longer works; their runs stay");

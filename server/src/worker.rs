@@ -8,7 +8,7 @@ use crate::job::{JobState, Op, Outcome, SamplerMade};
 use crate::limits::Limits;
 use crate::queue::{Full, Job, Next, Queue};
 use crate::registry::{CheckpointRow, Registry};
-use crate::resident::{trainable_scalars, Resident};
+use crate::resident::{admit_sample, trainable_scalars, Resident};
 use crate::users::{check_run_id, owner_of, Caller};
 use axum::http::StatusCode;
 use hearth_api::{
@@ -201,8 +201,13 @@ impl Shared {
     /// Queues a job in its owner's line (refused with a 429 when the line is full); returns its
     /// id and a receiver of its state.
     pub fn submit(&self, run: String, op: Op) -> Result<(u64, watch::Receiver<JobState>), ApiError> {
-        let limit = self.quotas.queued_limit(owner_of(&run), self.limits.max_queued_per_user);
+        let limit = self.queue_limit(owner_of(&run));
         self.submit_within(run, op, limit)
+    }
+
+    /// Requests `user` may have queued: their quota, within `--max-queued-per-user`.
+    fn queue_limit(&self, user: &str) -> usize {
+        self.quotas.queued_limit(user, self.limits.max_queued_per_user)
     }
 
     /// [`Shared::submit`] of a job whose room in the line was checked ([`Shared::check_room`])
@@ -215,7 +220,7 @@ impl Shared {
     pub fn check_room(&self, run: &str) -> Result<(), ApiError> {
         let user = owner_of(run);
         let queued = self.queue.queued(user);
-        if queued >= self.quotas.queued_limit(user, self.limits.max_queued_per_user) {
+        if queued >= self.queue_limit(user) {
             return Err(ApiError::queue_full(queued));
         }
         Ok(())
@@ -552,10 +557,6 @@ pub fn publish_runs(shared: &Shared, res: &Resident) {
     shared.samplers_in_memory.store(res.samplers_in_memory(), Ordering::SeqCst);
 }
 
-fn registry_err(e: rusqlite::Error) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}"))
-}
-
 fn detokenizer(shared: &Shared) -> impl Fn(&[u32]) -> String + Sync + '_ {
     let text = shared.base.text.as_ref();
     move |ids: &[u32]| match text {
@@ -575,7 +576,7 @@ fn create_run(
 ) -> Result<Outcome, ApiError> {
     let base_key = shared.base_key();
     check_run_id("run", run_id)?;
-    if res.contains(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(registry_err)? {
+    if res.contains(run_id) || shared.registry.has_active_run(base_key, run_id).map_err(ApiError::registry)? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "exists",
@@ -590,7 +591,7 @@ fn create_run(
     session.set_recompute(shared.recompute);
     // an archived run of that name (left by `--no-resume`) is moved aside, files and all, so the
     // name starts afresh and nothing it saved is lost
-    if shared.registry.has_run(base_key, run_id).map_err(registry_err)? {
+    if shared.registry.has_run(base_key, run_id).map_err(ApiError::registry)? {
         let old = shared.run_dir(run_id);
         let aside = shared.home.join("archive").join(format!("{}-{}", run_id.replace('/', "@"), now_ms()));
         if old.exists() {
@@ -605,9 +606,9 @@ fn create_run(
             )?;
             log::info!("archived run {run_id} moved to {} for a new run of that name", aside.display());
         }
-        shared.registry.forget_run(base_key, run_id).map_err(registry_err)?;
+        shared.registry.forget_run(base_key, run_id).map_err(ApiError::registry)?;
     }
-    shared.registry.add_run(base_key, run_id, session.training(), session.step()).map_err(registry_err)?;
+    shared.registry.add_run(base_key, run_id, session.training(), session.step()).map_err(ApiError::registry)?;
     let run = HeldRun::new(session, None);
     let info = run.info(run_id);
     res.insert(shared, run_id, run);
@@ -636,7 +637,7 @@ fn execute(
             return Ok(Outcome::Sampler(SamplerMade { sampler: run_id.to_string(), step: None }));
         }
         Op::SamplerSample(mut input) => {
-            crate::resident::admit(shared, "this sample", crate::resident::sample_bytes(shared, &input))?;
+            admit_sample(shared, &input)?;
             let detok = detokenizer(shared);
             let stop = || cancel.load(Ordering::Relaxed);
             let out = match res.sampler(shared, run_id)? {
@@ -707,20 +708,20 @@ fn execute(
                 time: now_ms() as f64 / 1000.0,
             };
             (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
-            shared.registry.add_metric(&base_key, run_id, &row).map_err(registry_err)?;
-            shared.registry.set_step(&base_key, run_id, out.step).map_err(registry_err)?;
+            shared.registry.add_metric(&base_key, run_id, &row).map_err(ApiError::registry)?;
+            shared.registry.set_step(&base_key, run_id, out.step).map_err(ApiError::registry)?;
             if shared.autosave_every > 0 && out.step % shared.autosave_every == 0 {
                 autosave(shared, run_id, run, "autosave")?;
             }
             Ok(Outcome::OptimStep(out))
         }
         Op::Sample(input) => {
-            crate::resident::admit(shared, "this sample", crate::resident::sample_bytes(shared, &input))?;
+            admit_sample(shared, &input)?;
             let detok = detokenizer(shared);
             Ok(Outcome::Sample(run.engine.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?))
         }
         Op::SampleStream(input, tx) => {
-            crate::resident::admit(shared, "this sample", crate::resident::sample_bytes(shared, &input))?;
+            admit_sample(shared, &input)?;
             let detok = detokenizer(shared);
             let send = |picked: &[hearth_engine::run::Picked]| {
                 let _ = tx.send(picked.to_vec());
@@ -750,11 +751,11 @@ fn execute(
             Ok(Outcome::SaveState(out))
         }
         Op::LoadState(req) => {
-            let path = checkpoint_source(shared, run_id, &req.source)?;
+            let path = checkpoint_source(shared, Some(run_id), &req.source)?;
             let loaded = if req.optimizer { run.engine.load_state(&path)? } else { run.engine.load_weights(&path)? };
             (run.pending_loss, run.pending_tokens, run.pending_secs) = (0.0, 0.0, 0.0);
-            shared.registry.set_step(&base_key, run_id, loaded.step).map_err(registry_err)?;
-            shared.registry.truncate_metrics(&base_key, run_id, loaded.step).map_err(registry_err)?;
+            shared.registry.set_step(&base_key, run_id, loaded.step).map_err(ApiError::registry)?;
+            shared.registry.truncate_metrics(&base_key, run_id, loaded.step).map_err(ApiError::registry)?;
             run.saved_step = None;
             Ok(Outcome::LoadState(LoadStateResponse {
                 path: path.display().to_string(),
@@ -774,11 +775,14 @@ fn no_such_run(run_id: &str) -> ApiError {
 /// folder (one with `hearth.json` or a PEFT `adapter_config.json`, e.g. an adapter trained in
 /// Python). A user's source reaches here only through [`Caller::checkpoint_source`], so it names
 /// their own runs. Anything else, a missing folder or a folder that is not a checkpoint, gets the
-/// same answer: the message tells nothing about the server's other folders.
-fn checkpoint_source(shared: &Shared, run_id: &str, source: &str) -> Result<PathBuf, ApiError> {
-    let by_name = match source.rsplit_once('/') {
-        None if check_name("source", source).is_ok() => Some(shared.checkpoints_dir(run_id).join(source)),
-        Some((run, name)) if check_run_id("run", run).is_ok() && check_name("source", name).is_ok() => {
+/// same answer: the message tells nothing about the server's other folders. Without `run_id`
+/// (publishing) a bare `NAME` names nothing.
+pub(crate) fn checkpoint_source(shared: &Shared, run_id: Option<&str>, source: &str) -> Result<PathBuf, ApiError> {
+    let by_name = match (source.rsplit_once('/'), run_id) {
+        (None, Some(run_id)) if check_name("source", source).is_ok() => {
+            Some(shared.checkpoints_dir(run_id).join(source))
+        }
+        (Some((run, name)), _) if check_run_id("run", run).is_ok() && check_name("source", name).is_ok() => {
             Some(shared.checkpoints_dir(run).join(name))
         }
         _ => None,
@@ -824,7 +828,7 @@ fn save(
         path: dir.display().to_string(),
         reason: reason.into(),
     };
-    shared.registry.add_checkpoint(shared.base_key(), &row).map_err(registry_err)?;
+    shared.registry.add_checkpoint(shared.base_key(), &row).map_err(ApiError::registry)?;
     if kind == CheckpointKind::State {
         run.saved_step = Some(step);
     }
@@ -844,13 +848,13 @@ pub(crate) fn autosave(
     let autos: Vec<CheckpointRow> = shared
         .registry
         .checkpoints(base, run_id)
-        .map_err(registry_err)?
+        .map_err(ApiError::registry)?
         .into_iter()
         .filter(|c| c.name.starts_with("autosave-"))
         .collect();
     for old in autos.iter().skip(shared.keep_autosaves.max(1)) {
         // registry first: a crash in between leaves an unlisted folder, never a listed hole
-        shared.registry.remove_checkpoint(base, run_id, &old.name).map_err(registry_err)?;
+        shared.registry.remove_checkpoint(base, run_id, &old.name).map_err(ApiError::registry)?;
         let _ = std::fs::remove_dir_all(&old.path);
     }
     Ok(out)

@@ -53,7 +53,7 @@ use crate::error::ApiError;
 use crate::job::{JobState, Op, Outcome};
 use crate::users::{check_user_name, Caller};
 use crate::worker::check_name;
-use crate::App;
+use crate::{lock, App};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -128,10 +128,6 @@ pub struct Tinker {
     /// `asample` answers by sampler and `seq_id`, with their body's key.
     samples_seen: Mutex<HashMap<(String, i64), (u64, Value)>>,
     next_future: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Tinker {

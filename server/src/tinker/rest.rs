@@ -84,11 +84,7 @@ pub(super) fn modified(path: &std::path::Path) -> f64 {
 /// `sampler_weights/`; merged and GGUF exports are hearth's own and not listed), with the
 /// paths `caller` names them by.
 pub(super) fn checkpoints_of(app: &App, caller: &Caller, run: &str) -> Result<Vec<Value>, ApiError> {
-    let rows = app
-        .shared
-        .registry
-        .checkpoints(app.shared.base_key(), run)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")))?;
+    let rows = app.shared.registry.checkpoints(app.shared.base_key(), run).map_err(ApiError::registry)?;
     let model = model_of(caller, run);
     let mut out = Vec::new();
     for r in rows {
@@ -213,10 +209,7 @@ pub(super) async fn delete_checkpoint(
         if !dir.is_dir() {
             return Err(ApiError::not_found(format!("no checkpoint {path}")));
         }
-        app.shared
-            .registry
-            .remove_checkpoint(app.shared.base_key(), &run, &hname)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("registry: {e}")))?;
+        app.shared.registry.remove_checkpoint(app.shared.base_key(), &run, &hname).map_err(ApiError::registry)?;
         std::fs::remove_dir_all(&dir).map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("removing {path}: {e}"))
         })?;
