@@ -42,6 +42,16 @@ impl Weight {
         }
     }
 
+    /// Whether both are the same frozen storage (a base weight two runs share), not merely
+    /// equal values; a trained weight is nobody else's.
+    pub fn same(&self, other: &Weight) -> bool {
+        match (self, other) {
+            (Weight::Frozen(a), Weight::Frozen(b)) => a.id() == b.id(),
+            (Weight::Quantized(a), Weight::Quantized(b)) => a.same(b),
+            _ => false,
+        }
+    }
+
     /// Whether this weight stays fixed during training (frozen or quantized).
     pub fn is_frozen(&self) -> bool {
         !matches!(self, Weight::Trainable(_))
@@ -104,6 +114,15 @@ pub struct Lora {
 }
 
 impl Lora {
+    /// `y + scale · (x Aᵀ) Bᵀ` with nothing tracked (an inference copy): PEFT adds the f32 LoRA
+    /// term to the base output in f32, then rounds once.
+    fn add_untracked(&self, y: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let dt = self.a.dtype();
+        let x = x.to_dtype(dt)?;
+        let xab = frozen_matmul(&(frozen_matmul(&x, &self.a)? * self.scale)?, &self.b)?; // (…, in) -> (…, r) -> (…, out)
+        Ok((y.to_dtype(dt)? + xab)?.to_dtype(y.dtype())?)
+    }
+
     /// The same pair with nothing tracked for gradients, and Bᵀ for the decode kernel.
     pub fn detached(&self) -> Lora {
         Lora {
@@ -175,15 +194,52 @@ impl Linear {
             None => {}
         }
         if let (Some(lora), false) = (&self.lora, fused) {
-            // inference copy: nothing to differentiate, and the few-rows kernel applies; PEFT
-            // adds the f32 LoRA term to the base output in f32, then rounds once
-            let dt = lora.a.dtype();
-            let x = x.to_dtype(dt)?;
-            let xab = frozen_matmul(&(frozen_matmul(&x, &lora.a)? * lora.scale)?, &lora.b)?; // (…, in) -> (…, r) -> (…, out)
-            let out_dtype = y.dtype();
-            y = (y.to_dtype(dt)? + xab)?.to_dtype(out_dtype)?;
+            y = lora.add_untracked(&y, x)?;
         }
         Ok(y)
+    }
+
+    /// Rows of several runs through this projection in one pass (a decode step over several
+    /// requests): x (M, …, in) is split along its first axis into segments, `segs` giving each
+    /// one's row count and LoRA pair (an inference copy's, this projection's counterpart in that
+    /// run) in row order. The base product runs once over all rows; each segment adds its own
+    /// pair. A segment's rows equal what [`Linear::forward_segments`] gives it alone.
+    pub fn forward_segments(&self, x: &Tensor, segs: &[(usize, Option<&Lora>)]) -> Result<Tensor> {
+        if let Weight::Frozen(w) = &self.weight {
+            let bias = match &self.bias {
+                Some(Weight::Frozen(b)) => Some(Some(b)),
+                Some(_) => None,
+                None => Some(None),
+            };
+            let pairs: Option<Vec<(usize, Option<kernels::LoraRows<'_>>)>> = segs
+                .iter()
+                .map(|&(rows, lora)| match lora {
+                    None => Some((rows, None)),
+                    Some(Lora { a, bt: Some(bt), scale, .. }) => Some((rows, Some((a, bt, *scale)))),
+                    Some(Lora { bt: None, .. }) => None,
+                })
+                .collect();
+            if let (Some(bias), Some(pairs)) = (bias, pairs) {
+                if let Some(y) = kernels::linear_segments(x, w, bias, &pairs) {
+                    return Ok(y);
+                }
+            }
+        }
+        let base = Linear { weight: self.weight.clone(), bias: self.bias.clone(), lora: None }.forward(x)?;
+        if segs.iter().all(|s| s.1.is_none()) {
+            return Ok(base);
+        }
+        let mut parts = Vec::with_capacity(segs.len());
+        let mut first = 0;
+        for &(rows, lora) in segs {
+            let y = base.narrow(0, first, rows)?;
+            parts.push(match lora {
+                Some(l) => l.add_untracked(&y, &x.narrow(0, first, rows)?)?,
+                None => y,
+            });
+            first += rows;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// The same projection with nothing tracked for gradients (storage shared, for sampling).

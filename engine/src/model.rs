@@ -21,6 +21,7 @@ use crate::linear::{Linear, Lora, RmsNorm, Weight};
 use candle_core::{DType, Device, Tensor, D};
 
 mod build;
+mod decode;
 
 pub use build::NamedParams;
 
@@ -260,11 +261,24 @@ impl Attention {
 
     /// Projections, q/k norm and rotary: x (B, T, C) → q (B, H, T, D), k and v (B, K, T, D).
     pub fn qkv(&self, x: &Tensor, rotary: &Rotary, start: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _c) = x.dims3()?;
+        self.heads(&self.q_proj.forward(x)?, &self.k_proj.forward(x)?, &self.v_proj.forward(x)?, rotary, start)
+    }
+
+    /// The projections' outputs q (B, T, H·D), k and v (B, T, K·D) as heads, with q/k norm and
+    /// rotary: → q (B, H, T, D), k and v (B, K, T, D).
+    pub fn heads(
+        &self,
+        q: &Tensor,
+        kk: &Tensor,
+        v: &Tensor,
+        rotary: &Rotary,
+        start: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = q.dims3()?;
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?; // (B,T,H·D) -> (B,T,H,D)
-        let kk = self.k_proj.forward(x)?.reshape((b, t, k, d))?; // (B,T,K·D) -> (B,T,K,D)
-        let v = self.v_proj.forward(x)?.reshape((b, t, k, d))?; // (B,T,K·D) -> (B,T,K,D)
+        let q = q.reshape((b, t, h, d))?; // (B,T,H·D) -> (B,T,H,D)
+        let kk = kk.reshape((b, t, k, d))?; // (B,T,K·D) -> (B,T,K,D)
+        let v = v.reshape((b, t, k, d))?; // (B,T,K·D) -> (B,T,K,D)
         let (q, kk) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&kk)?),
             _ => (q, kk),

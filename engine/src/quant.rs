@@ -89,6 +89,11 @@ impl QWeight {
         Ok(Self { q: Arc::new(q), dims })
     }
 
+    /// Whether both are the same blocks (shared, not merely equal).
+    pub fn same(&self, other: &QWeight) -> bool {
+        Arc::ptr_eq(&self.q, &other.q)
+    }
+
     /// (rows, cols).
     pub fn dims2(&self) -> (usize, usize) {
         self.dims

@@ -10,8 +10,12 @@
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
-/// Most input rows handled here; above it gemm's blocking wins.
+/// Most input rows handled here for one run; above it gemm's blocking wins.
 pub const MAX_ROWS: usize = 16;
+
+/// Most input rows of a decode step over several runs ([`linear_segments`]): past it each
+/// weight row is dotted with more input rows than L1 holds, and a batch is split.
+pub const MAX_SEGMENT_ROWS: usize = 64;
 
 /// Output features per task: 64 rows of a 576-wide weight is 144 KiB.
 const BLOCK: usize = 64;
@@ -65,32 +69,65 @@ pub fn linear_few_rows(
     bias: Option<&Tensor>,
     lora: Option<(&Tensor, &Tensor, f64)>,
 ) -> Option<Tensor> {
+    let m: usize = x.dims().split_last()?.1.iter().product();
+    if m > MAX_ROWS {
+        return None;
+    }
+    linear_segments(x, w, bias, &[(m, lora)])
+}
+
+/// A LoRA pair as the decode kernels take it: A (r, in), Bᵀ (r, out), scale.
+pub type LoraRows<'a> = (&'a Tensor, &'a Tensor, f64);
+
+/// [`linear_few_rows`] for rows of several runs at once: x's rows are split into segments
+/// (`segs`: each one's row count and LoRA pair, in row order); the base product streams the
+/// weight once for all rows and each segment adds its own pair. Every output row is computed
+/// with the same arithmetic in the same order whatever the other rows are, so a run's rows
+/// come out bit for bit as they would alone. `None` when the fast path does not apply.
+pub fn linear_segments(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    segs: &[(usize, Option<LoraRows<'_>>)],
+) -> Option<Tensor> {
     let dims = x.dims();
     let (&k, batch) = dims.split_last()?;
     let m: usize = batch.iter().product();
     let (n, wk) = w.dims2().ok()?;
     let untracked = |t: &Tensor| !t.track_op();
-    if m > MAX_ROWS || wk != k || k == 0 || !untracked(x) || !untracked(w) {
+    if m > MAX_SEGMENT_ROWS
+        || wk != k
+        || k == 0
+        || !untracked(x)
+        || !untracked(w)
+        || segs.iter().map(|s| s.0).sum::<usize>() != m
+    {
         return None;
     }
     let x = x.contiguous().ok()?;
     let mut y = f32_slice(&x, |xs| f32_slice(w, |ws| few_rows_times_wt(xs, m, k, ws, n)))??;
-    if let Some((a, bt, scale)) = lora {
-        let r = a.dims2().ok()?.0;
-        if !untracked(a) || !untracked(bt) || a.dims2().ok()? != (r, k) || bt.dims2().ok()? != (r, n) {
-            return None;
-        }
-        let xa = f32_slice(&x, |xs| f32_slice(a, |av| few_rows_times_wt(xs, m, k, av, r)))??; // (m, r)
-        let scale = scale as f32;
-        f32_slice(bt, |btv| {
-            // y_i += scale · Σ_j xa_ij · Bᵀ_j : r contiguous axpys per row
-            for (yi, xai) in y.chunks_exact_mut(n).zip(xa.chunks_exact(r)) {
-                for (&c, btj) in xai.iter().zip(btv.chunks_exact(n)) {
-                    let c = scale * c;
-                    yi.iter_mut().zip(btj).for_each(|(y, b)| *y += c * b);
-                }
+    let mut first = 0;
+    for &(rows, lora) in segs {
+        if let Some((a, bt, scale)) = lora {
+            let r = a.dims2().ok()?.0;
+            if !untracked(a) || !untracked(bt) || a.dims2().ok()? != (r, k) || bt.dims2().ok()? != (r, n) {
+                return None;
             }
-        })?;
+            let own = first * k..(first + rows) * k;
+            let xa = f32_slice(&x, |xs| f32_slice(a, |av| few_rows_times_wt(&xs[own], rows, k, av, r)))??; // (rows, r)
+            let scale = scale as f32;
+            let y = &mut y[first * n..(first + rows) * n];
+            f32_slice(bt, |btv| {
+                // y_i += scale · Σ_j xa_ij · Bᵀ_j : r contiguous axpys per row
+                for (yi, xai) in y.chunks_exact_mut(n).zip(xa.chunks_exact(r)) {
+                    for (&c, btj) in xai.iter().zip(btv.chunks_exact(n)) {
+                        let c = scale * c;
+                        yi.iter_mut().zip(btj).for_each(|(y, b)| *y += c * b);
+                    }
+                }
+            })?;
+        }
+        first += rows;
     }
     if let Some(bias) = bias {
         if !untracked(bias) || bias.dims() != [n] {

@@ -1,11 +1,13 @@
 //! A run: a LoRA adapter or full weights, its optimizer and gradients, over a shared base model.
 //! One file per primitive.
 
+mod decode;
 mod forward_backward;
 mod optim_step;
 mod sample;
 mod save_state;
 
+pub use decode::{Decoder, Detokenize, Finished, OnTokens};
 pub use sample::{Picked, MAX_SAMPLES};
 pub use save_state::{
     checkpoint_training_config, read_adapter_config, read_manifest, Loaded, Manifest, FORMAT, FORMAT_VERSION,
@@ -34,7 +36,7 @@ pub struct Run {
     optim: AdamW,
     training: TrainingConfig,
     /// Draws the seed of every `sample` call that brings none (saved in `state` checkpoints).
-    rng: std::sync::Mutex<crate::rng::Rng>,
+    rng: Arc<std::sync::Mutex<crate::rng::Rng>>,
     recompute: Recompute,
 }
 
@@ -46,7 +48,7 @@ impl Run {
             TrainingConfig::Lora(l) => l.seed,
             TrainingConfig::Full => 0,
         };
-        let rng = std::sync::Mutex::new(crate::rng::Rng::new(seed ^ 0x5A4D_504C_4552)); // "SAMPLER"
+        let rng = Arc::new(std::sync::Mutex::new(crate::rng::Rng::new(seed ^ 0x5A4D_504C_4552))); // "SAMPLER"
         Ok(Self {
             base,
             model,

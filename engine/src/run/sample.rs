@@ -11,15 +11,14 @@
 //! row. Prompt logprobs go through the head in chunks of positions, one number per position to
 //! the host.
 
+use super::decode::Decoder;
 use super::Run;
 use crate::batch::check_tokens;
+use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model};
-use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, D};
-use hearth_api::{
-    LoraConfig, SampleInput, SampleOutput, SampledSequence, SamplingParams, Stop, StopReason, TrainingConfig,
-};
+use hearth_api::{LoraConfig, SampleInput, SampleOutput, SamplingParams, TrainingConfig};
 use rayon::prelude::*;
 
 /// Most sequences one call may generate.
@@ -38,7 +37,7 @@ const SUM_BLOCK: usize = 512;
 
 /// Where a step's picks are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Picking {
+pub(super) enum Picking {
     /// Whole rows of logits to the host, scored by [`choose`].
     Host,
     /// On the logits' device by [`device_picks`]: the same tokens, small transfers.
@@ -48,7 +47,7 @@ enum Picking {
 impl Picking {
     /// The host for a model on the CPU (its rows are already in host memory), the device
     /// otherwise.
-    fn for_device(device: &Device) -> Self {
+    pub(super) fn for_device(device: &Device) -> Self {
         if device.is_cpu() {
             Picking::Host
         } else {
@@ -474,7 +473,13 @@ fn device_picks(logits: &Tensor, rows: &[usize], us: &[f64], p: &SamplingParams)
 }
 
 /// Picks for `rows` (one per pick) of a step's `logits` (R, V) f32, where `picking` says.
-fn pick(logits: &Tensor, rows: &[usize], us: &[f64], p: &SamplingParams, picking: Picking) -> Result<Vec<(u32, f32)>> {
+pub(super) fn pick(
+    logits: &Tensor,
+    rows: &[usize],
+    us: &[f64],
+    p: &SamplingParams,
+    picking: Picking,
+) -> Result<Vec<(u32, f32)>> {
     let (logits, rows) = used_rows(logits, rows)?;
     match picking {
         Picking::Host => host_picks(&logits, &rows, us, p),
@@ -514,6 +519,41 @@ fn score_prompt(model: &Model, hidden: &Tensor, prompt: &[u32]) -> Result<(Vec<O
 /// One sequence's new token in a step: (sequence, token, logprob).
 pub type Picked = (usize, u32, f32);
 
+/// Checks a sampling request against the model before anything runs.
+pub(super) fn validate_request(cfg: &ModelConfig, input: &SampleInput) -> Result<()> {
+    let p = &input.sampling_params;
+    validate(p, input.num_samples)?;
+    check_tokens(&input.prompt, "prompt", cfg.vocab_size, cfg.max_position_embeddings)?;
+    // checked: a max_tokens near usize::MAX must not wrap past the context check
+    if input.prompt.len().checked_add(p.max_tokens).is_none_or(|end| end > cfg.max_position_embeddings) {
+        return Err(EngineError::InvalidParam {
+            field: "max_tokens",
+            value: p.max_tokens.to_string(),
+            reason: "prompt + max_tokens exceeds the model's context (max_position_embeddings)",
+        });
+    }
+    check_step_size(input.num_samples, cfg.vocab_size)
+}
+
+/// Runs the prompt (batch 1) into `cache`: its logprobs when asked for, and the last position's
+/// logits (1, V) f32 for the first pick.
+pub(super) fn prefill(
+    model: &Model,
+    prompt: &[u32],
+    with_logprobs: bool,
+    cache: &mut KvCache,
+) -> Result<(Option<Vec<Option<f32>>>, Tensor)> {
+    let ids = Tensor::new(prompt, model.device())?.unsqueeze(0)?; // (1,P)
+    if with_logprobs {
+        let hidden = model.forward_cached_hidden(&ids, cache)?; // (1,P,C)
+        let (logprobs, last) = score_prompt(model, &hidden, prompt)?;
+        Ok((Some(logprobs), last))
+    } else {
+        Ok((None, model.forward_cached(&ids, cache, false)?.squeeze(0)?.to_dtype(DType::F32)?))
+        // (1,1,V) -> (1,V)
+    }
+}
+
 impl Run {
     /// Generates `num_samples` continuations of `prompt` with the run's current weights (or the
     /// base model's). `detokenize` turns generated ids into text for stop strings; `cancelled`
@@ -536,10 +576,7 @@ impl Run {
         detokenize: &(dyn Fn(&[u32]) -> String + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<SampleOutput> {
-        crate::kernels::in_pool_for(&self.base.device, || {
-            self.sample_in_pool(input, Picking::Device, detokenize, cancelled, &|_| {})
-        })
-        .map_err(crate::recompute::classify)
+        self.sample_alone(input, Picking::Device, detokenize, cancelled, &|_| {})
     }
 
     /// [`sample`](Self::sample), reporting each step's new tokens as they are picked:
@@ -552,16 +589,22 @@ impl Run {
         cancelled: &(dyn Fn() -> bool + Sync),
         on_tokens: &(dyn Fn(&[Picked]) + Sync),
     ) -> Result<SampleOutput> {
-        // Decoding is a long chain of small ops; run it on a pool thread so each parallel
-        // kernel splits work with a warm sibling instead of waking the pool from outside.
-        let picking = Picking::for_device(&self.base.device);
-        crate::kernels::in_pool_for(&self.base.device, || {
-            self.sample_in_pool(input, picking, detokenize, cancelled, on_tokens)
-        })
-        .map_err(crate::recompute::classify)
+        self.sample_alone(input, Picking::for_device(&self.base.device), detokenize, cancelled, on_tokens)
     }
 
-    fn sample_in_pool(
+    /// The model a request samples: an inference copy of the run's (its current weights,
+    /// storage shared), or the base model alone.
+    pub(super) fn sampling_model(&self, base_model_only: bool) -> Result<Model> {
+        if base_model_only {
+            let frozen = TrainingConfig::Lora(LoraConfig { target_modules: Vec::new(), ..LoraConfig::default() });
+            Ok(Model::new_quantized(&self.base.config, &self.base.weights, &self.base.quantized, &frozen)?.0)
+        } else {
+            Ok(self.model.detached())
+        }
+    }
+
+    /// One request through a [`Decoder`] of its own.
+    fn sample_alone(
         &self,
         input: &SampleInput,
         picking: Picking,
@@ -569,101 +612,29 @@ impl Run {
         cancelled: &(dyn Fn() -> bool + Sync),
         on_tokens: &(dyn Fn(&[Picked]) + Sync),
     ) -> Result<SampleOutput> {
-        let cfg = &self.base.config;
-        let p = &input.sampling_params;
-        validate(p, input.num_samples)?;
-        check_tokens(&input.prompt, "prompt", cfg.vocab_size, cfg.max_position_embeddings)?;
-        // checked: a max_tokens near usize::MAX must not wrap past the context check
-        if input.prompt.len().checked_add(p.max_tokens).is_none_or(|end| end > cfg.max_position_embeddings) {
-            return Err(EngineError::InvalidParam {
-                field: "max_tokens",
-                value: p.max_tokens.to_string(),
-                reason: "prompt + max_tokens exceeds the model's context (max_position_embeddings)",
-            });
-        }
-        let n = input.num_samples;
-        check_step_size(n, cfg.vocab_size)?;
-        let model = if input.base_model_only {
-            let frozen = TrainingConfig::Lora(LoraConfig { target_modules: Vec::new(), ..LoraConfig::default() });
-            Model::new_quantized(cfg, &self.base.weights, &self.base.quantized, &frozen)?.0
-        } else {
-            self.model.detached()
-        };
-        let device = &self.base.device;
-        let mut prefill = KvCache::with_capacity(input.prompt.len() + p.max_tokens);
-        let prompt = Tensor::new(input.prompt.as_slice(), device)?.unsqueeze(0)?; // (1,P)
-                                                                                  // the logits of the step to pick from, (R,V) f32: the prompt's last position (R = 1,
-                                                                                  // shared by every sequence), then one row per sequence
-        let (prompt_logprobs, mut logits) = if input.prompt_logprobs {
-            let hidden = model.forward_cached_hidden(&prompt, &mut prefill)?; // (1,P,C)
-            let (logprobs, last) = score_prompt(&model, &hidden, &input.prompt)?;
-            (Some(logprobs), last)
-        } else {
-            (None, model.forward_cached(&prompt, &mut prefill, false)?.squeeze(0)?.to_dtype(DType::F32)?)
-            // (1,1,V) -> (1,V)
-        };
-        let mut cache = prefill.expand(n)?;
-        // No seed: the run's own generator picks one (so a resumed `state` samples as the
-        // uninterrupted run would have). It advances only when the call succeeds.
-        let mut run_rng = match self.rng.lock() {
-            Ok(r) => r.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        let mut rng = Rng::new(p.seed.unwrap_or_else(|| run_rng.next_u64()));
-        let stop_ids: Vec<u32> =
-            p.stop.iter().filter_map(|s| if let Stop::Token(t) = s { Some(*t) } else { None }).collect();
-        let stop_texts: Vec<&str> =
-            p.stop.iter().filter_map(|s| if let Stop::Text(t) = s { Some(t.as_str()) } else { None }).collect();
-        let mut seqs: Vec<SampledSequence> = (0..n)
-            .map(|_| SampledSequence { tokens: Vec::new(), logprobs: Vec::new(), stop_reason: StopReason::Length })
-            .collect();
-        let mut done = vec![false; n];
-        for step in 0..p.max_tokens {
-            if cancelled() {
-                return Err(EngineError::Interrupted);
-            }
-            let active: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
-            // One uniform per tempered pick, drawn in sequence order (so the rows can be scored
-            // in parallel and a seed still gives the same samples).
-            let us: Vec<f64> = active.iter().map(|_| if p.temperature > 0.0 { rng.uniform() } else { 0.0 }).collect();
-            let rows: Vec<usize> = if step == 0 { vec![0; active.len()] } else { active.clone() };
-            let picks = pick(&logits, &rows, &us, p, picking)?;
-            let mut next: Vec<u32> = seqs.iter().map(|s| s.tokens.last().copied().unwrap_or(0)).collect();
-            let picked: Vec<Picked> = active.iter().zip(&picks).map(|(&i, &(tok, lp))| (i, tok, lp)).collect();
-            on_tokens(&picked);
-            for (&i, (tok, logprob)) in active.iter().zip(picks) {
-                let seq = &mut seqs[i];
-                seq.tokens.push(tok);
-                seq.logprobs.push(logprob);
-                let text_stop = !stop_texts.is_empty() && {
-                    let text = detokenize(&seq.tokens);
-                    stop_texts.iter().any(|s| text.contains(s))
-                };
-                if stop_ids.contains(&tok) || text_stop {
-                    seq.stop_reason = StopReason::Stop;
-                    done[i] = true;
+        // Decoding is a long chain of small ops; run it on a pool thread so each parallel
+        // kernel splits work with a warm sibling instead of waking the pool from outside.
+        crate::kernels::in_pool_for(&self.base.device, || {
+            let mut decoder = Decoder::default();
+            decoder.join_picking(0, self, input, Some(Box::new(move |p: &[Picked]| on_tokens(p))), picking)?;
+            loop {
+                if cancelled() {
+                    decoder.cancel(0);
+                    return Err(EngineError::Interrupted);
                 }
-                next[i] = tok;
+                if let Some((_, out)) = decoder.step(detokenize).pop() {
+                    return out;
+                }
             }
-            if done.iter().all(|&d| d) || step + 1 == p.max_tokens {
-                break;
-            }
-            let ids = Tensor::from_vec(next, (n, 1), device)?; // (n,1)
-            logits = model.forward_cached(&ids, &mut cache, false)?.squeeze(1)?.to_dtype(DType::F32)?;
-            // (n,1,V) -> (n,V)
-        }
-        if p.seed.is_none() {
-            if let Ok(mut r) = self.rng.lock() {
-                *r = run_rng;
-            }
-        }
-        Ok(SampleOutput { sequences: seqs, prompt_logprobs })
+        })
+        .map_err(crate::recompute::classify)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
 
     fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
         SamplingParams { temperature, top_k, top_p, ..SamplingParams::default() }
