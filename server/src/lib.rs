@@ -25,6 +25,8 @@
 //! hearth_server::run(opts, |ready| eprintln!("listening on {}", ready.url)).unwrap();
 //! ```
 
+pub mod checkpoints;
+pub mod decoding;
 pub mod error;
 pub mod http;
 pub mod job;

@@ -142,7 +142,7 @@ async fn run_op(
             if let Some(name) = req.source.strip_prefix(crate::users::PUBLISHED) {
                 let dir = crate::users::published_dir(&app, name);
                 if !dir.is_dir() {
-                    return Err(crate::worker::no_such_checkpoint(&req.source));
+                    return Err(crate::checkpoints::no_such_checkpoint(&req.source));
                 }
                 req.source = dir.display().to_string();
             }

@@ -115,6 +115,11 @@ impl Queue {
         self.lock().lines.get(user).map_or(0, |l| l.jobs.len())
     }
 
+    /// Users with jobs waiting.
+    pub fn users_waiting(&self) -> usize {
+        self.lock().lines.values().filter(|l| !l.jobs.is_empty()).count()
+    }
+
     /// Every user's queued jobs.
     pub fn queued_by_user(&self) -> Vec<(String, usize)> {
         let q = self.lock();
@@ -126,13 +131,20 @@ impl Queue {
 
     /// The next control message or job, waiting at most `timeout` for one.
     pub fn pop(&self, timeout: Duration) -> Option<Next> {
+        self.pop_where(timeout, |_| true)
+    }
+
+    /// [`Queue::pop`] of a job that `may_run` allows now: a user whose next job may not run yet
+    /// (its run is being sampled) keeps it at the front of their line and their credit, and the
+    /// turn passes to the next user.
+    pub fn pop_where(&self, timeout: Duration, may_run: impl Fn(&Job) -> bool) -> Option<Next> {
         let deadline = std::time::Instant::now() + timeout;
         let mut q = self.lock();
         loop {
             if let Some(msg) = q.control.pop_front() {
                 return Some(Next::Control(msg));
             }
-            if let Some((user, job)) = q.next_job() {
+            if let Some((user, job)) = q.next_job(&may_run) {
                 return Some(Next::Job(user, job));
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -165,7 +177,9 @@ impl Queue {
 }
 
 impl Inner {
-    fn next_job(&mut self) -> Option<(String, Job)> {
+    fn next_job(&mut self, may_run: &dyn Fn(&Job) -> bool) -> Option<(String, Job)> {
+        // users passed over in a row because their next job may not run: all of them, nobody can
+        let mut passed = 0;
         loop {
             let Some(user) = self.ring.front().cloned() else {
                 self.lines.values_mut().for_each(|l| l.credit_ns = 0);
@@ -180,6 +194,16 @@ impl Inner {
                 self.turn_on = false;
                 continue;
             }
+            if line.jobs.front().is_some_and(|j| !may_run(j)) {
+                passed += 1;
+                if passed >= self.ring.len() {
+                    return None;
+                }
+                self.ring.rotate_left(1);
+                self.turn_on = false;
+                continue;
+            }
+            passed = 0;
             if !self.turn_on {
                 line.credit_ns = line.credit_ns.saturating_add(QUANTUM.as_nanos() as i64);
                 self.turn_on = true;
@@ -282,6 +306,29 @@ mod tests {
         let t0 = std::time::Instant::now();
         assert!(q.pop(Duration::from_millis(100)).is_none());
         assert!(t0.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_job_that_may_not_run_yet_keeps_its_place_and_others_go_first() {
+        let q = Queue::default();
+        q.push_job("a", job(1, "a/busy"), 10).unwrap();
+        q.push_job("a", job(2, "a/other"), 10).unwrap();
+        q.push_job("b", job(3, "b/r"), 10).unwrap();
+        q.push_job("b", job(4, "b/r"), 10).unwrap();
+        let not_busy = |j: &Job| j.run != "a/busy";
+        let mut got = Vec::new();
+        while let Some(Next::Job(user, j)) = q.pop_where(Duration::ZERO, not_busy) {
+            q.charge(&user, QUANTUM);
+            got.push(j.id);
+        }
+        // a's line waits behind its first job (order kept); b is served
+        assert_eq!(got, [3, 4]);
+        assert_eq!(q.queued("a"), 2);
+        let mut rest = Vec::new();
+        while let Some(Next::Job(_, j)) = q.pop(Duration::ZERO) {
+            rest.push(j.id);
+        }
+        assert_eq!(rest, [1, 2]);
     }
 
     #[test]

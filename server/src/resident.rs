@@ -149,9 +149,9 @@ impl Resident {
     fn evict(&mut self, shared: &Shared, id: &str) -> Result<(), ApiError> {
         let Some(run) = self.runs.get_mut(id) else { return Ok(()) };
         let step = run.engine.step();
-        let checkpoint = match crate::worker::state_at(shared, id, step) {
+        let checkpoint = match crate::checkpoints::state_at(shared, id, step) {
             Some(dir) if run.saved_step == Some(step) => dir,
-            _ => PathBuf::from(crate::worker::autosave(shared, id, run, "evict")?.path),
+            _ => PathBuf::from(crate::checkpoints::autosave(shared, id, run, "evict")?.path),
         };
         let info = run.info(id);
         let pending = (run.pending_loss, run.pending_tokens, run.pending_secs);

@@ -106,7 +106,7 @@ impl Caller {
         match (ok, source.contains('/')) {
             (true, false) => Ok(source.to_string()),
             (true, true) => Ok(format!("{u}/{source}")),
-            (false, _) => Err(crate::worker::no_such_checkpoint(source)),
+            (false, _) => Err(crate::checkpoints::no_such_checkpoint(source)),
         }
     }
 }
@@ -196,7 +196,7 @@ async fn publish(
         caller.require_admin("publishing a checkpoint")?;
         let req: Publish = parse_body(body)?;
         check_name("name", &req.name)?;
-        let src = crate::worker::checkpoint_source(&app.shared, None, &req.source)?;
+        let src = crate::checkpoints::checkpoint_source(&app.shared, None, &req.source)?;
         let dest = published_dir(&app, &req.name);
         if dest.exists() {
             return Err(ApiError::new(StatusCode::CONFLICT, "exists", format!("{:?} is published already", req.name)));

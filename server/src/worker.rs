@@ -3,17 +3,17 @@
 //! keep the order their client sent them in. HTTP handlers never touch the engine; they submit an
 //! [`Op`] and wait on (or poll) its request entry, whose [`JobState`] ends in a typed [`Outcome`].
 
+use crate::checkpoints::{autosave, checkpoint_source, save, state_at};
+use crate::decoding::Sampling;
 use crate::error::ApiError;
 use crate::job::{JobState, Op, Outcome, SamplerMade};
 use crate::limits::Limits;
 use crate::queue::{Full, Job, Next, Queue};
-use crate::registry::{CheckpointRow, Registry};
-use crate::resident::{admit_sample, trainable_scalars, Resident};
+use crate::registry::Registry;
+use crate::resident::{trainable_scalars, Resident};
 use crate::users::{check_run_id, owner_of, Caller};
 use axum::http::StatusCode;
-use hearth_api::{
-    CheckpointKind, LoadStateResponse, MetricRow, ResumedRun, RunInfo, SaveStateResponse, TrainingConfig,
-};
+use hearth_api::{LoadStateResponse, MetricRow, ResumedRun, RunInfo, SaveStateResponse, TrainingConfig};
 use hearth_engine::recompute::Recompute;
 use hearth_engine::tokenizer::ByteTokenizer;
 use hearth_engine::{BaseModel, Run};
@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// One submitted request's entry: its state (watched by waiters) and its cancel flag.
@@ -441,15 +442,41 @@ pub fn clean_temporaries(home: &Path) {
 }
 
 /// The worker loop. Runs until [`Msg::Stop`]; the jobs still queued then fail as the server
-/// shuts down.
+/// shuts down. While requests are being sampled it alternates decode steps with the jobs that
+/// may run meanwhile ([`crate::decoding`]), giving those jobs as much device time between two
+/// steps as a step took for each user waiting, so that sampling and each waiting user share the
+/// device evenly.
 pub fn work(shared: Arc<Shared>, mut res: Resident) {
     // every tensor this thread drops is freed in the device's context
     hearth_engine::device::bind(&shared.base.device);
     publish_runs(&shared, &res);
+    let mut sampling = Sampling::default();
+    let mut last_step = Duration::ZERO;
     let mut trimmed_at = 0;
-    loop {
-        let next = match shared.queue.pop(IDLE_TRIM) {
-            Some(next) => next,
+    'work: loop {
+        if !sampling.is_empty() {
+            let share = last_step * shared.queue.users_waiting().max(1) as u32;
+            let mut spent = Duration::ZERO;
+            while spent <= share {
+                let t0 = Instant::now();
+                match shared.queue.pop_where(Duration::ZERO, |j| sampling.may_run(j)) {
+                    None => break,
+                    Some(Next::Control(Msg::Stop)) => break 'work,
+                    Some(Next::Control(msg)) => control(&shared, &mut res, msg),
+                    Some(Next::Job(user, job)) => take(&shared, &mut res, &mut sampling, user, job),
+                }
+                spent += t0.elapsed();
+            }
+            last_step = sampling.step(&shared);
+            if sampling.is_empty() {
+                publish_runs(&shared, &res);
+            }
+            continue;
+        }
+        match shared.queue.pop(IDLE_TRIM) {
+            Some(Next::Job(user, job)) => take(&shared, &mut res, &mut sampling, user, job),
+            Some(Next::Control(Msg::Stop)) => break,
+            Some(Next::Control(msg)) => control(&shared, &mut res, msg),
             None => {
                 // idle: give back what the last requests freed (anything since the last trim)
                 if shared.last_activity_ms.load(Ordering::SeqCst) > trimmed_at {
@@ -459,81 +486,10 @@ pub fn work(shared: Arc<Shared>, mut res: Resident) {
                     hearth_engine::device::give_back_freed_memory(&shared.base.device);
                     trimmed_at = now_ms();
                 }
-                continue;
             }
-        };
-        match next {
-            Next::Job(user, Job { id, run, op }) => {
-                let op_name = op.name();
-                let cancel = shared.cancel_flag(id);
-                let result = if cancel.load(Ordering::SeqCst) {
-                    Err(ApiError::from(hearth_engine::EngineError::Interrupted))
-                } else if shared.shutting_down.load(Ordering::SeqCst) {
-                    Err(ApiError::shutting_down())
-                } else {
-                    shared.set_state(id, JobState::Running);
-                    let t0 = std::time::Instant::now();
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&shared, &mut res, &run, op, &cancel)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(ApiError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "internal",
-                            "the operation panicked; the run is unchanged",
-                        ))
-                    });
-                    let took = t0.elapsed();
-                    shared.busy_ns.fetch_add(took.as_nanos() as u64, Ordering::SeqCst);
-                    shared.queue.charge(&user, took);
-                    shared.quotas.record(&user, took, op_name, r.as_ref().ok());
-                    r
-                };
-                let state = match result {
-                    Ok(outcome) => JobState::Done(outcome),
-                    Err(e) => JobState::Failed(e),
-                };
-                publish_runs(&shared, &res);
-                shared.set_state(id, state);
-                shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-                shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
-            }
-            Next::Control(Msg::SaveAll { reason, caller, reply }) => {
-                let mut report = SaveReport::default();
-                // evicted runs are saved already
-                for (id, r) in res.runs.iter_mut().filter(|(id, _)| caller.owns(id)) {
-                    if r.saved_step == Some(r.engine.step()) && state_at(&shared, id, r.engine.step()).is_some() {
-                        continue;
-                    }
-                    match autosave(&shared, id, r, &reason) {
-                        Ok(s) => report.saved.push(s),
-                        Err(e) => {
-                            log::error!(
-                                "run {id}: saving on {reason} failed at step {}: {}",
-                                r.engine.step(),
-                                e.message
-                            );
-                            report.failed.push(SaveFailure {
-                                run: id.clone(),
-                                step: r.engine.step(),
-                                saved_step: r.saved_step,
-                                error: e.body(),
-                            });
-                        }
-                    }
-                }
-                publish_runs(&shared, &res);
-                shared.quotas.flush(&shared.registry);
-                let _ = reply.send(report);
-            }
-            Next::Control(Msg::DropSamplers { prefix, reply }) => {
-                let freed = res.drop_samplers(&prefix);
-                publish_runs(&shared, &res);
-                let _ = reply.send(freed);
-            }
-            Next::Control(Msg::Stop) => break,
         }
     }
+    sampling.fail_all(&shared, ApiError::shutting_down);
     shared.quotas.flush(&shared.registry);
     shared.queue.close();
     for job in shared.queue.drain() {
@@ -542,13 +498,100 @@ pub fn work(shared: Arc<Shared>, mut res: Resident) {
     }
 }
 
-/// The folder of run `run`'s readable `state` checkpoint at `step` in the registry, if it has
-/// one (one can be deleted after it was written: the run is then saved again on the way out).
-pub(crate) fn state_at(shared: &Shared, run: &str, step: u64) -> Option<PathBuf> {
-    let rows = shared.registry.checkpoints(shared.base_key(), run).unwrap_or_default();
-    rows.into_iter()
-        .find(|c| c.kind == "state" && c.step == step && Path::new(&c.path).join("hearth.json").is_file())
-        .map(|c| PathBuf::from(c.path))
+/// Starts a job the queue gave: a sample joins the decoder (and is answered when it ends),
+/// anything else runs to its end now.
+fn take(shared: &Shared, res: &mut Resident, sampling: &mut Sampling, user: String, job: Job) {
+    let (id, op_name) = (job.id, job.op.name());
+    let cancel = shared.cancel_flag(id);
+    if cancel.load(Ordering::SeqCst) {
+        return finish(shared, &user, id, op_name, Duration::ZERO, Err(hearth_engine::EngineError::Interrupted.into()));
+    }
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        return finish(shared, &user, id, op_name, Duration::ZERO, Err(ApiError::shutting_down()));
+    }
+    shared.set_state(id, JobState::Running);
+    let t0 = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if crate::decoding::is_sample(&job.op) {
+            sampling.join(shared, res, user.clone(), job, cancel.clone()).map(|()| None)
+        } else {
+            execute(shared, res, &job.run, job.op).map(Some)
+        }
+    }))
+    .unwrap_or_else(|_| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the operation panicked; the run is unchanged",
+        ))
+    });
+    let took = t0.elapsed();
+    shared.busy_ns.fetch_add(took.as_nanos() as u64, Ordering::SeqCst);
+    shared.queue.charge(&user, took);
+    let result = match result {
+        // in the decoder, which counts its prefill and answers it when it ends
+        Ok(None) => return,
+        Ok(Some(outcome)) => Ok(outcome),
+        Err(e) => Err(e),
+    };
+    publish_runs(shared, res);
+    finish(shared, &user, id, op_name, took, result);
+}
+
+/// Answers job `id` of `user` with `result`, after `took` of device time (counted in the
+/// user's usage; their turn in the queue was charged as it was spent).
+pub(crate) fn finish(
+    shared: &Shared,
+    user: &str,
+    id: u64,
+    op_name: &'static str,
+    took: Duration,
+    result: Result<Outcome, ApiError>,
+) {
+    shared.quotas.record(user, took, op_name, result.as_ref().ok());
+    let state = match result {
+        Ok(outcome) => JobState::Done(outcome),
+        Err(e) => JobState::Failed(e),
+    };
+    shared.set_state(id, state);
+    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    shared.last_activity_ms.store(now_ms(), Ordering::SeqCst);
+}
+
+/// A control message between jobs.
+fn control(shared: &Shared, res: &mut Resident, msg: Msg) {
+    match msg {
+        Msg::SaveAll { reason, caller, reply } => {
+            let mut report = SaveReport::default();
+            // evicted runs are saved already
+            for (id, r) in res.runs.iter_mut().filter(|(id, _)| caller.owns(id)) {
+                if r.saved_step == Some(r.engine.step()) && state_at(shared, id, r.engine.step()).is_some() {
+                    continue;
+                }
+                match autosave(shared, id, r, &reason) {
+                    Ok(s) => report.saved.push(s),
+                    Err(e) => {
+                        log::error!("run {id}: saving on {reason} failed at step {}: {}", r.engine.step(), e.message);
+                        report.failed.push(SaveFailure {
+                            run: id.clone(),
+                            step: r.engine.step(),
+                            saved_step: r.saved_step,
+                            error: e.body(),
+                        });
+                    }
+                }
+            }
+            publish_runs(shared, res);
+            shared.quotas.flush(&shared.registry);
+            let _ = reply.send(report);
+        }
+        Msg::DropSamplers { prefix, reply } => {
+            let freed = res.drop_samplers(&prefix);
+            publish_runs(shared, res);
+            let _ = reply.send(freed);
+        }
+        Msg::Stop => {}
+    }
 }
 
 /// Publishes the runs' snapshot that `GET /v1/runs`, `/v1/info` and the other protocols read.
@@ -557,7 +600,7 @@ pub fn publish_runs(shared: &Shared, res: &Resident) {
     shared.samplers_in_memory.store(res.samplers_in_memory(), Ordering::SeqCst);
 }
 
-fn detokenizer(shared: &Shared) -> impl Fn(&[u32]) -> String + Sync + '_ {
+pub(crate) fn detokenizer(shared: &Shared) -> impl Fn(&[u32]) -> String + Sync + '_ {
     let text = shared.base.text.as_ref();
     move |ids: &[u32]| match text {
         Some(t) => t.decode(ids, false).unwrap_or_default(),
@@ -615,13 +658,7 @@ fn create_run(
     Ok(Outcome::Run(info))
 }
 
-fn execute(
-    shared: &Shared,
-    res: &mut Resident,
-    run_id: &str,
-    op: Op,
-    cancel: &AtomicBool,
-) -> Result<Outcome, ApiError> {
+fn execute(shared: &Shared, res: &mut Resident, run_id: &str, op: Op) -> Result<Outcome, ApiError> {
     let base_key = shared.base_key().to_string();
     match op {
         Op::CreateSampler(source) => {
@@ -635,28 +672,6 @@ fn execute(
             };
             res.insert_sampler(run_id, session, source);
             return Ok(Outcome::Sampler(SamplerMade { sampler: run_id.to_string(), step: None }));
-        }
-        Op::SamplerSample(mut input) => {
-            admit_sample(shared, &input)?;
-            let detok = detokenizer(shared);
-            let stop = || cancel.load(Ordering::Relaxed);
-            let out = match res.sampler(shared, run_id)? {
-                Some(s) => s.sample(&input, &detok, &stop)?,
-                None => {
-                    // the base model alone: any run's session samples it with `base_model_only`
-                    input.base_model_only = true;
-                    let scratch;
-                    let s = match res.any_run() {
-                        Some(r) => r,
-                        None => {
-                            scratch = Run::new(shared.base.clone(), TrainingConfig::default())?;
-                            &scratch
-                        }
-                    };
-                    s.sample(&input, &detok, &stop)?
-                }
-            };
-            return Ok(Outcome::Sample(out));
         }
         Op::CreateRun(req) => {
             return create_run(shared, res, run_id, &req.training, || {
@@ -715,30 +730,14 @@ fn execute(
             }
             Ok(Outcome::OptimStep(out))
         }
-        Op::Sample(input) => {
-            admit_sample(shared, &input)?;
-            let detok = detokenizer(shared);
-            Ok(Outcome::Sample(run.engine.sample(&input, &detok, &|| cancel.load(Ordering::Relaxed))?))
-        }
-        Op::SampleStream(input, tx) => {
-            admit_sample(shared, &input)?;
-            let detok = detokenizer(shared);
-            let send = |picked: &[hearth_engine::run::Picked]| {
-                let _ = tx.send(picked.to_vec());
-            };
-            Ok(Outcome::Sample(run.engine.sample_streaming(
-                &input,
-                &detok,
-                &|| cancel.load(Ordering::Relaxed),
-                &send,
-            )?))
-        }
         // handled above
-        Op::CreateRun(_)
-        | Op::CreateRunFrom { .. }
-        | Op::CreateSampler(_)
-        | Op::SamplerSample(_)
-        | Op::Snapshot { .. } => Err(ApiError::invalid("unreachable")),
+        Op::CreateRun(_) | Op::CreateRunFrom { .. } | Op::CreateSampler(_) | Op::Snapshot { .. } => {
+            Err(ApiError::invalid("unreachable"))
+        }
+        // the decoder's (crate::decoding)
+        Op::Sample(_) | Op::SampleStream(..) | Op::SamplerSample(_) => {
+            Err(ApiError::invalid("sampling runs in the decoder"))
+        }
         Op::SaveState(req) => {
             check_name("name", &req.name)?;
             if req.name.starts_with("autosave-") {
@@ -766,98 +765,8 @@ fn execute(
     }
 }
 
-fn no_such_run(run_id: &str) -> ApiError {
+pub(crate) fn no_such_run(run_id: &str) -> ApiError {
     ApiError::not_found(format!("run {run_id:?} does not exist; create it with POST /v1/runs"))
-}
-
-/// The checkpoint folder `load_state` names: a checkpoint of this run (`NAME`), of another run
-/// (`RUN/NAME`, a run id that may be a user's `USER/RUN/NAME`), or the path of a checkpoint
-/// folder (one with `hearth.json` or a PEFT `adapter_config.json`, e.g. an adapter trained in
-/// Python). A user's source reaches here only through [`Caller::checkpoint_source`], so it names
-/// their own runs. Anything else, a missing folder or a folder that is not a checkpoint, gets the
-/// same answer: the message tells nothing about the server's other folders. Without `run_id`
-/// (publishing) a bare `NAME` names nothing.
-pub(crate) fn checkpoint_source(shared: &Shared, run_id: Option<&str>, source: &str) -> Result<PathBuf, ApiError> {
-    let by_name = match (source.rsplit_once('/'), run_id) {
-        (None, Some(run_id)) if check_name("source", source).is_ok() => {
-            Some(shared.checkpoints_dir(run_id).join(source))
-        }
-        (Some((run, name)), _) if check_run_id("run", run).is_ok() && check_name("source", name).is_ok() => {
-            Some(shared.checkpoints_dir(run).join(name))
-        }
-        _ => None,
-    };
-    let is_checkpoint = |p: &Path| p.join("hearth.json").is_file() || p.join("adapter_config.json").is_file();
-    match by_name.filter(|p| is_checkpoint(p)) {
-        Some(p) => Ok(p),
-        None if Path::new(source).is_absolute() && is_checkpoint(Path::new(source)) => Ok(PathBuf::from(source)),
-        None => Err(no_such_checkpoint(source)),
-    }
-}
-
-/// The one answer to a checkpoint source that names nothing this caller may load.
-pub fn no_such_checkpoint(source: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "bad_checkpoint",
-        format!("source {source:?}: no such checkpoint; give a checkpoint name of this run, RUN/NAME for another run's, or (the admin) the absolute path of a checkpoint folder"),
-    )
-}
-
-fn save(
-    shared: &Shared,
-    run_id: &str,
-    run: &mut HeldRun,
-    name: &str,
-    kind: CheckpointKind,
-    reason: &str,
-) -> Result<SaveStateResponse, ApiError> {
-    let dir = shared.checkpoints_dir(run_id).join(name);
-    let step = run.engine.step();
-    if kind == CheckpointKind::Adapter && matches!(run.engine.training(), TrainingConfig::Full) {
-        return Err(ApiError::invalid(
-            "kind \"adapter\": a full fine-tuning run has no adapter; save \"state\" or \"merged\"",
-        ));
-    }
-    run.engine.save_state(&dir, kind)?;
-    let row = CheckpointRow {
-        run: run_id.into(),
-        name: name.into(),
-        kind: kind.name().into(),
-        step,
-        path: dir.display().to_string(),
-        reason: reason.into(),
-    };
-    shared.registry.add_checkpoint(shared.base_key(), &row).map_err(ApiError::registry)?;
-    if kind == CheckpointKind::State {
-        run.saved_step = Some(step);
-    }
-    Ok(SaveStateResponse { path: row.path, kind, step })
-}
-
-/// Saves `autosave-STEP` (a `state`) and deletes autosaves beyond the newest `keep_autosaves`.
-pub(crate) fn autosave(
-    shared: &Shared,
-    run_id: &str,
-    run: &mut HeldRun,
-    reason: &str,
-) -> Result<SaveStateResponse, ApiError> {
-    let name = format!("autosave-{:08}", run.engine.step());
-    let out = save(shared, run_id, run, &name, CheckpointKind::State, reason)?;
-    let base = shared.base_key();
-    let autos: Vec<CheckpointRow> = shared
-        .registry
-        .checkpoints(base, run_id)
-        .map_err(ApiError::registry)?
-        .into_iter()
-        .filter(|c| c.name.starts_with("autosave-"))
-        .collect();
-    for old in autos.iter().skip(shared.keep_autosaves.max(1)) {
-        // registry first: a crash in between leaves an unlisted folder, never a listed hole
-        shared.registry.remove_checkpoint(base, run_id, &old.name).map_err(ApiError::registry)?;
-        let _ = std::fs::remove_dir_all(&old.path);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

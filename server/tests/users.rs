@@ -361,7 +361,7 @@ fn a_user_who_pipelines_many_samples_does_not_hold_up_another_users_step() {
     // bob's step is served within a turn or two of alice's, not after her forty samples
     step(&s, &bob, "main", "bob's turn comes");
     let (_, last) = get(&s, &alice, &format!("/v1/requests/{}", ids[ids.len() - 1]));
-    assert_eq!(last["state"], "queued", "alice's last sample still waits after bob's step: {last}");
+    assert_ne!(last["state"], "done", "alice's last sample is not over when bob's step is: {last}");
     for id in ids {
         let (_, polled) = get(&s, &alice, &format!("/v1/requests/{id}?timeout_s=120"));
         assert_eq!(polled["state"], "done", "{polled}");
@@ -374,7 +374,8 @@ fn a_full_line_is_a_429_with_retry_after_and_only_its_user_waits() {
     let (alice, bob) = (add_user(&s, "alice"), add_user(&s, "bob"));
     ok(&s, &alice, "/v1/runs", json!({"name": "main"}));
     ok(&s, &bob, "/v1/runs", json!({"name": "main"}));
-    let body = json!({"prompt": [1, 2, 3], "num_samples": 8, "sampling_params": {"max_tokens": 200, "seed": 1}});
+    // forty rows: one such request is decoded at a time, the others wait in the line
+    let body = json!({"prompt": [1, 2, 3], "num_samples": 40, "sampling_params": {"max_tokens": 200, "seed": 1}});
     // alice fills her line (one may be running already, so up to five are taken)
     let mut refused = None;
     for _ in 0..6 {
