@@ -42,6 +42,15 @@ impl Weight {
         }
     }
 
+    /// A frozen weight as the decode kernels read it (dense or blocks); `None` for a trained one.
+    fn rows(&self) -> Option<kernels::WeightRows<'_>> {
+        match self {
+            Weight::Frozen(w) => Some(kernels::WeightRows::Dense(w)),
+            Weight::Quantized(q) => Some(kernels::WeightRows::Blocks(q)),
+            Weight::Trainable(_) => None,
+        }
+    }
+
     /// Whether both are the same frozen storage (a base weight two runs share), not merely
     /// equal values; a trained weight is nobody else's.
     pub fn same(&self, other: &Weight) -> bool {
@@ -148,7 +157,10 @@ pub struct Linear {
 impl Linear {
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // quantized blocks take the 8-bit-input decode kernel in decode steps only
+        // (`forward_segments`); everything else multiplies their dequantized values
         if let Weight::Frozen(w) = &self.weight {
+            let w = kernels::WeightRows::Dense(w);
             let bias = match &self.bias {
                 Some(Weight::Frozen(b)) => Some(Some(b)),
                 Some(Weight::Trainable(_) | Weight::Quantized(_)) => None,
@@ -205,7 +217,7 @@ impl Linear {
     /// run) in row order. The base product runs once over all rows; each segment adds its own
     /// pair. A segment's rows equal what [`Linear::forward_segments`] gives it alone.
     pub fn forward_segments(&self, x: &Tensor, segs: &[(usize, Option<&Lora>)]) -> Result<Tensor> {
-        if let Weight::Frozen(w) = &self.weight {
+        if let Some(w) = self.weight.rows() {
             let bias = match &self.bias {
                 Some(Weight::Frozen(b)) => Some(Some(b)),
                 Some(_) => None,

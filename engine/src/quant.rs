@@ -99,6 +99,14 @@ impl QWeight {
         self.dims
     }
 
+    /// The blocks' bytes, read in place, with their type: `None` off the CPU.
+    pub fn cpu_blocks(&self) -> Option<(GgmlDType, std::borrow::Cow<'_, [u8]>)> {
+        if !self.q.device().is_cpu() {
+            return None;
+        }
+        Some((self.q.dtype(), self.q.data().ok()?))
+    }
+
     /// The block type.
     pub fn ggml_dtype(&self) -> GgmlDType {
         self.q.dtype()

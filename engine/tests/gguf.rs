@@ -167,6 +167,70 @@ fn the_real_model_trains_on_its_own_quantized_blocks() {
     assert!(err.contains("full fine-tuning needs a dense base"), "{err}");
 }
 
+/// Decoding from the file's own blocks: the greedy continuation is the dense model's answer,
+/// sampled logprobs are what `forward` (dequantized weights) gives for the same tokens up to
+/// the order of the sums, and two runs' requests decoded together equal each alone, bit for bit.
+#[test]
+fn the_real_model_decodes_from_its_quantized_blocks() {
+    let Some(dense) = smollm2("the_real_model_decodes_from_its_quantized_blocks") else { return };
+    let q = Arc::new(
+        BaseModel::load_quantized(
+            &smollm2_path("the_real_model_decodes_from_its_quantized_blocks").unwrap(),
+            &Device::Cpu,
+            DType::F32,
+            Some(Quantize::Q4),
+        )
+        .unwrap(),
+    );
+    let text = dense.text.as_ref().unwrap();
+    let prompt = text.encode("The capital of France is", false).unwrap();
+    let run = Run::new(q.clone(), TrainingConfig::default()).unwrap();
+    let tokens = greedy(&run, &prompt, 12);
+    let answer = text.decode(&tokens, true).unwrap();
+    assert!(answer.contains("Paris"), "greedy continuation from the blocks: {answer:?}");
+    let input = |seed| SampleInput {
+        prompt: prompt.clone(),
+        num_samples: 2,
+        sampling_params: SamplingParams {
+            max_tokens: 12,
+            temperature: 1.0,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        },
+        prompt_logprobs: false,
+        base_model_only: false,
+    };
+    let sampled = run.sample(&input(1), &|_| String::new(), &|| false).unwrap();
+    // forward on the same tokens multiplies the dequantized weights with f32 inputs
+    for seq in &sampled.sequences {
+        let ids: Vec<u32> = prompt.iter().chain(&seq.tokens).copied().collect();
+        let n = ids.len() - 1;
+        let datum = Datum::new(ids[..n].to_vec(), LossFnInputs::cross_entropy(ids[1..].to_vec(), vec![1.0; n]));
+        let out = run.forward(&ForwardBackwardInput { data: vec![datum], loss_fn: LossFn::CrossEntropy }).unwrap();
+        let want = &out.loss_fn_outputs[0].logprobs[prompt.len() - 1..];
+        for (i, (g, w)) in seq.logprobs.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-3, "token {i}: decoded {g}, forward {w}");
+        }
+    }
+    // a second run beside the first: each request as it is alone
+    let other = Run::new(q, TrainingConfig::Lora(LoraConfig { rank: 4, seed: 9, ..LoraConfig::default() })).unwrap();
+    let alone = [
+        run.sample(&input(2), &|_| String::new(), &|| false).unwrap(),
+        other.sample(&input(3), &|_| String::new(), &|| false).unwrap(),
+    ];
+    let mut decoder = hearth_engine::run::Decoder::default();
+    decoder.join(0, &run, &input(2), None).unwrap();
+    decoder.join(1, &other, &input(3), None).unwrap();
+    let mut together = std::collections::BTreeMap::new();
+    while !decoder.is_empty() {
+        for (id, out) in decoder.step(&|_| String::new()) {
+            together.insert(id, out.unwrap());
+        }
+    }
+    assert_eq!(together[&0], alone[0]);
+    assert_eq!(together[&1], alone[1]);
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }

@@ -7,6 +7,8 @@
 //! output rows are split across candle's barrier pool (see [`few_rows_times_wt`]). f32 only;
 //! other dtypes take the gemm path.
 
+use super::qgemv::{few_rows_times_qt, Blocks};
+use crate::quant::QWeight;
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
@@ -65,7 +67,7 @@ fn f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// `None` when the fast path does not apply (not CPU f32, too many rows, tracked tensors).
 pub fn linear_few_rows(
     x: &Tensor,
-    w: &Tensor,
+    w: WeightRows<'_>,
     bias: Option<&Tensor>,
     lora: Option<(&Tensor, &Tensor, f64)>,
 ) -> Option<Tensor> {
@@ -79,6 +81,16 @@ pub fn linear_few_rows(
 /// A LoRA pair as the decode kernels take it: A (r, in), Bᵀ (r, out), scale.
 pub type LoraRows<'a> = (&'a Tensor, &'a Tensor, f64);
 
+/// A frozen weight (out, in) as the decode kernels read it: dense f32 values, or the ggml
+/// blocks of a quantized base, read in place ([`super::qgemv`]).
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRows<'a> {
+    /// Dense values.
+    Dense(&'a Tensor),
+    /// Quantized blocks.
+    Blocks(&'a QWeight),
+}
+
 /// [`linear_few_rows`] for rows of several runs at once: x's rows are split into segments
 /// (`segs`: each one's row count and LoRA pair, in row order); the base product streams the
 /// weight once for all rows and each segment adds its own pair. Every output row is computed
@@ -86,26 +98,31 @@ pub type LoraRows<'a> = (&'a Tensor, &'a Tensor, f64);
 /// come out bit for bit as they would alone. `None` when the fast path does not apply.
 pub fn linear_segments(
     x: &Tensor,
-    w: &Tensor,
+    w: WeightRows<'_>,
     bias: Option<&Tensor>,
     segs: &[(usize, Option<LoraRows<'_>>)],
 ) -> Option<Tensor> {
     let dims = x.dims();
     let (&k, batch) = dims.split_last()?;
     let m: usize = batch.iter().product();
-    let (n, wk) = w.dims2().ok()?;
     let untracked = |t: &Tensor| !t.track_op();
-    if m > MAX_SEGMENT_ROWS
-        || wk != k
-        || k == 0
-        || !untracked(x)
-        || !untracked(w)
-        || segs.iter().map(|s| s.0).sum::<usize>() != m
-    {
+    let (n, wk) = match w {
+        WeightRows::Dense(t) if untracked(t) => t.dims2().ok()?,
+        WeightRows::Dense(_) => return None,
+        WeightRows::Blocks(q) => q.dims2(),
+    };
+    if m > MAX_SEGMENT_ROWS || wk != k || k == 0 || !untracked(x) || segs.iter().map(|s| s.0).sum::<usize>() != m {
         return None;
     }
     let x = x.contiguous().ok()?;
-    let mut y = f32_slice(&x, |xs| f32_slice(w, |ws| few_rows_times_wt(xs, m, k, ws, n)))??;
+    let mut y = match w {
+        WeightRows::Dense(t) => f32_slice(&x, |xs| f32_slice(t, |ws| few_rows_times_wt(xs, m, k, ws, n)))??,
+        WeightRows::Blocks(q) => {
+            let (dtype, blocks) = q.cpu_blocks()?;
+            let kind = Blocks::of(dtype)?;
+            f32_slice(&x, |xs| few_rows_times_qt(xs, m, k, &blocks, kind, n))??
+        }
+    };
     let mut first = 0;
     for &(rows, lora) in segs {
         if let Some((a, bt, scale)) = lora {

@@ -45,6 +45,7 @@ mod linear;
 mod math;
 mod matmul;
 mod pool;
+mod qgemv;
 mod real;
 mod rows;
 #[cfg(test)]
@@ -52,7 +53,7 @@ mod testing;
 
 pub use attention::attention;
 pub use frozen::{add_const, frozen_matmul, mul_const, Frozen};
-pub(crate) use gemv::{linear_few_rows, linear_segments, LoraRows, MAX_SEGMENT_ROWS};
+pub(crate) use gemv::{linear_few_rows, linear_segments, LoraRows, WeightRows, MAX_SEGMENT_ROWS};
 pub use linear::linear;
 pub use pool::{in_pool, in_pool_for};
 pub(crate) use real::with_cpu;
