@@ -10,7 +10,11 @@
    user) train and sample on the tiny model for `--minutes`. Printed: operations, errors, 429s
    answered (retried), the server's peak resident memory.
 3. SIGTERM: every run is saved; the next start resumes each at its step (checked, printed).
-4. `--leak N` (needs HEARTH_SMOLLM2_GGUF, as bench/reference.sh sets it): N iterations of the
+4. `--batching K` (needs HEARTH_SMOLLM2_GGUF): K concurrent sampling requests (one sample,
+   64-token prompt, 32 new tokens, each from its own run) and K runs each looping
+   forward_backward + optim_step on 128 tokens, each against one client alone: aggregate
+   tokens/s, the ratio and p95 latency (`--only-batching` for this part alone).
+5. `--leak N` (needs HEARTH_SMOLLM2_GGUF, as bench/reference.sh sets it): N iterations of the
    SDK's `save_weights_and_get_sampling_client` + a sample on SmolLM2 (rank 32), the server's
    resident memory printed along the way: flat once `--max-samplers` (64) samplers are held.
 
@@ -221,18 +225,97 @@ def leak(bin_dir, iterations):
     proc.wait(timeout=60)
 
 
+def batching(bin_dir, k, threads):
+    """K runs on the real SmolLM2 (HEARTH_SMOLLM2_GGUF): K concurrent sampling requests (one
+    sample, 64-token prompt, 32 new tokens each, each from its own run) against one alone, and K
+    runs looping forward_backward + optim_step on 128 tokens against one alone: aggregate
+    tokens/s, the ratio, and the p95 latency of one operation per client."""
+    gguf = os.environ["HEARTH_SMOLLM2_GGUF"]
+    home = tempfile.mkdtemp(prefix="hearth-tenants-batch-")
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", gguf,
+         "--idle-timeout", "0", "--autosave-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, env=env)
+    assert "listening on" in proc.stdout.readline()
+    s = Server.__new__(Server)
+    s.proc, s.home = proc, home
+    info = json.load(open(os.path.join(home, "session.json")))
+    s.url, s.token = info["url"], info["token"]
+    try:
+        runs = [f"r{i}" for i in range(k)]
+        for r in runs:
+            assert s.call("POST", "/v1/runs", {"name": r})[0] == 200
+        prompt = [100 + (7 * i) % 4000 for i in range(64)]
+
+        def sample(run, seed):
+            body = {"prompt": prompt, "sampling_params": {"max_tokens": 32, "temperature": 1.0, "seed": seed}}
+            t0 = time.perf_counter()
+            status, out = s.call("POST", f"/v1/runs/{run}/sample", body)
+            assert status == 200, out
+            return time.perf_counter() - t0, len(out["sequences"][0]["tokens"])
+
+        def train(run, seed):
+            t = [(seed * 31 + 17 * i) % 49000 + 10 for i in range(129)]
+            body = {"data": [{"model_input": t[:-1], "loss_fn_inputs": {"target_tokens": t[1:], "weights": [1.0] * 128}}],
+                    "loss_fn": "cross_entropy"}
+            t0 = time.perf_counter()
+            assert s.call("POST", f"/v1/runs/{run}/forward_backward", body)[0] == 200
+            assert s.call("POST", f"/v1/runs/{run}/optim_step", {"learning_rate": 1e-4})[0] == 200
+            return time.perf_counter() - t0, 128
+
+        def measure(op, clients, rounds):
+            lat, tokens = [], [0]
+            lock = threading.Lock()
+
+            def client(i):
+                for j in range(rounds):
+                    took, n = op(runs[i], 1000 * i + j)
+                    with lock:
+                        lat.append(took)
+                        tokens[0] += n
+
+            ths = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            t0 = time.perf_counter()
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            wall = time.perf_counter() - t0
+            lat.sort()
+            return tokens[0] / wall, lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+
+        for name, op, rounds in (("sampling", sample, 3), ("training", train, 3)):
+            op(runs[0], 0)  # warm
+            alone, p95_alone = measure(op, 1, rounds)
+            together, p95 = measure(op, k, rounds)
+            print(f"{name}: {k} clients {together:.1f} tok/s aggregate vs one alone {alone:.1f} tok/s = "
+                  f"{together / alone:.2f}x; p95 latency {p95:.2f} s ({p95_alone:.2f} s alone) "
+                  f"[SmolLM2-135M Q4_1, {threads} threads]")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
     ap.add_argument("--skip-thirty", action="store_true")
     ap.add_argument("--leak", type=int, default=0, help="iterations of the sampler loop on SmolLM2 (0: skip)")
+    ap.add_argument("--batching", type=int, default=0, metavar="K",
+                    help="K concurrent sampling and training clients on SmolLM2 against one alone (0: skip)")
+    ap.add_argument("--only-batching", action="store_true", help="skip the fairness and thirty-client parts")
+    ap.add_argument("--threads", type=int, default=2, help="the server's threads for --batching")
     a = ap.parse_args()
     avx512 = sum("avx512f" in l for l in open("/proc/cpuinfo"))
     print(f"machine: {os.cpu_count()} cores, avx512f lines {avx512}")
-    fairness(a.bin)
-    if not a.skip_thirty:
-        thirty(a.bin, a.minutes)
+    if not a.only_batching:
+        fairness(a.bin)
+        if not a.skip_thirty:
+            thirty(a.bin, a.minutes)
+    if a.batching:
+        batching(a.bin, a.batching, a.threads)
     if a.leak:
         leak(a.bin, a.leak)
 
