@@ -176,6 +176,12 @@ pub fn few_rows_times_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> 
             }
         });
     }
+    by_rows(yt, m, n)
+}
+
+/// `yt` (n, m), the layout the decode kernels fill (each task owns whole output features), as
+/// y (m, n).
+pub(super) fn by_rows(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return yt;
     }
@@ -218,7 +224,7 @@ fn block_avx512(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
 /// blocking (eight lanes of FMAs in order of k, the lanes summed in a fixed order, then the
 /// tail of k past a multiple of eight), so an output does not depend on the other rows.
 #[cfg(target_arch = "x86_64")]
-mod fma {
+pub(super) mod fma {
     use std::arch::x86_64::*;
 
     /// out[o·m + i] = x_i · rows_o.
@@ -292,7 +298,7 @@ mod fma {
     /// The eight lanes of `v` summed in a fixed order.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    pub(in crate::kernels) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))

@@ -114,16 +114,7 @@ pub fn few_rows_times_qt(x: &[f32], m: usize, k: usize, blocks: &[u8], kind: Blo
             }
         });
     }
-    if m == 1 {
-        return Some(yt);
-    }
-    let mut y = vec![0f32; m * n];
-    for (o, col) in yt.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            y[i * n + o] = v;
-        }
-    }
-    Some(y)
+    Some(super::gemv::by_rows(yt, m, n))
 }
 
 /// out[o·m + i] = x_i · w_o for the weight rows held in `blocks`.
@@ -169,6 +160,7 @@ fn generic_dot(row: &[u8], kind: Blocks, x: &Row) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Blocks, Row};
+    use crate::kernels::gemv::fma::hsum;
     use std::arch::x86_64::*;
 
     /// [`super::rows`] with AVX2: input rows four at a time against each weight block.
@@ -251,15 +243,6 @@ mod avx2 {
             *o = hsum(*a) + m;
         }
         out
-    }
-
-    /// The eight lanes of `v` summed in a fixed order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 }
 
