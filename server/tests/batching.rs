@@ -120,10 +120,12 @@ fn a_long_sample_lets_another_users_steps_through_and_keeps_its_runs_order() {
         ok(&s, &bob, "/v1/runs/main/forward_backward", batch(&format!("bob {i}")));
         ok(&s, &bob, "/v1/runs/main/optim_step", json!({"learning_rate": 1e-2}));
     }
+    // alice's step, seen before her sample is seen still running, waited for it
+    let step_state = state(&s, &alice, fb);
     let during = state(&s, &alice, sample);
     assert_eq!(during["state"], "running", "bob's steps were served while alice's sample ran: {during}");
-    // alice's own step waited for her sample, which saw the weights it started with
-    assert_eq!(state(&s, &alice, fb)["state"], "queued", "a run's order is kept");
+    assert_eq!(step_state["state"], "queued", "a run's order is kept");
+    // and the sample saw the weights it started with
     assert_eq!(result(&s, &alice, sample), want);
     assert_eq!(result(&s, &alice, opt)["step"], 2);
 }
