@@ -132,6 +132,12 @@ impl Lora {
         Ok((y.to_dtype(dt)? + xab)?.to_dtype(y.dtype())?)
     }
 
+    /// The pair as the decode kernels take it (A, Bᵀ, scale): an inference copy's; `None` for
+    /// the training model's, which has no Bᵀ.
+    fn kernel_pair(&self) -> Option<kernels::LoraRows<'_>> {
+        self.bt.as_ref().map(|bt| (&self.a, bt, self.scale))
+    }
+
     /// The same pair with nothing tracked for gradients, and Bᵀ for the decode kernel.
     pub fn detached(&self) -> Lora {
         Lora {
@@ -157,24 +163,15 @@ pub struct Linear {
 impl Linear {
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // quantized blocks take the 8-bit-input decode kernel in decode steps only
-        // (`forward_segments`); everything else multiplies their dequantized values
-        if let Weight::Frozen(w) = &self.weight {
-            let w = kernels::WeightRows::Dense(w);
-            let bias = match &self.bias {
-                Some(Weight::Frozen(b)) => Some(Some(b)),
-                Some(Weight::Trainable(_) | Weight::Quantized(_)) => None,
+        // quantized blocks take the decode kernel in decode steps only (`forward_segments`);
+        // everything else multiplies their dequantized values
+        if let (Weight::Frozen(w), Some(bias)) = (&self.weight, self.kernel_bias()) {
+            let lora = match &self.lora {
                 None => Some(None),
+                Some(l) => l.kernel_pair().map(Some),
             };
-            if let Some(bias) = bias {
-                let lora = match &self.lora {
-                    None => Some(None),
-                    Some(Lora { a, bt: Some(bt), scale, .. }) => Some(Some((a, bt, *scale))),
-                    Some(Lora { bt: None, .. }) => None,
-                };
-                if let Some(y) = lora.and_then(|lora| kernels::linear_few_rows(x, w, bias, lora)) {
-                    return Ok(y);
-                }
+            if let Some(y) = lora.and_then(|lora| kernels::linear_few_rows(x, w, bias, lora)) {
+                return Ok(y);
             }
         }
         // the fused CPU product takes a frozen weight of x's dtype and a LoRA pair of the same
@@ -217,24 +214,16 @@ impl Linear {
     /// run) in row order. The base product runs once over all rows; each segment adds its own
     /// pair. A segment's rows equal what [`Linear::forward_segments`] gives it alone.
     pub fn forward_segments(&self, x: &Tensor, segs: &[(usize, Option<&Lora>)]) -> Result<Tensor> {
-        if let Some(w) = self.weight.rows() {
-            let bias = match &self.bias {
-                Some(Weight::Frozen(b)) => Some(Some(b)),
-                Some(_) => None,
-                None => Some(None),
-            };
+        if let (Some(w), Some(bias)) = (self.weight.rows(), self.kernel_bias()) {
             let pairs: Option<Vec<(usize, Option<kernels::LoraRows<'_>>)>> = segs
                 .iter()
                 .map(|&(rows, lora)| match lora {
                     None => Some((rows, None)),
-                    Some(Lora { a, bt: Some(bt), scale, .. }) => Some((rows, Some((a, bt, *scale)))),
-                    Some(Lora { bt: None, .. }) => None,
+                    Some(l) => l.kernel_pair().map(|p| (rows, Some(p))),
                 })
                 .collect();
-            if let (Some(bias), Some(pairs)) = (bias, pairs) {
-                if let Some(y) = kernels::linear_segments(x, w, bias, &pairs) {
-                    return Ok(y);
-                }
+            if let Some(y) = pairs.and_then(|pairs| kernels::linear_segments(x, w, bias, &pairs)) {
+                return Ok(y);
             }
         }
         let base = Linear { weight: self.weight.clone(), bias: self.bias.clone(), lora: None }.forward(x)?;
@@ -252,6 +241,16 @@ impl Linear {
             first += rows;
         }
         Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The bias as the decode kernels take it: `Some(None)` without one, `None` when it is not
+    /// a dense frozen tensor (the kernels then do not apply).
+    fn kernel_bias(&self) -> Option<Option<&Tensor>> {
+        match &self.bias {
+            None => Some(None),
+            Some(Weight::Frozen(b)) => Some(Some(b)),
+            Some(Weight::Trainable(_) | Weight::Quantized(_)) => None,
+        }
     }
 
     /// The same projection with nothing tracked for gradients (storage shared, for sampling).

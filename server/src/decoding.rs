@@ -26,10 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Most rows (sequences) decoded in one step: a request that would take the decoder past it
-/// waits for rows to free up (one bigger than this alone still runs, by itself).
-pub const MAX_ROWS: usize = 64;
-
 /// A request in the decoder, for its job's bookkeeping.
 struct Active {
     user: String,
@@ -46,11 +42,6 @@ pub struct Sampling {
     active: HashMap<u64, Active>,
 }
 
-/// Whether `op` samples (and so joins the decoder).
-pub fn is_sample(op: &Op) -> bool {
-    matches!(op, Op::Sample(_) | Op::SampleStream(..) | Op::SamplerSample(_))
-}
-
 impl Sampling {
     /// Nothing is being sampled.
     pub fn is_empty(&self) -> bool {
@@ -58,13 +49,12 @@ impl Sampling {
     }
 
     /// Whether `job` may start now, between two decode steps: a sample if its rows fit the
-    /// step, anything else if its run has no request in the decoder.
+    /// step (one bigger than a step waits for the decoder to empty, then runs by itself),
+    /// anything else if its run has no request in the decoder.
     pub fn may_run(&self, job: &Job) -> bool {
-        match &job.op {
-            Op::Sample(i) | Op::SampleStream(i, _) | Op::SamplerSample(i) => {
-                self.decoder.rows() + i.num_samples <= MAX_ROWS
-            }
-            _ => !self.active.values().any(|a| a.run == job.run),
+        match job.op.sample_input() {
+            Some(i) => self.decoder.has_room(i.num_samples),
+            None => !self.active.values().any(|a| a.run == job.run),
         }
     }
 
@@ -137,14 +127,7 @@ impl Sampling {
             Err(_) => {
                 // nothing of a run changes while it samples: only the requests are lost
                 self.decoder = Decoder::default();
-                let internal = || {
-                    ApiError::new(
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "sampling panicked; the runs are unchanged",
-                    )
-                };
-                self.fail_all(shared, internal);
+                self.fail_all(shared, || ApiError::internal("sampling panicked; the runs are unchanged"));
                 return t0.elapsed();
             }
         };

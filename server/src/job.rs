@@ -82,6 +82,14 @@ impl Op {
         }
     }
 
+    /// The request of a sampling operation (which joins the decoder, `crate::decoding`).
+    pub fn sample_input(&self) -> Option<&SampleInput> {
+        match self {
+            Op::Sample(i) | Op::SamplerSample(i) | Op::SampleStream(i, _) => Some(i),
+            _ => None,
+        }
+    }
+
     /// Spends device time (refused once the budget is spent).
     pub fn uses_device(&self) -> bool {
         matches!(

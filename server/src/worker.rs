@@ -512,19 +512,13 @@ fn take(shared: &Shared, res: &mut Resident, sampling: &mut Sampling, user: Stri
     shared.set_state(id, JobState::Running);
     let t0 = Instant::now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if crate::decoding::is_sample(&job.op) {
+        if job.op.sample_input().is_some() {
             sampling.join(shared, res, user.clone(), job, cancel.clone()).map(|()| None)
         } else {
             execute(shared, res, &job.run, job.op).map(Some)
         }
     }))
-    .unwrap_or_else(|_| {
-        Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the operation panicked; the run is unchanged",
-        ))
-    });
+    .unwrap_or_else(|_| Err(ApiError::internal("the operation panicked; the run is unchanged")));
     let took = t0.elapsed();
     shared.busy_ns.fetch_add(took.as_nanos() as u64, Ordering::SeqCst);
     shared.queue.charge(&user, took);

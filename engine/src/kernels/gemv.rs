@@ -67,7 +67,7 @@ fn f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// `None` when the fast path does not apply (not CPU f32, too many rows, tracked tensors).
 pub fn linear_few_rows(
     x: &Tensor,
-    w: WeightRows<'_>,
+    w: &Tensor,
     bias: Option<&Tensor>,
     lora: Option<(&Tensor, &Tensor, f64)>,
 ) -> Option<Tensor> {
@@ -75,7 +75,7 @@ pub fn linear_few_rows(
     if m > MAX_ROWS {
         return None;
     }
-    linear_segments(x, w, bias, &[(m, lora)])
+    linear_segments(x, WeightRows::Dense(w), bias, &[(m, lora)])
 }
 
 /// A LoRA pair as the decode kernels take it: A (r, in), Bᵀ (r, out), scale.

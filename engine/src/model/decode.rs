@@ -8,47 +8,39 @@
 
 use super::{DecoderLayer, KvCache, LayerCache, Model};
 use crate::error::{EngineError, Result};
-use crate::linear::{Linear, Lora, Weight};
+use crate::linear::{Linear, Lora, RmsNorm, Weight};
 use candle_core::{DType, Tensor};
 
 impl Model {
     /// Whether `other` runs on this model's base weights (the same frozen storage, not equal
     /// values), so that their rows can share the base products of a decode step.
     pub fn shares_base(&self, other: &Model) -> bool {
-        let same_linear = |a: &Linear, b: &Linear| {
-            a.weight.same(&b.weight)
-                && match (&a.bias, &b.bias) {
-                    (Some(x), Some(y)) => x.same(y),
-                    (None, None) => true,
-                    _ => false,
-                }
-        };
-        let same_norm = |a: &crate::linear::RmsNorm, b: &crate::linear::RmsNorm| a.weight.same(&b.weight);
-        let same_opt = |a: &Option<Weight>, b: &Option<Weight>| match (a, b) {
-            (Some(x), Some(y)) => x.same(y),
-            (None, None) => true,
-            _ => false,
-        };
+        fn both<T>(a: &Option<T>, b: &Option<T>, same: impl Fn(&T, &T) -> bool) -> bool {
+            match (a, b) {
+                (Some(x), Some(y)) => same(x, y),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        let linear = |a: &Linear, b: &Linear| a.weight.same(&b.weight) && both(&a.bias, &b.bias, Weight::same);
+        let norm = |a: &RmsNorm, b: &RmsNorm| a.weight.same(&b.weight);
         self.embed_tokens.same(&other.embed_tokens)
-            && same_opt(&self.lm_head, &other.lm_head)
-            && same_norm(&self.norm, &other.norm)
+            && both(&self.lm_head, &other.lm_head, Weight::same)
+            && norm(&self.norm, &other.norm)
             && self.layers.len() == other.layers.len()
             && self.layers.iter().zip(&other.layers).all(|(a, b)| {
                 let (x, y) = (&a.self_attn, &b.self_attn);
-                same_norm(&a.input_layernorm, &b.input_layernorm)
-                    && same_norm(&a.post_attention_layernorm, &b.post_attention_layernorm)
-                    && match (&x.q_norm, &y.q_norm, &x.k_norm, &y.k_norm) {
-                        (Some(qa), Some(qb), Some(ka), Some(kb)) => same_norm(qa, qb) && same_norm(ka, kb),
-                        (None, None, None, None) => true,
-                        _ => false,
-                    }
-                    && same_linear(&x.q_proj, &y.q_proj)
-                    && same_linear(&x.k_proj, &y.k_proj)
-                    && same_linear(&x.v_proj, &y.v_proj)
-                    && same_linear(&x.o_proj, &y.o_proj)
-                    && same_linear(&a.mlp.gate_proj, &b.mlp.gate_proj)
-                    && same_linear(&a.mlp.up_proj, &b.mlp.up_proj)
-                    && same_linear(&a.mlp.down_proj, &b.mlp.down_proj)
+                norm(&a.input_layernorm, &b.input_layernorm)
+                    && norm(&a.post_attention_layernorm, &b.post_attention_layernorm)
+                    && both(&x.q_norm, &y.q_norm, norm)
+                    && both(&x.k_norm, &y.k_norm, norm)
+                    && linear(&x.q_proj, &y.q_proj)
+                    && linear(&x.k_proj, &y.k_proj)
+                    && linear(&x.v_proj, &y.v_proj)
+                    && linear(&x.o_proj, &y.o_proj)
+                    && linear(&a.mlp.gate_proj, &b.mlp.gate_proj)
+                    && linear(&a.mlp.up_proj, &b.mlp.up_proj)
+                    && linear(&a.mlp.down_proj, &b.mlp.down_proj)
             })
     }
 

@@ -60,7 +60,6 @@ struct Request<'a> {
     /// The logits (R, V) f32 to pick from: the prompt's last position (R = 1, shared by every
     /// row) before the first pick, then one row per sequence.
     logits: Tensor,
-    shared_first: bool,
     params: SamplingParams,
     picking: Picking,
     rng: Rng,
@@ -90,14 +89,15 @@ impl Request<'_> {
         (self.id, Ok(SampleOutput { sequences: self.seqs, prompt_logprobs: self.prompt_logprobs }))
     }
 
-    /// Picks this step's tokens. `Ok(true)` when the request is over, else its next ids (n, 1).
+    /// Picks this step's tokens: `None` when the request is over, else its next ids (n, 1).
     fn pick(&mut self, detokenize: &Detokenize<'_>) -> Result<Option<Tensor>> {
         let p = &self.params;
         let active: Vec<usize> = (0..self.rows()).filter(|&i| !self.done[i]).collect();
         // One uniform per tempered pick, drawn in sequence order (so the rows can be scored in
         // parallel and a seed still gives the same samples).
         let us: Vec<f64> = active.iter().map(|_| if p.temperature > 0.0 { self.rng.uniform() } else { 0.0 }).collect();
-        let rows: Vec<usize> = if self.shared_first { vec![0; active.len()] } else { active.clone() };
+        // the first pick reads the prompt's last position, one row shared by every sequence
+        let rows: Vec<usize> = if self.steps == 0 { vec![0; active.len()] } else { active.clone() };
         let picks = pick(&self.logits, &rows, &us, p, self.picking)?;
         let picked: Vec<Picked> = active.iter().zip(&picks).map(|(&i, &(tok, lp))| (i, tok, lp)).collect();
         if let Some(f) = &self.on_tokens {
@@ -117,7 +117,6 @@ impl Request<'_> {
             }
         }
         self.steps += 1;
-        self.shared_first = false;
         if self.done.iter().all(|&d| d) || self.steps == p.max_tokens {
             return Ok(None);
         }
@@ -149,12 +148,10 @@ impl<'a> Decoder<'a> {
         self.requests.iter().map(|r| (r.id, r.rows()))
     }
 
-    /// Whether `run`'s requests can share a forward pass with the ones in progress: every model
-    /// shares the base, and the rows fit one step's batch. (An empty decoder takes anything.)
-    pub fn fits(&self, run: &Run, num_samples: usize) -> bool {
-        self.requests.is_empty()
-            || (self.rows() + num_samples <= MAX_SEGMENT_ROWS
-                && self.requests.iter().all(|r| r.model.shares_base(run.model())))
+    /// Whether a request of `num_samples` rows fits beside the ones in progress in one step
+    /// (at most 64 rows; a bigger request runs by itself, so it joins an empty decoder).
+    pub fn has_room(&self, num_samples: usize) -> bool {
+        self.rows() + num_samples <= MAX_SEGMENT_ROWS
     }
 
     /// Validates `input`, prefills its prompt with `run`'s current weights (or the base model's)
@@ -300,7 +297,6 @@ fn start<'a>(
         model,
         cache,
         logits,
-        shared_first: true,
         params: p.clone(),
         picking,
         rng: Rng::new(seed),
