@@ -85,6 +85,12 @@ fn greedy(session: &Run, prompt: &[u32], n: usize) -> Vec<u32> {
     session.sample(&input, &detok, &|| false).unwrap().sequences[0].tokens.clone()
 }
 
+/// The real model loaded with `--quantize kind` (its projections stay the file's blocks).
+fn smollm2_quantized(test: &str, kind: Quantize) -> Arc<BaseModel> {
+    let path = smollm2_path(test).unwrap();
+    Arc::new(BaseModel::load_quantized(&path, &Device::Cpu, DType::F32, Some(kind)).unwrap())
+}
+
 /// The log-probability the session gives the last token of `seq` after the ones before it.
 fn last_logprob(session: &Run, seq: &[u32]) -> f32 {
     let input = SampleInput {
@@ -117,15 +123,7 @@ fn the_real_model_knows_the_capital_of_france() {
 #[test]
 fn the_real_model_trains_on_its_own_quantized_blocks() {
     let Some(dense) = smollm2("the_real_model_trains_on_its_own_quantized_blocks") else { return };
-    let q = Arc::new(
-        BaseModel::load_quantized(
-            &smollm2_path("the_real_model_trains_on_its_own_quantized_blocks").unwrap(),
-            &Device::Cpu,
-            DType::F32,
-            Some(Quantize::Q8),
-        )
-        .unwrap(),
-    );
+    let q = smollm2_quantized("the_real_model_trains_on_its_own_quantized_blocks", Quantize::Q8);
     assert_eq!(q.fingerprint, dense.fingerprint);
     assert_eq!(q.quantized.len(), 30 * 7 + 1, "every projection and the embedding table stay quantized");
     // the file's own blocks (projections Q4_1, embeddings Q8_0), not requantized to the q8 asked for
@@ -173,15 +171,7 @@ fn the_real_model_trains_on_its_own_quantized_blocks() {
 #[test]
 fn the_real_model_decodes_from_its_quantized_blocks() {
     let Some(dense) = smollm2("the_real_model_decodes_from_its_quantized_blocks") else { return };
-    let q = Arc::new(
-        BaseModel::load_quantized(
-            &smollm2_path("the_real_model_decodes_from_its_quantized_blocks").unwrap(),
-            &Device::Cpu,
-            DType::F32,
-            Some(Quantize::Q4),
-        )
-        .unwrap(),
-    );
+    let q = smollm2_quantized("the_real_model_decodes_from_its_quantized_blocks", Quantize::Q4);
     let text = dense.text.as_ref().unwrap();
     let prompt = text.encode("The capital of France is", false).unwrap();
     let run = Run::new(q.clone(), TrainingConfig::default()).unwrap();

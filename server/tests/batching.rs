@@ -6,24 +6,12 @@
 
 mod common;
 
-use common::{batch, home, respond, Server};
+use common::{add_user, batch, call, home, ok_as, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-fn call(s: &Server, token: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let req = ureq::request(method, &format!("{}{path}", s.url))
-        .timeout(Duration::from_secs(300))
-        .set("Authorization", &format!("Bearer {token}"));
-    respond(match body {
-        Some(b) => req.send_json(b.clone()),
-        None => req.call(),
-    })
-}
-
 fn ok(s: &Server, token: &str, path: &str, body: Value) -> Value {
-    let (status, v) = call(s, token, "POST", path, Some(&body));
-    assert_eq!(status, 200, "POST {path}: {v}");
-    v
+    ok_as(s, token, path, body)
 }
 
 fn submit(s: &Server, token: &str, path: &str, body: Value) -> u64 {
@@ -36,17 +24,27 @@ fn state(s: &Server, token: &str, id: u64) -> Value {
     call(s, token, "GET", &format!("/v1/requests/{id}"), None).1
 }
 
+/// Waits until every request (token, id) is running at the same moment; none may end first.
+fn wait_running_together(s: &Server, requests: &[(&str, u64)]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let states: Vec<Value> = requests.iter().map(|&(t, id)| state(s, t, id)["state"].clone()).collect();
+        if states.iter().all(|st| st == "running") {
+            return;
+        }
+        assert!(
+            states.iter().all(|st| st != "done" && st != "failed") && Instant::now() < deadline,
+            "the requests never ran together: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits for request `id` to end; its result.
 fn result(s: &Server, token: &str, id: u64) -> Value {
     let (_, v) = call(s, token, "GET", &format!("/v1/requests/{id}?timeout_s=300"), None);
     assert_eq!(v["state"], "done", "request {id}: {v}");
     v["result"].clone()
-}
-
-fn add_user(s: &Server, name: &str) -> String {
-    let (status, v) = s.post("/v1/users", &json!({"name": name}));
-    assert_eq!(status, 201, "{v}");
-    v["token"].as_str().unwrap().to_string()
 }
 
 /// A user with a run `main` of LoRA rank `rank`, trained one step on `text`.
@@ -83,19 +81,8 @@ fn several_users_samples_run_at_once_and_each_equals_its_sample_alone() {
     let alone: Vec<Value> = users.iter().map(|(t, body)| ok(&s, t, "/v1/runs/main/sample", body.clone())).collect();
     // all at once: every request is running at the same moment, not waiting in line
     let ids: Vec<u64> = users.iter().map(|(t, body)| submit(&s, t, "/v1/runs/main/sample", body.clone())).collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let states: Vec<Value> =
-            users.iter().zip(&ids).map(|((t, _), &id)| state(&s, t, id)["state"].clone()).collect();
-        if states.iter().all(|st| st == "running") {
-            break;
-        }
-        assert!(
-            states.iter().all(|st| st != "done") && Instant::now() < deadline,
-            "the three requests never ran together: {states:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let requests: Vec<(&str, u64)> = users.iter().zip(&ids).map(|((t, _), &id)| (t.as_str(), id)).collect();
+    wait_running_together(&s, &requests);
     for (((t, _), id), want) in users.iter().zip(ids).zip(&alone) {
         assert_eq!(&result(&s, t, id), want, "request {id} beside the others");
     }
@@ -112,9 +99,7 @@ fn a_long_sample_lets_another_users_steps_through_and_keeps_its_runs_order() {
     let sample = submit(&s, &alice, "/v1/runs/main/sample", long);
     let fb = submit(&s, &alice, "/v1/runs/main/forward_backward", batch("changes alice's weights"));
     let opt = submit(&s, &alice, "/v1/runs/main/optim_step", json!({"learning_rate": 1e-2}));
-    while state(&s, &alice, sample)["state"] != "running" {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_running_together(&s, &[(&alice, sample)]);
     // bob trains two steps between alice's tokens
     for i in 0..2 {
         ok(&s, &bob, "/v1/runs/main/forward_backward", batch(&format!("bob {i}")));
@@ -139,9 +124,7 @@ fn cancelling_one_running_sample_leaves_the_others_untouched() {
     let want = ok(&s, &bob, "/v1/runs/main/sample", body.clone());
     let a = submit(&s, &alice, "/v1/runs/main/sample", sample_body("stop me", 4, 1000, 1));
     let b = submit(&s, &bob, "/v1/runs/main/sample", body);
-    while state(&s, &alice, a)["state"] != "running" || state(&s, &bob, b)["state"] != "running" {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_running_together(&s, &[(&alice, a), (&bob, b)]);
     let (status, v) = call(&s, &alice, "POST", &format!("/v1/requests/{a}/cancel"), Some(&json!({})));
     assert_eq!(status, 200, "{v}");
     let (_, ended) = call(&s, &alice, "GET", &format!("/v1/requests/{a}?timeout_s=300"), None);

@@ -5,21 +5,10 @@
 
 mod common;
 
-use common::{batch, home, respond, Server};
+use common::{add_user, batch, call, home, ok_as, Server};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// A call with `token` as the bearer token.
-fn call(s: &Server, token: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let req = ureq::request(method, &format!("{}{path}", s.url))
-        .timeout(Duration::from_secs(120))
-        .set("Authorization", &format!("Bearer {token}"));
-    respond(match body {
-        Some(b) => req.send_json(b.clone()),
-        None => req.call(),
-    })
-}
 
 fn post(s: &Server, token: &str, path: &str, body: Value) -> (u16, Value) {
     call(s, token, "POST", path, Some(&body))
@@ -30,17 +19,7 @@ fn get(s: &Server, token: &str, path: &str) -> (u16, Value) {
 }
 
 fn ok(s: &Server, token: &str, path: &str, body: Value) -> Value {
-    let (status, v) = post(s, token, path, body);
-    assert_eq!(status, 200, "POST {path}: {v}");
-    v
-}
-
-/// Adds user `name` as the admin; their token.
-fn add_user(s: &Server, name: &str) -> String {
-    let (status, v) = s.post("/v1/users", &json!({"name": name}));
-    assert_eq!(status, 201, "{v}");
-    assert_eq!(v["name"], name);
-    v["token"].as_str().unwrap().to_string()
+    ok_as(s, token, path, body)
 }
 
 fn step(s: &Server, token: &str, run: &str, text: &str) -> Value {

@@ -133,6 +133,32 @@ pub fn respond(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
     }
 }
 
+/// A call with `token` as the bearer token (a user's, or the admin's).
+pub fn call(s: &Server, token: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let req = ureq::request(method, &format!("{}{path}", s.url))
+        .timeout(Duration::from_secs(300))
+        .set("Authorization", &format!("Bearer {token}"));
+    respond(match body {
+        Some(b) => req.send_json(b.clone()),
+        None => req.call(),
+    })
+}
+
+/// A POST with `token` that must answer 200; its body.
+pub fn ok_as(s: &Server, token: &str, path: &str, body: Value) -> Value {
+    let (status, v) = call(s, token, "POST", path, Some(&body));
+    assert_eq!(status, 200, "POST {path}: {v}");
+    v
+}
+
+/// Adds user `name` as the admin; their token.
+pub fn add_user(s: &Server, name: &str) -> String {
+    let (status, v) = s.post("/v1/users", &json!({"name": name}));
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["name"], name);
+    v["token"].as_str().unwrap().to_string()
+}
+
 /// A cross-entropy batch over `text`'s bytes.
 pub fn batch(text: &str) -> Value {
     let t: Vec<u32> = text.bytes().map(u32::from).collect();
