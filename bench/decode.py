@@ -13,13 +13,12 @@ model, taking the argmax of its logits each step.
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
-import urllib.request
+
+from tenants import Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [(100 + 7919 * i) % 49000 for i in range(256)]
@@ -48,28 +47,16 @@ def llama(gguf, threads):
 
 
 def hearth(bin_dir, gguf, threads, quantize):
-    home = tempfile.mkdtemp(prefix="hearth-decode-")
-    args = [os.path.join(bin_dir, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", gguf,
-            "--idle-timeout", "0", "--autosave-every", "0"] + (["--quantize", quantize] if quantize else [])
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, RAYON_NUM_THREADS=str(threads)))
+    s = Server(bin_dir, tempfile.mkdtemp(prefix="hearth-decode-"), *(["--quantize", quantize] if quantize else []),
+               model=gguf, threads=threads)
     try:
-        assert "listening on" in proc.stdout.readline()
-        info = json.load(open(os.path.join(home, "session.json")))
-
-        def call(path, body):
-            req = urllib.request.Request(info["url"] + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Authorization": f"Bearer {info['token']}",
-                                                  "Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=600) as r:
-                return json.loads(r.read())
-
-        call("/v1/runs", {"name": "main"})
+        assert s.call("POST", "/v1/runs", {"name": "main"})[0] == 200
 
         def sample(n):
             t0 = time.perf_counter()
-            out = call("/v1/runs/main/sample", {"prompt": PROMPT, "sampling_params": {"max_tokens": n, "temperature": 0.0}})
-            assert len(out["sequences"][0]["tokens"]) == n
+            status, out = s.call("POST", "/v1/runs/main/sample",
+                                 {"prompt": PROMPT, "sampling_params": {"max_tokens": n, "temperature": 0.0}})
+            assert status == 200 and len(out["sequences"][0]["tokens"]) == n, out
             return time.perf_counter() - t0
 
         sample(2)  # warm
@@ -80,8 +67,8 @@ def hearth(bin_dir, gguf, threads, quantize):
             runs.append((len(PROMPT) / first, (NEW - 1) / (whole - first)))
         return runs
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        s.proc.terminate()
+        s.proc.wait(timeout=60)
 
 
 def main():

@@ -37,12 +37,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
-    def __init__(self, bin_dir, home, *args):
+    """hearth-server on loopback with `model` (the tiny preset unless a path is given), no idle
+    timeout, no autosaves; `threads` sets its RAYON_NUM_THREADS."""
+
+    def __init__(self, bin_dir, home, *args, model="tiny", threads=None):
         self.home = home
+        env = dict(os.environ, **({"RAYON_NUM_THREADS": str(threads)} if threads else {}))
         self.proc = subprocess.Popen(
-            [os.path.join(bin_dir, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", "tiny",
+            [os.path.join(bin_dir, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", model,
              "--idle-timeout", "0", "--autosave-every", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         assert "listening on" in self.proc.stdout.readline()
         s = json.load(open(os.path.join(home, "session.json")))
         self.url, self.token = s["url"], s["token"]
@@ -204,25 +208,19 @@ def leak(bin_dir, iterations):
     from tinker import types
 
     gguf = os.environ["HEARTH_SMOLLM2_GGUF"]
-    home = tempfile.mkdtemp(prefix="hearth-tenants-leak-")
-    proc = subprocess.Popen(
-        [os.path.join(bin_dir, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", gguf,
-         "--idle-timeout", "0", "--autosave-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert "listening on" in proc.stdout.readline()
-    info = json.load(open(os.path.join(home, "session.json")))
-    sc = tinker.ServiceClient(base_url=info["url"], api_key="tml-" + info["token"])
+    s = Server(bin_dir, tempfile.mkdtemp(prefix="hearth-tenants-leak-"), model=gguf)
+    sc = tinker.ServiceClient(base_url=s.url, api_key="tml-" + s.token)
     tc = sc.create_lora_training_client(base_model=gguf, rank=32, seed=1).result()
     prompt = types.ModelInput.from_ints([1, 2, 3, 4])
-    rss = lambda: next(int(l.split()[1]) / 1024 for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmRSS:"))
     marks = {}
     for i in range(1, iterations + 1):
         sampler = tc.save_weights_and_get_sampling_client().result()
         sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1)).result()
         if i in (1, 64, iterations // 2, iterations):
-            marks[i] = rss()
+            marks[i] = s.rss_mb()
     print("sampler loop on SmolLM2 (rank 32): server RSS " + ", ".join(f"after {i}: {m:.0f} MB" for i, m in sorted(marks.items())))
-    proc.terminate()
-    proc.wait(timeout=60)
+    s.proc.terminate()
+    s.proc.wait(timeout=60)
 
 
 def batching(bin_dir, k, threads):
@@ -230,18 +228,8 @@ def batching(bin_dir, k, threads):
     sample, 64-token prompt, 32 new tokens each, each from its own run) against one alone, and K
     runs looping forward_backward + optim_step on 128 tokens against one alone: aggregate
     tokens/s, the ratio, and the p95 latency of one operation per client."""
-    gguf = os.environ["HEARTH_SMOLLM2_GGUF"]
-    home = tempfile.mkdtemp(prefix="hearth-tenants-batch-")
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    proc = subprocess.Popen(
-        [os.path.join(bin_dir, "hearth-server"), "--home", home, "--listen", "127.0.0.1:0", "--model", gguf,
-         "--idle-timeout", "0", "--autosave-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, env=env)
-    assert "listening on" in proc.stdout.readline()
-    s = Server.__new__(Server)
-    s.proc, s.home = proc, home
-    info = json.load(open(os.path.join(home, "session.json")))
-    s.url, s.token = info["url"], info["token"]
+    s = Server(bin_dir, tempfile.mkdtemp(prefix="hearth-tenants-batch-"), model=os.environ["HEARTH_SMOLLM2_GGUF"],
+               threads=threads)
     try:
         runs = [f"r{i}" for i in range(k)]
         for r in runs:
@@ -293,8 +281,8 @@ def batching(bin_dir, k, threads):
                   f"{together / alone:.2f}x; p95 latency {p95:.2f} s ({p95_alone:.2f} s alone) "
                   f"[SmolLM2-135M Q4_1, {threads} threads]")
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        s.proc.terminate()
+        s.proc.wait(timeout=60)
 
 
 def main():
